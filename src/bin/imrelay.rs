@@ -1,0 +1,135 @@
+//! The imrelay binary: parses flags, raises the fd limit, runs the server until SIGINT or
+//! SIGTERM, then shuts down cleanly.
+//!
+//! Run: `cargo run --release --bin imrelay -- --listen 127.0.0.1:7700`
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use log::{error, info};
+
+use imrelay::proto::DEFAULT_MAX_FRAME;
+use imrelay::relay::Config;
+use imrelay::server::{raise_fd_limit, Server, RESERVED_FDS};
+
+/// A fast single-threaded IM relay. Protocol: protocol.md.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    listen: SocketAddr,
+    /// Largest frame accepted, header included, in bytes (at most 1 MiB).
+    #[arg(long, default_value_t = DEFAULT_MAX_FRAME)]
+    max_frame: u32,
+    /// Most connections at once. Default: what the fd limit allows.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Most connections one user may be logged in on.
+    #[arg(long, default_value_t = 16)]
+    max_devices: usize,
+    /// Per-connection output queue cap in bytes.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    out_cap: usize,
+    /// Seconds a new connection has to log in.
+    #[arg(long, default_value_t = 10.0)]
+    login_timeout: f64,
+    /// Seconds of client silence before the relay sends PING.
+    #[arg(long, default_value_t = 30.0)]
+    ping_interval: f64,
+    /// Seconds of client silence before the relay closes the connection.
+    #[arg(long, default_value_t = 90.0)]
+    idle_timeout: f64,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+
+    let fd_limit = raise_fd_limit();
+    let fd_capacity = usize::try_from(fd_limit.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX);
+    let max_connections = match args.max_connections {
+        Some(n) if n > fd_capacity => {
+            error!(
+                "--max-connections {n} exceeds what the fd limit {fd_limit} allows ({fd_capacity})"
+            );
+            return ExitCode::from(2);
+        }
+        Some(n) => n,
+        None => fd_capacity,
+    };
+    let seconds = |s: f64, name: &str| -> Option<Duration> {
+        let d = Duration::try_from_secs_f64(s).ok().filter(|d| !d.is_zero());
+        if d.is_none() {
+            error!("--{name} must be a positive number of seconds, got {s}");
+        }
+        d
+    };
+    let (Some(login_timeout), Some(ping_interval), Some(idle_timeout)) = (
+        seconds(args.login_timeout, "login-timeout"),
+        seconds(args.ping_interval, "ping-interval"),
+        seconds(args.idle_timeout, "idle-timeout"),
+    ) else {
+        return ExitCode::from(2);
+    };
+    let config = Config {
+        max_frame: args.max_frame,
+        max_connections,
+        max_devices_per_user: args.max_devices,
+        out_cap: args.out_cap,
+        login_timeout,
+        ping_interval,
+        idle_timeout,
+    };
+    if let Err(e) = config.validate() {
+        error!("invalid limits: {e}");
+        return ExitCode::from(2);
+    }
+
+    let mut server = match Server::bind(args.listen, config) {
+        Ok(server) => server,
+        Err(e) => {
+            error!("cannot listen on {}: {e}", args.listen);
+            return ExitCode::from(1);
+        }
+    };
+    info!(
+        "imrelay listening on {} (fd limit {fd_limit}: up to {max_connections} connections)",
+        server.local_addr()
+    );
+
+    let handle = server.shutdown_handle();
+    let mut signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ]) {
+        Ok(signals) => signals,
+        Err(e) => {
+            error!("cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            info!("signal {signal} received");
+            handle.shutdown();
+        }
+    });
+
+    match server.run() {
+        Ok(()) => {
+            let m = server.metrics();
+            info!(
+                "exiting: {} connections served, {} messages routed, {} deliveries",
+                m.connections_opened, m.messages_routed, m.deliveries_queued
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            error!("event loop failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

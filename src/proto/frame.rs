@@ -1,0 +1,318 @@
+//! The 32-byte frame header, the owned [`Frame`] and the encoders.
+//!
+//! Every frame is a fixed 32-byte big-endian header followed by the payload:
+//!
+//! ```text
+//! offset size field
+//!  0      4   length   total frame length in bytes, header included
+//!  4      1   version  1
+//!  5      1   opcode
+//!  6      2   flags
+//!  8      8   msg_id   chosen by the sender, echoed by the relay
+//! 16      8   target   user id the frame is about (recipient, or own id in LOGIN)
+//! 24      8   source   user id of the sender, set by the relay only; 0 from clients
+//! 32      …   payload
+//! ```
+
+use byteorder::{BigEndian, ByteOrder};
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::error::ErrorCode;
+use super::ids::{MessageId, UserId};
+use super::opcode::{Flags, Opcode};
+use super::MAX_REASON_LEN;
+
+/// Size of the fixed header in bytes.
+pub const HEADER_LEN: usize = 32;
+/// The protocol version this crate speaks.
+pub const VERSION: u8 = 1;
+
+/// Byte offsets of the header fields, shared by the encoder, the decoder and the router's
+/// in-place rewrite of SEND into DELIVER.
+pub(crate) mod offset {
+    pub const LENGTH: usize = 0;
+    pub const VERSION: usize = 4;
+    pub const OPCODE: usize = 5;
+    pub const FLAGS: usize = 6;
+    pub const MSG_ID: usize = 8;
+    pub const TARGET: usize = 16;
+    pub const SOURCE: usize = 24;
+}
+
+/// A parsed header. `opcode` stays a raw byte so an unknown opcode can still be answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Total frame length, header included.
+    pub len: u32,
+    /// Raw opcode byte.
+    pub opcode: u8,
+    /// Flag bits.
+    pub flags: Flags,
+    /// Sender-chosen message id.
+    pub msg_id: MessageId,
+    /// Target user id.
+    pub target: UserId,
+    /// Source user id (relay-set).
+    pub source: UserId,
+}
+
+impl Header {
+    /// Reads a header from the first 32 bytes of `buf`. The caller has checked the length
+    /// and version already (see `decode_raw`). Panics if `buf` is shorter than 32 bytes.
+    pub fn read(buf: &[u8]) -> Header {
+        Header {
+            len: BigEndian::read_u32(&buf[offset::LENGTH..]),
+            opcode: buf[offset::OPCODE],
+            flags: Flags(BigEndian::read_u16(&buf[offset::FLAGS..])),
+            msg_id: MessageId(BigEndian::read_u64(&buf[offset::MSG_ID..])),
+            target: UserId(BigEndian::read_u64(&buf[offset::TARGET..])),
+            source: UserId(BigEndian::read_u64(&buf[offset::SOURCE..])),
+        }
+    }
+
+    /// Payload length in bytes.
+    pub fn payload_len(&self) -> usize {
+        self.len as usize - HEADER_LEN
+    }
+}
+
+/// Writes one whole frame (header and payload) to `dst`.
+pub fn write_frame(
+    dst: &mut BytesMut,
+    opcode: Opcode,
+    flags: Flags,
+    msg_id: MessageId,
+    target: UserId,
+    source: UserId,
+    payload: &[u8],
+) {
+    dst.reserve(HEADER_LEN + payload.len());
+    dst.put_u32((HEADER_LEN + payload.len()) as u32);
+    dst.put_u8(VERSION);
+    dst.put_u8(opcode as u8);
+    dst.put_u16(flags.0);
+    dst.put_u64(msg_id.0);
+    dst.put_u64(target.0);
+    dst.put_u64(source.0);
+    dst.put_slice(payload);
+}
+
+/// Writes an ACK: `count` is how many connections the message was queued to.
+pub fn write_ack(dst: &mut BytesMut, msg_id: MessageId, target: UserId, count: u32) {
+    write_frame(
+        dst,
+        Opcode::Ack,
+        Flags::EMPTY,
+        msg_id,
+        target,
+        UserId::NONE,
+        &count.to_be_bytes(),
+    );
+}
+
+/// Writes an ERROR. The reason is cut to [`MAX_REASON_LEN`] bytes on a char boundary.
+pub fn write_error(
+    dst: &mut BytesMut,
+    msg_id: MessageId,
+    target: UserId,
+    code: ErrorCode,
+    reason: &str,
+) {
+    let reason = truncate_utf8(reason, MAX_REASON_LEN);
+    let len = HEADER_LEN + 2 + reason.len();
+    dst.reserve(len);
+    dst.put_u32(len as u32);
+    dst.put_u8(VERSION);
+    dst.put_u8(Opcode::Error as u8);
+    dst.put_u16(0);
+    dst.put_u64(msg_id.0);
+    dst.put_u64(target.0);
+    dst.put_u64(0);
+    dst.put_u16(code as u16);
+    dst.put_slice(reason.as_bytes());
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The limits a relay announces in LOGIN_OK's 16-byte payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoginOk {
+    /// Largest frame the relay accepts, header included.
+    pub max_frame: u32,
+    /// The relay sends PING after this much silence from the client, in milliseconds.
+    pub ping_interval_ms: u32,
+    /// The relay closes a connection silent for this long, in milliseconds.
+    pub idle_timeout_ms: u32,
+    /// Per-connection output queue cap in bytes.
+    pub out_cap: u32,
+}
+
+impl LoginOk {
+    /// Payload size of LOGIN_OK.
+    pub const LEN: usize = 16;
+
+    /// Encodes the payload.
+    pub fn to_bytes(self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        BigEndian::write_u32(&mut out[0..], self.max_frame);
+        BigEndian::write_u32(&mut out[4..], self.ping_interval_ms);
+        BigEndian::write_u32(&mut out[8..], self.idle_timeout_ms);
+        BigEndian::write_u32(&mut out[12..], self.out_cap);
+        out
+    }
+
+    /// Decodes the payload; `None` if it is not exactly 16 bytes.
+    pub fn parse(payload: &[u8]) -> Option<LoginOk> {
+        if payload.len() != Self::LEN {
+            return None;
+        }
+        Some(LoginOk {
+            max_frame: BigEndian::read_u32(&payload[0..]),
+            ping_interval_ms: BigEndian::read_u32(&payload[4..]),
+            idle_timeout_ms: BigEndian::read_u32(&payload[8..]),
+            out_cap: BigEndian::read_u32(&payload[12..]),
+        })
+    }
+}
+
+/// An owned, fully parsed frame: what clients, tests and tools work with. (The relay's hot
+/// path forwards [`super::RawFrame`]s instead, without building one of these.)
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// The opcode.
+    pub opcode: Opcode,
+    /// Flag bits.
+    pub flags: Flags,
+    /// Sender-chosen message id.
+    pub msg_id: MessageId,
+    /// Target user id.
+    pub target: UserId,
+    /// Source user id.
+    pub source: UserId,
+    /// Opaque payload.
+    pub payload: Bytes,
+}
+
+impl Frame {
+    /// A frame with empty flags and source.
+    pub fn new(opcode: Opcode, msg_id: MessageId, target: UserId, payload: Bytes) -> Frame {
+        Frame {
+            opcode,
+            flags: Flags::EMPTY,
+            msg_id,
+            target,
+            source: UserId::NONE,
+            payload,
+        }
+    }
+
+    /// LOGIN as `user` with an opaque credential (ignored while auth is off).
+    pub fn login(msg_id: MessageId, user: UserId, credential: &[u8]) -> Frame {
+        Frame::new(
+            Opcode::Login,
+            msg_id,
+            user,
+            Bytes::copy_from_slice(credential),
+        )
+    }
+
+    /// SEND `payload` to user `to`.
+    pub fn send(msg_id: MessageId, to: UserId, payload: Bytes) -> Frame {
+        Frame::new(Opcode::Send, msg_id, to, payload)
+    }
+
+    /// PING with an opaque payload the peer echoes in PONG.
+    pub fn ping(msg_id: MessageId, payload: Bytes) -> Frame {
+        Frame::new(Opcode::Ping, msg_id, UserId::NONE, payload)
+    }
+
+    /// PONG answering a PING.
+    pub fn pong(msg_id: MessageId, payload: Bytes) -> Frame {
+        Frame::new(Opcode::Pong, msg_id, UserId::NONE, payload)
+    }
+
+    /// BYE.
+    pub fn bye(msg_id: MessageId) -> Frame {
+        Frame::new(Opcode::Bye, msg_id, UserId::NONE, Bytes::new())
+    }
+
+    /// Returns the frame with `flags` set.
+    pub fn with_flags(mut self, flags: Flags) -> Frame {
+        self.flags = flags;
+        self
+    }
+
+    /// Returns the frame with `source` set (only the relay does this on the wire).
+    pub fn with_source(mut self, source: UserId) -> Frame {
+        self.source = source;
+        self
+    }
+
+    /// Encoded size in bytes.
+    pub fn encoded_len(&self) -> usize {
+        HEADER_LEN + self.payload.len()
+    }
+
+    /// Appends the encoded frame to `dst`.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        write_frame(
+            dst,
+            self.opcode,
+            self.flags,
+            self.msg_id,
+            self.target,
+            self.source,
+            &self.payload,
+        );
+    }
+
+    /// The encoded frame as one buffer.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut buf = BytesMut::with_capacity(self.encoded_len());
+        self.encode(&mut buf);
+        buf.freeze()
+    }
+
+    /// For an ERROR frame: the raw code and the reason text. `None` for another opcode or a
+    /// payload shorter than 2 bytes. A reason that is not UTF-8 is replaced lossily.
+    pub fn error(&self) -> Option<(u16, String)> {
+        if self.opcode != Opcode::Error || self.payload.len() < 2 {
+            return None;
+        }
+        let code = BigEndian::read_u16(&self.payload);
+        Some((
+            code,
+            String::from_utf8_lossy(&self.payload[2..]).into_owned(),
+        ))
+    }
+
+    /// For an ERROR frame: the code, if it is one v1 defines.
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        self.error().and_then(|(code, _)| ErrorCode::from_u16(code))
+    }
+
+    /// For an ACK frame: how many connections the message was queued to.
+    pub fn ack_count(&self) -> Option<u32> {
+        if self.opcode != Opcode::Ack || self.payload.len() != 4 {
+            return None;
+        }
+        Some(BigEndian::read_u32(&self.payload))
+    }
+
+    /// For a LOGIN_OK frame: the limits it announces.
+    pub fn login_ok(&self) -> Option<LoginOk> {
+        if self.opcode != Opcode::LoginOk {
+            return None;
+        }
+        LoginOk::parse(&self.payload)
+    }
+}

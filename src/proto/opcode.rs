@@ -1,0 +1,82 @@
+//! Opcodes and flag bits of protocol v1 (protocol.md, "Opcodes" and "Flags").
+
+/// Every opcode protocol v1 defines. Ranges kept free for later versions are listed in
+/// protocol.md; a relay answers an opcode it does not know with `UNKNOWN_OPCODE`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Opcode {
+    /// Client → relay: log in as the user id in the target field.
+    Login = 0x01,
+    /// Relay → client: the login succeeded; the payload carries the relay's limits.
+    LoginOk = 0x02,
+    /// Client → relay: deliver the payload to every connection of the target user.
+    Send = 0x03,
+    /// Relay → client: a message from the user in the source field.
+    Deliver = 0x04,
+    /// Relay → client: a SEND was queued to every connection of its recipient.
+    Ack = 0x05,
+    /// Relay → client: a request failed, or the connection is about to be closed.
+    Error = 0x06,
+    /// Either direction: please answer with PONG.
+    Ping = 0x07,
+    /// Either direction: the answer to PING, same message id and payload.
+    Pong = 0x08,
+    /// Either direction: end the session; the relay answers BYE and closes.
+    Bye = 0x09,
+}
+
+impl Opcode {
+    /// Parses a raw opcode byte; `None` for an opcode v1 does not define.
+    pub fn from_u8(byte: u8) -> Option<Opcode> {
+        Some(match byte {
+            0x01 => Opcode::Login,
+            0x02 => Opcode::LoginOk,
+            0x03 => Opcode::Send,
+            0x04 => Opcode::Deliver,
+            0x05 => Opcode::Ack,
+            0x06 => Opcode::Error,
+            0x07 => Opcode::Ping,
+            0x08 => Opcode::Pong,
+            0x09 => Opcode::Bye,
+            _ => return None,
+        })
+    }
+
+    /// The name protocol.md uses for this opcode.
+    pub fn name(self) -> &'static str {
+        match self {
+            Opcode::Login => "LOGIN",
+            Opcode::LoginOk => "LOGIN_OK",
+            Opcode::Send => "SEND",
+            Opcode::Deliver => "DELIVER",
+            Opcode::Ack => "ACK",
+            Opcode::Error => "ERROR",
+            Opcode::Ping => "PING",
+            Opcode::Pong => "PONG",
+            Opcode::Bye => "BYE",
+        }
+    }
+}
+
+/// The 16-bit flags field. v1 defines one bit; every other bit is reserved and must be 0.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Flags(pub u16);
+
+impl Flags {
+    /// No flag set.
+    pub const EMPTY: Flags = Flags(0);
+    /// On SEND: do not answer with ACK when the message is queued (errors are still sent).
+    pub const NO_ACK: Flags = Flags(0x0001);
+    /// Every bit v1 defines; the others are reserved.
+    pub const KNOWN: Flags = Flags(0x0001);
+
+    /// True when every bit of `other` is set here.
+    pub fn contains(self, other: Flags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// The bits set here that v1 does not define.
+    pub fn reserved_bits(self) -> u16 {
+        self.0 & !Flags::KNOWN.0
+    }
+}

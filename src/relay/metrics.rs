@@ -1,0 +1,42 @@
+//! Counters the relay keeps about itself. Plain integers: reading them costs nothing.
+
+use crate::proto::ErrorCode;
+
+/// Totals since start, plus a few gauges. The binary logs them periodically.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    /// Connections accepted into a session.
+    pub connections_opened: u64,
+    /// Connections refused at the connection limit or during shutdown.
+    pub connections_refused: u64,
+    /// Sessions closed, for any reason.
+    pub connections_closed: u64,
+    /// Frames decoded from clients.
+    pub frames_in: u64,
+    /// Bytes of frames decoded from clients.
+    pub bytes_in: u64,
+    /// SEND frames queued to at least one recipient connection.
+    pub messages_routed: u64,
+    /// DELIVER frames queued (one per recipient connection).
+    pub deliveries_queued: u64,
+    /// Bytes handed to sockets.
+    pub bytes_out: u64,
+    /// Bytes still queued when a connection died (reset or error before the flush).
+    pub bytes_lost_on_reset: u64,
+    /// ERROR frames sent, by code (index = code - 1).
+    pub errors_sent: [u64; ErrorCode::ALL.len()],
+    /// Times a connection's reads were paused because its own output queue was full.
+    pub read_pauses: u64,
+}
+
+impl Metrics {
+    /// Counts one ERROR frame.
+    pub fn count_error(&mut self, code: ErrorCode) {
+        self.errors_sent[code as usize - 1] += 1;
+    }
+
+    /// ERROR frames sent with `code`.
+    pub fn errors(&self, code: ErrorCode) -> u64 {
+        self.errors_sent[code as usize - 1]
+    }
+}

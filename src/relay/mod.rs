@@ -1,0 +1,721 @@
+//! The relay core: sessions, the user directory, routing, timers and output queues.
+//!
+//! This module never performs I/O and never reads the clock. The driver feeds it events
+//! (`handle_*`, each given `now`) and pulls its outputs (`poll_*`, [`Relay::output`]).
+//! Everything here is deterministic and unit-tested in memory.
+//!
+//! Calling order for one connection:
+//! 1. [`Relay::handle_open`] when a socket is accepted (it may be refused with a frame to
+//!    write before dropping the socket).
+//! 2. When readable and [`Relay::wants_read`]: [`Relay::take_partial`], read into the
+//!    buffer, [`Relay::handle_input`] after each read, [`Relay::stash_partial`] when done;
+//!    [`Relay::handle_eof`] on end of stream.
+//! 3. Each loop turn: [`Relay::poll_transmit`] names connections with output; write from
+//!    [`Relay::output`], report with [`Relay::handle_written`] or
+//!    [`Relay::handle_write_blocked`]; when [`Relay::is_finished`], close the socket.
+//! 4. [`Relay::handle_closed`] once the socket is gone, for whatever reason.
+//! 5. [`Relay::handle_timeout`] whenever [`Relay::poll_timeout`] has passed;
+//!    [`Relay::poll_resume`] names connections whose paused reads may go on.
+
+mod config;
+mod directory;
+mod metrics;
+mod out_queue;
+mod session;
+mod timers;
+
+pub use config::{Config, ConfigError};
+pub use metrics::Metrics;
+pub use out_queue::OutQueue;
+pub use session::State;
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use log::{debug, info};
+use slab::Slab;
+
+use crate::proto::frame::{write_ack, write_error, write_frame};
+use crate::proto::{
+    decode_raw, ErrorCode, Flags, LoginOk, MessageId, Opcode, RawFrame, UserId, HEADER_LEN,
+};
+use crate::ConnId;
+use directory::Directory;
+use session::Session;
+use timers::Timers;
+
+/// How long a closing connection may take to drain its output before it is closed anyway.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(5);
+
+/// Control frames (ACK, ERROR, LOGIN_OK, PONG) are encoded into a shared scratch buffer
+/// that is reserved in chunks of this size and split into `Bytes`, so encoding one costs
+/// no allocation of its own.
+const SCRATCH_CHUNK: usize = 16 * 1024;
+
+/// A connection the relay will not take, and the ERROR frame to send it before closing.
+#[derive(Debug)]
+pub struct Refused {
+    /// LIMIT_REACHED or SHUTTING_DOWN.
+    pub code: ErrorCode,
+    /// The encoded ERROR frame (best effort: the socket is closed right after).
+    pub frame: Bytes,
+}
+
+/// The relay core. See the module docs for the calling order.
+#[derive(Debug)]
+pub struct Relay {
+    config: Config,
+    sessions: Slab<Session>,
+    directory: Directory,
+    timers: Timers,
+    flush_list: Vec<ConnId>,
+    resume_list: Vec<ConnId>,
+    scratch: BytesMut,
+    next_serial: u64,
+    next_ping_id: u64,
+    shutting_down: bool,
+    metrics: Metrics,
+}
+
+impl Relay {
+    /// A relay with the given limits. Call [`Config::validate`] first; an invalid config
+    /// is not rejected here.
+    pub fn new(config: Config) -> Relay {
+        Relay {
+            config,
+            sessions: Slab::new(),
+            directory: Directory::default(),
+            timers: Timers::default(),
+            flush_list: Vec::new(),
+            resume_list: Vec::new(),
+            scratch: BytesMut::new(),
+            next_serial: 0,
+            next_ping_id: 0,
+            shutting_down: false,
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Open sessions, closing ones included.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Users with at least one logged-in connection.
+    pub fn user_count(&self) -> usize {
+        self.directory.users()
+    }
+
+    /// The state of a connection, if it exists.
+    pub fn state(&self, id: ConnId) -> Option<State> {
+        self.sessions.get(id.0).map(|s| s.state)
+    }
+
+    /// The connections `user` is logged in on.
+    pub fn devices(&self, user: UserId) -> &[ConnId] {
+        self.directory.devices(user)
+    }
+
+    // ---- connections -------------------------------------------------------------------
+
+    /// A socket was accepted. Returns its id, or the refusal to write before dropping it.
+    pub fn handle_open(&mut self, now: Instant) -> Result<ConnId, Refused> {
+        let refusal = if self.shutting_down {
+            Some((
+                ErrorCode::ShuttingDown,
+                "the relay is shutting down".to_string(),
+            ))
+        } else if self.sessions.len() >= self.config.max_connections {
+            Some((
+                ErrorCode::LimitReached,
+                format!(
+                    "connection limit reached ({} connections)",
+                    self.config.max_connections
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some((code, reason)) = refusal {
+            self.metrics.connections_refused += 1;
+            self.metrics.count_error(code);
+            let mut buf = BytesMut::new();
+            write_error(&mut buf, MessageId(0), UserId::NONE, code, &reason);
+            return Err(Refused {
+                code,
+                frame: buf.freeze(),
+            });
+        }
+        self.next_serial += 1;
+        let serial = self.next_serial;
+        let id = ConnId(self.sessions.insert(Session::new(serial, now)));
+        self.timers.arm(now + self.config.login_timeout, id, serial);
+        self.metrics.connections_opened += 1;
+        Ok(id)
+    }
+
+    /// False while the connection must not be read: it is closing, or its own output queue
+    /// is over the cap (its reads resume through [`Relay::poll_resume`]).
+    pub fn wants_read(&mut self, id: ConnId) -> bool {
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            return false;
+        };
+        if s.state == State::Closing || s.read_paused {
+            return false;
+        }
+        if s.out.len_bytes() >= self.config.out_cap {
+            s.read_paused = true;
+            self.metrics.read_pauses += 1;
+            return false;
+        }
+        true
+    }
+
+    /// Moves the connection's saved partial frame to the front of the (empty) read buffer.
+    pub fn take_partial(&mut self, id: ConnId, buf: &mut BytesMut) {
+        debug_assert!(buf.is_empty(), "read buffer must start empty");
+        if let Some(s) = self.sessions.get_mut(id.0) {
+            if !s.partial.is_empty() {
+                buf.extend_from_slice(&s.partial);
+                s.partial = BytesMut::new();
+            }
+        }
+    }
+
+    /// Saves what is left in the read buffer (the start of a frame) with the connection and
+    /// empties the buffer for the next connection.
+    pub fn stash_partial(&mut self, id: ConnId, buf: &mut BytesMut) {
+        if !buf.is_empty() {
+            if let Some(s) = self.sessions.get_mut(id.0) {
+                if s.state != State::Closing {
+                    s.partial.extend_from_slice(buf);
+                }
+            }
+            buf.clear();
+        }
+    }
+
+    /// Decodes and handles every complete frame at the front of `buf`, leaving a partial
+    /// frame there. A framing error queues an ERROR, starts closing and empties `buf`.
+    pub fn handle_input(&mut self, id: ConnId, buf: &mut BytesMut, now: Instant) {
+        let max_frame = self.config.max_frame;
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            buf.clear();
+            return;
+        };
+        if s.state == State::Closing {
+            buf.clear();
+            return;
+        }
+        if !buf.is_empty() {
+            s.last_rx = now;
+            s.ping_sent = false;
+        }
+        loop {
+            match decode_raw(buf, max_frame) {
+                Ok(Some(frame)) => {
+                    self.metrics.frames_in += 1;
+                    self.metrics.bytes_in += frame.as_bytes().len() as u64;
+                    self.handle_frame(id, frame, now);
+                    if self.state(id) == Some(State::Closing) {
+                        buf.clear();
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    self.fail(
+                        id,
+                        MessageId(0),
+                        UserId::NONE,
+                        e.code(),
+                        &e.to_string(),
+                        now,
+                    );
+                    buf.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The peer ended its stream. A saved partial frame is answered with MALFORMED; either
+    /// way pending output is flushed and the connection closes.
+    pub fn handle_eof(&mut self, id: ConnId, now: Instant) {
+        let Some(s) = self.sessions.get(id.0) else {
+            return;
+        };
+        if s.state == State::Closing {
+            return;
+        }
+        if s.partial.is_empty() {
+            debug!("{id}: peer closed its stream");
+            self.begin_close(id, now);
+        } else {
+            let reason = format!(
+                "connection closed in the middle of a frame ({} bytes discarded)",
+                s.partial.len()
+            );
+            self.fail(
+                id,
+                MessageId(0),
+                UserId::NONE,
+                ErrorCode::Malformed,
+                &reason,
+                now,
+            );
+        }
+    }
+
+    /// The socket is gone (closed after [`Relay::is_finished`], or failed). Frees the session.
+    pub fn handle_closed(&mut self, id: ConnId) {
+        let Some(mut s) = self.sessions.try_remove(id.0) else {
+            return;
+        };
+        if let Some(user) = s.user() {
+            self.directory.remove(user, id);
+        }
+        let lost = s.out.clear();
+        if lost > 0 {
+            self.metrics.bytes_lost_on_reset += lost as u64;
+            info!("{id}: closed with {lost} bytes of output unsent");
+        }
+        self.metrics.connections_closed += 1;
+        if self.timers.len() > 2 * self.sessions.len() + 1024 {
+            let sessions = &self.sessions;
+            self.timers
+                .retain(|d| sessions.get(d.conn.0).is_some_and(|s| s.serial == d.serial));
+        }
+    }
+
+    /// Starts a clean shutdown: refuses new connections, queues SHUTTING_DOWN to every
+    /// open one and closes each after its output is flushed.
+    pub fn begin_shutdown(&mut self, now: Instant) {
+        self.shutting_down = true;
+        let open: Vec<ConnId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.state != State::Closing)
+            .map(|(key, _)| ConnId(key))
+            .collect();
+        for id in open {
+            self.fail(
+                id,
+                MessageId(0),
+                UserId::NONE,
+                ErrorCode::ShuttingDown,
+                "the relay is shutting down",
+                now,
+            );
+        }
+    }
+
+    // ---- output ------------------------------------------------------------------------
+
+    /// The next connection with output to write or a close to perform. Each connection is
+    /// named at most once per round of new output.
+    pub fn poll_transmit(&mut self) -> Option<ConnId> {
+        while let Some(id) = self.flush_list.pop() {
+            if let Some(s) = self.sessions.get_mut(id.0) {
+                s.in_flush_list = false;
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// The connection's output queue, to write from.
+    pub fn output(&self, id: ConnId) -> Option<&OutQueue> {
+        self.sessions.get(id.0).map(|s| &s.out)
+    }
+
+    /// The socket accepted `n` bytes of the queue.
+    pub fn handle_written(&mut self, id: ConnId, n: usize) {
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            return;
+        };
+        s.out.advance(n);
+        self.metrics.bytes_out += n as u64;
+        if s.read_paused && s.out.len_bytes() <= self.config.out_cap / 2 {
+            s.read_paused = false;
+            self.resume_list.push(id);
+        }
+    }
+
+    /// The socket would block; output waits for [`Relay::handle_writable`].
+    pub fn handle_write_blocked(&mut self, id: ConnId) {
+        if let Some(s) = self.sessions.get_mut(id.0) {
+            s.write_blocked = true;
+        }
+    }
+
+    /// The socket is writable again: the connection goes back on the flush list.
+    pub fn handle_writable(&mut self, id: ConnId) {
+        if let Some(s) = self.sessions.get_mut(id.0) {
+            s.write_blocked = false;
+            if !s.in_flush_list && (!s.out.is_empty() || s.state == State::Closing) {
+                s.in_flush_list = true;
+                self.flush_list.push(id);
+            }
+        }
+    }
+
+    /// True when the connection is closing and its output is flushed (or its linger time
+    /// ran out): the driver closes the socket and calls [`Relay::handle_closed`].
+    pub fn is_finished(&self, id: ConnId) -> bool {
+        self.sessions
+            .get(id.0)
+            .is_some_and(|s| s.state == State::Closing && (s.out.is_empty() || s.linger_over))
+    }
+
+    /// The next connection whose reads were paused and may go on.
+    pub fn poll_resume(&mut self) -> Option<ConnId> {
+        self.resume_list.pop()
+    }
+
+    // ---- time --------------------------------------------------------------------------
+
+    /// The earliest time [`Relay::handle_timeout`] has work to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next()
+    }
+
+    /// Runs every deadline due at `now`: login timeouts, PINGs, idle timeouts, linger ends.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(due) = self.timers.pop_due(now) {
+            let id = due.conn;
+            let Some(s) = self.sessions.get_mut(id.0) else {
+                continue;
+            };
+            if s.serial != due.serial {
+                continue;
+            }
+            match s.state {
+                State::Closing => {
+                    s.linger_over = true;
+                    if !s.in_flush_list {
+                        s.in_flush_list = true;
+                        self.flush_list.push(id);
+                    }
+                }
+                State::AwaitingLogin => {
+                    let deadline = s.opened_at + self.config.login_timeout;
+                    if now >= deadline {
+                        let reason = format!(
+                            "no LOGIN within {} ms",
+                            self.config.login_timeout.as_millis()
+                        );
+                        self.fail(
+                            id,
+                            MessageId(0),
+                            UserId::NONE,
+                            ErrorCode::LoginTimeout,
+                            &reason,
+                            now,
+                        );
+                    } else {
+                        self.timers.arm(deadline, id, s.serial);
+                    }
+                }
+                State::Active(_) => {
+                    let silence = now.saturating_duration_since(s.last_rx);
+                    let serial = s.serial;
+                    if silence >= self.config.idle_timeout {
+                        let reason = format!(
+                            "nothing received for {} ms",
+                            self.config.idle_timeout.as_millis()
+                        );
+                        self.fail(
+                            id,
+                            MessageId(0),
+                            UserId::NONE,
+                            ErrorCode::IdleTimeout,
+                            &reason,
+                            now,
+                        );
+                    } else if silence >= self.config.ping_interval || s.ping_sent {
+                        let idle_at = s.last_rx + self.config.idle_timeout;
+                        if !s.ping_sent {
+                            s.ping_sent = true;
+                            self.next_ping_id += 1;
+                            let ping_id = MessageId(self.next_ping_id);
+                            write_frame(
+                                self.scratch(),
+                                Opcode::Ping,
+                                Flags::EMPTY,
+                                ping_id,
+                                UserId::NONE,
+                                UserId::NONE,
+                                &[],
+                            );
+                            self.queue_scratch(id);
+                        }
+                        self.timers.arm(idle_at, id, serial);
+                    } else {
+                        let ping_at = s.last_rx + self.config.ping_interval;
+                        self.timers.arm(ping_at, id, serial);
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- frames ------------------------------------------------------------------------
+
+    fn handle_frame(&mut self, id: ConnId, frame: RawFrame, now: Instant) {
+        let header = *frame.header();
+        match frame.opcode() {
+            Some(Opcode::Send) => self.on_send(id, frame),
+            Some(Opcode::Login) => self.on_login(id, &frame),
+            Some(Opcode::Ping) => {
+                let pong = frame.rewrite(Opcode::Pong, UserId::NONE, UserId::NONE);
+                self.queue(id, pong);
+            }
+            Some(Opcode::Pong) => {}
+            Some(Opcode::Bye) => {
+                let bye = frame.rewrite(Opcode::Bye, UserId::NONE, UserId::NONE);
+                self.queue(id, bye);
+                debug!("{id}: BYE");
+                self.begin_close(id, now);
+            }
+            Some(op @ (Opcode::LoginOk | Opcode::Deliver | Opcode::Ack | Opcode::Error)) => {
+                let reason = format!("opcode {} is sent only by the relay", op.name());
+                self.reply_error(
+                    id,
+                    header.msg_id,
+                    header.target,
+                    ErrorCode::InvalidField,
+                    &reason,
+                );
+            }
+            None => {
+                let reason = format!(
+                    "opcode 0x{:02x} is not defined in protocol v1",
+                    header.opcode
+                );
+                self.reply_error(
+                    id,
+                    header.msg_id,
+                    header.target,
+                    ErrorCode::UnknownOpcode,
+                    &reason,
+                );
+            }
+        }
+    }
+
+    fn on_login(&mut self, id: ConnId, frame: &RawFrame) {
+        let h = *frame.header();
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            return;
+        };
+        let problem = if let State::Active(user) = s.state {
+            Some((
+                ErrorCode::AlreadyLoggedIn,
+                format!("already logged in as {user}"),
+            ))
+        } else if h.target.is_none() {
+            Some((ErrorCode::InvalidField, "user id 0 is reserved".to_string()))
+        } else if !h.source.is_none() {
+            Some((
+                ErrorCode::InvalidField,
+                "source must be 0 in LOGIN".to_string(),
+            ))
+        } else if h.flags != Flags::EMPTY {
+            Some((ErrorCode::InvalidField, "LOGIN takes no flags".to_string()))
+        } else if self.directory.devices(h.target).len() >= self.config.max_devices_per_user {
+            Some((
+                ErrorCode::LimitReached,
+                format!(
+                    "{} already has {} connections (max devices per user)",
+                    h.target, self.config.max_devices_per_user
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some((code, reason)) = problem {
+            self.reply_error(id, h.msg_id, h.target, code, &reason);
+            return;
+        }
+        s.state = State::Active(h.target);
+        self.directory.insert(h.target, id);
+        debug!("{id}: logged in as {}", h.target);
+        let limits = LoginOk {
+            max_frame: self.config.max_frame,
+            ping_interval_ms: millis_u32(self.config.ping_interval),
+            idle_timeout_ms: millis_u32(self.config.idle_timeout),
+            out_cap: u32::try_from(self.config.out_cap).unwrap_or(u32::MAX),
+        };
+        write_frame(
+            self.scratch(),
+            Opcode::LoginOk,
+            Flags::EMPTY,
+            h.msg_id,
+            h.target,
+            UserId::NONE,
+            &limits.to_bytes(),
+        );
+        self.queue_scratch(id);
+    }
+
+    fn on_send(&mut self, id: ConnId, frame: RawFrame) {
+        let h = *frame.header();
+        let Some(sender) = self.sessions.get(id.0).and_then(Session::user) else {
+            self.reply_error(
+                id,
+                h.msg_id,
+                h.target,
+                ErrorCode::NotLoggedIn,
+                "log in before SEND",
+            );
+            return;
+        };
+        let invalid = if !h.source.is_none() {
+            Some("source must be 0: the relay sets it".to_string())
+        } else if h.flags.reserved_bits() != 0 {
+            Some(format!(
+                "reserved flag bits 0x{:04x} are set",
+                h.flags.reserved_bits()
+            ))
+        } else if h.target.is_none() {
+            Some("target user id 0 is reserved".to_string())
+        } else {
+            None
+        };
+        if let Some(reason) = invalid {
+            self.reply_error(id, h.msg_id, h.target, ErrorCode::InvalidField, &reason);
+            return;
+        }
+        let devices = self.directory.devices(h.target);
+        if devices.is_empty() {
+            let reason = format!("{} is not connected", h.target);
+            self.reply_error(id, h.msg_id, h.target, ErrorCode::RecipientOffline, &reason);
+            return;
+        }
+        let cap = self.config.out_cap;
+        let full = devices.iter().copied().find(|d| {
+            self.sessions
+                .get(d.0)
+                .is_none_or(|s| s.out.len_bytes() + h.len as usize > cap)
+        });
+        if let Some(full) = full {
+            let reason = format!("{} has a full output queue on {full}", h.target);
+            self.reply_error(id, h.msg_id, h.target, ErrorCode::RecipientSlow, &reason);
+            return;
+        }
+        let deliver = frame.into_deliver(sender);
+        let count = devices.len();
+        for &device in devices {
+            if let Some(s) = self.sessions.get_mut(device.0) {
+                push_output(s, &mut self.flush_list, device, deliver.clone());
+            }
+        }
+        self.metrics.messages_routed += 1;
+        self.metrics.deliveries_queued += count as u64;
+        if !h.flags.contains(Flags::NO_ACK) {
+            write_ack(self.scratch(), h.msg_id, h.target, count as u32);
+            self.queue_scratch(id);
+        }
+    }
+
+    // ---- helpers -----------------------------------------------------------------------
+
+    /// Queues an ERROR that answers one frame; the connection stays open.
+    fn reply_error(
+        &mut self,
+        id: ConnId,
+        msg_id: MessageId,
+        target: UserId,
+        code: ErrorCode,
+        reason: &str,
+    ) {
+        debug!("{id}: {code} for {msg_id}: {reason}");
+        self.metrics.count_error(code);
+        write_error(self.scratch(), msg_id, target, code, reason);
+        self.queue_scratch(id);
+    }
+
+    /// Queues an ERROR and closes the connection after it is flushed. One log line.
+    fn fail(
+        &mut self,
+        id: ConnId,
+        msg_id: MessageId,
+        target: UserId,
+        code: ErrorCode,
+        reason: &str,
+        now: Instant,
+    ) {
+        let who = match self.sessions.get(id.0).and_then(Session::user) {
+            Some(user) => format!(" ({user})"),
+            None => String::new(),
+        };
+        info!("{id}{who}: closing: {code}: {reason}");
+        self.metrics.count_error(code);
+        write_error(self.scratch(), msg_id, target, code, reason);
+        self.queue_scratch(id);
+        self.begin_close(id, now);
+    }
+
+    /// Moves the connection to Closing: out of the directory, input ignored, output flushed,
+    /// closed at the latest after [`CLOSE_LINGER`].
+    fn begin_close(&mut self, id: ConnId, now: Instant) {
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            return;
+        };
+        if let State::Active(user) = s.state {
+            self.directory.remove(user, id);
+        }
+        s.state = State::Closing;
+        s.partial = BytesMut::new();
+        self.timers.arm(now + CLOSE_LINGER, id, s.serial);
+        if !s.in_flush_list {
+            s.in_flush_list = true;
+            self.flush_list.push(id);
+        }
+    }
+
+    fn scratch(&mut self) -> &mut BytesMut {
+        if self.scratch.capacity() - self.scratch.len() < HEADER_LEN + 256 {
+            self.scratch.reserve(SCRATCH_CHUNK);
+        }
+        &mut self.scratch
+    }
+
+    /// Queues what was just encoded into the scratch buffer to `id`.
+    fn queue_scratch(&mut self, id: ConnId) {
+        let frame = self.scratch.split().freeze();
+        self.queue(id, frame);
+    }
+
+    fn queue(&mut self, id: ConnId, frame: Bytes) {
+        if let Some(s) = self.sessions.get_mut(id.0) {
+            push_output(s, &mut self.flush_list, id, frame);
+        }
+    }
+}
+
+fn push_output(s: &mut Session, flush_list: &mut Vec<ConnId>, id: ConnId, frame: Bytes) {
+    s.out.push(frame);
+    if !s.in_flush_list && !s.write_blocked {
+        s.in_flush_list = true;
+        flush_list.push(id);
+    }
+}
+
+fn millis_u32(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests;

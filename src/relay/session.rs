@@ -1,0 +1,73 @@
+//! One connection's state inside the relay core.
+
+use std::time::Instant;
+
+use bytes::BytesMut;
+
+use super::out_queue::OutQueue;
+use crate::proto::UserId;
+
+/// Where a connection is in its life (protocol.md, "Connection states").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Connected, no successful LOGIN yet. PING, BYE and LOGIN are accepted.
+    AwaitingLogin,
+    /// Logged in as the user; everything is accepted.
+    Active(UserId),
+    /// Closing: input is ignored, pending output is flushed, then the socket is closed.
+    Closing,
+}
+
+/// Per-connection state. Small on purpose: an idle session owns no heap memory.
+#[derive(Debug)]
+pub struct Session {
+    /// Distinguishes this session from earlier ones on the same slab key.
+    pub serial: u64,
+    /// Life-cycle state.
+    pub state: State,
+    /// Frames waiting to be written.
+    pub out: OutQueue,
+    /// The start of a frame whose rest has not arrived yet.
+    pub partial: BytesMut,
+    /// When the connection was accepted.
+    pub opened_at: Instant,
+    /// When the last frame from the client was decoded.
+    pub last_rx: Instant,
+    /// A PING was sent for the current silence and not yet answered by anything.
+    pub ping_sent: bool,
+    /// Queued in the relay's flush list for this loop turn.
+    pub in_flush_list: bool,
+    /// The socket said WouldBlock on write; wait for the driver's writable event.
+    pub write_blocked: bool,
+    /// Reads are paused because this connection's own output queue is over the cap.
+    pub read_paused: bool,
+    /// Closing took longer than the linger time: close even with output pending.
+    pub linger_over: bool,
+}
+
+impl Session {
+    /// A fresh session awaiting LOGIN.
+    pub fn new(serial: u64, now: Instant) -> Session {
+        Session {
+            serial,
+            state: State::AwaitingLogin,
+            out: OutQueue::default(),
+            partial: BytesMut::new(),
+            opened_at: now,
+            last_rx: now,
+            ping_sent: false,
+            in_flush_list: false,
+            write_blocked: false,
+            read_paused: false,
+            linger_over: false,
+        }
+    }
+
+    /// The logged-in user, if any.
+    pub fn user(&self) -> Option<UserId> {
+        match self.state {
+            State::Active(user) => Some(user),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! The mio driver: the only code in the crate that touches sockets.
+//!
+//! One thread, one `Poll`. Each loop turn: poll; accept until WouldBlock; read every
+//! readable connection until WouldBlock (or its read budget) into one reused buffer and
+//! hand the bytes to the [`Relay`]; run due timers; then write each connection the core
+//! named, once, with `write_vectored`. WRITABLE interest is registered only while a
+//! connection's output is blocked. The driver makes no routing decision of its own.
+
+mod io;
+mod limits;
+
+pub use limits::{raise_fd_limit, RESERVED_FDS};
+
+use std::io::{ErrorKind, IoSlice, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use log::{debug, info, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::relay::{Config, Metrics, Relay};
+use crate::ConnId;
+
+/// Token of the listening socket.
+const LISTENER: Token = Token(usize::MAX - 1);
+/// Token of the waker that signals shutdown.
+const WAKER: Token = Token(usize::MAX - 2);
+
+/// Most bytes read from one connection per readiness event before the others get a turn;
+/// the rest is read next turn. Bounds latency, not memory.
+const READ_BUDGET: usize = 256 * 1024;
+/// The read buffer grows in chunks of this size.
+const READ_CHUNK: usize = 64 * 1024;
+/// Below this much free space the read buffer reserves a new chunk before reading.
+const MIN_READ_SPACE: usize = 4 * 1024;
+/// Most slices handed to one `write_vectored` call.
+const MAX_IOVECS: usize = 64;
+/// How long a shutdown waits for clients to take their pending output.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Asks a running [`Server`] to shut down cleanly, from any thread or a signal handler
+/// thread.
+#[derive(Clone, Debug)]
+pub struct ShutdownHandle {
+    requested: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl ShutdownHandle {
+    /// Requests shutdown: stop accepting, send SHUTTING_DOWN to everyone, flush, return.
+    pub fn shutdown(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        if let Err(e) = self.waker.wake() {
+            warn!("could not wake the event loop for shutdown: {e}");
+        }
+    }
+}
+
+/// A connection's socket and its registered interest.
+struct Conn {
+    stream: TcpStream,
+    /// WRITABLE is registered (only while output is blocked).
+    writable: bool,
+}
+
+/// The relay server: a listener, the relay core, and the sockets.
+pub struct Server {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    local_addr: SocketAddr,
+    relay: Relay,
+    conns: Vec<Option<Conn>>,
+    read_buf: BytesMut,
+    deferred_reads: Vec<ConnId>,
+    shutdown: ShutdownHandle,
+    shutdown_deadline: Option<Instant>,
+}
+
+impl Server {
+    /// Binds the listener. The relay config should be validated by the caller.
+    pub fn bind(addr: SocketAddr, config: Config) -> std::io::Result<Server> {
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::bind(addr)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let local_addr = listener.local_addr()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        Ok(Server {
+            poll,
+            listener: Some(listener),
+            local_addr,
+            relay: Relay::new(config),
+            conns: Vec::new(),
+            read_buf: BytesMut::new(),
+            deferred_reads: Vec::new(),
+            shutdown: ShutdownHandle {
+                requested: Arc::new(AtomicBool::new(false)),
+                waker,
+            },
+            shutdown_deadline: None,
+        })
+    }
+
+    /// The address the listener is bound to (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle that stops [`Server::run`] cleanly.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// The relay's counters.
+    pub fn metrics(&self) -> &Metrics {
+        self.relay.metrics()
+    }
+
+    /// Runs the event loop until a shutdown has been requested and every connection is
+    /// flushed and closed (or the grace period ran out).
+    pub fn run(&mut self) -> std::io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let now = Instant::now();
+            let deferred = std::mem::take(&mut self.deferred_reads);
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_all(now),
+                    WAKER => {
+                        if self.shutdown.requested.load(Ordering::SeqCst) {
+                            self.begin_shutdown(now);
+                        }
+                    }
+                    token => {
+                        let id = ConnId(token.0);
+                        if event.is_writable() {
+                            self.relay.handle_writable(id);
+                        }
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.read_conn(id, now);
+                        }
+                    }
+                }
+            }
+            for id in deferred {
+                self.read_conn(id, now);
+            }
+            while let Some(id) = self.relay.poll_resume() {
+                self.read_conn(id, now);
+            }
+            if self.relay.poll_timeout().is_some_and(|at| at <= now) {
+                self.relay.handle_timeout(now);
+            }
+            while let Some(id) = self.relay.poll_transmit() {
+                self.flush_conn(id);
+            }
+            if let Some(deadline) = self.shutdown_deadline {
+                if self.relay.session_count() == 0 {
+                    info!("shutdown complete");
+                    return Ok(());
+                }
+                if now >= deadline {
+                    warn!(
+                        "shutdown grace period over: closing {} connections with output pending",
+                        self.relay.session_count()
+                    );
+                    for id in 0..self.conns.len() {
+                        self.close_conn(ConnId(id));
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        if !self.deferred_reads.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let next = match (self.relay.poll_timeout(), self.shutdown_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // Round up to the next millisecond so a deadline is never polled for 0 ms in a loop.
+        next.map(|at| at.saturating_duration_since(Instant::now()) + Duration::from_millis(1))
+    }
+
+    fn begin_shutdown(&mut self, now: Instant) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        info!(
+            "shutting down: {} connections to flush",
+            self.relay.session_count()
+        );
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        self.relay.begin_shutdown(now);
+        self.shutdown_deadline = Some(now + SHUTDOWN_GRACE);
+    }
+
+    fn accept_all(&mut self, now: Instant) {
+        loop {
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
+            let (mut stream, peer) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::ConnectionAborted => continue,
+                Err(e) => {
+                    // EMFILE and friends: the connection limit is set below the fd limit,
+                    // so this means something else holds descriptors. Try again later.
+                    warn!("accept failed: {e}");
+                    return;
+                }
+            };
+            let id = match self.relay.handle_open(now) {
+                Ok(id) => id,
+                Err(refused) => {
+                    info!("refused {peer}: {}", refused.code);
+                    // Best effort: a fresh socket's send buffer takes a small frame.
+                    let _ = stream.write(&refused.frame);
+                    continue;
+                }
+            };
+            if let Err(e) = stream.set_nodelay(true) {
+                debug!("{id}: set_nodelay failed: {e}");
+            }
+            if let Err(e) =
+                self.poll
+                    .registry()
+                    .register(&mut stream, Token(id.0), Interest::READABLE)
+            {
+                warn!("{id}: register failed: {e}");
+                self.relay.handle_closed(id);
+                continue;
+            }
+            debug!("{id}: accepted from {peer}");
+            if self.conns.len() <= id.0 {
+                self.conns.resize_with(id.0 + 1, || None);
+            }
+            self.conns[id.0] = Some(Conn {
+                stream,
+                writable: false,
+            });
+        }
+    }
+
+    fn read_conn(&mut self, id: ConnId, now: Instant) {
+        let Some(conn) = self.conns.get(id.0).and_then(Option::as_ref) else {
+            return;
+        };
+        if !self.relay.wants_read(id) {
+            return;
+        }
+        let fd = io::fd(&conn.stream);
+        self.relay.take_partial(id, &mut self.read_buf);
+        let mut budget = READ_BUDGET;
+        let mut failed = None;
+        loop {
+            if self.read_buf.capacity() - self.read_buf.len() < MIN_READ_SPACE {
+                self.read_buf.reserve(READ_CHUNK);
+            }
+            match io::read_into(fd, &mut self.read_buf) {
+                Ok(0) => {
+                    self.relay.handle_input(id, &mut self.read_buf, now);
+                    self.relay.stash_partial(id, &mut self.read_buf);
+                    self.relay.handle_eof(id, now);
+                    return;
+                }
+                Ok(n) => {
+                    self.relay.handle_input(id, &mut self.read_buf, now);
+                    if !self.relay.wants_read(id) {
+                        break;
+                    }
+                    budget = budget.saturating_sub(n);
+                    if budget == 0 {
+                        self.deferred_reads.push(id);
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        self.relay.stash_partial(id, &mut self.read_buf);
+        if let Some(e) = failed {
+            info!("{id}: read failed: {e}");
+            self.close_conn(id);
+        }
+    }
+
+    fn flush_conn(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(id.0).and_then(Option::as_mut) else {
+            return;
+        };
+        let mut blocked = false;
+        loop {
+            let result = {
+                let Some(out) = self.relay.output(id) else {
+                    return;
+                };
+                if out.is_empty() {
+                    break;
+                }
+                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+                let n = out.chunks(&mut slices);
+                conn.stream.write_vectored(&slices[..n])
+            };
+            match result {
+                Ok(0) => {
+                    info!("{id}: socket accepted no bytes; closing");
+                    self.close_conn(id);
+                    return;
+                }
+                Ok(n) => self.relay.handle_written(id, n),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    blocked = true;
+                    break;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!("{id}: write failed: {e}");
+                    self.close_conn(id);
+                    return;
+                }
+            }
+        }
+        if self.relay.is_finished(id) {
+            self.close_conn(id);
+            return;
+        }
+        if blocked {
+            self.relay.handle_write_blocked(id);
+        }
+        if blocked != conn.writable {
+            let interest = if blocked {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            match self
+                .poll
+                .registry()
+                .reregister(&mut conn.stream, Token(id.0), interest)
+            {
+                Ok(()) => conn.writable = blocked,
+                Err(e) => {
+                    warn!("{id}: reregister failed: {e}");
+                    self.close_conn(id);
+                }
+            }
+        }
+    }
+
+    fn close_conn(&mut self, id: ConnId) {
+        let Some(mut conn) = self.conns.get_mut(id.0).and_then(Option::take) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        drop(conn);
+        self.relay.handle_closed(id);
+        debug!("{id}: closed");
+    }
+}

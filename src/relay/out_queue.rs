@@ -90,13 +90,15 @@ mod tests {
         assert_eq!(q.len_bytes(), 7);
         q.advance(4);
         assert_eq!(q.len_bytes(), 3);
-        let mut slices = [IoSlice::new(&[]); 4];
-        let n = q.chunks(&mut slices);
-        assert_eq!(n, 1);
-        assert_eq!(&*slices[0], b"efg");
+        {
+            let mut slices = [IoSlice::new(&[]); 4];
+            let n = q.chunks(&mut slices);
+            assert_eq!(n, 1);
+            assert_eq!(&*slices[0], b"efg");
+        }
         q.advance(3);
         assert!(q.is_empty());
-        assert_eq!(q.chunks(&mut slices), 0);
+        assert_eq!(q.chunks(&mut [IoSlice::new(&[]); 4]), 0);
     }
 
     #[test]
@@ -105,8 +107,10 @@ mod tests {
         for _ in 0..10 {
             q.push(Bytes::from_static(b"x"));
         }
-        let mut slices = [IoSlice::new(&[]); 4];
-        assert_eq!(q.chunks(&mut slices), 4);
+        {
+            let mut slices = [IoSlice::new(&[]); 4];
+            assert_eq!(q.chunks(&mut slices), 4);
+        }
         assert_eq!(q.clear(), 10);
         assert!(q.is_empty());
     }

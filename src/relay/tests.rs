@@ -1,1 +1,476 @@
+//! The relay core driven in memory: bytes in, queued frames out, a simulated clock.
 
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::*;
+use crate::proto::decode::decode_frame;
+use crate::proto::Frame;
+
+/// A relay plus helpers that play the driver's part without sockets.
+struct Harness {
+    relay: Relay,
+    now: Instant,
+}
+
+impl Harness {
+    fn new(config: Config) -> Harness {
+        Harness {
+            relay: Relay::new(config),
+            now: Instant::now(),
+        }
+    }
+
+    fn open(&mut self) -> ConnId {
+        self.relay
+            .handle_open(self.now)
+            .expect("connection accepted")
+    }
+
+    /// Feeds raw bytes as one read.
+    fn feed(&mut self, id: ConnId, bytes: &[u8]) {
+        let mut buf = BytesMut::new();
+        self.relay.take_partial(id, &mut buf);
+        buf.extend_from_slice(bytes);
+        self.relay.handle_input(id, &mut buf, self.now);
+        self.relay.stash_partial(id, &mut buf);
+    }
+
+    fn send_frame(&mut self, id: ConnId, frame: Frame) {
+        self.feed(id, &frame.to_bytes());
+    }
+
+    fn login(&mut self, user: u64) -> ConnId {
+        let id = self.open();
+        self.send_frame(id, Frame::login(MessageId(1), UserId(user), b""));
+        let reply = self.take_frames(id);
+        assert_eq!(reply.len(), 1);
+        assert_eq!(reply[0].opcode, Opcode::LoginOk);
+        id
+    }
+
+    /// Everything queued to `id`, as the socket would receive it, marking it written.
+    fn take_output(&mut self, id: ConnId) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        if let Some(out) = self.relay.output(id) {
+            let mut slices = [std::io::IoSlice::new(&[]); 1024];
+            let n = out.chunks(&mut slices);
+            for s in &slices[..n] {
+                bytes.extend_from_slice(s);
+            }
+        }
+        self.relay.handle_written(id, bytes.len());
+        bytes
+    }
+
+    fn take_frames(&mut self, id: ConnId) -> Vec<Frame> {
+        let mut buf = BytesMut::from(&self.take_output(id)[..]);
+        let mut frames = Vec::new();
+        while let Some(frame) = decode_frame(&mut buf, u32::MAX).expect("relay output decodes") {
+            frames.push(frame.expect("relay sends known opcodes"));
+        }
+        assert!(buf.is_empty(), "relay output ends on a frame boundary");
+        frames
+    }
+
+    fn expect_error(&mut self, id: ConnId, code: ErrorCode) -> Frame {
+        let frames = self.take_frames(id);
+        assert_eq!(frames.len(), 1, "expected one ERROR, got {frames:?}");
+        assert_eq!(frames[0].error_code(), Some(code), "{frames:?}");
+        frames[0].clone()
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.relay.handle_timeout(self.now);
+    }
+
+    /// Drains the flush list and returns the connections it named.
+    fn flushed(&mut self) -> Vec<ConnId> {
+        let mut ids = Vec::new();
+        while let Some(id) = self.relay.poll_transmit() {
+            ids.push(id);
+        }
+        ids
+    }
+}
+
+fn send(msg: u64, to: u64, payload: &'static [u8]) -> Frame {
+    Frame::send(MessageId(msg), UserId(to), Bytes::from_static(payload))
+}
+
+#[test]
+fn send_is_delivered_with_the_source_and_acked() {
+    let mut h = Harness::new(Config::default());
+    let alice = h.login(1001);
+    let bob = h.login(1002);
+    h.send_frame(alice, send(7, 1002, b"hi bob"));
+
+    let delivered = h.take_frames(bob);
+    assert_eq!(
+        delivered,
+        vec![Frame::new(
+            Opcode::Deliver,
+            MessageId(7),
+            UserId(1002),
+            Bytes::from_static(b"hi bob")
+        )
+        .with_source(UserId(1001))]
+    );
+    let acks = h.take_frames(alice);
+    assert_eq!(acks.len(), 1);
+    assert_eq!(acks[0].opcode, Opcode::Ack);
+    assert_eq!(acks[0].msg_id, MessageId(7));
+    assert_eq!(acks[0].ack_count(), Some(1));
+    assert_eq!(h.relay.metrics().messages_routed, 1);
+}
+
+#[test]
+fn no_ack_flag_suppresses_only_the_ack() {
+    let mut h = Harness::new(Config::default());
+    let alice = h.login(1);
+    let bob = h.login(2);
+    h.send_frame(alice, send(1, 2, b"x").with_flags(Flags::NO_ACK));
+    let delivered = h.take_frames(bob);
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(
+        delivered[0].flags,
+        Flags::EMPTY,
+        "relay clears flags on DELIVER"
+    );
+    assert!(h.take_frames(alice).is_empty());
+    h.send_frame(alice, send(2, 99, b"x").with_flags(Flags::NO_ACK));
+    h.expect_error(alice, ErrorCode::RecipientOffline);
+}
+
+#[test]
+fn every_device_of_the_recipient_gets_one_shared_copy() {
+    let mut h = Harness::new(Config::default());
+    let alice = h.login(1);
+    let phones: Vec<ConnId> = (0..3).map(|_| h.login(2)).collect();
+    h.send_frame(alice, send(5, 2, b"to all devices"));
+    let mut payload_ptrs = Vec::new();
+    for &phone in &phones {
+        let out = h.relay.output(phone).unwrap();
+        let mut slices = [std::io::IoSlice::new(&[]); 4];
+        assert_eq!(out.chunks(&mut slices), 1);
+        payload_ptrs.push(slices[0].as_ptr());
+        let frames = h.take_frames(phone);
+        assert_eq!(frames[0].source, UserId(1));
+    }
+    assert!(
+        payload_ptrs.windows(2).all(|w| w[0] == w[1]),
+        "one encoded frame shared"
+    );
+    assert_eq!(h.take_frames(alice)[0].ack_count(), Some(3));
+}
+
+#[test]
+fn frames_split_across_reads_and_batched_in_one_read_all_decode() {
+    let mut h = Harness::new(Config::default());
+    let alice = h.login(1);
+    let bob = h.login(2);
+    let mut stream = Vec::new();
+    for i in 0..10u64 {
+        stream.extend_from_slice(
+            &send(i, 2, b"0123456789")
+                .with_flags(Flags::NO_ACK)
+                .to_bytes(),
+        );
+    }
+    for chunk in stream.chunks(7) {
+        h.feed(alice, chunk);
+    }
+    h.feed(alice, &stream);
+    let ids: Vec<u64> = h.take_frames(bob).iter().map(|f| f.msg_id.0).collect();
+    let expected: Vec<u64> = (0..10).chain(0..10).collect();
+    assert_eq!(ids, expected, "every frame once, in order");
+}
+
+#[test]
+fn requests_before_login_are_refused_but_ping_works() {
+    let mut h = Harness::new(Config::default());
+    let c = h.open();
+    h.send_frame(c, send(3, 2, b"x"));
+    let err = h.expect_error(c, ErrorCode::NotLoggedIn);
+    assert_eq!(err.msg_id, MessageId(3));
+    h.send_frame(c, Frame::ping(MessageId(9), Bytes::from_static(b"abc")));
+    assert_eq!(
+        h.take_frames(c),
+        vec![Frame::pong(MessageId(9), Bytes::from_static(b"abc"))]
+    );
+    h.send_frame(c, Frame::login(MessageId(4), UserId(5), b"token"));
+    let ok = h.take_frames(c);
+    assert_eq!(ok[0].opcode, Opcode::LoginOk);
+    assert_eq!(ok[0].target, UserId(5));
+    assert_eq!(
+        ok[0].login_ok().unwrap().max_frame,
+        Config::default().max_frame
+    );
+}
+
+#[test]
+fn field_errors_answer_the_frame_and_keep_the_connection() {
+    let mut h = Harness::new(Config::default());
+    let alice = h.login(1);
+    let _bob = h.login(2);
+    h.send_frame(alice, Frame::login(MessageId(2), UserId(3), b""));
+    h.expect_error(alice, ErrorCode::AlreadyLoggedIn);
+    h.send_frame(alice, send(3, 2, b"x").with_source(UserId(2)));
+    h.expect_error(alice, ErrorCode::InvalidField);
+    h.send_frame(alice, send(4, 2, b"x").with_flags(Flags(0x8000)));
+    h.expect_error(alice, ErrorCode::InvalidField);
+    h.send_frame(alice, send(5, 0, b"x"));
+    h.expect_error(alice, ErrorCode::InvalidField);
+    h.send_frame(
+        alice,
+        Frame::new(Opcode::Deliver, MessageId(6), UserId(2), Bytes::new()),
+    );
+    h.expect_error(alice, ErrorCode::InvalidField);
+    let mut unknown = send(7, 2, b"x").to_bytes().to_vec();
+    unknown[5] = 0x7f;
+    h.feed(alice, &unknown);
+    let err = h.expect_error(alice, ErrorCode::UnknownOpcode);
+    assert_eq!(err.msg_id, MessageId(7));
+    assert_eq!(h.relay.state(alice), Some(State::Active(UserId(1))));
+    h.send_frame(alice, send(8, 2, b"still works"));
+    assert_eq!(h.take_frames(alice)[0].opcode, Opcode::Ack);
+}
+
+#[test]
+fn framing_errors_close_after_the_error_is_flushed() {
+    for (bytes, code) in [
+        (vec![0x00, 0x00, 0x00, 0x10], ErrorCode::Malformed),
+        (vec![0x00, 0x10, 0x00, 0x01], ErrorCode::FrameTooLarge),
+        (
+            vec![0x00, 0x00, 0x00, 0x20, 0x02],
+            ErrorCode::UnsupportedVersion,
+        ),
+        (b"GET / HTTP/1.1\r\n".to_vec(), ErrorCode::FrameTooLarge),
+    ] {
+        let mut h = Harness::new(Config::default());
+        let c = h.open();
+        h.feed(c, &bytes);
+        assert_eq!(h.relay.state(c), Some(State::Closing), "{code}");
+        assert!(!h.relay.is_finished(c), "the ERROR is still queued");
+        assert!(!h.relay.wants_read(c));
+        h.expect_error(c, code);
+        assert!(h.relay.is_finished(c));
+        h.relay.handle_closed(c);
+        assert_eq!(h.relay.session_count(), 0);
+    }
+}
+
+#[test]
+fn eof_mid_frame_is_reported_and_closes() {
+    let mut h = Harness::new(Config::default());
+    let alice = h.login(1);
+    let frame = send(1, 2, b"abcdef").to_bytes();
+    h.feed(alice, &frame[..20]);
+    h.relay.handle_eof(alice, h.now);
+    h.expect_error(alice, ErrorCode::Malformed);
+    assert!(h.relay.is_finished(alice));
+    assert!(
+        h.relay.devices(UserId(1)).is_empty(),
+        "closing users leave the directory"
+    );
+}
+
+#[test]
+fn bye_is_answered_then_closes() {
+    let mut h = Harness::new(Config::default());
+    let alice = h.login(1);
+    h.send_frame(alice, Frame::bye(MessageId(3)));
+    assert_eq!(h.take_frames(alice), vec![Frame::bye(MessageId(3))]);
+    assert!(h.relay.is_finished(alice));
+}
+
+#[test]
+fn offline_and_slow_recipients_get_errors_and_nothing_is_half_delivered() {
+    let config = Config {
+        out_cap: 64 * 1024,
+        ..Config::default()
+    };
+    let mut h = Harness::new(config);
+    let alice = h.login(1);
+    let reader = h.login(2);
+    let stalled = h.login(2);
+    h.send_frame(alice, send(1, 3, b"x"));
+    h.expect_error(alice, ErrorCode::RecipientOffline);
+
+    let payload = Bytes::from(vec![7u8; 1000]);
+    let mut acked = 0;
+    let slow = loop {
+        h.send_frame(
+            alice,
+            Frame::send(MessageId(100 + acked), UserId(2), payload.clone()),
+        );
+        let reply = h.take_frames(alice);
+        h.take_output(reader); // one device keeps up, the other never reads
+        match reply[0].opcode {
+            Opcode::Ack => acked += 1,
+            _ => break reply[0].clone(),
+        }
+    };
+    assert_eq!(slow.error_code(), Some(ErrorCode::RecipientSlow));
+    assert_eq!(acked as usize, 64 * 1024 / 1032);
+    // Everything ACKed is still queued for the stalled device, in order, and nothing more.
+    let frames = h.take_frames(stalled);
+    let ids: Vec<u64> = frames.iter().map(|f| f.msg_id.0).collect();
+    assert_eq!(ids, (100..100 + acked).collect::<Vec<_>>());
+    h.send_frame(alice, Frame::send(MessageId(999), UserId(2), payload));
+    assert_eq!(
+        h.take_frames(alice)[0].ack_count(),
+        Some(2),
+        "drained: accepted again"
+    );
+}
+
+#[test]
+fn a_connection_over_its_own_cap_is_not_read_until_it_drains() {
+    let config = Config {
+        out_cap: 64 * 1024,
+        ..Config::default()
+    };
+    let mut h = Harness::new(config);
+    let alice = h.login(1);
+    let mut pings = Vec::new();
+    for i in 0..100 {
+        pings
+            .extend_from_slice(&Frame::ping(MessageId(i), Bytes::from(vec![0u8; 1000])).to_bytes());
+    }
+    h.feed(alice, &pings);
+    assert!(!h.relay.wants_read(alice));
+    assert_eq!(h.relay.metrics().read_pauses, 1);
+    assert_eq!(h.relay.poll_resume(), None);
+    h.take_output(alice);
+    assert_eq!(h.relay.poll_resume(), Some(alice));
+    assert!(h.relay.wants_read(alice));
+}
+
+#[test]
+fn device_and_connection_limits() {
+    let config = Config {
+        max_connections: 3,
+        max_devices_per_user: 2,
+        ..Config::default()
+    };
+    let mut h = Harness::new(config);
+    h.login(1);
+    h.login(1);
+    let third = h.open();
+    h.send_frame(third, Frame::login(MessageId(1), UserId(1), b""));
+    h.expect_error(third, ErrorCode::LimitReached);
+    assert_eq!(h.relay.state(third), Some(State::AwaitingLogin));
+    let refused = h.relay.handle_open(h.now).unwrap_err();
+    assert_eq!(refused.code, ErrorCode::LimitReached);
+    let mut buf = BytesMut::from(&refused.frame[..]);
+    let frame = decode_frame(&mut buf, u32::MAX).unwrap().unwrap().unwrap();
+    assert_eq!(frame.error_code(), Some(ErrorCode::LimitReached));
+    h.relay.handle_closed(third);
+    assert!(h.relay.handle_open(h.now).is_ok());
+}
+
+#[test]
+fn login_timeout_closes_silent_newcomers_only() {
+    let mut h = Harness::new(Config::default());
+    let lurker = h.open();
+    h.advance(Duration::from_secs(5));
+    let alice = h.login(1);
+    h.advance(Duration::from_secs(6));
+    h.expect_error(lurker, ErrorCode::LoginTimeout);
+    assert!(h.relay.is_finished(lurker));
+    assert_eq!(h.relay.state(alice), Some(State::Active(UserId(1))));
+    assert!(h.take_frames(alice).is_empty());
+}
+
+#[test]
+fn silence_gets_a_ping_then_an_idle_timeout_and_traffic_resets_both() {
+    let mut h = Harness::new(Config::default());
+    let alice = h.login(1);
+    h.advance(Duration::from_secs(29));
+    assert!(h.take_frames(alice).is_empty());
+    h.advance(Duration::from_secs(2));
+    let ping = h.take_frames(alice);
+    assert_eq!(ping.len(), 1);
+    assert_eq!(ping[0].opcode, Opcode::Ping);
+    h.send_frame(alice, Frame::pong(ping[0].msg_id, Bytes::new()));
+    h.advance(Duration::from_secs(60));
+    assert_eq!(
+        h.take_frames(alice)[0].opcode,
+        Opcode::Ping,
+        "a new silence, a new PING"
+    );
+    assert_eq!(h.relay.state(alice), Some(State::Active(UserId(1))));
+    h.advance(Duration::from_secs(60));
+    h.expect_error(alice, ErrorCode::IdleTimeout);
+    assert!(h.relay.is_finished(alice));
+}
+
+#[test]
+fn closing_connections_linger_at_most_the_linger_time() {
+    let mut h = Harness::new(Config::default());
+    let alice = h.login(1);
+    h.send_frame(alice, Frame::bye(MessageId(1)));
+    h.relay.handle_write_blocked(alice);
+    h.flushed();
+    assert!(!h.relay.is_finished(alice), "BYE reply still queued");
+    h.advance(CLOSE_LINGER);
+    assert_eq!(h.flushed(), vec![alice]);
+    assert!(h.relay.is_finished(alice));
+}
+
+#[test]
+fn shutdown_tells_everyone_and_refuses_newcomers() {
+    let mut h = Harness::new(Config::default());
+    let a = h.login(1);
+    let b = h.open();
+    h.relay.begin_shutdown(h.now);
+    for id in [a, b] {
+        h.expect_error(id, ErrorCode::ShuttingDown);
+        assert!(h.relay.is_finished(id));
+    }
+    assert_eq!(
+        h.relay.handle_open(h.now).unwrap_err().code,
+        ErrorCode::ShuttingDown
+    );
+}
+
+#[test]
+fn closed_connections_leave_nothing_behind() {
+    let mut h = Harness::new(Config::default());
+    for round in 0..3000u64 {
+        let id = h.login(round % 7 + 1);
+        h.send_frame(id, send(1, 1, b"x"));
+        h.relay.handle_closed(id);
+    }
+    assert_eq!(h.relay.session_count(), 0);
+    assert_eq!(h.relay.user_count(), 0);
+    assert!(
+        h.relay.timers.len() <= 1024 + 1,
+        "stale deadlines are compacted"
+    );
+}
+
+#[test]
+fn each_connection_is_flushed_once_per_round() {
+    let mut h = Harness::new(Config::default());
+    let alice = h.login(1);
+    let bob = h.login(2);
+    h.flushed();
+    for i in 0..5 {
+        h.send_frame(alice, send(i, 2, b"x"));
+    }
+    let mut named = h.flushed();
+    named.sort();
+    assert_eq!(named, vec![alice, bob]);
+    h.relay.handle_write_blocked(bob);
+    h.send_frame(alice, send(9, 2, b"x").with_flags(Flags::NO_ACK));
+    assert!(
+        h.flushed().is_empty(),
+        "a blocked socket waits for writable"
+    );
+    h.relay.handle_writable(bob);
+    assert_eq!(h.flushed(), vec![bob]);
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::Parser;
 use log::{error, info};
 
-use imrelay::proto::DEFAULT_MAX_FRAME;
+use imrelay::proto::{UserId, DEFAULT_MAX_FRAME};
 use imrelay::relay::Config;
 use imrelay::server::{raise_fd_limit, Server, RESERVED_FDS};
 
@@ -42,6 +42,21 @@ struct Args {
     /// Seconds of client silence before the relay closes the connection.
     #[arg(long, default_value_t = 90.0)]
     idle_timeout: f64,
+    /// Most rooms one connection may be in.
+    #[arg(long, default_value_t = 64)]
+    max_rooms: usize,
+    /// Most connections one room may hold.
+    #[arg(long, default_value_t = 100_000)]
+    max_room_members: usize,
+    /// ROOM_SEND/BROADCAST frames per second per connection (0 = unlimited).
+    #[arg(long, default_value_t = 50)]
+    room_rate: u32,
+    /// ROOM_SEND/BROADCAST burst allowed before the rate applies.
+    #[arg(long, default_value_t = 100)]
+    room_burst: u32,
+    /// A user id allowed to BROADCAST to everyone (repeat for several).
+    #[arg(long)]
+    admin: Vec<u64>,
 }
 
 fn main() -> ExitCode {
@@ -82,6 +97,11 @@ fn main() -> ExitCode {
         login_timeout,
         ping_interval,
         idle_timeout,
+        max_rooms_per_connection: args.max_rooms,
+        max_members_per_room: args.max_room_members,
+        room_send_rate: args.room_rate,
+        room_send_burst: args.room_burst,
+        admins: args.admin.into_iter().map(UserId).collect(),
     };
     if let Err(e) = config.validate() {
         error!("invalid limits: {e}");

@@ -25,7 +25,8 @@ pub enum ErrorCode {
     /// to any of its connections; the sender may retry later. Stays open.
     RecipientSlow = 7,
     /// A relay limit was hit: connections (closes), devices per user (LOGIN refused, stays
-    /// open). The reason names the limit.
+    /// open), rooms per connection or members per room (JOIN refused, stays open). The
+    /// reason names the limit.
     LimitReached = 8,
     /// The relay is shutting down; pending output is flushed, then it closes.
     ShuttingDown = 9,
@@ -39,6 +40,12 @@ pub enum ErrorCode {
     InvalidField = 12,
     /// The version byte is not 1. Closes.
     UnsupportedVersion = 13,
+    /// ROOM_SEND to a room this connection has not joined. Stays open.
+    NotInRoom = 14,
+    /// BROADCAST from a user that is not in the relay's admin list. Stays open.
+    Forbidden = 15,
+    /// ROOM_SEND above the per-connection rate; the frame is dropped. Stays open.
+    RateLimited = 16,
 }
 
 impl ErrorCode {
@@ -59,6 +66,9 @@ impl ErrorCode {
             11 => IdleTimeout,
             12 => InvalidField,
             13 => UnsupportedVersion,
+            14 => NotInRoom,
+            15 => Forbidden,
+            16 => RateLimited,
             _ => return None,
         })
     }
@@ -80,11 +90,14 @@ impl ErrorCode {
             IdleTimeout => "IDLE_TIMEOUT",
             InvalidField => "INVALID_FIELD",
             UnsupportedVersion => "UNSUPPORTED_VERSION",
+            NotInRoom => "NOT_IN_ROOM",
+            Forbidden => "FORBIDDEN",
+            RateLimited => "RATE_LIMITED",
         }
     }
 
     /// Every code, in numeric order (used by metrics and tests).
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownOpcode,
         ErrorCode::FrameTooLarge,
@@ -98,6 +111,9 @@ impl ErrorCode {
         ErrorCode::IdleTimeout,
         ErrorCode::InvalidField,
         ErrorCode::UnsupportedVersion,
+        ErrorCode::NotInRoom,
+        ErrorCode::Forbidden,
+        ErrorCode::RateLimited,
     ];
 }
 

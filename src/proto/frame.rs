@@ -18,7 +18,7 @@ use byteorder::{BigEndian, ByteOrder};
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::error::ErrorCode;
-use super::ids::{MessageId, UserId};
+use super::ids::{MessageId, RoomId, UserId};
 use super::opcode::{Flags, Opcode};
 use super::MAX_REASON_LEN;
 
@@ -184,6 +184,39 @@ impl LoginOk {
     }
 }
 
+/// ROOM_STATE's 5-byte payload: a room's online count and the asker's membership.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoomState {
+    /// Connections currently in the room.
+    pub members: u32,
+    /// Whether the connection that asked is one of them.
+    pub is_member: bool,
+}
+
+impl RoomState {
+    /// Payload size of ROOM_STATE.
+    pub const LEN: usize = 5;
+
+    /// Encodes the payload.
+    pub fn to_bytes(self) -> [u8; 5] {
+        let mut out = [0u8; 5];
+        BigEndian::write_u32(&mut out[0..], self.members);
+        out[4] = u8::from(self.is_member);
+        out
+    }
+
+    /// Decodes the payload; `None` if it is not exactly 5 bytes or the flag is not 0 or 1.
+    pub fn parse(payload: &[u8]) -> Option<RoomState> {
+        if payload.len() != Self::LEN || payload[4] > 1 {
+            return None;
+        }
+        Some(RoomState {
+            members: BigEndian::read_u32(payload),
+            is_member: payload[4] == 1,
+        })
+    }
+}
+
 /// An owned, fully parsed frame: what clients, tests and tools work with. (The relay's hot
 /// path forwards [`super::RawFrame`]s instead, without building one of these.)
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -243,6 +276,52 @@ impl Frame {
     /// BYE.
     pub fn bye(msg_id: MessageId) -> Frame {
         Frame::new(Opcode::Bye, msg_id, UserId::NONE, Bytes::new())
+    }
+
+    /// JOIN a room.
+    pub fn join(msg_id: MessageId, room: RoomId) -> Frame {
+        Frame::new(Opcode::Join, msg_id, UserId(room.0), Bytes::new())
+    }
+
+    /// LEAVE a room.
+    pub fn leave(msg_id: MessageId, room: RoomId) -> Frame {
+        Frame::new(Opcode::Leave, msg_id, UserId(room.0), Bytes::new())
+    }
+
+    /// ROOM_SEND `payload` to every member of `room`.
+    pub fn room_send(msg_id: MessageId, room: RoomId, payload: Bytes) -> Frame {
+        Frame::new(Opcode::RoomSend, msg_id, UserId(room.0), payload)
+    }
+
+    /// ROOM_INFO: ask for a room's online count.
+    pub fn room_info(msg_id: MessageId, room: RoomId) -> Frame {
+        Frame::new(Opcode::RoomInfo, msg_id, UserId(room.0), Bytes::new())
+    }
+
+    /// BROADCAST `payload` to every logged-in connection (admins only).
+    pub fn broadcast(msg_id: MessageId, payload: Bytes) -> Frame {
+        Frame::new(Opcode::Broadcast, msg_id, UserId::NONE, payload)
+    }
+
+    /// The target field read as a room id (room opcodes carry the room there).
+    pub fn room(&self) -> RoomId {
+        RoomId(self.target.0)
+    }
+
+    /// For a ROOM_STATE frame: the online count and membership.
+    pub fn room_state(&self) -> Option<RoomState> {
+        if self.opcode != Opcode::RoomState {
+            return None;
+        }
+        RoomState::parse(&self.payload)
+    }
+
+    /// For a ROOM_MISSED frame: how many room messages were dropped for this connection.
+    pub fn room_missed(&self) -> Option<u64> {
+        if self.opcode != Opcode::RoomMissed || self.payload.len() != 8 {
+            return None;
+        }
+        Some(BigEndian::read_u64(&self.payload))
     }
 
     /// Returns the frame with `flags` set.

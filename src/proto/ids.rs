@@ -31,3 +31,18 @@ impl fmt::Display for MessageId {
         write!(f, "msg {}", self.0)
     }
 }
+
+/// A room's id. `0` is reserved: in ROOM_DELIVER it marks a system broadcast.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomId(pub u64);
+
+impl RoomId {
+    /// The reserved id of the whole relay (system broadcasts).
+    pub const ALL: RoomId = RoomId(0);
+}
+
+impl fmt::Display for RoomId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "room {}", self.0)
+    }
+}

@@ -19,8 +19,8 @@ pub mod opcode;
 
 pub use decode::{decode_raw, RawFrame};
 pub use error::{DecodeError, ErrorCode};
-pub use frame::{Frame, Header, LoginOk, HEADER_LEN, VERSION};
-pub use ids::{MessageId, UserId};
+pub use frame::{Frame, Header, LoginOk, RoomState, HEADER_LEN, VERSION};
+pub use ids::{MessageId, RoomId, UserId};
 pub use opcode::{Flags, Opcode};
 
 /// Largest frame (header included) the relay accepts by default: 64 KiB.

@@ -23,6 +23,23 @@ pub enum Opcode {
     Pong = 0x08,
     /// Either direction: end the session; the relay answers BYE and closes.
     Bye = 0x09,
+    /// Client → relay: join the room in the target field; answered with ROOM_STATE.
+    Join = 0x10,
+    /// Client → relay: leave the room in the target field; answered with ROOM_STATE.
+    Leave = 0x11,
+    /// Client → relay: deliver the payload to every member of the room in the target field.
+    RoomSend = 0x12,
+    /// Relay → client: a room message (target = room id, 0 for a system broadcast; source =
+    /// the sender).
+    RoomDeliver = 0x13,
+    /// Client → relay: ask for a room's online count; answered with ROOM_STATE.
+    RoomInfo = 0x14,
+    /// Relay → client: a room's online count and whether this connection is a member.
+    RoomState = 0x15,
+    /// Client → relay, admins only: deliver the payload to every logged-in connection.
+    Broadcast = 0x16,
+    /// Relay → client: how many room messages this connection missed while it was slow.
+    RoomMissed = 0x17,
 }
 
 impl Opcode {
@@ -38,6 +55,14 @@ impl Opcode {
             0x07 => Opcode::Ping,
             0x08 => Opcode::Pong,
             0x09 => Opcode::Bye,
+            0x10 => Opcode::Join,
+            0x11 => Opcode::Leave,
+            0x12 => Opcode::RoomSend,
+            0x13 => Opcode::RoomDeliver,
+            0x14 => Opcode::RoomInfo,
+            0x15 => Opcode::RoomState,
+            0x16 => Opcode::Broadcast,
+            0x17 => Opcode::RoomMissed,
             _ => return None,
         })
     }
@@ -54,6 +79,14 @@ impl Opcode {
             Opcode::Ping => "PING",
             Opcode::Pong => "PONG",
             Opcode::Bye => "BYE",
+            Opcode::Join => "JOIN",
+            Opcode::Leave => "LEAVE",
+            Opcode::RoomSend => "ROOM_SEND",
+            Opcode::RoomDeliver => "ROOM_DELIVER",
+            Opcode::RoomInfo => "ROOM_INFO",
+            Opcode::RoomState => "ROOM_STATE",
+            Opcode::Broadcast => "BROADCAST",
+            Opcode::RoomMissed => "ROOM_MISSED",
         }
     }
 }
@@ -65,7 +98,7 @@ pub struct Flags(pub u16);
 impl Flags {
     /// No flag set.
     pub const EMPTY: Flags = Flags(0);
-    /// On SEND: do not answer with ACK when the message is queued (errors are still sent).
+    /// On SEND, ROOM_SEND and BROADCAST: do not answer with ACK when the message is queued (errors are still sent).
     pub const NO_ACK: Flags = Flags(0x0001);
     /// Every bit v1 defines; the others are reserved.
     pub const KNOWN: Flags = Flags(0x0001);
@@ -79,4 +112,27 @@ impl Flags {
     pub fn reserved_bits(self) -> u16 {
         self.0 & !Flags::KNOWN.0
     }
+}
+
+impl Opcode {
+    /// Every opcode, in numeric order (used by tests and docs checks).
+    pub const ALL: [Opcode; 17] = [
+        Opcode::Login,
+        Opcode::LoginOk,
+        Opcode::Send,
+        Opcode::Deliver,
+        Opcode::Ack,
+        Opcode::Error,
+        Opcode::Ping,
+        Opcode::Pong,
+        Opcode::Bye,
+        Opcode::Join,
+        Opcode::Leave,
+        Opcode::RoomSend,
+        Opcode::RoomDeliver,
+        Opcode::RoomInfo,
+        Opcode::RoomState,
+        Opcode::Broadcast,
+        Opcode::RoomMissed,
+    ];
 }

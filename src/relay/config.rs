@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::proto::{DEFAULT_MAX_FRAME, HEADER_LEN, MAX_FRAME_CEILING};
+use crate::proto::{UserId, DEFAULT_MAX_FRAME, HEADER_LEN, MAX_FRAME_CEILING};
 
 /// Every limit the relay core enforces. The driver adds none of its own except the read
 /// budget per event, which bounds latency, not memory.
@@ -25,6 +25,24 @@ pub struct Config {
     pub ping_interval: Duration,
     /// Silence after which the relay closes the connection (default 90 s).
     pub idle_timeout: Duration,
+    /// Most rooms one connection may be in (default 64).
+    pub max_rooms_per_connection: usize,
+    /// Most connections one room may hold (default 100,000).
+    pub max_members_per_room: usize,
+    /// ROOM_SEND and BROADCAST frames per second per connection; 0 = unlimited (default 50).
+    pub room_send_rate: u32,
+    /// How many ROOM_SEND frames may come at once before the rate applies (default 100).
+    pub room_send_burst: u32,
+    /// Users allowed to BROADCAST to every connection.
+    pub admins: Vec<UserId>,
+}
+
+impl Config {
+    /// Room traffic is dropped for a member whose output queue would pass this many bytes:
+    /// half the output cap, so room floods always leave room for direct messages.
+    pub fn room_cap(&self) -> usize {
+        self.out_cap / 2
+    }
 }
 
 impl Default for Config {
@@ -37,6 +55,11 @@ impl Default for Config {
             login_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
+            max_rooms_per_connection: 64,
+            max_members_per_room: 100_000,
+            room_send_rate: 50,
+            room_send_burst: 100,
+            admins: Vec::new(),
         }
     }
 }
@@ -46,7 +69,7 @@ impl Default for Config {
 pub enum ConfigError {
     /// max_frame outside 33 ..= 1 MiB.
     MaxFrame(u32),
-    /// out_cap below max_frame: a single frame could never be queued.
+    /// out_cap below twice max_frame: a single room frame could never be queued.
     OutCapBelowMaxFrame,
     /// ping_interval not below idle_timeout: the relay would close before it pings.
     PingNotBeforeIdle,
@@ -62,7 +85,9 @@ impl fmt::Display for ConfigError {
                 "max frame {v} is outside {}..={MAX_FRAME_CEILING}",
                 HEADER_LEN + 1
             ),
-            ConfigError::OutCapBelowMaxFrame => write!(f, "output cap is below the max frame"),
+            ConfigError::OutCapBelowMaxFrame => {
+                write!(f, "output cap is below twice the max frame")
+            }
             ConfigError::PingNotBeforeIdle => {
                 write!(f, "ping interval must be shorter than the idle timeout")
             }
@@ -79,7 +104,7 @@ impl Config {
         if self.max_frame as usize <= HEADER_LEN || self.max_frame > MAX_FRAME_CEILING {
             return Err(ConfigError::MaxFrame(self.max_frame));
         }
-        if self.out_cap < self.max_frame as usize {
+        if self.room_cap() < self.max_frame as usize {
             return Err(ConfigError::OutCapBelowMaxFrame);
         }
         if self.ping_interval >= self.idle_timeout {
@@ -90,6 +115,12 @@ impl Config {
         }
         if self.max_devices_per_user == 0 {
             return Err(ConfigError::Zero("max devices per user"));
+        }
+        if self.max_rooms_per_connection == 0 {
+            return Err(ConfigError::Zero("max rooms per connection"));
+        }
+        if self.max_members_per_room == 0 {
+            return Err(ConfigError::Zero("max members per room"));
         }
         Ok(())
     }

@@ -11,7 +11,9 @@ use log::{debug, info};
 use super::session::{Session, State};
 use super::{millis_u32, push_output, Relay, CLOSE_LINGER, SCRATCH_CHUNK};
 use crate::proto::frame::{write_ack, write_error, write_frame};
-use crate::proto::{ErrorCode, Flags, LoginOk, MessageId, Opcode, RawFrame, UserId, HEADER_LEN};
+use crate::proto::{
+    ErrorCode, Flags, Header, LoginOk, MessageId, Opcode, RawFrame, UserId, HEADER_LEN,
+};
 use crate::ConnId;
 
 impl Relay {
@@ -27,13 +29,26 @@ impl Relay {
                 self.queue(id, pong);
             }
             Some(Opcode::Pong) => {}
+            Some(Opcode::Join) => self.on_join(id, &header),
+            Some(Opcode::Leave) => self.on_leave(id, &header),
+            Some(Opcode::RoomInfo) => self.on_room_info(id, &header),
+            Some(Opcode::RoomSend) => self.on_room_send(id, frame, now),
+            Some(Opcode::Broadcast) => self.on_broadcast(id, frame, now),
             Some(Opcode::Bye) => {
                 let bye = frame.rewrite(Opcode::Bye, UserId::NONE, UserId::NONE);
                 self.queue(id, bye);
                 debug!("{id}: BYE");
                 self.begin_close(id, now);
             }
-            Some(op @ (Opcode::LoginOk | Opcode::Deliver | Opcode::Ack | Opcode::Error)) => {
+            Some(
+                op @ (Opcode::LoginOk
+                | Opcode::Deliver
+                | Opcode::Ack
+                | Opcode::Error
+                | Opcode::RoomDeliver
+                | Opcode::RoomState
+                | Opcode::RoomMissed),
+            ) => {
                 let reason = format!("opcode {} is sent only by the relay", op.name());
                 self.reply_error(
                     id,
@@ -116,32 +131,9 @@ impl Relay {
 
     pub(super) fn on_send(&mut self, id: ConnId, frame: RawFrame) {
         let h = *frame.header();
-        let Some(sender) = self.sessions.get(id.0).and_then(Session::user) else {
-            self.reply_error(
-                id,
-                h.msg_id,
-                h.target,
-                ErrorCode::NotLoggedIn,
-                "log in before SEND",
-            );
+        let Some(sender) = self.check_request(id, &h, Flags::NO_ACK, "SEND") else {
             return;
         };
-        let invalid = if !h.source.is_none() {
-            Some("source must be 0: the relay sets it".to_string())
-        } else if h.flags.reserved_bits() != 0 {
-            Some(format!(
-                "reserved flag bits 0x{:04x} are set",
-                h.flags.reserved_bits()
-            ))
-        } else if h.target.is_none() {
-            Some("target user id 0 is reserved".to_string())
-        } else {
-            None
-        };
-        if let Some(reason) = invalid {
-            self.reply_error(id, h.msg_id, h.target, ErrorCode::InvalidField, &reason);
-            return;
-        }
         let devices = self.directory.devices(h.target);
         if devices.is_empty() {
             let reason = format!("{} is not connected", h.target);
@@ -175,6 +167,44 @@ impl Relay {
     }
 
     // ---- helpers -----------------------------------------------------------------------
+
+    /// The checks every request from a client shares: logged in, source 0, no flag outside
+    /// `allowed`, a non-zero target. Answers the frame with an ERROR and returns `None` when
+    /// one fails; returns the sender's user id otherwise.
+    pub(super) fn check_request(
+        &mut self,
+        id: ConnId,
+        h: &Header,
+        allowed: Flags,
+        what: &str,
+    ) -> Option<UserId> {
+        let user = self.sessions.get(id.0).and_then(Session::user);
+        let (code, reason) = if user.is_none() {
+            (ErrorCode::NotLoggedIn, format!("log in before {what}"))
+        } else if !h.source.is_none() {
+            (
+                ErrorCode::InvalidField,
+                "source must be 0: the relay sets it".to_string(),
+            )
+        } else if h.flags.0 & !allowed.0 != 0 {
+            (
+                ErrorCode::InvalidField,
+                format!(
+                    "flag bits 0x{:04x} are not allowed on {what}",
+                    h.flags.0 & !allowed.0
+                ),
+            )
+        } else if h.target.is_none() {
+            (
+                ErrorCode::InvalidField,
+                format!("target id 0 is reserved ({what})"),
+            )
+        } else {
+            return user;
+        };
+        self.reply_error(id, h.msg_id, h.target, code, &reason);
+        None
+    }
 
     /// Queues an ERROR that answers one frame; the connection stays open.
     pub(super) fn reply_error(
@@ -220,6 +250,9 @@ impl Relay {
         };
         if let State::Active(user) = s.state {
             self.directory.remove(user, id);
+        }
+        for room in std::mem::take(&mut s.rooms) {
+            self.rooms.leave(room, id);
         }
         s.state = State::Closing;
         s.partial = BytesMut::new();

@@ -25,6 +25,12 @@ pub struct Metrics {
     pub bytes_lost_on_reset: u64,
     /// ERROR frames sent, by code (index = code - 1).
     pub errors_sent: [u64; ErrorCode::ALL.len()],
+    /// ROOM_SEND and BROADCAST frames fanned out.
+    pub room_messages: u64,
+    /// ROOM_DELIVER frames queued (one per member connection).
+    pub room_deliveries_queued: u64,
+    /// ROOM_DELIVER frames dropped because the member's queue was past the room cap.
+    pub room_deliveries_dropped: u64,
     /// Times a connection's reads were paused because its own output queue was full.
     pub read_pauses: u64,
 }

@@ -22,6 +22,9 @@ mod directory;
 mod handlers;
 mod metrics;
 mod out_queue;
+mod rate;
+mod room_handlers;
+mod rooms;
 mod session;
 mod timers;
 
@@ -37,9 +40,10 @@ use log::{debug, info};
 use slab::Slab;
 
 use crate::proto::frame::{write_error, write_frame};
-use crate::proto::{decode_raw, ErrorCode, Flags, MessageId, Opcode, UserId};
+use crate::proto::{decode_raw, ErrorCode, Flags, MessageId, Opcode, RoomId, UserId};
 use crate::ConnId;
 use directory::Directory;
+use rooms::Rooms;
 use session::Session;
 use timers::Timers;
 
@@ -66,6 +70,7 @@ pub struct Relay {
     config: Config,
     sessions: Slab<Session>,
     directory: Directory,
+    rooms: Rooms,
     timers: Timers,
     flush_list: Vec<ConnId>,
     resume_list: Vec<ConnId>,
@@ -84,6 +89,7 @@ impl Relay {
             config,
             sessions: Slab::new(),
             directory: Directory::default(),
+            rooms: Rooms::default(),
             timers: Timers::default(),
             flush_list: Vec::new(),
             resume_list: Vec::new(),
@@ -118,6 +124,21 @@ impl Relay {
     /// The state of a connection, if it exists.
     pub fn state(&self, id: ConnId) -> Option<State> {
         self.sessions.get(id.0).map(|s| s.state)
+    }
+
+    /// Rooms with at least one member.
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// Number of connections in `room`.
+    pub fn room_members(&self, room: RoomId) -> usize {
+        self.rooms.count(room)
+    }
+
+    /// Room messages dropped for slow members of `room` so far.
+    pub fn room_dropped(&self, room: RoomId) -> u64 {
+        self.rooms.dropped(room)
     }
 
     /// The connections `user` is logged in on.
@@ -284,6 +305,9 @@ impl Relay {
         if let Some(user) = s.user() {
             self.directory.remove(user, id);
         }
+        for room in s.rooms.drain(..) {
+            self.rooms.leave(room, id);
+        }
         let lost = s.out.clear();
         if lost > 0 {
             self.metrics.bytes_lost_on_reset += lost as u64;
@@ -348,6 +372,9 @@ impl Relay {
         if s.read_paused && s.out.len_bytes() <= self.config.out_cap / 2 {
             s.read_paused = false;
             self.resume_list.push(id);
+        }
+        if s.out.is_empty() && !s.missed.is_empty() {
+            self.report_missed(id);
         }
     }
 

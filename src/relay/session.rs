@@ -5,7 +5,8 @@ use std::time::Instant;
 use bytes::BytesMut;
 
 use super::out_queue::OutQueue;
-use crate::proto::UserId;
+use super::rate::TokenBucket;
+use crate::proto::{RoomId, UserId};
 
 /// Where a connection is in its life (protocol.md, "Connection states").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +44,13 @@ pub struct Session {
     pub read_paused: bool,
     /// Closing took longer than the linger time: close even with output pending.
     pub linger_over: bool,
+    /// Rooms this connection is in (bounded by the rooms-per-connection limit).
+    pub rooms: Vec<RoomId>,
+    /// Room messages dropped for this connection while it was slow, per room (room 0 =
+    /// broadcasts); reported with ROOM_MISSED once its output drains.
+    pub missed: Vec<(RoomId, u64)>,
+    /// ROOM_SEND / BROADCAST rate limit.
+    pub room_rate: TokenBucket,
 }
 
 impl Session {
@@ -60,6 +68,9 @@ impl Session {
             write_blocked: false,
             read_paused: false,
             linger_over: false,
+            rooms: Vec::new(),
+            missed: Vec::new(),
+            room_rate: TokenBucket::default(),
         }
     }
 
@@ -68,6 +79,16 @@ impl Session {
         match self.state {
             State::Active(user) => Some(user),
             _ => None,
+        }
+    }
+}
+
+impl Session {
+    /// Counts one room message dropped for this connection.
+    pub fn count_missed(&mut self, room: RoomId) {
+        match self.missed.iter_mut().find(|(r, _)| *r == room) {
+            Some((_, n)) => *n += 1,
+            None => self.missed.push((room, 1)),
         }
     }
 }

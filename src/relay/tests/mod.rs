@@ -9,27 +9,27 @@ use crate::proto::decode::decode_frame;
 use crate::proto::Frame;
 
 /// A relay plus helpers that play the driver's part without sockets.
-struct Harness {
-    relay: Relay,
-    now: Instant,
+pub(super) struct Harness {
+    pub(super) relay: Relay,
+    pub(super) now: Instant,
 }
 
 impl Harness {
-    fn new(config: Config) -> Harness {
+    pub(super) fn new(config: Config) -> Harness {
         Harness {
             relay: Relay::new(config),
             now: Instant::now(),
         }
     }
 
-    fn open(&mut self) -> ConnId {
+    pub(super) fn open(&mut self) -> ConnId {
         self.relay
             .handle_open(self.now)
             .expect("connection accepted")
     }
 
     /// Feeds raw bytes as one read.
-    fn feed(&mut self, id: ConnId, bytes: &[u8]) {
+    pub(super) fn feed(&mut self, id: ConnId, bytes: &[u8]) {
         let mut buf = BytesMut::new();
         self.relay.take_partial(id, &mut buf);
         buf.extend_from_slice(bytes);
@@ -37,11 +37,11 @@ impl Harness {
         self.relay.stash_partial(id, &mut buf);
     }
 
-    fn send_frame(&mut self, id: ConnId, frame: Frame) {
+    pub(super) fn send_frame(&mut self, id: ConnId, frame: Frame) {
         self.feed(id, &frame.to_bytes());
     }
 
-    fn login(&mut self, user: u64) -> ConnId {
+    pub(super) fn login(&mut self, user: u64) -> ConnId {
         let id = self.open();
         self.send_frame(id, Frame::login(MessageId(1), UserId(user), b""));
         let reply = self.take_frames(id);
@@ -51,7 +51,7 @@ impl Harness {
     }
 
     /// Everything queued to `id`, as the socket would receive it, marking it written.
-    fn take_output(&mut self, id: ConnId) -> Vec<u8> {
+    pub(super) fn take_output(&mut self, id: ConnId) -> Vec<u8> {
         let mut bytes = Vec::new();
         if let Some(out) = self.relay.output(id) {
             let mut slices = [std::io::IoSlice::new(&[]); 1024];
@@ -64,7 +64,7 @@ impl Harness {
         bytes
     }
 
-    fn take_frames(&mut self, id: ConnId) -> Vec<Frame> {
+    pub(super) fn take_frames(&mut self, id: ConnId) -> Vec<Frame> {
         let mut buf = BytesMut::from(&self.take_output(id)[..]);
         let mut frames = Vec::new();
         while let Some(frame) = decode_frame(&mut buf, u32::MAX).expect("relay output decodes") {
@@ -74,20 +74,20 @@ impl Harness {
         frames
     }
 
-    fn expect_error(&mut self, id: ConnId, code: ErrorCode) -> Frame {
+    pub(super) fn expect_error(&mut self, id: ConnId, code: ErrorCode) -> Frame {
         let frames = self.take_frames(id);
         assert_eq!(frames.len(), 1, "expected one ERROR, got {frames:?}");
         assert_eq!(frames[0].error_code(), Some(code), "{frames:?}");
         frames[0].clone()
     }
 
-    fn advance(&mut self, d: Duration) {
+    pub(super) fn advance(&mut self, d: Duration) {
         self.now += d;
         self.relay.handle_timeout(self.now);
     }
 
     /// Drains the flush list and returns the connections it named.
-    fn flushed(&mut self) -> Vec<ConnId> {
+    pub(super) fn flushed(&mut self) -> Vec<ConnId> {
         let mut ids = Vec::new();
         while let Some(id) = self.relay.poll_transmit() {
             ids.push(id);
@@ -474,3 +474,5 @@ fn each_connection_is_flushed_once_per_round() {
     h.relay.handle_writable(bob);
     assert_eq!(h.flushed(), vec![bob]);
 }
+
+mod rooms;

@@ -1,0 +1,258 @@
+//! Live rooms: JOIN, LEAVE, ROOM_INFO, ROOM_SEND fan-out, admin BROADCAST, and the
+//! drop-and-count rule for slow members (protocol.md, "Rooms").
+//!
+//! Fan-out encodes the ROOM_DELIVER once (the ROOM_SEND rewritten in place) and pushes a
+//! clone of that one `Bytes` onto each member's queue: per member, a capacity check and a
+//! queue push. No per-member copy, no scan over connections that are not members (except
+//! BROADCAST, which is addressed to everyone by definition).
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use log::debug;
+use slab::Slab;
+
+use super::session::{Session, State};
+use super::{push_output, Relay};
+use crate::proto::frame::{write_ack, write_frame};
+use crate::proto::{
+    ErrorCode, Flags, Header, MessageId, Opcode, RawFrame, RoomId, RoomState, UserId,
+};
+use crate::ConnId;
+
+impl Relay {
+    pub(super) fn on_join(&mut self, id: ConnId, h: &Header) {
+        if self.check_request(id, h, Flags::EMPTY, "JOIN").is_none() {
+            return;
+        }
+        let room = RoomId(h.target.0);
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            return;
+        };
+        if !s.rooms.contains(&room) {
+            let limit = if s.rooms.len() >= self.config.max_rooms_per_connection {
+                Some(format!(
+                    "this connection is already in {} rooms (max rooms per connection)",
+                    s.rooms.len()
+                ))
+            } else if self.rooms.count(room) >= self.config.max_members_per_room {
+                Some(format!(
+                    "{room} is full ({} members)",
+                    self.config.max_members_per_room
+                ))
+            } else {
+                None
+            };
+            if let Some(reason) = limit {
+                self.reply_error(id, h.msg_id, h.target, ErrorCode::LimitReached, &reason);
+                return;
+            }
+            s.rooms.push(room);
+            self.rooms.join(room, id);
+            debug!("{id}: joined {room}");
+        }
+        self.reply_room_state(id, h.msg_id, room);
+    }
+
+    pub(super) fn on_leave(&mut self, id: ConnId, h: &Header) {
+        if self.check_request(id, h, Flags::EMPTY, "LEAVE").is_none() {
+            return;
+        }
+        let room = RoomId(h.target.0);
+        if let Some(s) = self.sessions.get_mut(id.0) {
+            if let Some(at) = s.rooms.iter().position(|r| *r == room) {
+                s.rooms.swap_remove(at);
+                self.rooms.leave(room, id);
+                debug!("{id}: left {room}");
+            }
+        }
+        self.reply_room_state(id, h.msg_id, room);
+    }
+
+    pub(super) fn on_room_info(&mut self, id: ConnId, h: &Header) {
+        if self
+            .check_request(id, h, Flags::EMPTY, "ROOM_INFO")
+            .is_none()
+        {
+            return;
+        }
+        self.reply_room_state(id, h.msg_id, RoomId(h.target.0));
+    }
+
+    pub(super) fn on_room_send(&mut self, id: ConnId, frame: RawFrame, now: Instant) {
+        let h = *frame.header();
+        let Some(sender) = self.check_request(id, &h, Flags::NO_ACK, "ROOM_SEND") else {
+            return;
+        };
+        let room = RoomId(h.target.0);
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            return;
+        };
+        if !s.rooms.contains(&room) {
+            let reason = format!("join {room} before sending to it");
+            self.reply_error(id, h.msg_id, h.target, ErrorCode::NotInRoom, &reason);
+            return;
+        }
+        if !self.take_room_token(id, &h, now) {
+            return;
+        }
+        let deliver = frame.rewrite(Opcode::RoomDeliver, h.target, sender);
+        let fanout = Fanout {
+            sessions: &mut self.sessions,
+            flush_list: &mut self.flush_list,
+            cap: self.config.room_cap(),
+            room,
+            frame: deliver,
+            sender: id,
+        };
+        let (queued, dropped) = fanout.deliver(self.rooms.members(room).iter().copied());
+        self.rooms.count_dropped(room, dropped);
+        self.finish_fanout(id, &h, queued, dropped);
+    }
+
+    pub(super) fn on_broadcast(&mut self, id: ConnId, frame: RawFrame, now: Instant) {
+        let h = *frame.header();
+        // BROADCAST has no target: check the common rules with a stand-in non-zero target.
+        let checked = Header {
+            target: UserId(u64::MAX),
+            ..h
+        };
+        let Some(sender) = self.check_request(id, &checked, Flags::NO_ACK, "BROADCAST") else {
+            return;
+        };
+        if !h.target.is_none() {
+            let reason = "BROADCAST takes target 0";
+            self.reply_error(id, h.msg_id, h.target, ErrorCode::InvalidField, reason);
+            return;
+        }
+        if !self.config.admins.contains(&sender) {
+            let reason = format!("{sender} is not an admin");
+            self.reply_error(id, h.msg_id, h.target, ErrorCode::Forbidden, &reason);
+            return;
+        }
+        if !self.take_room_token(id, &h, now) {
+            return;
+        }
+        let deliver = frame.rewrite(Opcode::RoomDeliver, UserId::NONE, sender);
+        let everyone: Vec<ConnId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| matches!(s.state, State::Active(_)))
+            .map(|(key, _)| ConnId(key))
+            .collect();
+        let fanout = Fanout {
+            sessions: &mut self.sessions,
+            flush_list: &mut self.flush_list,
+            cap: self.config.room_cap(),
+            room: RoomId::ALL,
+            frame: deliver,
+            sender: id,
+        };
+        let (queued, dropped) = fanout.deliver(everyone.into_iter());
+        self.finish_fanout(id, &h, queued, dropped);
+    }
+
+    /// Sends ROOM_MISSED for every room that dropped messages for `id`. Called when the
+    /// connection's output has drained.
+    pub(super) fn report_missed(&mut self, id: ConnId) {
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            return;
+        };
+        let missed = std::mem::take(&mut s.missed);
+        for (room, count) in missed {
+            debug!("{id}: missed {count} messages of {room}");
+            write_frame(
+                self.scratch(),
+                Opcode::RoomMissed,
+                Flags::EMPTY,
+                MessageId(0),
+                UserId(room.0),
+                UserId::NONE,
+                &count.to_be_bytes(),
+            );
+            self.queue_scratch(id);
+        }
+    }
+
+    fn take_room_token(&mut self, id: ConnId, h: &Header, now: Instant) -> bool {
+        let (rate, burst) = (self.config.room_send_rate, self.config.room_send_burst);
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            return false;
+        };
+        if s.room_rate.try_take(now, rate, burst) {
+            return true;
+        }
+        let reason = format!("over {rate} room messages per second");
+        self.reply_error(id, h.msg_id, h.target, ErrorCode::RateLimited, &reason);
+        false
+    }
+
+    fn finish_fanout(&mut self, id: ConnId, h: &Header, queued: u64, dropped: u64) {
+        self.metrics.room_messages += 1;
+        self.metrics.room_deliveries_queued += queued;
+        self.metrics.room_deliveries_dropped += dropped;
+        if !h.flags.contains(Flags::NO_ACK) {
+            let count = u32::try_from(queued).unwrap_or(u32::MAX);
+            write_ack(self.scratch(), h.msg_id, h.target, count);
+            self.queue_scratch(id);
+        }
+    }
+
+    fn reply_room_state(&mut self, id: ConnId, msg_id: MessageId, room: RoomId) {
+        let is_member = self
+            .sessions
+            .get(id.0)
+            .is_some_and(|s| s.rooms.contains(&room));
+        let state = RoomState {
+            members: u32::try_from(self.rooms.count(room)).unwrap_or(u32::MAX),
+            is_member,
+        };
+        write_frame(
+            self.scratch(),
+            Opcode::RoomState,
+            Flags::EMPTY,
+            msg_id,
+            UserId(room.0),
+            UserId::NONE,
+            &state.to_bytes(),
+        );
+        self.queue_scratch(id);
+    }
+}
+
+/// One room message on its way to many connections.
+struct Fanout<'a> {
+    sessions: &'a mut Slab<Session>,
+    flush_list: &'a mut Vec<ConnId>,
+    /// Room traffic is dropped for a member whose queue would pass this.
+    cap: usize,
+    room: RoomId,
+    frame: Bytes,
+    /// The sending connection, which gets an ACK instead of a copy.
+    sender: ConnId,
+}
+
+impl Fanout<'_> {
+    /// Queues the frame to each member but the sender; a member past the cap gets nothing
+    /// and the miss is counted. Returns (queued, dropped).
+    fn deliver(self, members: impl Iterator<Item = ConnId>) -> (u64, u64) {
+        let (mut queued, mut dropped) = (0, 0);
+        let len = self.frame.len();
+        for member in members {
+            if member == self.sender {
+                continue;
+            }
+            let Some(s) = self.sessions.get_mut(member.0) else {
+                continue;
+            };
+            if s.out.len_bytes() + len > self.cap {
+                s.count_missed(self.room);
+                dropped += 1;
+            } else {
+                push_output(s, self.flush_list, member, self.frame.clone());
+                queued += 1;
+            }
+        }
+        (queued, dropped)
+    }
+}

@@ -323,15 +323,26 @@ impl Server {
                 }
                 let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
                 let n = out.chunks(&mut slices);
-                conn.stream.write_vectored(&slices[..n])
+                let offered: usize = slices[..n].iter().map(|s| s.len()).sum();
+                conn.stream
+                    .write_vectored(&slices[..n])
+                    .map(|written| (written, offered))
             };
             match result {
-                Ok(0) => {
+                Ok((0, _)) => {
                     info!("{id}: socket accepted no bytes; closing");
                     self.close_conn(id);
                     return;
                 }
-                Ok(n) => self.relay.handle_written(id, n),
+                Ok((written, offered)) => {
+                    self.relay.handle_written(id, written);
+                    // A short write means the send buffer is full: wait for WRITABLE
+                    // instead of spending a syscall to hear WouldBlock.
+                    if written < offered {
+                        blocked = true;
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     blocked = true;
                     break;

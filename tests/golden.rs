@@ -1,0 +1,319 @@
+//! protocol.md's hex test vectors, checked byte for byte against the codec: each frame the
+//! spec describes must encode to exactly the bytes printed there and decode back to itself,
+//! and every opcode and error code must be in the spec's tables.
+
+use std::collections::BTreeMap;
+
+use bytes::{Bytes, BytesMut};
+use imrelay::proto::decode::decode_frame;
+use imrelay::proto::frame::{write_ack, write_error, write_frame};
+use imrelay::proto::{
+    decode_raw, DecodeError, ErrorCode, Flags, Frame, LoginOk, MessageId, Opcode, RoomId,
+    RoomState, UserId, DEFAULT_MAX_FRAME,
+};
+
+fn spec() -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/protocol.md");
+    std::fs::read_to_string(path).expect("protocol.md is at the top of the repository")
+}
+
+/// Every ```hex NAME block of protocol.md, decoded to bytes.
+fn vectors() -> BTreeMap<String, Vec<u8>> {
+    let text = spec();
+    let mut out = BTreeMap::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        let Some(name) = line.strip_prefix("```hex ") else {
+            continue;
+        };
+        let mut bytes = Vec::new();
+        for body in lines.by_ref() {
+            if body.starts_with("```") {
+                break;
+            }
+            for pair in body.split_whitespace() {
+                bytes.push(u8::from_str_radix(pair, 16).expect("two-digit hex"));
+            }
+        }
+        let previous = out.insert(name.trim().to_string(), bytes);
+        assert!(previous.is_none(), "vector {name} appears twice");
+    }
+    out
+}
+
+fn encode(write: impl FnOnce(&mut BytesMut)) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    write(&mut buf);
+    buf.to_vec()
+}
+
+/// The frames protocol.md describes in prose, built with the crate's own API.
+fn expected_frames() -> Vec<(&'static str, Vec<u8>)> {
+    let hi_bob = || Bytes::from_static(b"hi bob");
+    let limits = LoginOk {
+        max_frame: 65536,
+        ping_interval_ms: 30_000,
+        idle_timeout_ms: 90_000,
+        out_cap: 1_048_576,
+    };
+    let room = RoomId(42);
+    let none = UserId::NONE;
+    vec![
+        (
+            "LOGIN",
+            Frame::login(MessageId(1), UserId(1001), b"secret")
+                .to_bytes()
+                .to_vec(),
+        ),
+        (
+            "LOGIN_OK",
+            encode(|b| {
+                let p = limits.to_bytes();
+                write_frame(
+                    b,
+                    Opcode::LoginOk,
+                    Flags::EMPTY,
+                    MessageId(1),
+                    UserId(1001),
+                    none,
+                    &p,
+                )
+            }),
+        ),
+        (
+            "SEND",
+            Frame::send(MessageId(2), UserId(1002), hi_bob())
+                .to_bytes()
+                .to_vec(),
+        ),
+        (
+            "SEND_NO_ACK",
+            Frame::send(MessageId(3), UserId(1002), hi_bob())
+                .with_flags(Flags::NO_ACK)
+                .to_bytes()
+                .to_vec(),
+        ),
+        (
+            "DELIVER",
+            Frame::new(Opcode::Deliver, MessageId(2), UserId(1002), hi_bob())
+                .with_source(UserId(1001))
+                .to_bytes()
+                .to_vec(),
+        ),
+        (
+            "ACK",
+            encode(|b| write_ack(b, MessageId(2), UserId(1002), 1)),
+        ),
+        (
+            "ERROR",
+            encode(|b| {
+                write_error(
+                    b,
+                    MessageId(4),
+                    UserId(1003),
+                    ErrorCode::RecipientOffline,
+                    "user 1003 is not connected",
+                )
+            }),
+        ),
+        (
+            "PING",
+            Frame::ping(MessageId(5), Bytes::from_static(b"t=1"))
+                .to_bytes()
+                .to_vec(),
+        ),
+        (
+            "PONG",
+            Frame::pong(MessageId(5), Bytes::from_static(b"t=1"))
+                .to_bytes()
+                .to_vec(),
+        ),
+        ("BYE", Frame::bye(MessageId(6)).to_bytes().to_vec()),
+        ("JOIN", Frame::join(MessageId(7), room).to_bytes().to_vec()),
+        (
+            "LEAVE",
+            Frame::leave(MessageId(8), room).to_bytes().to_vec(),
+        ),
+        (
+            "ROOM_INFO",
+            Frame::room_info(MessageId(9), room).to_bytes().to_vec(),
+        ),
+        (
+            "ROOM_STATE",
+            encode(|b| {
+                let p = RoomState {
+                    members: 1000,
+                    is_member: true,
+                }
+                .to_bytes();
+                write_frame(
+                    b,
+                    Opcode::RoomState,
+                    Flags::EMPTY,
+                    MessageId(7),
+                    UserId(42),
+                    none,
+                    &p,
+                )
+            }),
+        ),
+        (
+            "ROOM_SEND",
+            Frame::room_send(MessageId(10), room, Bytes::from_static(b"666"))
+                .to_bytes()
+                .to_vec(),
+        ),
+        (
+            "ROOM_DELIVER",
+            Frame::new(
+                Opcode::RoomDeliver,
+                MessageId(10),
+                UserId(42),
+                Bytes::from_static(b"666"),
+            )
+            .with_source(UserId(1001))
+            .to_bytes()
+            .to_vec(),
+        ),
+        (
+            "BROADCAST",
+            Frame::broadcast(MessageId(11), Bytes::from_static(b"maintenance at 03:00"))
+                .to_bytes()
+                .to_vec(),
+        ),
+        (
+            "ROOM_MISSED",
+            encode(|b| {
+                let p = 17u64.to_be_bytes();
+                write_frame(
+                    b,
+                    Opcode::RoomMissed,
+                    Flags::EMPTY,
+                    MessageId(0),
+                    UserId(42),
+                    none,
+                    &p,
+                )
+            }),
+        ),
+    ]
+}
+
+/// The bad-input vectors and what the decoder must say about them.
+fn expected_errors() -> Vec<(&'static str, DecodeError)> {
+    vec![
+        ("BAD_LENGTH", DecodeError::LengthTooSmall { declared: 16 }),
+        (
+            "TOO_LARGE",
+            DecodeError::TooLarge {
+                declared: 0x0010_0001,
+                max: DEFAULT_MAX_FRAME,
+            },
+        ),
+        ("BAD_VERSION", DecodeError::BadVersion { version: 2 }),
+    ]
+}
+
+#[test]
+fn every_frame_vector_matches_the_encoder_and_decodes_back() {
+    let vectors = vectors();
+    for (name, encoded) in expected_frames() {
+        let spec_bytes = vectors
+            .get(name)
+            .unwrap_or_else(|| panic!("protocol.md has no ```hex {name} block"));
+        assert_eq!(
+            &encoded, spec_bytes,
+            "vector {name} differs from the encoder"
+        );
+
+        let mut buf = BytesMut::from(&spec_bytes[..]);
+        let frame = decode_frame(&mut buf, DEFAULT_MAX_FRAME)
+            .expect("decodes")
+            .expect("complete")
+            .expect("known opcode");
+        assert!(buf.is_empty(), "{name}: one frame exactly");
+        assert_eq!(frame.to_bytes().to_vec(), *spec_bytes, "{name} round trip");
+
+        // Any prefix is an incomplete frame, not an error.
+        for cut in 0..spec_bytes.len() {
+            let mut partial = BytesMut::from(&spec_bytes[..cut]);
+            assert!(
+                decode_raw(&mut partial, DEFAULT_MAX_FRAME)
+                    .unwrap()
+                    .is_none(),
+                "{name}: {cut}-byte prefix"
+            );
+        }
+    }
+}
+
+#[test]
+fn payload_accessors_read_the_vectors() {
+    let vectors = vectors();
+    let decode = |name: &str| {
+        let mut buf = BytesMut::from(&vectors[name][..]);
+        decode_frame(&mut buf, DEFAULT_MAX_FRAME)
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(
+        decode("LOGIN_OK").login_ok().unwrap().idle_timeout_ms,
+        90_000
+    );
+    assert_eq!(decode("ACK").ack_count(), Some(1));
+    let error = decode("ERROR");
+    assert_eq!(error.error_code(), Some(ErrorCode::RecipientOffline));
+    assert_eq!(error.error().unwrap().1, "user 1003 is not connected");
+    assert_eq!(decode("ROOM_STATE").room_state().unwrap().members, 1000);
+    assert_eq!(decode("ROOM_MISSED").room_missed(), Some(17));
+    assert_eq!(decode("DELIVER").source, UserId(1001));
+}
+
+#[test]
+fn bad_input_vectors_give_the_documented_decoder_errors() {
+    let vectors = vectors();
+    for (name, expected) in expected_errors() {
+        let mut buf = BytesMut::from(&vectors[name][..]);
+        assert_eq!(
+            decode_raw(&mut buf, DEFAULT_MAX_FRAME).unwrap_err(),
+            expected,
+            "{name}"
+        );
+    }
+    let mut buf = BytesMut::from(&vectors["UNKNOWN_OPCODE"][..]);
+    let decoded = decode_frame(&mut buf, DEFAULT_MAX_FRAME).unwrap().unwrap();
+    assert_eq!(
+        decoded,
+        Err(0x7f),
+        "skipped as an unknown opcode, not a framing error"
+    );
+    assert!(buf.is_empty());
+}
+
+#[test]
+fn protocol_md_has_no_vector_the_tests_do_not_check() {
+    let mut known: Vec<&str> = expected_frames().iter().map(|(n, _)| *n).collect();
+    known.extend(expected_errors().iter().map(|(n, _)| *n));
+    known.push("UNKNOWN_OPCODE");
+    for name in vectors().keys() {
+        assert!(known.contains(&name.as_str()), "unchecked vector {name}");
+    }
+}
+
+#[test]
+fn every_opcode_and_error_code_is_in_the_tables() {
+    let text = spec();
+    for op in Opcode::ALL {
+        let row = format!("| `0x{:02x}` | `{}`", op as u8, op.name());
+        assert!(text.contains(&row), "opcode table lacks {row}");
+    }
+    for code in ErrorCode::ALL {
+        let (number, name) = ((code as u16).to_string(), format!("`{}`", code.name()));
+        let found = text.lines().any(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            cells.len() > 3 && cells[1] == number && cells[2] == name
+        });
+        assert!(found, "error table lacks {number} {name}");
+    }
+}

@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use log::{debug, info};
 
 use super::session::{Session, State};
-use super::{millis_u32, push_output, Relay, CLOSE_LINGER, SCRATCH_CHUNK};
+use super::{arm, millis_u32, push_output, Relay, CLOSE_LINGER, SCRATCH_CHUNK};
 use crate::proto::frame::{write_ack, write_error, write_frame};
 use crate::proto::{
     ErrorCode, Flags, Header, LoginOk, MessageId, Opcode, RawFrame, UserId, HEADER_LEN,
@@ -23,7 +23,7 @@ impl Relay {
         let header = *frame.header();
         match frame.opcode() {
             Some(Opcode::Send) => self.on_send(id, frame),
-            Some(Opcode::Login) => self.on_login(id, &frame),
+            Some(Opcode::Login) => self.on_login(id, &frame, now),
             Some(Opcode::Ping) => {
                 let pong = frame.rewrite(Opcode::Pong, UserId::NONE, UserId::NONE);
                 self.queue(id, pong);
@@ -74,7 +74,7 @@ impl Relay {
         }
     }
 
-    pub(super) fn on_login(&mut self, id: ConnId, frame: &RawFrame) {
+    pub(super) fn on_login(&mut self, id: ConnId, frame: &RawFrame, now: Instant) {
         let h = *frame.header();
         let Some(s) = self.sessions.get_mut(id.0) else {
             return;
@@ -109,6 +109,8 @@ impl Relay {
             return;
         }
         s.state = State::Active(h.target);
+        // From now on the ping/idle clock runs (the login deadline goes stale).
+        arm(&mut self.timers, s, id, now + self.config.ping_interval);
         self.directory.insert(h.target, id);
         debug!("{id}: logged in as {}", h.target);
         let limits = LoginOk {
@@ -256,7 +258,7 @@ impl Relay {
         }
         s.state = State::Closing;
         s.partial = BytesMut::new();
-        self.timers.arm(now + CLOSE_LINGER, id, s.serial);
+        arm(&mut self.timers, s, id, now + CLOSE_LINGER);
         if !s.in_flush_list {
             s.in_flush_list = true;
             self.flush_list.push(id);

@@ -178,8 +178,15 @@ impl Relay {
         }
         self.next_serial += 1;
         let serial = self.next_serial;
-        let id = ConnId(self.sessions.insert(Session::new(serial, now)));
-        self.timers.arm(now + self.config.login_timeout, id, serial);
+        let mut session = Session::new(serial, now);
+        let id = ConnId(self.sessions.vacant_key());
+        arm(
+            &mut self.timers,
+            &mut session,
+            id,
+            now + self.config.login_timeout,
+        );
+        self.sessions.insert(session);
         self.metrics.connections_opened += 1;
         Ok(id)
     }
@@ -423,8 +430,8 @@ impl Relay {
             let Some(s) = self.sessions.get_mut(id.0) else {
                 continue;
             };
-            if s.serial != due.serial {
-                continue;
+            if s.serial != due.serial || s.deadline != due.at {
+                continue; // stale: the session was replaced or re-armed since
             }
             match s.state {
                 State::Closing => {
@@ -450,7 +457,7 @@ impl Relay {
                             now,
                         );
                     } else {
-                        self.timers.arm(deadline, id, s.serial);
+                        arm(&mut self.timers, s, id, deadline);
                     }
                 }
                 State::Active(_) => {
@@ -471,6 +478,7 @@ impl Relay {
                         );
                     } else if silence >= self.config.ping_interval || s.ping_sent {
                         let idle_at = s.last_rx + self.config.idle_timeout;
+                        arm(&mut self.timers, s, id, idle_at);
                         if !s.ping_sent {
                             s.ping_sent = true;
                             self.next_ping_id += 1;
@@ -486,10 +494,9 @@ impl Relay {
                             );
                             self.queue_scratch(id);
                         }
-                        self.timers.arm(idle_at, id, serial);
                     } else {
                         let ping_at = s.last_rx + self.config.ping_interval;
-                        self.timers.arm(ping_at, id, serial);
+                        arm(&mut self.timers, s, id, ping_at);
                     }
                 }
             }
@@ -503,6 +510,12 @@ pub(crate) fn push_output(s: &mut Session, flush_list: &mut Vec<ConnId>, id: Con
         s.in_flush_list = true;
         flush_list.push(id);
     }
+}
+
+/// Arms the session's one live deadline (replacing any earlier one, which goes stale).
+pub(crate) fn arm(timers: &mut Timers, s: &mut Session, id: ConnId, at: Instant) {
+    s.deadline = at;
+    timers.arm(at, id, s.serial);
 }
 
 pub(crate) fn millis_u32(d: Duration) -> u32 {

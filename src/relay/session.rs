@@ -32,6 +32,9 @@ pub struct Session {
     pub partial: BytesMut,
     /// When the connection was accepted.
     pub opened_at: Instant,
+    /// The one armed deadline that is live for this session; heap entries at other times
+    /// are stale and skipped.
+    pub deadline: Instant,
     /// When the last frame from the client was decoded.
     pub last_rx: Instant,
     /// A PING was sent for the current silence and not yet answered by anything.
@@ -62,6 +65,7 @@ impl Session {
             out: OutQueue::default(),
             partial: BytesMut::new(),
             opened_at: now,
+            deadline: now,
             last_rx: now,
             ping_sent: false,
             in_flush_list: false,

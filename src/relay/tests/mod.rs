@@ -409,6 +409,26 @@ fn silence_gets_a_ping_then_an_idle_timeout_and_traffic_resets_both() {
 }
 
 #[test]
+fn the_ping_clock_starts_at_login_not_at_the_login_deadline() {
+    let config = Config {
+        ping_interval: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(600),
+        ..Config::default()
+    };
+    let mut h = Harness::new(config);
+    let alice = h.login(1);
+    h.advance(Duration::from_millis(199));
+    assert!(h.take_frames(alice).is_empty());
+    h.advance(Duration::from_millis(1));
+    assert_eq!(h.take_frames(alice)[0].opcode, Opcode::Ping);
+    h.advance(Duration::from_millis(400));
+    h.expect_error(alice, ErrorCode::IdleTimeout);
+    // One live deadline per session: nothing else fires later.
+    h.advance(Duration::from_secs(20));
+    assert!(h.take_frames(alice).is_empty());
+}
+
+#[test]
 fn closing_connections_linger_at_most_the_linger_time() {
     let mut h = Harness::new(Config::default());
     let alice = h.login(1);

@@ -462,7 +462,6 @@ impl Relay {
                 }
                 State::Active(_) => {
                     let silence = now.saturating_duration_since(s.last_rx);
-                    let serial = s.serial;
                     if silence >= self.config.idle_timeout {
                         let reason = format!(
                             "nothing received for {} ms",

@@ -144,6 +144,15 @@ impl Client {
         self.try_recv().expect("the relay closed the connection")
     }
 
+    /// The next frame; on failure the panic message includes `context()`.
+    pub fn recv_or(&mut self, context: impl FnOnce() -> String) -> Frame {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.try_recv())) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => panic!("closed ({})", context()),
+            Err(_) => panic!("no frame ({})", context()),
+        }
+    }
+
     /// The next frame, or `None` at end of stream (or reset).
     pub fn try_recv(&mut self) -> Option<Frame> {
         loop {

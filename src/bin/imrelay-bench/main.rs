@@ -1,0 +1,481 @@
+//! imrelay-bench: a load generator for imrelay, and the loopback floor it is measured
+//! against.
+//!
+//! `cargo run --release --bin imrelay-bench -- pairs --spawn --relay-cpu 0 --bench-cpu 1 \
+//!   --pairs 100 --size 64 --window 64 --messages 200000 --compare-floor`
+//!
+//! Modes: `pairs`, `pingpong`, `fanout`, `floor`, `conns` (and `stored`, which waits for
+//! stored delivery). Against `--addr HOST:PORT` or a relay it starts itself (`--spawn`), in
+//! which case it also reports the relay's CPU time per million messages and its memory.
+//! Progress on stderr, a summary on stderr, one JSON line on stdout.
+
+mod engine;
+mod relay_proc;
+mod report;
+mod setup;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use imrelay::proto::Opcode;
+
+use engine::{Conn, Job, Stream};
+use relay_proc::SpawnedRelay;
+use report::Report;
+
+#[derive(Parser)]
+#[command(version, about = "Load generator for imrelay")]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// P pairs of users; each sends M messages of S bytes to its partner, W in flight.
+    Pairs(PairsArgs),
+    /// One pair, one message in flight: unloaded latency.
+    Pingpong(PingpongArgs),
+    /// R rooms of K members; one sender per room, W messages in flight to all members.
+    Fanout(FanoutArgs),
+    /// The pairs workload over plain loopback socket pairs, no relay: this machine's limit.
+    Floor(PairsArgs),
+    /// N idle logged-in connections: relay memory per connection, and latency among them.
+    Conns(ConnsArgs),
+    /// Stored delivery (not available yet: the relay has no stored mode).
+    Stored,
+}
+
+#[derive(Args, Clone)]
+struct Target {
+    /// A running relay.
+    #[arg(long, conflicts_with = "spawn")]
+    addr: Option<SocketAddr>,
+    /// Start a relay for the run (the `imrelay` next to this binary, or --relay-bin).
+    #[arg(long)]
+    spawn: bool,
+    /// The relay binary for --spawn.
+    #[arg(long)]
+    relay_bin: Option<PathBuf>,
+    /// Pin the spawned relay to this CPU.
+    #[arg(long)]
+    relay_cpu: Option<usize>,
+    /// Pin the generator thread(s) to this CPU.
+    #[arg(long)]
+    bench_cpu: Option<usize>,
+    /// Read CPU and memory of an already running relay with this pid.
+    #[arg(long)]
+    relay_pid: Option<u32>,
+    /// Generator threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Give up (and exit non-zero) after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+}
+
+#[derive(Args, Clone)]
+struct PairsArgs {
+    #[arg(long, default_value_t = 100)]
+    pairs: usize,
+    /// Payload bytes per message (at least 20: stream, sequence, timestamp).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Messages each user sends.
+    #[arg(long, default_value_t = 20_000)]
+    messages: u64,
+    /// Messages in flight per sender.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// Ask for ACKs (default: NO_ACK, like a pub/sub publish).
+    #[arg(long)]
+    acks: bool,
+    /// Also run the floor with the same parameters and print relay/floor.
+    #[arg(long)]
+    compare_floor: bool,
+    #[command(flatten)]
+    target: Target,
+}
+
+#[derive(Args, Clone)]
+struct PingpongArgs {
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    #[arg(long, default_value_t = 20_000)]
+    messages: u64,
+    #[command(flatten)]
+    target: Target,
+}
+
+#[derive(Args, Clone)]
+struct FanoutArgs {
+    #[arg(long, default_value_t = 1)]
+    rooms: usize,
+    #[arg(long, default_value_t = 1000)]
+    members: usize,
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Messages each room's sender sends.
+    #[arg(long, default_value_t = 2_000)]
+    messages: u64,
+    #[arg(long, default_value_t = 16)]
+    window: usize,
+    /// Also run the fan-out floor (the generator writes each message to K sockets itself).
+    #[arg(long)]
+    compare_floor: bool,
+    #[command(flatten)]
+    target: Target,
+}
+
+#[derive(Args, Clone)]
+struct ConnsArgs {
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
+    #[command(flatten)]
+    target: Target,
+}
+
+fn main() -> ExitCode {
+    env_logger::init();
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let cli = Cli::parse();
+    let result = match cli.mode {
+        Mode::Pairs(a) => pairs(a, false),
+        Mode::Floor(a) => pairs(a, true),
+        Mode::Pingpong(a) => pairs(
+            PairsArgs {
+                pairs: 1,
+                size: a.size,
+                messages: a.messages,
+                window: 1,
+                acks: false,
+                compare_floor: false,
+                target: a.target,
+            },
+            false,
+        ),
+        Mode::Fanout(a) => fanout(a),
+        Mode::Conns(a) => conns(a),
+        Mode::Stored => {
+            Err("stored mode needs stored delivery in the relay (not built yet)".into())
+        }
+    };
+    match result {
+        Ok(report) => {
+            report.print();
+            if report.clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("imrelay-bench: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Where the relay is, and the process to watch if we know it.
+struct Relay {
+    addr: SocketAddr,
+    pid: Option<u32>,
+    _spawned: Option<SpawnedRelay>,
+}
+
+fn relay(target: &Target, flags: &[&str]) -> Result<Relay, String> {
+    if target.spawn {
+        let bin = match &target.relay_bin {
+            Some(bin) => bin.clone(),
+            None => std::env::current_exe()
+                .map_err(|e| e.to_string())?
+                .with_file_name("imrelay"),
+        };
+        let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+        let spawned = SpawnedRelay::spawn(bin, &flags, target.relay_cpu)?;
+        Ok(Relay {
+            addr: spawned.addr,
+            pid: Some(spawned.pid()),
+            _spawned: Some(spawned),
+        })
+    } else {
+        let addr = target.addr.ok_or("give --addr HOST:PORT or --spawn")?;
+        Ok(Relay {
+            addr,
+            pid: target.relay_pid,
+            _spawned: None,
+        })
+    }
+}
+
+/// User ids unique to this run, so runs against a shared relay do not collide.
+fn user_base() -> u64 {
+    (std::process::id() as u64) << 32
+}
+
+fn pairs(a: PairsArgs, floor: bool) -> Result<Report, String> {
+    let mut report = if floor {
+        run_pairs(&a, None)?
+    } else {
+        let relay = relay(&a.target, &[])?;
+        run_pairs(&a, Some(&relay))?
+    };
+    if a.compare_floor && !floor {
+        let floor_report = run_pairs(&a, None)?;
+        report.compare(&floor_report);
+    }
+    Ok(report)
+}
+
+fn run_pairs(a: &PairsArgs, relay: Option<&Relay>) -> Result<Report, String> {
+    let threads = a.target.threads.clamp(1, a.pairs.max(1));
+    let mut jobs = Vec::new();
+    let base = user_base();
+    for t in 0..threads {
+        let pairs: Vec<usize> = (0..a.pairs).filter(|p| p % threads == t).collect();
+        let socks: Vec<(std::net::TcpStream, std::net::TcpStream)> = match relay {
+            Some(r) => {
+                let users: Vec<u64> = pairs
+                    .iter()
+                    .flat_map(|&p| [base + 2 * p as u64 + 1, base + 2 * p as u64 + 2])
+                    .collect();
+                let mut socks = setup::login_all(r.addr, &users)?.into_iter();
+                let mut out = Vec::new();
+                while let (Some(x), Some(y)) = (socks.next(), socks.next()) {
+                    out.push((x, y));
+                }
+                out
+            }
+            None => setup::socket_pairs(pairs.len())?,
+        };
+        let mut job = Job {
+            conns: Vec::new(),
+            streams: Vec::new(),
+            messages: a.messages,
+            window: a.window,
+            size: a.size,
+        };
+        for (i, (x, y)) in socks.into_iter().enumerate() {
+            let p = pairs[i] as u64;
+            let (ux, uy) = (base + 2 * p + 1, base + 2 * p + 2);
+            job.conns.push(Conn::new(x));
+            job.conns.push(Conn::new(y));
+            let (cx, cy) = (2 * i, 2 * i + 1);
+            let to_y = setup::header_for(Opcode::Send, uy, a.acks).to_bytes();
+            let to_x = setup::header_for(Opcode::Send, ux, a.acks).to_bytes();
+            job.streams.push(Stream::new(vec![cx], &to_y, 1, a.window));
+            job.streams.push(Stream::new(vec![cy], &to_x, 1, a.window));
+            job.send(cx, 2 * i);
+            job.receive(cy, 2 * i);
+            job.send(cy, 2 * i + 1);
+            job.receive(cx, 2 * i + 1);
+        }
+        jobs.push(job);
+    }
+    let mode = match (relay.is_some(), a.pairs, a.window) {
+        (false, _, _) => "floor",
+        (true, 1, 1) => "pingpong",
+        _ => "pairs",
+    };
+    let params = serde_json::json!({
+        "pairs": a.pairs, "size": a.size, "messages": a.messages, "window": a.window,
+        "acks": a.acks, "threads": threads,
+    });
+    execute(
+        mode,
+        params,
+        jobs,
+        &a.target,
+        relay.and_then(|r| r.pid),
+        a.size,
+    )
+}
+
+fn fanout(a: FanoutArgs) -> Result<Report, String> {
+    let relay = relay(&a.target, &["--room-rate", "0"])?;
+    let mut report = run_fanout(&a, Some(&relay))?;
+    if a.compare_floor {
+        let floor = run_fanout(&a, None)?;
+        report.compare(&floor);
+    }
+    Ok(report)
+}
+
+fn run_fanout(a: &FanoutArgs, relay: Option<&Relay>) -> Result<Report, String> {
+    let threads = a.target.threads.clamp(1, a.rooms.max(1));
+    let base = user_base();
+    let mut jobs = Vec::new();
+    for t in 0..threads {
+        let mut job = Job {
+            conns: Vec::new(),
+            streams: Vec::new(),
+            messages: a.messages,
+            window: a.window,
+            size: a.size,
+        };
+        for room in (0..a.rooms).filter(|r| r % threads == t) {
+            let room_id = base + room as u64 + 1;
+            let s = job.streams.len();
+            match relay {
+                Some(r) => {
+                    let first = base + (room * (a.members + 1)) as u64 + 1;
+                    let users: Vec<u64> = (0..=a.members as u64).map(|i| first + i).collect();
+                    let mut socks = setup::login_all(r.addr, &users)?;
+                    setup::join_all(&mut socks, room_id)?;
+                    let sender = job.conns.len();
+                    let header = setup::header_for(Opcode::RoomSend, room_id, false).to_bytes();
+                    job.streams
+                        .push(Stream::new(vec![sender], &header, a.members, a.window));
+                    for (i, sock) in socks.into_iter().enumerate() {
+                        job.conns.push(Conn::new(sock));
+                        if i == 0 {
+                            job.send(sender, s);
+                        } else {
+                            job.receive(sender + i, s);
+                        }
+                    }
+                }
+                None => {
+                    let header = setup::header_for(Opcode::RoomSend, room_id, false).to_bytes();
+                    let mut senders = Vec::new();
+                    for (out, inn) in setup::socket_pairs(a.members)? {
+                        senders.push(job.conns.len());
+                        job.conns.push(Conn::new(out));
+                        job.conns.push(Conn::new(inn));
+                    }
+                    for &c in &senders {
+                        job.send(c, s);
+                        job.receive(c + 1, s);
+                    }
+                    job.streams
+                        .push(Stream::new(senders, &header, a.members, a.window));
+                }
+            }
+        }
+        jobs.push(job);
+    }
+    let mode = if relay.is_some() {
+        "fanout"
+    } else {
+        "fanout-floor"
+    };
+    let params = serde_json::json!({
+        "rooms": a.rooms, "members": a.members, "size": a.size, "messages": a.messages,
+        "window": a.window, "threads": threads,
+    });
+    execute(
+        mode,
+        params,
+        jobs,
+        &a.target,
+        relay.and_then(|r| r.pid),
+        a.size,
+    )
+}
+
+fn conns(a: ConnsArgs) -> Result<Report, String> {
+    let relay = relay(&a.target, &[])?;
+    let pid = relay
+        .pid
+        .ok_or("conns needs --spawn or --relay-pid to read the relay's memory")?;
+    let (rss_before, _) = relay_proc::memory_kib(pid).ok_or("cannot read /proc")?;
+    let base = user_base();
+    let users: Vec<u64> = (0..a.count as u64).map(|i| base + i + 1).collect();
+    let idle = setup::login_all(relay.addr, &users)?;
+    // login_all has read every LOGIN_OK, so the relay has written (and freed) them all.
+    let (rss_after, hwm) = relay_proc::memory_kib(pid).ok_or("cannot read /proc")?;
+    let per_conn = (rss_after.saturating_sub(rss_before) * 1024) as f64 / a.count as f64;
+    eprintln!(
+        "{} idle connections: relay RSS {rss_before} KiB -> {rss_after} KiB = {per_conn:.0} bytes per connection",
+        a.count
+    );
+    let latency = pairs(
+        PairsArgs {
+            pairs: 1,
+            size: 64,
+            messages: 10_000,
+            window: 1,
+            acks: false,
+            compare_floor: false,
+            target: Target {
+                addr: Some(relay.addr),
+                spawn: false,
+                relay_pid: Some(pid),
+                ..a.target.clone()
+            },
+        },
+        false,
+    )?;
+    drop(idle);
+    let mut report = latency;
+    report.set_mode("conns");
+    report.extra("connections", serde_json::json!(a.count));
+    report.extra("relay_rss_before_kib", serde_json::json!(rss_before));
+    report.extra("relay_rss_after_kib", serde_json::json!(rss_after));
+    report.extra("relay_hwm_kib", serde_json::json!(hwm));
+    report.extra(
+        "relay_bytes_per_connection",
+        serde_json::json!(per_conn.round()),
+    );
+    Ok(report)
+}
+
+fn execute(
+    mode: &str,
+    params: serde_json::Value,
+    jobs: Vec<Job>,
+    target: &Target,
+    pid: Option<u32>,
+    size: usize,
+) -> Result<Report, String> {
+    let total: u64 = jobs
+        .iter()
+        .map(|j| j.streams.iter().map(|s| s.receivers as u64).sum::<u64>() * j.messages)
+        .sum();
+    let progress = Arc::new(AtomicU64::new(0));
+    let bar = report::progress_bar(total, mode);
+    let cpu_before = pid.and_then(relay_proc::cpu_seconds);
+    let epoch = Instant::now();
+    let deadline = epoch + Duration::from_secs(target.timeout);
+    let handles: Vec<_> = jobs
+        .into_iter()
+        .map(|job| {
+            let progress = progress.clone();
+            let cpu = target.bench_cpu;
+            std::thread::spawn(move || {
+                if let Some(cpu) = cpu {
+                    if let Err(e) = relay_proc::pin(0, cpu) {
+                        eprintln!("imrelay-bench: {e}");
+                    }
+                }
+                engine::run(job, epoch, deadline, progress)
+            })
+        })
+        .collect();
+    while !handles.iter().all(|h| h.is_finished()) {
+        bar.set_position(progress.load(std::sync::atomic::Ordering::Relaxed));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bar.finish_and_clear();
+    let outcomes: Vec<_> = handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .map_err(|_| "a generator thread panicked".to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    let elapsed = epoch.elapsed();
+    let cpu = match (cpu_before, pid.and_then(relay_proc::cpu_seconds)) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let memory = pid.and_then(relay_proc::memory_kib);
+    Ok(Report::new(
+        mode, params, outcomes, elapsed, size, cpu, memory,
+    ))
+}

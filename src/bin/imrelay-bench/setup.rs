@@ -1,0 +1,84 @@
+//! Building a workload's sockets before the clock starts: logging users in and joining
+//! rooms through a relay, or making plain loopback socket pairs for the floor.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+
+use bytes::{Bytes, BytesMut};
+use imrelay::proto::decode::decode_frame;
+use imrelay::proto::{Frame, MessageId, Opcode, RoomId, UserId};
+
+/// Connects `users.len()` sockets to the relay and logs each in as its user, pipelined.
+pub fn login_all(addr: SocketAddr, users: &[u64]) -> Result<Vec<TcpStream>, String> {
+    let mut socks = Vec::with_capacity(users.len());
+    for &user in users {
+        let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+        s.set_nodelay(true).map_err(|e| e.to_string())?;
+        s.write_all(&Frame::login(MessageId(1), UserId(user), b"").to_bytes())
+            .map_err(|e| e.to_string())?;
+        socks.push(s);
+    }
+    for s in &mut socks {
+        expect(s, Opcode::LoginOk)?;
+    }
+    Ok(socks)
+}
+
+/// Makes every socket JOIN `room` (pipelined) and waits for the answers.
+pub fn join_all(socks: &mut [TcpStream], room: u64) -> Result<(), String> {
+    let join = Frame::join(MessageId(2), RoomId(room)).to_bytes();
+    for s in socks.iter_mut() {
+        s.write_all(&join).map_err(|e| e.to_string())?;
+    }
+    for s in socks.iter_mut() {
+        expect(s, Opcode::RoomState)?;
+    }
+    Ok(())
+}
+
+/// Reads one frame (byte by byte up to its length) and checks its opcode.
+fn expect(s: &mut TcpStream, opcode: Opcode) -> Result<Frame, String> {
+    let mut header = [0u8; 4];
+    s.read_exact(&mut header)
+        .map_err(|e| format!("relay closed: {e}"))?;
+    let len = u32::from_be_bytes(header) as usize;
+    let mut rest = vec![0u8; len.saturating_sub(4)];
+    s.read_exact(&mut rest).map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::from(&header[..]);
+    buf.extend_from_slice(&rest);
+    let frame = decode_frame(&mut buf, u32::MAX)
+        .map_err(|e| e.to_string())?
+        .ok_or("short frame")?
+        .map_err(|op| format!("unknown opcode {op}"))?;
+    if frame.opcode != opcode {
+        let why = frame.error().map(|(_, r)| r).unwrap_or_default();
+        return Err(format!("expected {opcode:?}, got {:?} {why}", frame.opcode));
+    }
+    Ok(frame)
+}
+
+/// `n` pairs of connected loopback sockets.
+pub fn socket_pairs(n: usize) -> Result<Vec<(TcpStream, TcpStream)>, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let mut pairs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let a = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        let (b, _) = listener.accept().map_err(|e| e.to_string())?;
+        a.set_nodelay(true).map_err(|e| e.to_string())?;
+        b.set_nodelay(true).map_err(|e| e.to_string())?;
+        pairs.push((a, b));
+    }
+    Ok(pairs)
+}
+
+/// A frame header prototype for one stream's messages: SEND to a user or ROOM_SEND to a
+/// room, with NO_ACK unless ACKs are wanted. Payloads are appended per message.
+pub fn header_for(opcode: Opcode, target: u64, acks: bool) -> Frame {
+    let frame = Frame::new(opcode, MessageId(0), UserId(target), Bytes::new());
+    if acks {
+        frame
+    } else {
+        frame.with_flags(imrelay::proto::Flags::NO_ACK)
+    }
+}

@@ -57,6 +57,9 @@ struct Args {
     /// A user id allowed to BROADCAST to everyone (repeat for several).
     #[arg(long)]
     admin: Vec<u64>,
+    /// Spin on the poller instead of sleeping: lowest latency, one core always busy.
+    #[arg(long)]
+    busy_poll: bool,
 }
 
 fn main() -> ExitCode {
@@ -115,6 +118,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    server.set_busy_poll(args.busy_poll);
     info!(
         "imrelay listening on {} (fd limit {fd_limit}: up to {max_connections} connections)",
         server.local_addr()

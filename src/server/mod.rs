@@ -78,6 +78,7 @@ pub struct Server {
     deferred_reads: Vec<ConnId>,
     shutdown: ShutdownHandle,
     shutdown_deadline: Option<Instant>,
+    busy_poll: bool,
 }
 
 impl Server {
@@ -102,7 +103,16 @@ impl Server {
                 waker,
             },
             shutdown_deadline: None,
+            busy_poll: false,
         })
+    }
+
+    /// Never sleep in the poller: spin on it with a zero timeout. Burns the relay's core
+    /// while idle, and in exchange saves the wake-up of a sleeping thread on every message
+    /// (measured on this project's 2-core VM at over 100 us per cross-core wake-up; see
+    /// BENCHMARKS.md). For latency-critical deployments with a core to spare.
+    pub fn set_busy_poll(&mut self, on: bool) {
+        self.busy_poll = on;
     }
 
     /// The address the listener is bound to (useful with port 0).
@@ -185,7 +195,7 @@ impl Server {
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        if !self.deferred_reads.is_empty() {
+        if self.busy_poll || !self.deferred_reads.is_empty() {
             return Some(Duration::ZERO);
         }
         let next = match (self.relay.poll_timeout(), self.shutdown_deadline) {

@@ -123,7 +123,13 @@ pub struct Outcome {
 }
 
 /// Runs `job` until every message reached every receiver or `deadline` passes.
-pub fn run(mut job: Job, epoch: Instant, deadline: Instant, progress: Arc<AtomicU64>) -> Outcome {
+pub fn run(
+    mut job: Job,
+    epoch: Instant,
+    deadline: Instant,
+    busy_poll: bool,
+    progress: Arc<AtomicU64>,
+) -> Outcome {
     let mut poll = Poll::new().expect("poll");
     for (i, c) in job.conns.iter_mut().enumerate() {
         poll.registry()
@@ -170,7 +176,11 @@ pub fn run(mut job: Job, epoch: Instant, deadline: Instant, progress: Arc<Atomic
         for c in flush_ready.drain(..) {
             flush(&mut job.conns[c]);
         }
-        let timeout = Duration::from_millis(50).min(deadline - now);
+        let timeout = if busy_poll {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(50).min(deadline - now)
+        };
         if let Err(e) = poll.poll(&mut events, Some(timeout)) {
             if e.kind() == ErrorKind::Interrupted {
                 continue;

@@ -74,6 +74,10 @@ struct Target {
     /// Generator threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Spin instead of sleeping in poll, in the generator and in a spawned relay
+    /// (`imrelay --busy-poll`): removes thread wake-ups from the latency.
+    #[arg(long)]
+    busy_poll: bool,
     /// Give up (and exit non-zero) after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -196,7 +200,10 @@ fn relay(target: &Target, flags: &[&str]) -> Result<Relay, String> {
                 .map_err(|e| e.to_string())?
                 .with_file_name("imrelay"),
         };
-        let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+        let mut flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+        if target.busy_poll {
+            flags.push("--busy-poll".into());
+        }
         let spawned = SpawnedRelay::spawn(bin, &flags, target.relay_cpu)?;
         Ok(Relay {
             addr: spawned.addr,
@@ -447,13 +454,14 @@ fn execute(
         .map(|job| {
             let progress = progress.clone();
             let cpu = target.bench_cpu;
+            let busy = target.busy_poll;
             std::thread::spawn(move || {
                 if let Some(cpu) = cpu {
                     if let Err(e) = relay_proc::pin(0, cpu) {
                         eprintln!("imrelay-bench: {e}");
                     }
                 }
-                engine::run(job, epoch, deadline, progress)
+                engine::run(job, epoch, deadline, busy, progress)
             })
         })
         .collect();

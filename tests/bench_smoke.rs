@@ -1,0 +1,72 @@
+//! The bench binary end to end at a tiny size: it spawns the relay, runs a workload and
+//! reports zero loss in its JSON line. Not a performance test: no figure is asserted.
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_imrelay-bench"))
+        .args(args)
+        .output()
+        .expect("run imrelay-bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "imrelay-bench {args:?} failed:\n{stderr}"
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let line = stdout.lines().last().expect("a JSON line");
+    serde_json::from_str(line).expect("valid JSON")
+}
+
+#[test]
+fn pairs_with_floor_comparison_delivers_everything() {
+    let report = run(&[
+        "pairs",
+        "--spawn",
+        "--pairs",
+        "4",
+        "--messages",
+        "500",
+        "--window",
+        "8",
+        "--compare-floor",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(report["mode"], "pairs");
+    assert_eq!(report["delivered"], 4 * 2 * 500);
+    assert_eq!(report["lost"], 0);
+    assert_eq!(report["reordered"], 0);
+    assert_eq!(report["duplicated"], 0);
+    assert_eq!(report["floor"]["delivered"], 4 * 2 * 500);
+    assert!(report["ratio"].as_f64().unwrap() > 0.0);
+    assert!(report["relay_rss_kib"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn fanout_reaches_every_member() {
+    let report = run(&[
+        "fanout",
+        "--spawn",
+        "--rooms",
+        "2",
+        "--members",
+        "20",
+        "--messages",
+        "100",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(report["delivered"], 2 * 20 * 100);
+    assert_eq!(report["lost"], 0);
+}
+
+#[test]
+fn stored_mode_says_it_is_not_there_yet() {
+    let out = Command::new(env!("CARGO_BIN_EXE_imrelay-bench"))
+        .arg("stored")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stored delivery"));
+}

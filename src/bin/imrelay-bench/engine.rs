@@ -99,6 +99,17 @@ pub struct Job {
 }
 
 impl Job {
+    /// An empty job: add connections and streams, then mark senders and receivers.
+    pub fn new(messages: u64, window: usize, size: usize) -> Job {
+        Job {
+            conns: Vec::new(),
+            streams: Vec::new(),
+            messages,
+            window,
+            size,
+        }
+    }
+
     /// Marks connection `conn` as a receiver of `stream`.
     pub fn receive(&mut self, conn: usize, stream: usize) {
         self.conns[conn].recv_stream = Some(stream);

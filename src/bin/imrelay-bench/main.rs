@@ -260,13 +260,7 @@ fn run_pairs(a: &PairsArgs, relay: Option<&Relay>) -> Result<Report, String> {
             }
             None => setup::socket_pairs(pairs.len())?,
         };
-        let mut job = Job {
-            conns: Vec::new(),
-            streams: Vec::new(),
-            messages: a.messages,
-            window: a.window,
-            size: a.size,
-        };
+        let mut job = Job::new(a.messages, a.window, a.size);
         for (i, (x, y)) in socks.into_iter().enumerate() {
             let p = pairs[i] as u64;
             let (ux, uy) = (base + 2 * p + 1, base + 2 * p + 2);
@@ -318,13 +312,7 @@ fn run_fanout(a: &FanoutArgs, relay: Option<&Relay>) -> Result<Report, String> {
     let base = user_base();
     let mut jobs = Vec::new();
     for t in 0..threads {
-        let mut job = Job {
-            conns: Vec::new(),
-            streams: Vec::new(),
-            messages: a.messages,
-            window: a.window,
-            size: a.size,
-        };
+        let mut job = Job::new(a.messages, a.window, a.size);
         for room in (0..a.rooms).filter(|r| r % threads == t) {
             let room_id = base + room as u64 + 1;
             let s = job.streams.len();

@@ -57,6 +57,9 @@ struct Args {
     /// A user id allowed to BROADCAST to everyone (repeat for several).
     #[arg(long)]
     admin: Vec<u64>,
+    /// Seconds between metrics log lines (0 = none).
+    #[arg(long, default_value_t = 60)]
+    stats_interval: u64,
     /// Spin on the poller instead of sleeping: lowest latency, one core always busy.
     #[arg(long)]
     busy_poll: bool,
@@ -119,6 +122,7 @@ fn main() -> ExitCode {
         }
     };
     server.set_busy_poll(args.busy_poll);
+    server.set_stats_interval(Some(Duration::from_secs(args.stats_interval)));
     info!(
         "imrelay listening on {} (fd limit {fd_limit}: up to {max_connections} connections)",
         server.local_addr()

@@ -79,6 +79,9 @@ pub struct Server {
     shutdown: ShutdownHandle,
     shutdown_deadline: Option<Instant>,
     busy_poll: bool,
+    /// Log a metrics line this often (None: never).
+    stats_interval: Option<Duration>,
+    next_stats: Option<Instant>,
 }
 
 impl Server {
@@ -104,7 +107,16 @@ impl Server {
             },
             shutdown_deadline: None,
             busy_poll: false,
+            stats_interval: None,
+            next_stats: None,
         })
+    }
+
+    /// Logs one line of counters every `interval` (queues, connections, errors), so an
+    /// operator sees the relay's limits being approached before they are hit.
+    pub fn set_stats_interval(&mut self, interval: Option<Duration>) {
+        self.stats_interval = interval.filter(|d| !d.is_zero());
+        self.next_stats = self.stats_interval.map(|d| Instant::now() + d);
     }
 
     /// Never sleep in the poller: spin on it with a zero timeout. Burns the relay's core
@@ -175,6 +187,12 @@ impl Server {
             while let Some(id) = self.relay.poll_transmit() {
                 self.flush_conn(id);
             }
+            if let (Some(at), Some(every)) = (self.next_stats, self.stats_interval) {
+                if now >= at {
+                    self.log_stats();
+                    self.next_stats = Some(now + every);
+                }
+            }
             if let Some(deadline) = self.shutdown_deadline {
                 if self.relay.session_count() == 0 {
                     info!("shutdown complete");
@@ -198,12 +216,43 @@ impl Server {
         if self.busy_poll || !self.deferred_reads.is_empty() {
             return Some(Duration::ZERO);
         }
-        let next = match (self.relay.poll_timeout(), self.shutdown_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let next = [
+            self.relay.poll_timeout(),
+            self.shutdown_deadline,
+            self.next_stats,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         // Round up to the next millisecond so a deadline is never polled for 0 ms in a loop.
         next.map(|at| at.saturating_duration_since(Instant::now()) + Duration::from_millis(1))
+    }
+
+    fn log_stats(&self) {
+        let m = self.relay.metrics();
+        let errors: u64 = m.errors_sent.iter().sum();
+        info!(
+            "stats: {} connections ({} users, {} rooms); opened {} refused {} closed {}; \
+             frames in {} ({} B); routed {} -> {} deliveries; room messages {} -> {} \
+             deliveries, {} dropped for slow members; out {} B; lost on reset {} B; \
+             errors sent {errors}; read pauses {}",
+            self.relay.session_count(),
+            self.relay.user_count(),
+            self.relay.room_count(),
+            m.connections_opened,
+            m.connections_refused,
+            m.connections_closed,
+            m.frames_in,
+            m.bytes_in,
+            m.messages_routed,
+            m.deliveries_queued,
+            m.room_messages,
+            m.room_deliveries_queued,
+            m.room_deliveries_dropped,
+            m.bytes_out,
+            m.bytes_lost_on_reset,
+            m.read_pauses,
+        );
     }
 
     fn begin_shutdown(&mut self, now: Instant) {

@@ -140,6 +140,9 @@ struct FanoutArgs {
 struct ConnsArgs {
     #[arg(long, default_value_t = 1000)]
     count: usize,
+    /// Spread the connections over source addresses 127.0.0.1 .. 127.0.0.K.
+    #[arg(long, default_value_t = 1)]
+    sources: usize,
     #[command(flatten)]
     target: Target,
 }
@@ -381,7 +384,7 @@ fn conns(a: ConnsArgs) -> Result<Report, String> {
     let (rss_before, _) = relay_proc::memory_kib(pid).ok_or("cannot read /proc")?;
     let base = user_base();
     let users: Vec<u64> = (0..a.count as u64).map(|i| base + i + 1).collect();
-    let idle = setup::login_all(relay.addr, &users)?;
+    let idle = setup::login_all_from(relay.addr, &users, a.sources)?;
     // login_all has read every LOGIN_OK, so the relay has written (and freed) them all.
     let (rss_after, hwm) = relay_proc::memory_kib(pid).ok_or("cannot read /proc")?;
     let per_conn = (rss_after.saturating_sub(rss_before) * 1024) as f64 / a.count as f64;

@@ -2,7 +2,9 @@
 //! rooms through a relay, or making plain loopback socket pairs for the floor.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+
+use socket2::{Domain, Socket, Type};
 
 use bytes::{Bytes, BytesMut};
 use imrelay::proto::decode::decode_frame;
@@ -10,9 +12,20 @@ use imrelay::proto::{Frame, MessageId, Opcode, RoomId, UserId};
 
 /// Connects `users.len()` sockets to the relay and logs each in as its user, pipelined.
 pub fn login_all(addr: SocketAddr, users: &[u64]) -> Result<Vec<TcpStream>, String> {
+    login_all_from(addr, users, 1)
+}
+
+/// Like [`login_all`], spreading the client sockets over the source addresses 127.0.0.1 ..
+/// 127.0.0.`sources`, so more connections than one address has ephemeral ports fit.
+pub fn login_all_from(
+    addr: SocketAddr,
+    users: &[u64],
+    sources: usize,
+) -> Result<Vec<TcpStream>, String> {
     let mut socks = Vec::with_capacity(users.len());
-    for &user in users {
-        let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    for (i, &user) in users.iter().enumerate() {
+        let source = Ipv4Addr::new(127, 0, 0, (1 + i % sources.clamp(1, 254)) as u8);
+        let mut s = connect_from(source, addr)?;
         s.set_nodelay(true).map_err(|e| e.to_string())?;
         s.write_all(&Frame::login(MessageId(1), UserId(user), b"").to_bytes())
             .map_err(|e| e.to_string())?;
@@ -22,6 +35,19 @@ pub fn login_all(addr: SocketAddr, users: &[u64]) -> Result<Vec<TcpStream>, Stri
         expect(s, Opcode::LoginOk)?;
     }
     Ok(socks)
+}
+
+/// A TCP connection to `addr` from `source` (any free port).
+fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> Result<TcpStream, String> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).map_err(|e| e.to_string())?;
+    let from: SocketAddr = (source, 0).into();
+    socket
+        .bind(&from.into())
+        .map_err(|e| format!("bind {source}: {e}"))?;
+    socket
+        .connect(&addr.into())
+        .map_err(|e| format!("connect {addr} from {source}: {e}"))?;
+    Ok(socket.into())
 }
 
 /// Makes every socket JOIN `room` (pipelined) and waits for the answers.

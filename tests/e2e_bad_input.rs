@@ -24,8 +24,9 @@ fn framing_error_closes(bytes: &[u8], code: ErrorCode) {
 
 #[test]
 fn garbage_bytes_get_an_error_and_a_close() {
-    // "hell" read as a length is far past the max frame.
-    framing_error_closes(b"hello world\r\n", ErrorCode::FrameTooLarge);
+    // Not a letter (text mode) and not 0x00: binary framing, and 0xfffe... as a length is
+    // far past the max frame.
+    framing_error_closes(b"\xff\xfe\x01garbage\r\n", ErrorCode::FrameTooLarge);
 }
 
 #[test]

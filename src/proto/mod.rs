@@ -16,6 +16,7 @@ pub mod error;
 pub mod frame;
 pub mod ids;
 pub mod opcode;
+pub mod text;
 
 pub use decode::{decode_raw, RawFrame};
 pub use error::{DecodeError, ErrorCode};

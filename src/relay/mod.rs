@@ -40,11 +40,12 @@ use log::{debug, info};
 use slab::Slab;
 
 use crate::proto::frame::{write_error, write_frame};
+use crate::proto::text;
 use crate::proto::{decode_raw, ErrorCode, Flags, MessageId, Opcode, RoomId, UserId};
 use crate::ConnId;
 use directory::Directory;
 use rooms::Rooms;
-use session::Session;
+use session::{Codec, Session};
 use timers::Timers;
 
 /// How long a closing connection may take to drain its output before it is closed anyway.
@@ -247,6 +248,17 @@ impl Relay {
         if !buf.is_empty() {
             s.last_rx = now;
             s.ping_sent = false;
+            if s.codec == Codec::Undecided {
+                s.codec = if text::starts_text(buf[0]) {
+                    Codec::Text
+                } else {
+                    Codec::Binary
+                };
+            }
+        }
+        if s.codec == Codec::Text {
+            self.handle_text(id, buf, now);
+            return;
         }
         loop {
             match decode_raw(buf, max_frame) {
@@ -272,6 +284,51 @@ impl Relay {
                     buf.clear();
                     return;
                 }
+            }
+        }
+    }
+
+    /// Text mode: each complete line becomes the frame a binary client would have sent and
+    /// goes through the same handlers; a partial line stays in `buf`.
+    fn handle_text(&mut self, id: ConnId, buf: &mut BytesMut, now: Instant) {
+        let max_frame = self.config.max_frame;
+        loop {
+            let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+                if buf.len() > max_frame as usize {
+                    let reason = format!("line longer than the max frame ({max_frame} bytes)");
+                    self.fail(
+                        id,
+                        MessageId(0),
+                        UserId::NONE,
+                        ErrorCode::FrameTooLarge,
+                        &reason,
+                        now,
+                    );
+                    buf.clear();
+                }
+                return;
+            };
+            let line = buf.split_to(end + 1);
+            let Some(s) = self.sessions.get_mut(id.0) else {
+                return;
+            };
+            match text::parse_line(&line[..end], &mut s.text_ids) {
+                Ok(text::Line::Frame(frame)) => {
+                    let mut encoded = BytesMut::with_capacity(frame.encoded_len());
+                    frame.encode(&mut encoded);
+                    if let Ok(Some(raw)) = decode_raw(&mut encoded, u32::MAX) {
+                        self.metrics.frames_in += 1;
+                        self.metrics.bytes_in += line.len() as u64;
+                        self.handle_frame(id, raw, now);
+                    }
+                }
+                Ok(text::Line::Help) => self.queue(id, Bytes::from_static(text::HELP.as_bytes())),
+                Ok(text::Line::Blank) => {}
+                Err(usage) => self.queue(id, text::render_usage(&usage)),
+            }
+            if self.state(id) == Some(State::Closing) {
+                buf.clear();
+                return;
             }
         }
     }
@@ -503,8 +560,18 @@ impl Relay {
     }
 }
 
+/// Queues an encoded frame (rendered as a line for a text-mode connection).
 pub(crate) fn push_output(s: &mut Session, flush_list: &mut Vec<ConnId>, id: ConnId, frame: Bytes) {
-    s.out.push(frame);
+    if s.codec == Codec::Text {
+        match text::render(&frame) {
+            Some(line) => s.out.push(line),
+            // Already text (HELP, usage errors) or nothing a text client shows.
+            None if frame.first().is_some_and(|b| text::starts_text(*b)) => s.out.push(frame),
+            None => return,
+        }
+    } else {
+        s.out.push(frame);
+    }
     if !s.in_flush_list && !s.write_blocked {
         s.in_flush_list = true;
         flush_list.push(id);

@@ -19,6 +19,17 @@ pub enum State {
     Closing,
 }
 
+/// How a connection frames its bytes, decided by its first byte (protocol.md, section 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    /// Nothing received yet.
+    Undecided,
+    /// Binary v1 frames.
+    Binary,
+    /// Text mode: one command per line, one rendered line per frame out.
+    Text,
+}
+
 /// Per-connection state. Small on purpose: an idle session owns no heap memory.
 #[derive(Debug)]
 pub struct Session {
@@ -26,6 +37,10 @@ pub struct Session {
     pub serial: u64,
     /// Life-cycle state.
     pub state: State,
+    /// Binary or text framing.
+    pub codec: Codec,
+    /// Text mode numbers the frames its lines become.
+    pub text_ids: u64,
     /// Frames waiting to be written.
     pub out: OutQueue,
     /// The start of a frame whose rest has not arrived yet.
@@ -62,6 +77,8 @@ impl Session {
         Session {
             serial,
             state: State::AwaitingLogin,
+            codec: Codec::Undecided,
+            text_ids: 0,
             out: OutQueue::default(),
             partial: BytesMut::new(),
             opened_at: now,

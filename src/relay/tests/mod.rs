@@ -247,7 +247,7 @@ fn framing_errors_close_after_the_error_is_flushed() {
             vec![0x00, 0x00, 0x00, 0x20, 0x02],
             ErrorCode::UnsupportedVersion,
         ),
-        (b"GET / HTTP/1.1\r\n".to_vec(), ErrorCode::FrameTooLarge),
+        (b"\x7fELF\x02\x01".to_vec(), ErrorCode::FrameTooLarge),
     ] {
         let mut h = Harness::new(Config::default());
         let c = h.open();
@@ -426,6 +426,51 @@ fn the_ping_clock_starts_at_login_not_at_the_login_deadline() {
     // One live deadline per session: nothing else fires later.
     h.advance(Duration::from_secs(20));
     assert!(h.take_frames(alice).is_empty());
+}
+
+#[test]
+fn text_mode_is_chosen_by_the_first_byte_and_shares_the_routing() {
+    let mut h = Harness::new(Config::default());
+    let telnet = h.open();
+    h.feed(telnet, b"login 7\r\nHELP\r\nsend 8 anyone?\r\nSE");
+    let out = String::from_utf8(h.take_output(telnet)).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "OK LOGIN 7");
+    assert!(lines[1].starts_with("HELP"));
+    assert_eq!(
+        *lines.last().unwrap(),
+        "ERR RECIPIENT_OFFLINE 2 user 8 is not connected"
+    );
+
+    let binary = h.login(8);
+    h.feed(telnet, b"ND 8 hi from telnet\n");
+    let got = h.take_frames(binary);
+    assert_eq!(got[0].opcode, Opcode::Deliver);
+    assert_eq!(
+        (got[0].source, &got[0].payload[..]),
+        (UserId(7), &b"hi from telnet"[..])
+    );
+    assert_eq!(h.take_output(telnet), b"ACK 3 1\r\n");
+
+    h.send_frame(binary, send(40, 7, b"hi from binary"));
+    assert_eq!(h.take_output(telnet), b"MSG 8 40 hi from binary\r\n");
+
+    h.feed(telnet, b"fly me to the moon\r\n");
+    let out = String::from_utf8(h.take_output(telnet)).unwrap();
+    assert!(out.starts_with("ERR USAGE 0 unknown command"), "{out}");
+    h.feed(telnet, b"quit\r\n");
+    assert_eq!(h.take_output(telnet), b"BYE\r\n");
+    assert!(h.relay.is_finished(telnet));
+}
+
+#[test]
+fn a_text_line_longer_than_the_max_frame_closes() {
+    let mut h = Harness::new(Config::default());
+    let telnet = h.open();
+    h.feed(telnet, &vec![b'a'; 70_000]);
+    let out = String::from_utf8(h.take_output(telnet)).unwrap();
+    assert!(out.starts_with("ERR FRAME_TOO_LARGE"), "{out}");
+    assert!(h.relay.is_finished(telnet));
 }
 
 #[test]

@@ -1,0 +1,279 @@
+//! Text mode: telnet-friendly lines translated to and from v1 frames (protocol.md,
+//! "Text mode"). A line becomes exactly the frame a binary client would have sent, so the
+//! relay's routing, limits and errors are the same for both; frames for a text client are
+//! rendered back into one line each. No I/O, no state beyond the caller's message counter.
+
+use std::fmt::Write as _;
+
+use byteorder::{BigEndian, ByteOrder};
+use bytes::Bytes;
+
+use super::error::ErrorCode;
+use super::frame::{Header, HEADER_LEN};
+use super::ids::{MessageId, RoomId, UserId};
+use super::opcode::Opcode;
+use super::Frame;
+
+/// What one input line asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    /// A request, as the frame a binary client would send.
+    Frame(Frame),
+    /// HELP: the relay answers with [`HELP`].
+    Help,
+    /// A blank line: nothing to do.
+    Blank,
+}
+
+/// A line that is not a valid command; answered with `ERR USAGE …`, the connection stays.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UsageError(pub String);
+
+/// The answer to HELP.
+pub const HELP: &str = "\
+HELP  commands (case does not matter; ids are numbers):\r
+HELP    LOGIN <user> [credential]   log in as user id <user>\r
+HELP    SEND <user> <text>          message another user (all of its connections)\r
+HELP    JOIN <room> | LEAVE <room> | INFO <room>\r
+HELP    ROOM <room> <text>          message everyone in a room you joined\r
+HELP    BROADCAST <text>            message everyone (admins only)\r
+HELP    PING [text] | PONG [text] | QUIT | HELP\r
+HELP  you see: OK LOGIN, MSG <from> <id> <text>, ROOM <room> <from> <text>, ACK <id> <n>,\r
+HELP           INFO <room> <online> <member 0|1>, MISSED <room> <n>, ERR <CODE> <id> <why>\r
+";
+
+/// True when a connection's first byte says it speaks text mode (an ASCII letter).
+pub fn starts_text(first: u8) -> bool {
+    first.is_ascii_alphabetic()
+}
+
+/// Parses one line (without its line end). `next_id` numbers the frames it creates.
+pub fn parse_line(line: &[u8], next_id: &mut u64) -> Result<Line, UsageError> {
+    let text = std::str::from_utf8(line).map_err(|_| usage("lines must be UTF-8"))?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(Line::Blank);
+    }
+    let (command, rest) = split_word(text);
+    let mut id = || {
+        *next_id += 1;
+        MessageId(*next_id)
+    };
+    let frame = match command.to_ascii_uppercase().as_str() {
+        "HELP" => return Ok(Line::Help),
+        "LOGIN" => {
+            let (user, credential) = split_word(rest);
+            Frame::login(
+                id(),
+                UserId(number(user, "LOGIN <user>")?),
+                credential.as_bytes(),
+            )
+        }
+        "SEND" => {
+            let (user, body) = split_word(rest);
+            let to = UserId(number(user, "SEND <user> <text>")?);
+            Frame::send(id(), to, Bytes::copy_from_slice(body.as_bytes()))
+        }
+        "ROOM" => {
+            let (room, body) = split_word(rest);
+            let room = RoomId(number(room, "ROOM <room> <text>")?);
+            Frame::room_send(id(), room, Bytes::copy_from_slice(body.as_bytes()))
+        }
+        "JOIN" => Frame::join(id(), RoomId(number(rest, "JOIN <room>")?)),
+        "LEAVE" => Frame::leave(id(), RoomId(number(rest, "LEAVE <room>")?)),
+        "INFO" => Frame::room_info(id(), RoomId(number(rest, "INFO <room>")?)),
+        "BROADCAST" => Frame::broadcast(id(), Bytes::copy_from_slice(rest.as_bytes())),
+        "PING" => Frame::ping(id(), Bytes::copy_from_slice(rest.as_bytes())),
+        "PONG" => Frame::pong(id(), Bytes::copy_from_slice(rest.as_bytes())),
+        "QUIT" | "BYE" => Frame::bye(id()),
+        _ => return Err(usage(&format!("unknown command {command:?}; try HELP"))),
+    };
+    Ok(Line::Frame(frame))
+}
+
+/// Renders one encoded frame for a text client as one line (several for HELP-like text
+/// never happen here). `None` for a frame that is not complete.
+pub fn render(frame: &[u8]) -> Option<Bytes> {
+    if frame.len() < HEADER_LEN {
+        return None;
+    }
+    let h = Header::read(frame);
+    let payload = frame.get(HEADER_LEN..h.len as usize)?;
+    let mut out = String::with_capacity(payload.len() + 32);
+    let id = h.msg_id.0;
+    let _ = match Opcode::from_u8(h.opcode)? {
+        Opcode::LoginOk => write!(out, "OK LOGIN {}", h.target.0),
+        Opcode::Deliver => write!(out, "MSG {} {id} {}", h.source.0, shown(payload)),
+        Opcode::RoomDeliver => {
+            write!(out, "ROOM {} {} {}", h.target.0, h.source.0, shown(payload))
+        }
+        Opcode::Ack => write!(out, "ACK {id} {}", u32_at(payload)),
+        Opcode::Error => {
+            let code = (payload.len() >= 2).then(|| BigEndian::read_u16(payload));
+            let name = code
+                .and_then(ErrorCode::from_u16)
+                .map_or("UNKNOWN", ErrorCode::name);
+            let reason = payload
+                .get(2..)
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            write!(out, "ERR {name} {id} {reason}")
+        }
+        Opcode::Ping => write!(out, "PING {id} (answer PONG)"),
+        Opcode::Pong if payload.is_empty() => write!(out, "PONG"),
+        Opcode::Pong => write!(out, "PONG {}", shown(payload)),
+        Opcode::Bye => write!(out, "BYE"),
+        Opcode::RoomState => {
+            let member = payload.get(4).copied().unwrap_or(0);
+            write!(out, "INFO {} {} {member}", h.target.0, u32_at(payload))
+        }
+        Opcode::RoomMissed => {
+            let n = if payload.len() == 8 {
+                BigEndian::read_u64(payload)
+            } else {
+                0
+            };
+            write!(out, "MISSED {} {n}", h.target.0)
+        }
+        // Requests never travel relay → client.
+        Opcode::Login
+        | Opcode::Send
+        | Opcode::Join
+        | Opcode::Leave
+        | Opcode::RoomSend
+        | Opcode::RoomInfo
+        | Opcode::Broadcast => return None,
+    };
+    out.push_str("\r\n");
+    Some(Bytes::from(out))
+}
+
+/// An `ERR USAGE` line for a line that did not parse.
+pub fn render_usage(error: &UsageError) -> Bytes {
+    Bytes::from(format!("ERR USAGE 0 {}\r\n", error.0))
+}
+
+fn usage(why: &str) -> UsageError {
+    UsageError(why.to_string())
+}
+
+fn split_word(s: &str) -> (&str, &str) {
+    let s = s.trim_start();
+    match s.find(char::is_whitespace) {
+        Some(at) => (&s[..at], s[at..].trim_start()),
+        None => (s, ""),
+    }
+}
+
+fn number(word: &str, form: &str) -> Result<u64, UsageError> {
+    word.trim()
+        .parse()
+        .map_err(|_| usage(&format!("expected {form}, got {:?}", word.trim())))
+}
+
+fn u32_at(payload: &[u8]) -> u32 {
+    if payload.len() >= 4 {
+        BigEndian::read_u32(payload)
+    } else {
+        0
+    }
+}
+
+/// A payload as text: itself if it is printable UTF-8, else `0x` and hex.
+fn shown(payload: &[u8]) -> String {
+    match std::str::from_utf8(payload) {
+        Ok(s) if !s.chars().any(char::is_control) => s.to_string(),
+        _ => {
+            let mut hex = String::from("0x");
+            for b in payload {
+                let _ = write!(hex, "{b:02x}");
+            }
+            hex
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::frame::{write_ack, write_error};
+    use bytes::BytesMut;
+
+    #[test]
+    fn lines_become_the_frames_a_binary_client_sends() {
+        let mut id = 0;
+        assert_eq!(
+            parse_line(b"login 1001 secret", &mut id),
+            Ok(Line::Frame(Frame::login(
+                MessageId(1),
+                UserId(1001),
+                b"secret"
+            )))
+        );
+        assert_eq!(
+            parse_line(b"SEND 1002 hi bob, how  are you", &mut id),
+            Ok(Line::Frame(Frame::send(
+                MessageId(2),
+                UserId(1002),
+                Bytes::from_static(b"hi bob, how  are you")
+            )))
+        );
+        assert_eq!(
+            parse_line(b"ROOM 42 666", &mut id),
+            Ok(Line::Frame(Frame::room_send(
+                MessageId(3),
+                RoomId(42),
+                Bytes::from_static(b"666")
+            )))
+        );
+        assert_eq!(parse_line(b"  ", &mut id), Ok(Line::Blank));
+        assert_eq!(parse_line(b"help", &mut id), Ok(Line::Help));
+        assert!(parse_line(b"SEND bob hi", &mut id).is_err());
+        assert!(parse_line(b"FLY 1", &mut id).is_err());
+        assert!(parse_line(&[0xff, 0xfe], &mut id).is_err());
+        assert_eq!(id, 3, "only frames take ids");
+    }
+
+    #[test]
+    fn frames_render_as_one_readable_line() {
+        let deliver = Frame::new(
+            Opcode::Deliver,
+            MessageId(7),
+            UserId(2),
+            Bytes::from_static(b"hi"),
+        )
+        .with_source(UserId(1))
+        .to_bytes();
+        assert_eq!(
+            render(&deliver).unwrap(),
+            Bytes::from_static(b"MSG 1 7 hi\r\n")
+        );
+        let binary = Frame::new(
+            Opcode::Deliver,
+            MessageId(8),
+            UserId(2),
+            Bytes::from_static(&[0, 1]),
+        )
+        .with_source(UserId(1))
+        .to_bytes();
+        assert_eq!(
+            render(&binary).unwrap(),
+            Bytes::from_static(b"MSG 1 8 0x0001\r\n")
+        );
+        let mut buf = BytesMut::new();
+        write_ack(&mut buf, MessageId(3), UserId(2), 2);
+        assert_eq!(render(&buf).unwrap(), Bytes::from_static(b"ACK 3 2\r\n"));
+        let mut buf = BytesMut::new();
+        write_error(
+            &mut buf,
+            MessageId(4),
+            UserId(9),
+            ErrorCode::RecipientOffline,
+            "user 9 is not connected",
+        );
+        assert_eq!(
+            render(&buf).unwrap(),
+            Bytes::from_static(b"ERR RECIPIENT_OFFLINE 4 user 9 is not connected\r\n")
+        );
+    }
+}

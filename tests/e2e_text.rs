@@ -1,0 +1,109 @@
+//! Text mode over real sockets, as `telnet 127.0.0.1 7700` would use it: the relay picks
+//! text from the first byte on its one port, and text and binary users talk to each other.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+
+use imrelay::proto::{ErrorCode, Opcode, UserId};
+use support::TestRelay;
+
+/// A line-oriented client, like a person at a telnet prompt.
+struct Telnet {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Telnet {
+    fn connect(relay: &TestRelay) -> Telnet {
+        let stream = TcpStream::connect(relay.addr).unwrap();
+        stream
+            .set_read_timeout(Some(support::SAFETY_TIMEOUT))
+            .unwrap();
+        Telnet {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        }
+    }
+
+    fn type_line(&mut self, line: &str) {
+        self.writer
+            .write_all(format!("{line}\r\n").as_bytes())
+            .unwrap();
+    }
+
+    fn read_line(&mut self) -> String {
+        let mut line = String::new();
+        self.reader
+            .read_line(&mut line)
+            .expect("a line from the relay");
+        line.trim_end().to_string()
+    }
+}
+
+#[test]
+fn text_and_binary_users_chat_both_ways() {
+    let relay = TestRelay::default_config();
+    let mut alice = Telnet::connect(&relay);
+    alice.type_line("LOGIN 1001");
+    assert_eq!(alice.read_line(), "OK LOGIN 1001");
+    let mut bob = relay.login(1002);
+
+    alice.type_line("SEND 1002 hi bob, from telnet");
+    let got = bob.recv();
+    assert_eq!(got.opcode, Opcode::Deliver);
+    assert_eq!(got.source, UserId(1001));
+    assert_eq!(&got.payload[..], b"hi bob, from telnet");
+    assert_eq!(alice.read_line(), format!("ACK {} 1", got.msg_id.0));
+
+    let id = bob.send(1001, b"hello alice");
+    assert_eq!(alice.read_line(), format!("MSG 1002 {} hello alice", id.0));
+    assert_eq!(bob.recv().opcode, Opcode::Ack);
+
+    alice.type_line("SEND 1003 anybody?");
+    assert!(alice.read_line().starts_with("ERR RECIPIENT_OFFLINE"));
+    alice.type_line("PING");
+    assert_eq!(alice.read_line(), "PONG");
+    alice.type_line("PING are you there");
+    assert_eq!(alice.read_line(), "PONG are you there");
+    alice.type_line("QUIT");
+    assert_eq!(alice.read_line(), "BYE");
+}
+
+#[test]
+fn text_users_share_rooms_with_binary_users() {
+    let relay = TestRelay::default_config();
+    let mut viewer = Telnet::connect(&relay);
+    viewer.type_line("login 5");
+    viewer.read_line();
+    viewer.type_line("join 42");
+    assert_eq!(viewer.read_line(), "INFO 42 1 1");
+    let mut streamer = relay.login(6);
+    streamer.join(42);
+    let frame = imrelay::proto::Frame::room_send(
+        streamer.next_id(),
+        imrelay::proto::RoomId(42),
+        bytes::Bytes::from_static(b"666"),
+    );
+    streamer.send_frame(&frame);
+    assert_eq!(streamer.recv().ack_count(), Some(1));
+    assert_eq!(viewer.read_line(), "ROOM 42 6 666");
+}
+
+#[test]
+fn text_mistakes_get_usage_errors_and_the_session_goes_on() {
+    let relay = TestRelay::default_config();
+    let mut t = Telnet::connect(&relay);
+    t.type_line("SEND 2 before login");
+    assert!(t.read_line().starts_with("ERR NOT_LOGGED_IN"));
+    t.type_line("LOGIN bob");
+    assert!(t
+        .read_line()
+        .starts_with("ERR USAGE 0 expected LOGIN <user>"));
+    t.type_line("HELP");
+    assert!(t.read_line().starts_with("HELP"));
+    let mut binary_first = relay.connect();
+    binary_first.send_raw(&[0xff, 0, 0, 0]);
+    binary_first.expect_error(ErrorCode::FrameTooLarge);
+}

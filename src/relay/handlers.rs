@@ -218,6 +218,17 @@ impl Relay {
         reason: &str,
     ) {
         debug!("{id}: {code} for {msg_id}: {reason}");
+        self.queue_error(id, msg_id, target, code, reason);
+    }
+
+    fn queue_error(
+        &mut self,
+        id: ConnId,
+        msg_id: MessageId,
+        target: UserId,
+        code: ErrorCode,
+        reason: &str,
+    ) {
         self.metrics.count_error(code);
         write_error(self.scratch(), msg_id, target, code, reason);
         self.queue_scratch(id);
@@ -238,9 +249,7 @@ impl Relay {
             None => String::new(),
         };
         info!("{id}{who}: closing: {code}: {reason}");
-        self.metrics.count_error(code);
-        write_error(self.scratch(), msg_id, target, code, reason);
-        self.queue_scratch(id);
+        self.queue_error(id, msg_id, target, code, reason);
         self.begin_close(id, now);
     }
 

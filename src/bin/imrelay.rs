@@ -57,6 +57,15 @@ struct Args {
     /// A user id allowed to BROADCAST to everyone (repeat for several).
     #[arg(long)]
     admin: Vec<u64>,
+    /// DEDUP message ids remembered per sender (protocol.md, section 13).
+    #[arg(long, default_value_t = 256)]
+    dedup_window: usize,
+    /// Seconds a sender's DEDUP ids are remembered after its last DEDUP SEND.
+    #[arg(long, default_value_t = 300.0)]
+    dedup_ttl: f64,
+    /// DEDUP message ids remembered over all senders.
+    #[arg(long, default_value_t = 1_000_000)]
+    dedup_max_entries: usize,
     /// Seconds between metrics log lines (0 = none).
     #[arg(long, default_value_t = 60)]
     stats_interval: u64,
@@ -88,10 +97,11 @@ fn main() -> ExitCode {
         }
         d
     };
-    let (Some(login_timeout), Some(ping_interval), Some(idle_timeout)) = (
+    let (Some(login_timeout), Some(ping_interval), Some(idle_timeout), Some(dedup_ttl)) = (
         seconds(args.login_timeout, "login-timeout"),
         seconds(args.ping_interval, "ping-interval"),
         seconds(args.idle_timeout, "idle-timeout"),
+        seconds(args.dedup_ttl, "dedup-ttl"),
     ) else {
         return ExitCode::from(2);
     };
@@ -108,6 +118,9 @@ fn main() -> ExitCode {
         room_send_rate: args.room_rate,
         room_send_burst: args.room_burst,
         admins: args.admin.into_iter().map(UserId).collect(),
+        dedup_window: args.dedup_window,
+        dedup_ttl,
+        dedup_max_entries: args.dedup_max_entries,
     };
     if let Err(e) = config.validate() {
         error!("invalid limits: {e}");

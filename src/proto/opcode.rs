@@ -91,7 +91,7 @@ impl Opcode {
     }
 }
 
-/// The 16-bit flags field. v1 defines one bit; every other bit is reserved and must be 0.
+/// The 16-bit flags field. v1 defines two bits; every other bit is reserved and must be 0.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Flags(pub u16);
 
@@ -100,8 +100,16 @@ impl Flags {
     pub const EMPTY: Flags = Flags(0);
     /// On SEND, ROOM_SEND and BROADCAST: do not answer with ACK when the message is queued (errors are still sent).
     pub const NO_ACK: Flags = Flags(0x0001);
+    /// On SEND: this message may be a resend; the relay forwards a given (sender, msg_id)
+    /// once and answers repeats with the first ACK (protocol.md, section 13).
+    pub const DEDUP: Flags = Flags(0x0002);
     /// Every bit v1 defines; the others are reserved.
-    pub const KNOWN: Flags = Flags(0x0001);
+    pub const KNOWN: Flags = Flags(0x0003);
+
+    /// Both sets of bits.
+    pub const fn union(self, other: Flags) -> Flags {
+        Flags(self.0 | other.0)
+    }
 
     /// True when every bit of `other` is set here.
     pub fn contains(self, other: Flags) -> bool {

@@ -35,6 +35,13 @@ pub struct Config {
     pub room_send_burst: u32,
     /// Users allowed to BROADCAST to every connection.
     pub admins: Vec<UserId>,
+    /// DEDUP SEND ids remembered per sender (default 256: 16 devices × the SDK's 16
+    /// messages in flight).
+    pub dedup_window: usize,
+    /// How long a sender's ids are remembered after its last DEDUP SEND (default 5 min).
+    pub dedup_ttl: Duration,
+    /// DEDUP SEND ids remembered over all senders (default 1,000,000, about 24 MiB).
+    pub dedup_max_entries: usize,
 }
 
 impl Config {
@@ -60,6 +67,9 @@ impl Default for Config {
             room_send_rate: 50,
             room_send_burst: 100,
             admins: Vec::new(),
+            dedup_window: 256,
+            dedup_ttl: Duration::from_secs(300),
+            dedup_max_entries: 1_000_000,
         }
     }
 }
@@ -121,6 +131,9 @@ impl Config {
         }
         if self.max_members_per_room == 0 {
             return Err(ConfigError::Zero("max members per room"));
+        }
+        if self.dedup_window == 0 || self.dedup_max_entries == 0 {
+            return Err(ConfigError::Zero("dedup window"));
         }
         Ok(())
     }

@@ -22,7 +22,7 @@ impl Relay {
     pub(super) fn handle_frame(&mut self, id: ConnId, frame: RawFrame, now: Instant) {
         let header = *frame.header();
         match frame.opcode() {
-            Some(Opcode::Send) => self.on_send(id, frame),
+            Some(Opcode::Send) => self.on_send(id, frame, now),
             Some(Opcode::Login) => self.on_login(id, &frame, now),
             Some(Opcode::Ping) => {
                 let pong = frame.rewrite(Opcode::Pong, UserId::NONE, UserId::NONE);
@@ -131,11 +131,32 @@ impl Relay {
         self.queue_scratch(id);
     }
 
-    pub(super) fn on_send(&mut self, id: ConnId, frame: RawFrame) {
+    pub(super) fn on_send(&mut self, id: ConnId, frame: RawFrame, now: Instant) {
         let h = *frame.header();
-        let Some(sender) = self.check_request(id, &h, Flags::NO_ACK, "SEND") else {
+        let allowed = Flags::NO_ACK.union(Flags::DEDUP);
+        let Some(sender) = self.check_request(id, &h, allowed, "SEND") else {
             return;
         };
+        let dedup = h.flags.contains(Flags::DEDUP);
+        if dedup {
+            if h.msg_id.0 == 0 {
+                let reason = "DEDUP needs a non-zero msg_id";
+                self.reply_error(id, h.msg_id, h.target, ErrorCode::InvalidField, reason);
+                return;
+            }
+            if let Some(count) = self.dedup.lookup(sender, h.msg_id, now) {
+                debug!(
+                    "{id}: {} from {sender} is a resend; not delivered again",
+                    h.msg_id
+                );
+                self.metrics.duplicates_dropped += 1;
+                if !h.flags.contains(Flags::NO_ACK) {
+                    write_ack(self.scratch(), h.msg_id, h.target, count);
+                    self.queue_scratch(id);
+                }
+                return;
+            }
+        }
         let devices = self.directory.devices(h.target);
         if devices.is_empty() {
             let reason = format!("{} is not connected", h.target);
@@ -162,6 +183,9 @@ impl Relay {
         }
         self.metrics.messages_routed += 1;
         self.metrics.deliveries_queued += count as u64;
+        if dedup {
+            self.dedup.record(sender, h.msg_id, count as u32, now);
+        }
         if !h.flags.contains(Flags::NO_ACK) {
             write_ack(self.scratch(), h.msg_id, h.target, count as u32);
             self.queue_scratch(id);

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub room_deliveries_dropped: u64,
     /// Times a connection's reads were paused because its own output queue was full.
     pub read_pauses: u64,
+    /// DEDUP SENDs answered from memory instead of delivered a second time.
+    pub duplicates_dropped: u64,
 }
 
 impl Metrics {

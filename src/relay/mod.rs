@@ -18,6 +18,7 @@
 //!    [`Relay::poll_resume`] names connections whose paused reads may go on.
 
 mod config;
+mod dedup;
 mod directory;
 mod handlers;
 mod metrics;
@@ -43,6 +44,7 @@ use crate::proto::frame::{write_error, write_frame};
 use crate::proto::text;
 use crate::proto::{decode_raw, ErrorCode, Flags, MessageId, Opcode, RoomId, UserId};
 use crate::ConnId;
+use dedup::Dedup;
 use directory::Directory;
 use rooms::Rooms;
 use session::{Codec, Session};
@@ -72,6 +74,7 @@ pub struct Relay {
     sessions: Slab<Session>,
     directory: Directory,
     rooms: Rooms,
+    dedup: Dedup,
     timers: Timers,
     flush_list: Vec<ConnId>,
     resume_list: Vec<ConnId>,
@@ -86,11 +89,17 @@ impl Relay {
     /// A relay with the given limits. Call [`Config::validate`] first; an invalid config
     /// is not rejected here.
     pub fn new(config: Config) -> Relay {
+        let dedup = Dedup::new(
+            config.dedup_window,
+            config.dedup_ttl,
+            config.dedup_max_entries,
+        );
         Relay {
             config,
             sessions: Slab::new(),
             directory: Directory::default(),
             rooms: Rooms::default(),
+            dedup,
             timers: Timers::default(),
             flush_list: Vec::new(),
             resume_list: Vec::new(),
@@ -140,6 +149,11 @@ impl Relay {
     /// Room messages dropped for slow members of `room` so far.
     pub fn room_dropped(&self, room: RoomId) -> u64 {
         self.rooms.dropped(room)
+    }
+
+    /// DEDUP SEND ids the relay remembers now (section 13 of protocol.md).
+    pub fn dedup_entries(&self) -> usize {
+        self.dedup.entries()
     }
 
     /// The connections `user` is logged in on.

@@ -10,6 +10,15 @@
 //!   output queues. Takes events with `now`, hands out "write these bytes to connection X".
 //! - [`server`]: the thin mio driver, the only code that touches sockets: poll, accept,
 //!   read into a reused buffer, hand bytes to the core, write what it queued, run timers.
+//! - [`client`]: the SDK apps link. A sans-IO client core on the same [`proto`] codec
+//!   (heartbeats, reconnect with backoff, resend and de-duplication), a non-blocking
+//!   driver for apps with their own event loop, and a blocking `Client`.
+//! - [`ffi`]: the C ABI over the blocking client, for iOS and Android (`include/imrelay.h`).
+//!
+//! # Features
+//! `server` (default) builds the relay, its driver and the binaries. An app that only needs
+//! the SDK depends on imrelay with `default-features = false`: `proto`, `client` and `ffi`
+//! then need only `bytes`, `byteorder`, `log`, `libc` and `socket2`.
 //!
 //! # Layout
 //! - `src/proto/`: `frame.rs` (header, `Frame`, encoders), `decode.rs` (incremental
@@ -17,13 +26,19 @@
 //! - `src/relay/`: `mod.rs` (the `Relay` and its calling order), `session.rs`,
 //!   `directory.rs` (user → connections), `out_queue.rs`, `timers.rs`, `config.rs`,
 //!   `metrics.rs`.
-//! - `src/server/`: `mod.rs` (event loop), `listen.rs` (fd limits, listener).
+//! - `src/server/`: `mod.rs` (event loop), `io.rs` (reads), `limits.rs` (fd limits).
+//! - `src/client/`: `core.rs` (the sans-IO client), `outbox.rs`, `seen.rs`, `backoff.rs`,
+//!   `event.rs`, `config.rs`, `conn.rs` (non-blocking driver), `blocking.rs`.
 //! - `src/bin/imrelay.rs`: the relay binary.
 
 #![deny(missing_docs)]
 
+pub mod client;
+pub mod ffi;
 pub mod proto;
+#[cfg(feature = "server")]
 pub mod relay;
+#[cfg(feature = "server")]
 pub mod server;
 
 use std::fmt;

@@ -1,0 +1,177 @@
+//! The blocking client: a [`Connection`] that waits on its own socket with poll(2).
+//!
+//! For simple programs, tests, and the C ABI: `send` returns at once with the message id,
+//! `recv(timeout)` runs the link (connect, heartbeat, reconnect, resend) until an event
+//! comes or the timeout passes.
+
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::config::ClientConfig;
+use super::conn::Connection;
+use super::event::{DisconnectReason, Event, SendError};
+use crate::proto::{LoginOk, MessageId, RoomId, UserId};
+
+/// Why [`Client::connect`] gave up.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The address did not resolve.
+    Resolve(io::Error),
+    /// The first attempt failed (the client would have retried; this call does not).
+    Link(DisconnectReason),
+    /// Nothing happened within the timeout.
+    Timeout,
+    /// The configuration cannot work (user id 0).
+    InvalidConfig,
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Resolve(e) => write!(f, "cannot resolve the relay address: {e}"),
+            ConnectError::Link(reason) => write!(f, "{reason}"),
+            ConnectError::Timeout => write!(f, "not logged in within the timeout"),
+            ConnectError::InvalidConfig => write!(f, "user id 0 is reserved"),
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+/// A client that blocks in [`Client::recv`].
+#[derive(Debug)]
+pub struct Client {
+    conn: Connection,
+}
+
+impl Client {
+    /// Starts a client that connects (and reconnects) by itself; returns at once.
+    pub fn start(addr: SocketAddr, config: ClientConfig) -> Client {
+        Client {
+            conn: Connection::new(addr, config, Instant::now()),
+        }
+    }
+
+    /// Connects and logs in, waiting up to `timeout`. Fails on the first failed attempt;
+    /// after that the client reconnects by itself whenever the link dies.
+    pub fn connect(
+        addr: impl ToSocketAddrs,
+        config: ClientConfig,
+        timeout: Duration,
+    ) -> Result<(Client, LoginOk), ConnectError> {
+        let addr = addr
+            .to_socket_addrs()
+            .map_err(ConnectError::Resolve)?
+            .next()
+            .ok_or_else(|| {
+                ConnectError::Resolve(io::Error::new(io::ErrorKind::NotFound, "no address"))
+            })?;
+        let mut client = Client::start(addr, config);
+        match client.recv(timeout) {
+            Some(Event::Connected { limits, .. }) => Ok((client, limits)),
+            Some(Event::Disconnected { reason, .. }) => Err(ConnectError::Link(reason)),
+            Some(Event::Closed) => Err(ConnectError::InvalidConfig),
+            Some(_) | None => Err(ConnectError::Timeout),
+        }
+    }
+
+    /// Queues a direct message; it ends as one `Delivered` or `Failed` event with this id.
+    pub fn send(&mut self, to: UserId, payload: impl Into<Bytes>) -> Result<MessageId, SendError> {
+        self.conn.send(to, payload.into(), Instant::now())
+    }
+
+    /// Joins a room (re-joined after every reconnect).
+    pub fn join(&mut self, room: RoomId) -> Result<(), SendError> {
+        self.conn.join(room, Instant::now())
+    }
+
+    /// Leaves a room.
+    pub fn leave(&mut self, room: RoomId) -> Result<(), SendError> {
+        self.conn.leave(room, Instant::now())
+    }
+
+    /// Sends a live room message.
+    pub fn room_send(&mut self, room: RoomId, payload: impl Into<Bytes>) -> Result<(), SendError> {
+        self.conn.room_send(room, payload.into(), Instant::now())
+    }
+
+    /// Asks for a room's online count.
+    pub fn room_info(&mut self, room: RoomId) -> Result<(), SendError> {
+        self.conn.room_info(room, Instant::now())
+    }
+
+    /// Messages sent and not yet answered.
+    pub fn pending(&self) -> usize {
+        self.conn.core().pending()
+    }
+
+    /// True once closed for good.
+    pub fn is_closed(&self) -> bool {
+        self.conn.is_closed()
+    }
+
+    /// Runs the link until an event is ready or `timeout` passes.
+    pub fn recv(&mut self, timeout: Duration) -> Option<Event> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(event) = self.conn.poll_event() {
+                return Some(event);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            let wake = self
+                .conn
+                .poll_timeout()
+                .map_or(deadline, |t| t.min(deadline));
+            let wait = wake.saturating_duration_since(now);
+            if self.wait_ready(wait) {
+                self.conn.handle_ready(Instant::now());
+            }
+            self.conn.handle_timeout(Instant::now());
+        }
+    }
+
+    /// Closes the session and waits (up to `timeout`) for the answers to messages in
+    /// flight. Returns every event that came meanwhile, `Closed` last.
+    pub fn close(&mut self, timeout: Duration) -> Vec<Event> {
+        self.conn.close(Instant::now());
+        let deadline = Instant::now() + timeout;
+        let mut events = Vec::new();
+        while let Some(event) = self.recv(deadline.saturating_duration_since(Instant::now())) {
+            let closed = event == Event::Closed;
+            events.push(event);
+            if closed {
+                break;
+            }
+        }
+        events
+    }
+
+    /// Waits for the socket (or just the time, when there is no socket). True if it is
+    /// ready.
+    fn wait_ready(&self, wait: Duration) -> bool {
+        let Some(fd) = self.conn.raw_fd() else {
+            std::thread::sleep(wait);
+            return false;
+        };
+        let mut events = libc::POLLIN;
+        if self.conn.wants_write() {
+            events |= libc::POLLOUT;
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        // Round up so a sub-millisecond wait does not spin.
+        let millis = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd, count 1.
+        let n = unsafe { libc::poll(&mut pfd, 1, millis) };
+        n > 0
+    }
+}

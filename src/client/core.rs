@@ -1,0 +1,555 @@
+//! The sans-IO client: one user's session over a link that comes and goes.
+//!
+//! [`ClientCore`] never touches a socket or a clock. The driver (`conn.rs`, or an app's own
+//! event loop) feeds it what happened (`handle_connected`, `handle_input`,
+//! `handle_link_error`, `handle_timeout`, each with `now`) and does what it asks:
+//! `poll_action` says when to open or drop the TCP link, `output`/`consume_output` hold
+//! the bytes to write, `poll_timeout` says when to call back, and `poll_event` hands the
+//! app its events.
+//!
+//! The link goes Waiting → Connecting → LoggingIn → Ready, and back to Waiting (with
+//! exponential backoff and jitter) whenever it dies: connect failure, login refused or
+//! timed out, EOF, I/O error, bad frames, or a heartbeat that got no answer. Messages sent
+//! while the link is down wait in the outbox; after each LOGIN_OK every message not yet
+//! answered is written (again) with the DEDUP flag and its original id, so neither the
+//! relay (section 13 of protocol.md) nor the receiving SDK (`seen.rs`) shows it twice.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use log::debug;
+
+use super::backoff::{Backoff, Rng};
+use super::config::ClientConfig;
+use super::event::{DisconnectReason, Event, FailReason, SendError};
+use super::outbox::Outbox;
+use super::seen::Seen;
+use crate::proto::decode::decode_frame;
+use crate::proto::{
+    Flags, Frame, LoginOk, MessageId, Opcode, RoomId, UserId, DEFAULT_MAX_FRAME, HEADER_LEN,
+    MAX_FRAME_CEILING,
+};
+
+/// What the driver must do with the TCP link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkAction {
+    /// Open a TCP connection to the relay, then call `handle_connected` (or
+    /// `handle_link_error` if it fails).
+    Connect,
+    /// Close the current TCP connection; the core has already moved on.
+    Disconnect,
+}
+
+/// Where the link is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// No link; the next attempt starts at `at`.
+    Waiting {
+        /// When to connect.
+        at: Instant,
+    },
+    /// A TCP connect is under way.
+    Connecting {
+        /// When to give up on it.
+        deadline: Instant,
+    },
+    /// LOGIN was written; LOGIN_OK has not arrived.
+    LoggingIn {
+        /// When to give up on it.
+        deadline: Instant,
+    },
+    /// Logged in: messages flow.
+    Ready,
+    /// BYE was written; waiting for the relay's BYE.
+    Closing {
+        /// When to stop waiting.
+        deadline: Instant,
+    },
+    /// Closed for good.
+    Closed,
+}
+
+/// One client's session state (see the module docs for the calling order).
+#[derive(Debug)]
+pub struct ClientCore {
+    config: ClientConfig,
+    phase: Phase,
+    action: Option<LinkAction>,
+    out: BytesMut,
+    events: VecDeque<Event>,
+    outbox: Outbox,
+    seen: Seen,
+    backoff: Backoff,
+    rng: Rng,
+    id_tag: u64,
+    next_seq: u32,
+    login_id: MessageId,
+    max_payload: usize,
+    last_rx: Instant,
+    ping_deadline: Option<Instant>,
+    rooms: Vec<RoomId>,
+}
+
+impl ClientCore {
+    /// A client that will connect at `now` (when the driver first polls for an action).
+    pub fn new(config: ClientConfig, now: Instant) -> ClientCore {
+        ClientCore::with_rng(config, now, Rng::from_entropy())
+    }
+
+    /// The same with a chosen random source (tests make backoff and ids repeatable).
+    pub fn with_rng(config: ClientConfig, now: Instant, mut rng: Rng) -> ClientCore {
+        let backoff = Backoff::new(config.backoff_initial, config.backoff_max);
+        let seen = Seen::new(config.seen_window);
+        // Message ids: a random 32-bit tag for this client instance, then a counter, so the
+        // ids of a user's devices (and of an app restart) do not collide in the relay's
+        // per-user de-duplication window.
+        let id_tag = (rng.next_u64() >> 32).max(1) << 32;
+        let mut core = ClientCore {
+            config,
+            phase: Phase::Waiting { at: now },
+            action: None,
+            out: BytesMut::new(),
+            events: VecDeque::new(),
+            outbox: Outbox::default(),
+            seen,
+            backoff,
+            rng,
+            id_tag,
+            next_seq: 0,
+            login_id: MessageId(0),
+            max_payload: DEFAULT_MAX_FRAME as usize - HEADER_LEN,
+            last_rx: now,
+            ping_deadline: None,
+            rooms: Vec::new(),
+        };
+        if core.config.user.is_none() {
+            core.phase = Phase::Closed;
+            core.events.push_back(Event::Closed);
+        }
+        core
+    }
+
+    /// Where the link is.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// Messages sent and not yet answered (delivered or failed).
+    pub fn pending(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// True once the client is closed for good.
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
+    // ---- the app's calls -------------------------------------------------------------
+
+    /// Queues a direct message to `to` and returns its id. It is written as soon as the
+    /// link is up, and ends as exactly one `Delivered` or `Failed` event with this id.
+    pub fn send(
+        &mut self,
+        to: UserId,
+        payload: Bytes,
+        now: Instant,
+    ) -> Result<MessageId, SendError> {
+        if matches!(self.phase, Phase::Closing { .. } | Phase::Closed) {
+            return Err(SendError::Closed);
+        }
+        if to.is_none() {
+            return Err(SendError::InvalidRecipient);
+        }
+        if payload.len() > self.max_payload {
+            return Err(SendError::TooLarge);
+        }
+        if self.outbox.len() >= self.config.max_outbox {
+            return Err(SendError::OutboxFull);
+        }
+        let id = self.next_id();
+        self.outbox.push(to, id, payload, now);
+        self.pump();
+        Ok(id)
+    }
+
+    /// Joins a room now if the link is up, and again after every reconnect.
+    pub fn join(&mut self, room: RoomId) -> Result<(), SendError> {
+        self.check_open()?;
+        if !self.rooms.contains(&room) {
+            self.rooms.push(room);
+        }
+        if self.phase == Phase::Ready {
+            let id = self.next_id();
+            Frame::join(id, room).encode(&mut self.out);
+        }
+        Ok(())
+    }
+
+    /// Leaves a room (and stops re-joining it).
+    pub fn leave(&mut self, room: RoomId) -> Result<(), SendError> {
+        self.check_open()?;
+        self.rooms.retain(|r| *r != room);
+        if self.phase == Phase::Ready {
+            let id = self.next_id();
+            Frame::leave(id, room).encode(&mut self.out);
+        }
+        Ok(())
+    }
+
+    /// Sends a room message (danmaku, like…). Room traffic is live: it is not kept while the
+    /// link is down, so this fails with `NotConnected` then.
+    pub fn room_send(&mut self, room: RoomId, payload: Bytes) -> Result<(), SendError> {
+        self.check_open()?;
+        if self.phase != Phase::Ready {
+            return Err(SendError::NotConnected);
+        }
+        if payload.len() > self.max_payload {
+            return Err(SendError::TooLarge);
+        }
+        let id = self.next_id();
+        Frame::room_send(id, room, payload)
+            .with_flags(Flags::NO_ACK)
+            .encode(&mut self.out);
+        Ok(())
+    }
+
+    /// Asks for a room's online count (answered with a `RoomState` event).
+    pub fn room_info(&mut self, room: RoomId) -> Result<(), SendError> {
+        self.check_open()?;
+        if self.phase != Phase::Ready {
+            return Err(SendError::NotConnected);
+        }
+        let id = self.next_id();
+        Frame::room_info(id, room).encode(&mut self.out);
+        Ok(())
+    }
+
+    /// Ends the session: messages not yet written fail with `Closed`, those in flight get
+    /// their answers (the relay answers in order before its BYE), then `Closed`.
+    pub fn close(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Closed | Phase::Closing { .. } => {}
+            Phase::Ready => {
+                for id in self.outbox.take_unsent() {
+                    self.fail(id, FailReason::Closed);
+                }
+                let id = self.next_id();
+                Frame::bye(id).encode(&mut self.out);
+                self.phase = Phase::Closing {
+                    deadline: now + self.config.login_timeout,
+                };
+            }
+            _ => self.finish_close(),
+        }
+    }
+
+    // ---- the driver's calls ----------------------------------------------------------
+
+    /// What to do with the link now, if anything. Call until `None` after every other call.
+    pub fn poll_action(&mut self, now: Instant) -> Option<LinkAction> {
+        if let Some(action) = self.action.take() {
+            return Some(action);
+        }
+        if let Phase::Waiting { at } = self.phase {
+            if now >= at {
+                self.phase = Phase::Connecting {
+                    deadline: now + self.config.connect_timeout,
+                };
+                return Some(LinkAction::Connect);
+            }
+        }
+        None
+    }
+
+    /// The TCP connection is up: LOGIN goes out.
+    pub fn handle_connected(&mut self, now: Instant) {
+        if !matches!(self.phase, Phase::Connecting { .. }) {
+            return;
+        }
+        self.out.clear();
+        self.login_id = self.next_id();
+        Frame::login(self.login_id, self.config.user, &self.config.credential)
+            .encode(&mut self.out);
+        self.phase = Phase::LoggingIn {
+            deadline: now + self.config.login_timeout,
+        };
+        self.last_rx = now;
+        self.ping_deadline = None;
+    }
+
+    /// The link failed or closed (connect error, EOF, I/O error) as the driver saw it.
+    pub fn handle_link_error(&mut self, reason: DisconnectReason, now: Instant) {
+        self.link_down(reason, now);
+    }
+
+    /// Bytes read from the link. Every complete frame is consumed; a partial one stays.
+    pub fn handle_input(&mut self, buf: &mut BytesMut, now: Instant) {
+        if !matches!(
+            self.phase,
+            Phase::LoggingIn { .. } | Phase::Ready | Phase::Closing { .. }
+        ) {
+            buf.clear();
+            return;
+        }
+        loop {
+            match decode_frame(buf, MAX_FRAME_CEILING) {
+                Ok(Some(Ok(frame))) => {
+                    self.last_rx = now;
+                    self.ping_deadline = None;
+                    self.handle_frame(frame, now);
+                    if !matches!(
+                        self.phase,
+                        Phase::LoggingIn { .. } | Phase::Ready | Phase::Closing { .. }
+                    ) {
+                        buf.clear();
+                        return;
+                    }
+                }
+                Ok(Some(Err(opcode))) => {
+                    debug!("ignoring a frame with unknown opcode 0x{opcode:02x}");
+                    self.last_rx = now;
+                    self.ping_deadline = None;
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    buf.clear();
+                    self.link_down(DisconnectReason::Protocol(e.to_string()), now);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The bytes waiting to be written to the link.
+    pub fn output(&self) -> &[u8] {
+        &self.out
+    }
+
+    /// `n` bytes of [`output`](Self::output) were written.
+    pub fn consume_output(&mut self, n: usize) {
+        let _ = self.out.split_to(n.min(self.out.len()));
+    }
+
+    /// When to call `handle_timeout` next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let phase = match self.phase {
+            Phase::Waiting { at } => Some(at),
+            Phase::Connecting { deadline }
+            | Phase::LoggingIn { deadline }
+            | Phase::Closing { deadline } => Some(deadline),
+            Phase::Ready => Some(
+                self.ping_deadline
+                    .unwrap_or(self.last_rx + self.config.heartbeat_interval),
+            ),
+            Phase::Closed => return None,
+        };
+        let expiry = self.outbox.next_deadline(self.config.send_timeout);
+        match (phase, expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Runs every deadline that has passed: heartbeats, dead links, connect and login
+    /// timeouts, and send timeouts.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for (id, reason) in self.outbox.expire(now, self.config.send_timeout) {
+            self.fail(id, reason);
+        }
+        match self.phase {
+            Phase::Connecting { deadline } if now >= deadline => {
+                self.link_down(
+                    DisconnectReason::ConnectFailed("connect timed out".to_string()),
+                    now,
+                );
+            }
+            Phase::LoggingIn { deadline } if now >= deadline => {
+                self.link_down(DisconnectReason::LoginTimeout, now);
+            }
+            Phase::Closing { deadline } if now >= deadline => self.finish_close(),
+            Phase::Ready => match self.ping_deadline {
+                Some(dead) if now >= dead => {
+                    self.link_down(DisconnectReason::HeartbeatTimeout, now);
+                }
+                None if now >= self.last_rx + self.config.heartbeat_interval => {
+                    let id = self.next_id();
+                    Frame::ping(id, Bytes::new()).encode(&mut self.out);
+                    self.ping_deadline = Some(now + self.config.heartbeat_timeout);
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+        self.pump();
+    }
+
+    /// The next event for the app.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    // ---- inside ----------------------------------------------------------------------
+
+    fn handle_frame(&mut self, frame: Frame, now: Instant) {
+        match frame.opcode {
+            Opcode::LoginOk => self.on_login_ok(&frame),
+            Opcode::Ack => {
+                let devices = frame.ack_count().unwrap_or(0);
+                if self.outbox.answer(frame.msg_id).is_some() {
+                    self.events.push_back(Event::Delivered {
+                        id: frame.msg_id,
+                        devices,
+                    });
+                    self.pump();
+                }
+            }
+            Opcode::Error => self.on_error(&frame, now),
+            Opcode::Deliver => {
+                if self.seen.first_time(frame.source, frame.msg_id) {
+                    self.events.push_back(Event::Message {
+                        from: frame.source,
+                        id: frame.msg_id,
+                        payload: frame.payload,
+                    });
+                } else {
+                    debug!(
+                        "dropped a duplicate of {} from {}",
+                        frame.msg_id, frame.source
+                    );
+                }
+            }
+            Opcode::RoomDeliver => self.events.push_back(Event::RoomMessage {
+                room: frame.room(),
+                from: frame.source,
+                payload: frame.payload,
+            }),
+            Opcode::RoomState => {
+                if let Some(state) = frame.room_state() {
+                    self.events.push_back(Event::RoomState {
+                        room: frame.room(),
+                        members: state.members,
+                        is_member: state.is_member,
+                    });
+                }
+            }
+            Opcode::RoomMissed => {
+                if let Some(missed) = frame.room_missed() {
+                    self.events.push_back(Event::RoomMissed {
+                        room: frame.room(),
+                        missed,
+                    });
+                }
+            }
+            Opcode::Ping => Frame::pong(frame.msg_id, frame.payload).encode(&mut self.out),
+            Opcode::Bye => {
+                if matches!(self.phase, Phase::Closing { .. }) {
+                    self.finish_close();
+                }
+            }
+            other => debug!("ignoring {} from the relay", other.name()),
+        }
+    }
+
+    fn on_login_ok(&mut self, frame: &Frame) {
+        if !matches!(self.phase, Phase::LoggingIn { .. }) || frame.msg_id != self.login_id {
+            return;
+        }
+        let limits = frame.login_ok().unwrap_or(LoginOk {
+            max_frame: DEFAULT_MAX_FRAME,
+            ping_interval_ms: 0,
+            idle_timeout_ms: 0,
+            out_cap: 0,
+        });
+        self.max_payload = (limits.max_frame as usize).saturating_sub(HEADER_LEN);
+        self.phase = Phase::Ready;
+        self.backoff.reset();
+        self.events.push_back(Event::Connected {
+            user: self.config.user,
+            limits,
+        });
+        for i in 0..self.rooms.len() {
+            let id = self.next_id();
+            Frame::join(id, self.rooms[i]).encode(&mut self.out);
+        }
+        self.pump();
+    }
+
+    fn on_error(&mut self, frame: &Frame, now: Instant) {
+        let (code, reason) = frame.error().unwrap_or((0, String::new()));
+        if matches!(self.phase, Phase::LoggingIn { .. }) && frame.msg_id == self.login_id {
+            self.link_down(DisconnectReason::LoginRejected { code, reason }, now);
+            return;
+        }
+        if self.outbox.answer(frame.msg_id).is_some() {
+            self.fail(frame.msg_id, FailReason::Rejected { code, reason });
+            self.pump();
+            return;
+        }
+        self.events.push_back(Event::Error { code, reason });
+    }
+
+    /// Writes outbox messages while the link is up and the in-flight limit allows.
+    fn pump(&mut self) {
+        if self.phase != Phase::Ready {
+            return;
+        }
+        while let Some(m) = self.outbox.next_to_send(self.config.max_in_flight) {
+            Frame::send(m.id, m.to, m.payload.clone())
+                .with_flags(Flags::DEDUP)
+                .encode(&mut self.out);
+        }
+    }
+
+    fn link_down(&mut self, reason: DisconnectReason, now: Instant) {
+        match self.phase {
+            Phase::Closed => return,
+            Phase::Closing { .. } => {
+                self.action = Some(LinkAction::Disconnect);
+                self.finish_close();
+                return;
+            }
+            _ => {}
+        }
+        self.outbox.link_down();
+        self.out.clear();
+        self.ping_deadline = None;
+        let retry_in = self.backoff.next_delay(&mut self.rng);
+        debug!("link down ({reason}); retrying in {retry_in:?}");
+        self.phase = Phase::Waiting { at: now + retry_in };
+        self.action = Some(LinkAction::Disconnect);
+        self.events
+            .push_back(Event::Disconnected { reason, retry_in });
+    }
+
+    fn finish_close(&mut self) {
+        for (id, reason) in self.outbox.drain() {
+            self.fail(id, reason);
+        }
+        self.out.clear();
+        self.phase = Phase::Closed;
+        self.action = Some(LinkAction::Disconnect);
+        self.events.push_back(Event::Closed);
+    }
+
+    fn fail(&mut self, id: MessageId, reason: FailReason) {
+        self.events.push_back(Event::Failed { id, reason });
+    }
+
+    fn check_open(&self) -> Result<(), SendError> {
+        match self.phase {
+            Phase::Closing { .. } | Phase::Closed => Err(SendError::Closed),
+            _ => Ok(()),
+        }
+    }
+
+    fn next_id(&mut self) -> MessageId {
+        self.next_seq = self.next_seq.wrapping_add(1).max(1);
+        MessageId(self.id_tag | u64::from(self.next_seq))
+    }
+}

@@ -1,0 +1,193 @@
+//! What the client tells the app: events, why a link went down, why a message failed.
+
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::proto::{ErrorCode, LoginOk, MessageId, RoomId, UserId};
+
+/// Something the app should know. Read them with `poll_event` (or `recv` on the blocking
+/// client), in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Logged in; queued and un-ACKed messages are being (re)sent now.
+    Connected {
+        /// The user now logged in.
+        user: UserId,
+        /// The relay's limits from LOGIN_OK.
+        limits: LoginOk,
+    },
+    /// The link is down; the client reconnects by itself after `retry_in`.
+    Disconnected {
+        /// Why the link went down.
+        reason: DisconnectReason,
+        /// When the next attempt starts.
+        retry_in: Duration,
+    },
+    /// A direct message for this user (shown once, even if the relay sent it twice).
+    Message {
+        /// The sender's user id, set by the relay.
+        from: UserId,
+        /// The sender's message id.
+        id: MessageId,
+        /// The message.
+        payload: Bytes,
+    },
+    /// A room message (danmaku, like, gift…).
+    RoomMessage {
+        /// The room.
+        room: RoomId,
+        /// The sender's user id.
+        from: UserId,
+        /// The message.
+        payload: Bytes,
+    },
+    /// The relay dropped room messages for this connection because it was slow.
+    RoomMissed {
+        /// The room.
+        room: RoomId,
+        /// How many were dropped.
+        missed: u64,
+    },
+    /// The relay's answer to join, leave or room info.
+    RoomState {
+        /// The room.
+        room: RoomId,
+        /// Connections in the room.
+        members: u32,
+        /// Whether this connection is one of them.
+        is_member: bool,
+    },
+    /// The relay queued the message to `devices` connections of the recipient.
+    Delivered {
+        /// The id `send` returned.
+        id: MessageId,
+        /// Recipient connections it was queued to.
+        devices: u32,
+    },
+    /// The message will not be delivered by this client; nothing will be resent.
+    Failed {
+        /// The id `send` returned.
+        id: MessageId,
+        /// Why.
+        reason: FailReason,
+    },
+    /// An ERROR from the relay that answers none of this client's messages.
+    Error {
+        /// The code ([`ErrorCode`] as u16).
+        code: u16,
+        /// The relay's reason text.
+        reason: String,
+    },
+    /// `close` finished (or the config cannot work): no more events follow.
+    Closed,
+}
+
+/// Why a message failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FailReason {
+    /// The relay refused it (recipient offline, recipient slow, invalid…).
+    Rejected {
+        /// The relay's error code ([`ErrorCode`] as u16; a newer relay may send others).
+        code: u16,
+        /// The relay's reason text.
+        reason: String,
+    },
+    /// It was never written to a link before the send timeout.
+    NotSent,
+    /// It was written, but no ACK came before the send timeout: it may have arrived.
+    Unconfirmed,
+    /// The client was closed before the message was sent.
+    Closed,
+}
+
+impl fmt::Display for FailReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FailReason::Rejected { code, reason } => write!(f, "{}: {reason}", code_name(*code)),
+            FailReason::NotSent => write!(f, "not sent before the send timeout"),
+            FailReason::Unconfirmed => {
+                write!(f, "sent but not confirmed before the send timeout")
+            }
+            FailReason::Closed => write!(f, "client closed before sending"),
+        }
+    }
+}
+
+/// Why a link went down.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DisconnectReason {
+    /// The TCP connect failed or timed out.
+    ConnectFailed(String),
+    /// LOGIN got no answer within the login timeout.
+    LoginTimeout,
+    /// The relay refused the LOGIN.
+    LoginRejected {
+        /// The relay's error code ([`ErrorCode`] as u16; a newer relay may send others).
+        code: u16,
+        /// The relay's reason text.
+        reason: String,
+    },
+    /// Nothing arrived within the heartbeat timeout after a PING: the link is dead.
+    HeartbeatTimeout,
+    /// The relay closed the connection (its ERROR, if it sent one, came as an event).
+    ClosedByRelay,
+    /// A read or write failed.
+    Io(String),
+    /// The relay sent bytes that are not valid frames.
+    Protocol(String),
+}
+
+impl fmt::Display for DisconnectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DisconnectReason::ConnectFailed(e) => write!(f, "connect failed: {e}"),
+            DisconnectReason::LoginTimeout => write!(f, "no answer to LOGIN"),
+            DisconnectReason::LoginRejected { code, reason } => {
+                write!(f, "login refused: {}: {reason}", code_name(*code))
+            }
+            DisconnectReason::HeartbeatTimeout => write!(f, "heartbeat timeout: link dead"),
+            DisconnectReason::ClosedByRelay => write!(f, "closed by the relay"),
+            DisconnectReason::Io(e) => write!(f, "i/o error: {e}"),
+            DisconnectReason::Protocol(e) => write!(f, "protocol error: {e}"),
+        }
+    }
+}
+
+/// Why `send` refused a message at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendError {
+    /// The outbox holds `max_outbox` messages already.
+    OutboxFull,
+    /// The payload does not fit in the relay's max frame.
+    TooLarge,
+    /// User 0 is reserved.
+    InvalidRecipient,
+    /// Room traffic needs a live link.
+    NotConnected,
+    /// The client is closed.
+    Closed,
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SendError::OutboxFull => "outbox full",
+            SendError::TooLarge => "payload larger than the relay's max frame",
+            SendError::InvalidRecipient => "user id 0 is reserved",
+            SendError::NotConnected => "not connected",
+            SendError::Closed => "client closed",
+        })
+    }
+}
+
+impl std::error::Error for SendError {}
+
+/// `RECIPIENT_OFFLINE(6)` for a code v1 defines, `error 77` for another.
+pub fn code_name(code: u16) -> String {
+    match ErrorCode::from_u16(code) {
+        Some(known) => known.to_string(),
+        None => format!("error {code}"),
+    }
+}

@@ -1,0 +1,51 @@
+//! The client SDK: what a mobile or desktop app links to talk to an imrelay.
+//!
+//! Three layers, each usable on its own:
+//! - [`ClientCore`] (`core.rs`): the sans-IO session. LOGIN, heartbeats and dead-link
+//!   detection, reconnect with exponential backoff and jitter, the outbox that resends every
+//!   un-ACKed message after a reconnect (with the DEDUP flag, protocol.md section 13), and
+//!   receiver-side de-duplication. Bytes in, bytes and events out, `now` passed in.
+//! - [`Connection`] (`conn.rs`): the core plus a non-blocking TCP socket, for an app's own
+//!   event loop.
+//! - [`Client`] (`blocking.rs`): the same, blocking in `recv(timeout)`, for simple programs
+//!   and the C ABI (`src/ffi.rs`).
+//!
+//! The rest: `config.rs` (settings), `event.rs` (what the app is told), `outbox.rs`,
+//! `seen.rs` (de-duplication of deliveries), `backoff.rs`.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use imrelay::client::{Client, ClientConfig, Event};
+//! use imrelay::proto::UserId;
+//!
+//! let config = ClientConfig::new(UserId(1001));
+//! let (mut client, _limits) =
+//!     Client::connect("127.0.0.1:7700", config, Duration::from_secs(5)).unwrap();
+//! let id = client.send(UserId(1002), &b"hi bob"[..]).unwrap();
+//! while let Some(event) = client.recv(Duration::from_secs(5)) {
+//!     match event {
+//!         Event::Delivered { id: done, .. } if done == id => break,
+//!         Event::Failed { reason, .. } => panic!("{reason}"),
+//!         _ => {}
+//!     }
+//! }
+//! ```
+
+mod backoff;
+mod blocking;
+mod config;
+mod conn;
+mod core;
+mod event;
+mod outbox;
+mod seen;
+
+pub use backoff::{Backoff, Rng};
+pub use blocking::{Client, ConnectError};
+pub use config::ClientConfig;
+pub use conn::Connection;
+pub use core::{ClientCore, LinkAction, Phase};
+pub use event::{code_name, DisconnectReason, Event, FailReason, SendError};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,442 @@
+//! The client core driven by hand with a simulated clock: no sockets, no sleeps.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::*;
+use crate::proto::decode::decode_frame;
+use crate::proto::frame::{write_ack, write_error};
+use crate::proto::{ErrorCode, Flags, Frame, LoginOk, MessageId, Opcode, UserId};
+
+const ME: UserId = UserId(1001);
+const BOB: UserId = UserId(1002);
+
+fn config() -> ClientConfig {
+    let mut c = ClientConfig::new(ME);
+    c.heartbeat_interval = Duration::from_secs(20);
+    c.heartbeat_timeout = Duration::from_secs(10);
+    c.backoff_initial = Duration::from_millis(500);
+    c.max_in_flight = 4;
+    c
+}
+
+/// Takes every frame the core wants written.
+fn written(core: &mut ClientCore) -> Vec<Frame> {
+    let mut buf = BytesMut::from(core.output());
+    core.consume_output(buf.len());
+    let mut frames = Vec::new();
+    while let Some(frame) = decode_frame(&mut buf, 1 << 20).unwrap() {
+        frames.push(frame.unwrap());
+    }
+    frames
+}
+
+fn events(core: &mut ClientCore) -> Vec<Event> {
+    std::iter::from_fn(|| core.poll_event()).collect()
+}
+
+fn feed(core: &mut ClientCore, frame: &[u8], now: Instant) {
+    let mut buf = BytesMut::from(frame);
+    core.handle_input(&mut buf, now);
+}
+
+fn login_ok(msg_id: MessageId) -> Bytes {
+    let limits = LoginOk {
+        max_frame: 65536,
+        ping_interval_ms: 30_000,
+        idle_timeout_ms: 90_000,
+        out_cap: 1 << 20,
+    };
+    Frame::new(
+        Opcode::LoginOk,
+        msg_id,
+        ME,
+        Bytes::copy_from_slice(&limits.to_bytes()),
+    )
+    .to_bytes()
+}
+
+fn ack(id: MessageId, devices: u32) -> Bytes {
+    let mut buf = BytesMut::new();
+    write_ack(&mut buf, id, BOB, devices);
+    buf.freeze()
+}
+
+/// Connects and logs in; returns the core in Ready with its output drained.
+fn ready(now: Instant) -> ClientCore {
+    let mut core = ClientCore::with_rng(config(), now, Rng::seeded(7));
+    connect(&mut core, now);
+    core
+}
+
+/// Runs one connect + login on `core` (which must be due to connect at `now`).
+fn connect(core: &mut ClientCore, now: Instant) -> Vec<Frame> {
+    assert_eq!(core.poll_action(now), Some(LinkAction::Connect));
+    core.handle_connected(now);
+    let out = written(core);
+    assert_eq!(out[0].opcode, Opcode::Login);
+    assert_eq!(out[0].target, ME);
+    feed(core, &login_ok(out[0].msg_id), now);
+    assert!(matches!(events(core)[0], Event::Connected { user: ME, .. }));
+    assert_eq!(core.phase(), Phase::Ready);
+    written(core)
+}
+
+#[test]
+fn sends_carry_dedup_and_end_as_one_delivered_event() {
+    let now = Instant::now();
+    let mut core = ready(now);
+    let id = core.send(BOB, Bytes::from_static(b"hi"), now).unwrap();
+    let out = written(&mut core);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].opcode, Opcode::Send);
+    assert_eq!(out[0].flags, Flags::DEDUP);
+    assert_eq!((out[0].msg_id, out[0].target), (id, BOB));
+    feed(&mut core, &ack(id, 2), now);
+    assert_eq!(events(&mut core), vec![Event::Delivered { id, devices: 2 }]);
+    feed(&mut core, &ack(id, 2), now);
+    assert!(
+        events(&mut core).is_empty(),
+        "a second ACK is not a second event"
+    );
+    assert_eq!(core.pending(), 0);
+}
+
+#[test]
+fn messages_sent_while_down_go_out_after_login_and_unacked_ones_are_resent() {
+    let t0 = Instant::now();
+    let mut core = ready(t0);
+    let a = core.send(BOB, Bytes::from_static(b"a"), t0).unwrap();
+    assert_eq!(written(&mut core).len(), 1);
+    core.handle_link_error(DisconnectReason::ClosedByRelay, t0);
+    assert_eq!(core.poll_action(t0), Some(LinkAction::Disconnect));
+    let retry_in = match events(&mut core).as_slice() {
+        [Event::Disconnected {
+            reason: DisconnectReason::ClosedByRelay,
+            retry_in,
+        }] => *retry_in,
+        other => panic!("{other:?}"),
+    };
+    assert!(retry_in >= Duration::from_millis(250) && retry_in <= Duration::from_millis(500));
+    let b = core.send(BOB, Bytes::from_static(b"b"), t0).unwrap();
+    assert!(core.output().is_empty(), "nothing is written while down");
+    assert_eq!(core.poll_action(t0), None, "waits for the backoff");
+
+    let t1 = t0 + retry_in;
+    let resent = connect(&mut core, t1);
+    let ids: Vec<_> = resent.iter().map(|f| (f.msg_id, f.flags)).collect();
+    assert_eq!(
+        ids,
+        vec![(a, Flags::DEDUP), (b, Flags::DEDUP)],
+        "same ids, in order"
+    );
+    feed(&mut core, &ack(a, 1), t1);
+    feed(&mut core, &ack(b, 1), t1);
+    assert_eq!(
+        events(&mut core),
+        vec![
+            Event::Delivered { id: a, devices: 1 },
+            Event::Delivered { id: b, devices: 1 }
+        ]
+    );
+}
+
+#[test]
+fn at_most_max_in_flight_messages_are_unanswered() {
+    let now = Instant::now();
+    let mut core = ready(now);
+    let ids: Vec<_> = (0..6)
+        .map(|i| core.send(BOB, Bytes::from(vec![i]), now).unwrap())
+        .collect();
+    assert_eq!(written(&mut core).len(), 4);
+    feed(&mut core, &ack(ids[0], 1), now);
+    let next = written(&mut core);
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].msg_id, ids[4]);
+}
+
+#[test]
+fn a_relay_error_fails_that_message_only() {
+    let now = Instant::now();
+    let mut core = ready(now);
+    let a = core.send(BOB, Bytes::from_static(b"a"), now).unwrap();
+    let b = core.send(BOB, Bytes::from_static(b"b"), now).unwrap();
+    written(&mut core);
+    let mut err = BytesMut::new();
+    write_error(
+        &mut err,
+        a,
+        BOB,
+        ErrorCode::RecipientOffline,
+        "user 1002 is not connected",
+    );
+    feed(&mut core, &err, now);
+    feed(&mut core, &ack(b, 1), now);
+    assert_eq!(
+        events(&mut core),
+        vec![
+            Event::Failed {
+                id: a,
+                reason: FailReason::Rejected {
+                    code: ErrorCode::RecipientOffline as u16,
+                    reason: "user 1002 is not connected".to_string()
+                }
+            },
+            Event::Delivered { id: b, devices: 1 }
+        ]
+    );
+}
+
+#[test]
+fn a_duplicate_delivery_is_shown_once() {
+    let now = Instant::now();
+    let mut core = ready(now);
+    let deliver = Frame::new(
+        Opcode::Deliver,
+        MessageId(77),
+        ME,
+        Bytes::from_static(b"yo"),
+    )
+    .with_source(BOB)
+    .to_bytes();
+    feed(&mut core, &deliver, now);
+    // The relay restarted and the sender resent: the same (sender, id) again.
+    core.handle_link_error(DisconnectReason::ClosedByRelay, now);
+    let later = now + Duration::from_secs(1);
+    events(&mut core);
+    assert_eq!(core.poll_action(now), Some(LinkAction::Disconnect));
+    connect(&mut core, later);
+    feed(&mut core, &deliver, later);
+    assert!(events(&mut core).is_empty());
+    let from_other = Frame::new(Opcode::Deliver, MessageId(77), ME, Bytes::from_static(b"x"))
+        .with_source(UserId(5))
+        .to_bytes();
+    feed(&mut core, &from_other, later);
+    assert_eq!(
+        events(&mut core).len(),
+        1,
+        "same id from another sender is new"
+    );
+}
+
+#[test]
+fn heartbeat_pings_after_silence_and_declares_a_silent_link_dead() {
+    let t0 = Instant::now();
+    let mut core = ready(t0);
+    assert_eq!(core.poll_timeout(), Some(t0 + Duration::from_secs(20)));
+    let t1 = t0 + Duration::from_secs(20);
+    core.handle_timeout(t1);
+    let ping = written(&mut core);
+    assert_eq!(ping[0].opcode, Opcode::Ping);
+    assert_eq!(core.poll_timeout(), Some(t1 + Duration::from_secs(10)));
+
+    // An answer keeps the link.
+    feed(
+        &mut core,
+        &Frame::pong(ping[0].msg_id, Bytes::new()).to_bytes(),
+        t1,
+    );
+    core.handle_timeout(t1 + Duration::from_secs(10));
+    assert_eq!(core.phase(), Phase::Ready);
+
+    // Silence after the next PING kills it.
+    let t2 = t1 + Duration::from_secs(20);
+    core.handle_timeout(t2);
+    assert_eq!(written(&mut core)[0].opcode, Opcode::Ping);
+    core.handle_timeout(t2 + Duration::from_secs(10));
+    assert!(matches!(core.phase(), Phase::Waiting { .. }));
+    assert_eq!(core.poll_action(t2), Some(LinkAction::Disconnect));
+    assert!(matches!(
+        events(&mut core).as_slice(),
+        [Event::Disconnected {
+            reason: DisconnectReason::HeartbeatTimeout,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn relay_pings_are_answered_with_pongs() {
+    let now = Instant::now();
+    let mut core = ready(now);
+    feed(
+        &mut core,
+        &Frame::ping(MessageId(9), Bytes::from_static(b"t")).to_bytes(),
+        now,
+    );
+    let out = written(&mut core);
+    assert_eq!((out[0].opcode, out[0].msg_id), (Opcode::Pong, MessageId(9)));
+    assert_eq!(&out[0].payload[..], b"t");
+}
+
+#[test]
+fn a_refused_login_backs_off_and_tries_again() {
+    let t0 = Instant::now();
+    let mut core = ClientCore::with_rng(config(), t0, Rng::seeded(1));
+    assert_eq!(core.poll_action(t0), Some(LinkAction::Connect));
+    core.handle_connected(t0);
+    let login = written(&mut core);
+    let mut err = BytesMut::new();
+    write_error(
+        &mut err,
+        login[0].msg_id,
+        ME,
+        ErrorCode::LimitReached,
+        "too many devices",
+    );
+    feed(&mut core, &err, t0);
+    assert_eq!(core.poll_action(t0), Some(LinkAction::Disconnect));
+    let Phase::Waiting { at } = core.phase() else {
+        panic!("{:?}", core.phase());
+    };
+    assert!(matches!(
+        events(&mut core).as_slice(),
+        [Event::Disconnected {
+            reason: DisconnectReason::LoginRejected { code: 8, .. },
+            ..
+        }]
+    ));
+    assert_eq!(core.poll_action(at), Some(LinkAction::Connect));
+}
+
+#[test]
+fn connect_and_login_timeouts_bring_the_link_down() {
+    let t0 = Instant::now();
+    let mut core = ClientCore::with_rng(config(), t0, Rng::seeded(3));
+    assert_eq!(core.poll_action(t0), Some(LinkAction::Connect));
+    core.handle_timeout(t0 + Duration::from_secs(10));
+    assert!(matches!(
+        events(&mut core).as_slice(),
+        [Event::Disconnected {
+            reason: DisconnectReason::ConnectFailed(_),
+            ..
+        }]
+    ));
+    let Phase::Waiting { at } = core.phase() else {
+        panic!()
+    };
+    assert_eq!(core.poll_action(at), Some(LinkAction::Disconnect));
+    assert_eq!(core.poll_action(at), Some(LinkAction::Connect));
+    core.handle_connected(at);
+    core.handle_timeout(at + Duration::from_secs(10));
+    assert!(matches!(
+        events(&mut core).as_slice(),
+        [Event::Disconnected {
+            reason: DisconnectReason::LoginTimeout,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn messages_never_answered_fail_at_the_send_timeout_with_the_right_reason() {
+    let t0 = Instant::now();
+    let mut cfg = config();
+    cfg.max_in_flight = 1;
+    let mut core = ClientCore::with_rng(cfg, t0, Rng::seeded(5));
+    connect(&mut core, t0);
+    let sent = core.send(BOB, Bytes::from_static(b"a"), t0).unwrap();
+    let queued = core.send(BOB, Bytes::from_static(b"b"), t0).unwrap();
+    core.handle_timeout(t0 + Duration::from_secs(60));
+    let failures: Vec<_> = events(&mut core)
+        .into_iter()
+        .filter(|e| matches!(e, Event::Failed { .. }))
+        .collect();
+    assert_eq!(
+        failures,
+        vec![
+            Event::Failed {
+                id: sent,
+                reason: FailReason::Unconfirmed
+            },
+            Event::Failed {
+                id: queued,
+                reason: FailReason::NotSent
+            },
+        ]
+    );
+    assert_eq!(core.pending(), 0);
+}
+
+#[test]
+fn send_refuses_what_cannot_work() {
+    let now = Instant::now();
+    let mut cfg = config();
+    cfg.max_outbox = 1;
+    let mut core = ClientCore::with_rng(cfg, now, Rng::seeded(2));
+    assert_eq!(
+        core.send(UserId::NONE, Bytes::new(), now),
+        Err(SendError::InvalidRecipient)
+    );
+    assert_eq!(
+        core.send(BOB, Bytes::from(vec![0; 70_000]), now),
+        Err(SendError::TooLarge)
+    );
+    core.send(BOB, Bytes::new(), now).unwrap();
+    assert_eq!(
+        core.send(BOB, Bytes::new(), now),
+        Err(SendError::OutboxFull)
+    );
+    assert_eq!(
+        core.room_send(crate::proto::RoomId(1), Bytes::new()),
+        Err(SendError::NotConnected)
+    );
+}
+
+#[test]
+fn close_waits_for_answers_in_flight_and_fails_the_rest() {
+    let now = Instant::now();
+    let mut cfg = config();
+    cfg.max_in_flight = 1;
+    let mut core = ClientCore::with_rng(cfg, now, Rng::seeded(9));
+    connect(&mut core, now);
+    let a = core.send(BOB, Bytes::from_static(b"a"), now).unwrap();
+    let b = core.send(BOB, Bytes::from_static(b"b"), now).unwrap();
+    written(&mut core);
+    core.close(now);
+    let bye = written(&mut core);
+    assert_eq!(bye[0].opcode, Opcode::Bye);
+    assert_eq!(core.send(BOB, Bytes::new(), now), Err(SendError::Closed));
+    feed(&mut core, &ack(a, 1), now);
+    feed(&mut core, &Frame::bye(bye[0].msg_id).to_bytes(), now);
+    assert_eq!(
+        events(&mut core),
+        vec![
+            Event::Failed {
+                id: b,
+                reason: FailReason::Closed
+            },
+            Event::Delivered { id: a, devices: 1 },
+            Event::Closed
+        ]
+    );
+    assert_eq!(core.poll_action(now), Some(LinkAction::Disconnect));
+    assert!(core.is_closed());
+}
+
+#[test]
+fn rooms_are_joined_again_after_a_reconnect() {
+    let now = Instant::now();
+    let mut core = ready(now);
+    core.join(crate::proto::RoomId(7)).unwrap();
+    assert_eq!(written(&mut core)[0].opcode, Opcode::Join);
+    core.handle_link_error(DisconnectReason::ClosedByRelay, now);
+    let later = now + Duration::from_secs(1);
+    events(&mut core);
+    let _ = core.poll_action(now);
+    let rejoin = connect(&mut core, later);
+    assert_eq!(rejoin[0].opcode, Opcode::Join);
+    assert_eq!(rejoin[0].target, UserId(7));
+}
+
+#[test]
+fn message_ids_are_unique_per_client_instance() {
+    let now = Instant::now();
+    let mut a = ClientCore::new(config(), now);
+    let mut b = ClientCore::new(config(), now);
+    let ia = a.send(BOB, Bytes::new(), now).unwrap();
+    let ib = b.send(BOB, Bytes::new(), now).unwrap();
+    assert_ne!(ia, ib, "two devices of one user must not share ids");
+    assert_ne!(ia.0, 0);
+}

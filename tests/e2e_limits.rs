@@ -3,12 +3,11 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use imrelay::proto::{ErrorCode, Frame, MessageId, Opcode, UserId};
 use imrelay::relay::Config;
+use support::process::RelayProcess;
 use support::{Client, TestRelay};
 
 #[test]
@@ -47,59 +46,6 @@ fn a_connection_past_the_limit_is_refused_and_a_freed_slot_is_reused() {
     let mut newcomer = relay.connect();
     newcomer.login(4);
     newcomer.round_trip();
-}
-
-/// The real binary on a free port, killed if the test fails.
-struct RelayProcess {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl RelayProcess {
-    fn start(extra: &[&str]) -> RelayProcess {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_imrelay"))
-            .arg("--listen")
-            .arg(addr.to_string())
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start imrelay");
-        // The relay logs "listening on" once its socket is bound: wait for that line, then
-        // keep draining its log on a thread so it never blocks on a full pipe.
-        let mut log = BufReader::new(child.stderr.take().expect("piped stderr"));
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let n = log.read_line(&mut line).expect("read relay log");
-            assert!(n > 0, "imrelay exited before listening");
-            if line.contains("listening on") {
-                break;
-            }
-        }
-        std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
-        RelayProcess { child, addr }
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-        assert_eq!(rc, 0, "kill failed");
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn shutdown_on(signal: libc::c_int) {

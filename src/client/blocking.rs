@@ -12,6 +12,7 @@ use bytes::Bytes;
 
 use super::config::ClientConfig;
 use super::conn::Connection;
+use super::core::Phase;
 use super::event::{DisconnectReason, Event, SendError};
 use crate::proto::{LoginOk, MessageId, RoomId, UserId};
 
@@ -101,6 +102,11 @@ impl Client {
     /// Asks for a room's online count.
     pub fn room_info(&mut self, room: RoomId) -> Result<(), SendError> {
         self.conn.room_info(room, Instant::now())
+    }
+
+    /// Where the link is now.
+    pub fn phase(&self) -> Phase {
+        self.conn.core().phase()
     }
 
     /// Messages sent and not yet answered.

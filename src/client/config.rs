@@ -30,6 +30,9 @@ pub struct ClientConfig {
     pub max_in_flight: usize,
     /// Messages waiting in the outbox, sent or not (default 1024). `send` fails past it.
     pub max_outbox: usize,
+    /// How long to wait before writing a message again after the relay answered "try
+    /// later": RECIPIENT_SLOW, or RECIPIENT_OFFLINE for a resend (default 1 s).
+    pub retry_interval: Duration,
     /// A message not ACKed this long after `send` is reported failed (default 60 s).
     pub send_timeout: Duration,
     /// Delivered (sender, id) pairs remembered to drop duplicates (default 4096).
@@ -50,6 +53,7 @@ impl ClientConfig {
             backoff_max: Duration::from_secs(30),
             max_in_flight: 16,
             max_outbox: 1024,
+            retry_interval: Duration::from_secs(1),
             send_timeout: Duration::from_secs(60),
             seen_window: 4096,
         }

@@ -27,8 +27,8 @@ use super::outbox::Outbox;
 use super::seen::Seen;
 use crate::proto::decode::decode_frame;
 use crate::proto::{
-    Flags, Frame, LoginOk, MessageId, Opcode, RoomId, UserId, DEFAULT_MAX_FRAME, HEADER_LEN,
-    MAX_FRAME_CEILING,
+    ErrorCode, Flags, Frame, LoginOk, MessageId, Opcode, RoomId, UserId, DEFAULT_MAX_FRAME,
+    HEADER_LEN, MAX_FRAME_CEILING,
 };
 
 /// What the driver must do with the TCP link.
@@ -174,7 +174,7 @@ impl ClientCore {
         }
         let id = self.next_id();
         self.outbox.push(to, id, payload, now);
-        self.pump();
+        self.pump(now);
         Ok(id)
     }
 
@@ -349,11 +349,21 @@ impl ClientCore {
             ),
             Phase::Closed => return None,
         };
-        let expiry = self.outbox.next_deadline(self.config.send_timeout);
-        match (phase, expiry) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        // A held message matters only when it could be written (otherwise an ACK wakes us).
+        let release = match self.phase {
+            Phase::Ready if self.outbox.in_flight() < self.config.max_in_flight => {
+                self.outbox.next_release()
+            }
+            _ => None,
+        };
+        [
+            phase,
+            release,
+            self.outbox.next_deadline(self.config.send_timeout),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Runs every deadline that has passed: heartbeats, dead links, connect and login
@@ -386,7 +396,7 @@ impl ClientCore {
             },
             _ => {}
         }
-        self.pump();
+        self.pump(now);
     }
 
     /// The next event for the app.
@@ -398,7 +408,7 @@ impl ClientCore {
 
     fn handle_frame(&mut self, frame: Frame, now: Instant) {
         match frame.opcode {
-            Opcode::LoginOk => self.on_login_ok(&frame),
+            Opcode::LoginOk => self.on_login_ok(&frame, now),
             Opcode::Ack => {
                 let devices = frame.ack_count().unwrap_or(0);
                 if self.outbox.answer(frame.msg_id).is_some() {
@@ -406,7 +416,7 @@ impl ClientCore {
                         id: frame.msg_id,
                         devices,
                     });
-                    self.pump();
+                    self.pump(now);
                 }
             }
             Opcode::Error => self.on_error(&frame, now),
@@ -456,7 +466,7 @@ impl ClientCore {
         }
     }
 
-    fn on_login_ok(&mut self, frame: &Frame) {
+    fn on_login_ok(&mut self, frame: &Frame, now: Instant) {
         if !matches!(self.phase, Phase::LoggingIn { .. }) || frame.msg_id != self.login_id {
             return;
         }
@@ -477,7 +487,7 @@ impl ClientCore {
             let id = self.next_id();
             Frame::join(id, self.rooms[i]).encode(&mut self.out);
         }
-        self.pump();
+        self.pump(now);
     }
 
     fn on_error(&mut self, frame: &Frame, now: Instant) {
@@ -486,20 +496,33 @@ impl ClientCore {
             self.link_down(DisconnectReason::LoginRejected { code, reason }, now);
             return;
         }
-        if self.outbox.answer(frame.msg_id).is_some() {
-            self.fail(frame.msg_id, FailReason::Rejected { code, reason });
-            self.pump();
+        if let Some(m) = self.outbox.get(frame.msg_id) {
+            // "Try later" answers keep the message: RECIPIENT_SLOW always, and
+            // RECIPIENT_OFFLINE for a resend, whose first copy may have been delivered
+            // before the link died (failing it could make the app send it twice).
+            let resend = m.writes > 1;
+            let try_later = code == ErrorCode::RecipientSlow as u16
+                || (resend && code == ErrorCode::RecipientOffline as u16);
+            if try_later {
+                debug!("{}: {reason}; trying again later", frame.msg_id);
+                self.outbox
+                    .hold(frame.msg_id, now + self.config.retry_interval);
+            } else {
+                self.outbox.answer(frame.msg_id);
+                self.fail(frame.msg_id, FailReason::Rejected { code, reason });
+            }
+            self.pump(now);
             return;
         }
         self.events.push_back(Event::Error { code, reason });
     }
 
     /// Writes outbox messages while the link is up and the in-flight limit allows.
-    fn pump(&mut self) {
+    fn pump(&mut self, now: Instant) {
         if self.phase != Phase::Ready {
             return;
         }
-        while let Some(m) = self.outbox.next_to_send(self.config.max_in_flight) {
+        while let Some(m) = self.outbox.next_to_send(self.config.max_in_flight, now) {
             Frame::send(m.id, m.to, m.payload.clone())
                 .with_flags(Flags::DEDUP)
                 .encode(&mut self.out);

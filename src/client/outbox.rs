@@ -4,7 +4,9 @@
 //! the send timeout (failed). Messages go out in `send` order; at most `max_in_flight` are
 //! written and unanswered on the current link at a time. When a link dies, the written ones
 //! become unsent again and go out first on the next link, with the same ids, which lets the
-//! relay recognise them as resends (protocol.md, section 13).
+//! relay recognise them as resends (protocol.md, section 13). A message can also be held
+//! back until a given time and then written again (the core does that when the relay says
+//! "try later").
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -25,13 +27,15 @@ pub struct Outgoing {
     pub payload: Bytes,
     /// When `send` took it.
     pub queued_at: Instant,
-    /// Written to some link at least once.
-    pub ever_sent: bool,
+    /// Times it was written, over all links.
+    pub writes: u32,
     /// Written to the current link and not answered.
     pub in_flight: bool,
+    /// Not to be written again before this time.
+    pub hold_until: Option<Instant>,
 }
 
-/// Pending messages in `send` order. In-flight messages are always a prefix.
+/// Pending messages in `send` order (so the front is the oldest).
 #[derive(Debug, Default)]
 pub struct Outbox {
     items: VecDeque<Outgoing>,
@@ -44,6 +48,11 @@ impl Outbox {
         self.items.len()
     }
 
+    /// Messages written to the current link and not answered.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
     /// Adds a message at the end.
     pub fn push(&mut self, to: UserId, id: MessageId, payload: Bytes, now: Instant) {
         self.items.push_back(Outgoing {
@@ -51,21 +60,48 @@ impl Outbox {
             to,
             payload,
             queued_at: now,
-            ever_sent: false,
+            writes: 0,
             in_flight: false,
+            hold_until: None,
         });
     }
 
-    /// The next message to write, marked in flight, if fewer than `max_in_flight` are.
-    pub fn next_to_send(&mut self, max_in_flight: usize) -> Option<&Outgoing> {
+    /// The oldest message due to be written, marked in flight, if fewer than
+    /// `max_in_flight` are.
+    pub fn next_to_send(&mut self, max_in_flight: usize, now: Instant) -> Option<&Outgoing> {
         if self.in_flight >= max_in_flight {
             return None;
         }
-        let item = self.items.get_mut(self.in_flight)?;
+        let item = self
+            .items
+            .iter_mut()
+            .find(|m| !m.in_flight && m.hold_until.is_none_or(|t| t <= now))?;
         item.in_flight = true;
-        item.ever_sent = true;
+        item.writes += 1;
+        item.hold_until = None;
         self.in_flight += 1;
         Some(item)
+    }
+
+    /// The message with this id, if pending.
+    pub fn get(&self, id: MessageId) -> Option<&Outgoing> {
+        self.items.iter().find(|m| m.id == id)
+    }
+
+    /// Takes the message out of flight and keeps it back until `until`.
+    pub fn hold(&mut self, id: MessageId, until: Instant) {
+        if let Some(m) = self.items.iter_mut().find(|m| m.id == id) {
+            if m.in_flight {
+                m.in_flight = false;
+                self.in_flight -= 1;
+            }
+            m.hold_until = Some(until);
+        }
+    }
+
+    /// The earliest time a held message becomes due.
+    pub fn next_release(&self) -> Option<Instant> {
+        self.items.iter().filter_map(|m| m.hold_until).min()
     }
 
     /// Removes the message the relay answered. `None` if the id is not pending (an answer
@@ -81,7 +117,7 @@ impl Outbox {
 
     /// The link died: every in-flight message will be written again on the next link.
     pub fn link_down(&mut self) {
-        for item in self.items.iter_mut().take(self.in_flight) {
+        for item in self.items.iter_mut() {
             item.in_flight = false;
         }
         self.in_flight = 0;
@@ -103,7 +139,7 @@ impl Outbox {
                 if m.in_flight {
                     self.in_flight -= 1;
                 }
-                let reason = if m.ever_sent {
+                let reason = if m.writes > 0 {
                     FailReason::Unconfirmed
                 } else {
                     FailReason::NotSent
@@ -132,7 +168,7 @@ impl Outbox {
         self.items
             .drain(..)
             .map(|m| {
-                let reason = if m.ever_sent {
+                let reason = if m.writes > 0 {
                     FailReason::Unconfirmed
                 } else {
                     FailReason::Closed

@@ -440,3 +440,59 @@ fn message_ids_are_unique_per_client_instance() {
     assert_ne!(ia, ib, "two devices of one user must not share ids");
     assert_ne!(ia.0, 0);
 }
+
+#[test]
+fn try_later_answers_hold_the_message_and_write_it_again() {
+    let t0 = Instant::now();
+    let mut core = ready(t0);
+    let fresh = core.send(BOB, Bytes::from_static(b"a"), t0).unwrap();
+    written(&mut core);
+    // RECIPIENT_SLOW: kept, written again after the retry interval with the same id.
+    let mut err = BytesMut::new();
+    write_error(&mut err, fresh, BOB, ErrorCode::RecipientSlow, "full queue");
+    feed(&mut core, &err, t0);
+    assert!(events(&mut core).is_empty());
+    let retry_at = t0 + Duration::from_secs(1);
+    assert_eq!(core.poll_timeout(), Some(retry_at));
+    core.handle_timeout(retry_at);
+    let again = written(&mut core);
+    assert_eq!((again[0].msg_id, again[0].flags), (fresh, Flags::DEDUP));
+
+    // A resend answered RECIPIENT_OFFLINE is held too: its first copy may have arrived.
+    core.handle_link_error(DisconnectReason::ClosedByRelay, retry_at);
+    let t1 = retry_at + Duration::from_secs(1);
+    events(&mut core);
+    let _ = core.poll_action(retry_at);
+    assert_eq!(connect(&mut core, t1)[0].msg_id, fresh);
+    err.clear();
+    write_error(
+        &mut err,
+        fresh,
+        BOB,
+        ErrorCode::RecipientOffline,
+        "not connected",
+    );
+    feed(&mut core, &err, t1);
+    assert!(events(&mut core).is_empty());
+    assert_eq!(core.pending(), 1);
+
+    // A first send answered RECIPIENT_OFFLINE fails at once: nothing was delivered.
+    let new = core.send(BOB, Bytes::from_static(b"b"), t1).unwrap();
+    written(&mut core);
+    err.clear();
+    write_error(
+        &mut err,
+        new,
+        BOB,
+        ErrorCode::RecipientOffline,
+        "not connected",
+    );
+    feed(&mut core, &err, t1);
+    assert!(matches!(
+        events(&mut core).as_slice(),
+        [Event::Failed {
+            reason: FailReason::Rejected { code: 6, .. },
+            ..
+        }]
+    ));
+}

@@ -94,6 +94,13 @@ fn expected_frames() -> Vec<(&'static str, Vec<u8>)> {
                 .to_vec(),
         ),
         (
+            "SEND_DEDUP",
+            Frame::send(MessageId(0x8c3f_1a2e_0000_0001), UserId(1002), hi_bob())
+                .with_flags(Flags::DEDUP)
+                .to_bytes()
+                .to_vec(),
+        ),
+        (
             "DELIVER",
             Frame::new(Opcode::Deliver, MessageId(2), UserId(1002), hi_bob())
                 .with_source(UserId(1001))

@@ -1,59 +1,44 @@
 //! A bot that logs into a relay as a user and sends every message it receives back to its
-//! sender, so anyone can test a client (or the text mode) end to end.
+//! sender, so anyone can test a client (or the text mode) end to end. It is built on the
+//! SDK, so it rides out relay restarts by itself.
 //!
 //! Terminal 1: `cargo run --release --bin imrelay`
 //! Terminal 2: `cargo run --example echo_bot` (user 9999; or `-- 127.0.0.1:7700 4242`)
 //! Terminal 3: `telnet 127.0.0.1 7700`, then `login 1`, `send 9999 hello` → `MSG 9999 … hello`
 
 use std::error::Error;
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::time::Duration;
 
-use bytes::BytesMut;
-use imrelay::proto::decode::decode_frame;
-use imrelay::proto::{Flags, Frame, MessageId, Opcode, UserId, DEFAULT_MAX_FRAME};
+use imrelay::client::{Client, ClientConfig, Event};
+use imrelay::proto::UserId;
 
 fn main() -> Result<(), Box<dyn Error>> {
     let mut args = std::env::args().skip(1);
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:7700".to_string());
     let me = UserId(args.next().map(|s| s.parse()).transpose()?.unwrap_or(9999));
 
-    let mut stream = TcpStream::connect(&addr)?;
-    stream.set_nodelay(true)?;
-    stream.write_all(&Frame::login(MessageId(1), me, b"").to_bytes())?;
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    let mut chunk = vec![0u8; 64 * 1024];
-    let mut next_id = 1u64;
+    let (mut bot, _) =
+        Client::connect(addr.as_str(), ClientConfig::new(me), Duration::from_secs(5))?;
+    println!("echo bot logged in as {} on {addr}", me.0);
     loop {
-        while let Some(decoded) = decode_frame(&mut buf, DEFAULT_MAX_FRAME)? {
-            let Ok(frame) = decoded else {
-                continue; // an opcode newer than this bot: skip it
-            };
-            match frame.opcode {
-                Opcode::LoginOk => println!("echo bot logged in as {} on {addr}", me.0),
-                Opcode::Deliver => {
-                    next_id += 1;
-                    let reply = Frame::send(MessageId(next_id), frame.source, frame.payload)
-                        .with_flags(Flags::NO_ACK);
-                    stream.write_all(&reply.to_bytes())?;
-                    println!(
-                        "echoed {} bytes to user {}",
-                        reply.payload.len(),
-                        frame.source.0
-                    );
+        let Some(event) = bot.recv(Duration::from_secs(3600)) else {
+            continue;
+        };
+        match event {
+            Event::Message { from, payload, .. } => {
+                println!("echoing {} bytes to user {}", payload.len(), from.0);
+                if let Err(e) = bot.send(from, payload) {
+                    println!("cannot echo to {}: {e}", from.0);
                 }
-                Opcode::Ping => {
-                    stream.write_all(&Frame::pong(frame.msg_id, frame.payload).to_bytes())?
-                }
-                Opcode::Error => println!("relay says: {:?}", frame.error()),
-                _ => {}
             }
+            Event::Failed { reason, .. } => println!("an echo was not delivered: {reason}"),
+            Event::Disconnected { reason, retry_in } => {
+                println!("link down ({reason}); reconnecting in {retry_in:.1?}");
+            }
+            Event::Connected { .. } => println!("echo bot logged in again"),
+            Event::Error { code, reason } => println!("relay says {code}: {reason}"),
+            Event::Closed => return Ok(()),
+            _ => {}
         }
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
-            println!("relay closed the connection");
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
     }
 }

@@ -6,7 +6,7 @@
 //! named, once, with `write_vectored`. WRITABLE interest is registered only while a
 //! connection's output is blocked. The driver makes no routing decision of its own.
 
-mod io;
+pub mod io;
 mod limits;
 
 pub use limits::{raise_fd_limit, RESERVED_FDS};

@@ -1,0 +1,139 @@
+//! The smallest server on imrelay's event-loop pieces: a TCP echo server you can telnet
+//! into. Every byte (so every line) you type comes back.
+//!
+//! `cargo run --example echo` (listens on 127.0.0.1:7800; or `-- 127.0.0.1:9000`), then
+//! `telnet 127.0.0.1 7800`.
+//!
+//! The relay's driver (src/server/mod.rs) is this loop plus a sans-IO core in the middle.
+//! The pieces it shares with the relay, and why each matters:
+//! - [`read_into`]: reads straight into a `BytesMut`'s spare capacity, until WouldBlock,
+//!   into one buffer reused for every connection.
+//! - [`OutQueue`]: a connection's pending output as shared `Bytes`, written with one
+//!   `write_vectored` per turn; a short write keeps the rest queued.
+//! - WRITABLE interest only while a connection has output the socket would not take.
+//! - a `Slab` of connections whose keys are the mio tokens.
+
+use std::io::{ErrorKind, IoSlice, Write};
+use std::net::SocketAddr;
+
+use bytes::BytesMut;
+use imrelay::relay::OutQueue;
+use imrelay::server::io::{fd, read_into};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+const LISTENER: Token = Token(usize::MAX);
+/// Stop reading a connection whose output is this far behind (the client is not reading).
+const MAX_PENDING: usize = 1 << 20;
+
+struct Conn {
+    stream: TcpStream,
+    out: OutQueue,
+    /// WRITABLE is registered (the socket refused part of the output).
+    write_blocked: bool,
+}
+
+fn main() -> std::io::Result<()> {
+    let addr: SocketAddr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:7800".to_string())
+        .parse()
+        .map_err(|e| std::io::Error::new(ErrorKind::InvalidInput, e))?;
+    let mut poll = Poll::new()?;
+    let mut listener = TcpListener::bind(addr)?;
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)?;
+    println!("echo server listening on {}", listener.local_addr()?);
+
+    let mut conns: Slab<Conn> = Slab::new();
+    let mut events = Events::with_capacity(1024);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        poll.poll(&mut events, None)?;
+        for event in events.iter() {
+            if event.token() == LISTENER {
+                accept_all(&poll, &listener, &mut conns)?;
+                continue;
+            }
+            let key = event.token().0;
+            let Some(conn) = conns.get_mut(key) else {
+                continue;
+            };
+            let mut alive = true;
+            if event.is_readable() {
+                alive = read_and_echo(conn, &mut buf);
+            }
+            if alive {
+                alive = flush(&poll, key, conn)?;
+            }
+            if !alive {
+                let mut conn = conns.remove(key);
+                poll.registry().deregister(&mut conn.stream)?;
+            }
+        }
+    }
+}
+
+fn accept_all(poll: &Poll, listener: &TcpListener, conns: &mut Slab<Conn>) -> std::io::Result<()> {
+    loop {
+        match listener.accept() {
+            Ok((mut stream, peer)) => {
+                let entry = conns.vacant_entry();
+                poll.registry()
+                    .register(&mut stream, Token(entry.key()), Interest::READABLE)?;
+                println!("{peer} connected");
+                entry.insert(Conn {
+                    stream,
+                    out: OutQueue::default(),
+                    write_blocked: false,
+                });
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads until WouldBlock and queues every byte back. False when the peer is gone.
+fn read_and_echo(conn: &mut Conn, buf: &mut BytesMut) -> bool {
+    while conn.out.len_bytes() < MAX_PENDING {
+        buf.reserve(16 * 1024);
+        match read_into(fd(&conn.stream), buf) {
+            Ok(0) => return false,
+            // The echo: the bytes read become output as they are, no copy.
+            Ok(_) => conn.out.push(buf.split().freeze()),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// Writes what is queued; registers WRITABLE only while the socket is backed up.
+fn flush(poll: &Poll, key: usize, conn: &mut Conn) -> std::io::Result<bool> {
+    while !conn.out.is_empty() {
+        let mut slices = [IoSlice::new(&[]); 64];
+        let n = conn.out.chunks(&mut slices);
+        match conn.stream.write_vectored(&slices[..n]) {
+            Ok(0) => return Ok(false),
+            Ok(written) => conn.out.advance(written),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return Ok(false),
+        }
+    }
+    let blocked = !conn.out.is_empty();
+    if blocked != conn.write_blocked {
+        let interest = if blocked {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        poll.registry()
+            .reregister(&mut conn.stream, Token(key), interest)?;
+        conn.write_blocked = blocked;
+    }
+    Ok(true)
+}

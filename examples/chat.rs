@@ -91,8 +91,9 @@ fn show(event: &Event, sent: &mut Vec<(MessageId, u64)>) {
         Event::Connected { user, .. } => println!("{} connected as {}", now(), user.0),
         Event::Disconnected { reason, retry_in } => {
             println!(
-                "{} link down ({reason}); reconnecting in {retry_in:.1?}",
-                now()
+                "{} link down ({reason}); reconnecting in {:.1} s",
+                now(),
+                retry_in.as_secs_f64()
             );
         }
         Event::Message { from, payload, .. } => {

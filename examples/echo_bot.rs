@@ -33,7 +33,10 @@ fn main() -> Result<(), Box<dyn Error>> {
             }
             Event::Failed { reason, .. } => println!("an echo was not delivered: {reason}"),
             Event::Disconnected { reason, retry_in } => {
-                println!("link down ({reason}); reconnecting in {retry_in:.1?}");
+                println!(
+                    "link down ({reason}); reconnecting in {:.1} s",
+                    retry_in.as_secs_f64()
+                );
             }
             Event::Connected { .. } => println!("echo bot logged in again"),
             Event::Error { code, reason } => println!("relay says {code}: {reason}"),

@@ -12,10 +12,21 @@ fn cargo() -> Command {
 #[test]
 fn the_sdk_builds_without_the_server_and_its_dependencies() {
     let tree = cargo()
-        .args(["tree", "--no-default-features", "-e", "normal", "--prefix", "none"])
+        .args([
+            "tree",
+            "--no-default-features",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
         .output()
         .expect("cargo tree");
-    assert!(tree.status.success(), "{}", String::from_utf8_lossy(&tree.stderr));
+    assert!(
+        tree.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tree.stderr)
+    );
     let mut deps: Vec<String> = String::from_utf8_lossy(&tree.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))

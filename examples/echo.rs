@@ -32,6 +32,10 @@ struct Conn {
     out: OutQueue,
     /// WRITABLE is registered (the socket refused part of the output).
     write_blocked: bool,
+    /// Reading stopped at MAX_PENDING with input left in the socket. Readiness is
+    /// edge-triggered, so no new READABLE event will come for it: read again once the
+    /// output drains.
+    read_paused: bool,
 }
 
 fn main() -> std::io::Result<()> {
@@ -61,11 +65,17 @@ fn main() -> std::io::Result<()> {
                 continue;
             };
             let mut alive = true;
-            if event.is_readable() {
-                alive = read_and_echo(conn, &mut buf);
-            }
-            if alive {
-                alive = flush(&poll, key, conn)?;
+            let mut read = event.is_readable() || conn.read_paused;
+            while alive {
+                if read {
+                    alive = read_and_echo(conn, &mut buf);
+                }
+                alive = alive && flush(&poll, key, conn)?;
+                // Go on only if reading had paused and the output is below the cap again.
+                read = conn.read_paused && conn.out.len_bytes() < MAX_PENDING;
+                if !read {
+                    break;
+                }
             }
             if !alive {
                 let mut conn = conns.remove(key);
@@ -87,6 +97,7 @@ fn accept_all(poll: &Poll, listener: &TcpListener, conns: &mut Slab<Conn>) -> st
                     stream,
                     out: OutQueue::default(),
                     write_blocked: false,
+                    read_paused: false,
                 });
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
@@ -95,9 +106,15 @@ fn accept_all(poll: &Poll, listener: &TcpListener, conns: &mut Slab<Conn>) -> st
     }
 }
 
-/// Reads until WouldBlock and queues every byte back. False when the peer is gone.
+/// Reads until WouldBlock (or MAX_PENDING bytes wait to be written) and queues every byte
+/// back. False when the peer is gone.
 fn read_and_echo(conn: &mut Conn, buf: &mut BytesMut) -> bool {
-    while conn.out.len_bytes() < MAX_PENDING {
+    conn.read_paused = false;
+    loop {
+        if conn.out.len_bytes() >= MAX_PENDING {
+            conn.read_paused = true;
+            return true;
+        }
         buf.reserve(16 * 1024);
         match read_into(fd(&conn.stream), buf) {
             Ok(0) => return false,
@@ -108,7 +125,6 @@ fn read_and_echo(conn: &mut Conn, buf: &mut BytesMut) -> bool {
             Err(_) => return false,
         }
     }
-    true
 }
 
 /// Writes what is queued; registers WRITABLE only while the socket is backed up.

@@ -110,6 +110,18 @@
 #define IMRELAY_EVENT_CLOSED 10
 
 /**
+ * A stored message is in the recipient's inbox (on disk with a durable store): `msg_id`,
+ * `count` = recipient connections it was pushed to right away.
+ */
+#define IMRELAY_EVENT_STORED 11
+
+/**
+ * Stored messages expired before this client got them: sequence numbers `room` (from)
+ * to `count` (to), both included.
+ */
+#define IMRELAY_EVENT_GAP 12
+
+/**
  * Failed: the relay refused the message (`code` says why).
  */
 #define IMRELAY_FAIL_REJECTED 1
@@ -208,6 +220,20 @@ int32_t imrelay_send(struct ImrelayClient *client,
                      const uint8_t *data,
                      size_t len,
                      uint64_t *msg_id);
+
+/**
+ * Queues a stored message to `to`: the relay keeps it until the recipient's app has it,
+ * even if the recipient is offline now. On success writes its id to `*msg_id` (if not
+ * NULL); a `STORED` or `FAILED` event with that id follows.
+ *
+ * # Safety
+ * `client` must come from `imrelay_connect`; `data` must point to `len` bytes.
+ */
+int32_t imrelay_send_stored(struct ImrelayClient *client,
+                            uint64_t to,
+                            const uint8_t *data,
+                            size_t len,
+                            uint64_t *msg_id);
 
 /**
  * Joins a room (kept across reconnects). A `ROOM_STATE` event answers.

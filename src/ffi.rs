@@ -64,6 +64,12 @@ pub const IMRELAY_EVENT_ROOM_MISSED: i32 = 8;
 pub const IMRELAY_EVENT_ERROR: i32 = 9;
 /// The client is closed: no more events.
 pub const IMRELAY_EVENT_CLOSED: i32 = 10;
+/// A stored message is in the recipient's inbox (on disk with a durable store): `msg_id`,
+/// `count` = recipient connections it was pushed to right away.
+pub const IMRELAY_EVENT_STORED: i32 = 11;
+/// Stored messages expired before this client got them: sequence numbers `room` (from)
+/// to `count` (to), both included.
+pub const IMRELAY_EVENT_GAP: i32 = 12;
 
 /// Failed: the relay refused the message (`code` says why).
 pub const IMRELAY_FAIL_REJECTED: i32 = 1;
@@ -240,6 +246,43 @@ pub unsafe extern "C" fn imrelay_send(
             Err(code) => return code,
         };
         match c.client.send(UserId(to), payload) {
+            Ok(id) => {
+                // SAFETY: NULL or a valid place for a u64, per the contract.
+                if let Some(out) = unsafe { msg_id.as_mut() } {
+                    *out = id.0;
+                }
+                IMRELAY_OK
+            }
+            Err(e) => send_status(e),
+        }
+    })
+}
+
+/// Queues a stored message to `to`: the relay keeps it until the recipient's app has it,
+/// even if the recipient is offline now. On success writes its id to `*msg_id` (if not
+/// NULL); a `STORED` or `FAILED` event with that id follows.
+///
+/// # Safety
+/// `client` must come from `imrelay_connect`; `data` must point to `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn imrelay_send_stored(
+    client: *mut ImrelayClient,
+    to: u64,
+    data: *const u8,
+    len: usize,
+    msg_id: *mut u64,
+) -> i32 {
+    guard(|| {
+        // SAFETY: the caller passes a live handle or NULL.
+        let Some(c) = (unsafe { client.as_mut() }) else {
+            return set_error(IMRELAY_ERR_NULL, "client is NULL");
+        };
+        // SAFETY: forwarded from the caller's guarantee.
+        let payload = match unsafe { bytes_from_c(data, len) } {
+            Ok(p) => p,
+            Err(code) => return code,
+        };
+        match c.client.send_stored(UserId(to), payload) {
             Ok(id) => {
                 // SAFETY: NULL or a valid place for a u64, per the contract.
                 if let Some(out) = unsafe { msg_id.as_mut() } {
@@ -492,6 +535,17 @@ fn to_c(event: Event) -> EventBox {
             e.kind = IMRELAY_EVENT_ERROR;
             e.code = code;
             text = reason;
+        }
+        Event::Stored { id, devices } => {
+            e.kind = IMRELAY_EVENT_STORED;
+            e.msg_id = id.0;
+            e.count = u64::from(devices);
+        }
+        Event::Gap { from, to } => {
+            e.kind = IMRELAY_EVENT_GAP;
+            e.room = from;
+            e.count = to;
+            text = format!("stored messages {from} to {to} expired before delivery");
         }
         Event::Closed => e.kind = IMRELAY_EVENT_CLOSED,
     }

@@ -66,6 +66,28 @@ struct Args {
     /// DEDUP message ids remembered over all senders.
     #[arg(long, default_value_t = 1_000_000)]
     dedup_max_entries: usize,
+    /// Where stored messages are kept: a data directory (created on first start), or
+    /// `memory` (lost when the relay stops; ACKs do not wait for a disk).
+    #[arg(long, default_value = "imrelay-data")]
+    store: String,
+    /// Stored messages one user's inbox may hold.
+    #[arg(long, default_value_t = 10_000)]
+    inbox_max_messages: usize,
+    /// Stored payload bytes one user's inbox may hold.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    inbox_max_bytes: usize,
+    /// Seconds a stored message waits for its recipient (default 7 days).
+    #[arg(long, default_value_t = 7.0 * 24.0 * 3600.0)]
+    inbox_ttl: f64,
+    /// Users with an inbox.
+    #[arg(long, default_value_t = 1_000_000)]
+    store_max_users: usize,
+    /// Stored payload bytes over all inboxes.
+    #[arg(long, default_value_t = 1024 * 1024 * 1024)]
+    store_max_bytes: usize,
+    /// Compact the store's log once it passes this many bytes (and twice the live data).
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    store_compact_at: u64,
     /// Seconds between metrics log lines (0 = none).
     #[arg(long, default_value_t = 60)]
     stats_interval: u64,
@@ -97,12 +119,20 @@ fn main() -> ExitCode {
         }
         d
     };
-    let (Some(login_timeout), Some(ping_interval), Some(idle_timeout), Some(dedup_ttl)) = (
+    let (
+        Some(login_timeout),
+        Some(ping_interval),
+        Some(idle_timeout),
+        Some(dedup_ttl),
+        Some(inbox_ttl),
+    ) = (
         seconds(args.login_timeout, "login-timeout"),
         seconds(args.ping_interval, "ping-interval"),
         seconds(args.idle_timeout, "idle-timeout"),
         seconds(args.dedup_ttl, "dedup-ttl"),
-    ) else {
+        seconds(args.inbox_ttl, "inbox-ttl"),
+    )
+    else {
         return ExitCode::from(2);
     };
     let config = Config {
@@ -121,6 +151,12 @@ fn main() -> ExitCode {
         dedup_window: args.dedup_window,
         dedup_ttl,
         dedup_max_entries: args.dedup_max_entries,
+        inbox_max_messages: args.inbox_max_messages,
+        inbox_max_bytes: args.inbox_max_bytes,
+        inbox_ttl,
+        store_max_users: args.store_max_users,
+        store_max_bytes: args.store_max_bytes,
+        durable_store: args.store != "memory",
     };
     if let Err(e) = config.validate() {
         error!("invalid limits: {e}");
@@ -134,6 +170,13 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if args.store != "memory" {
+        let dir = std::path::Path::new(&args.store);
+        if let Err(e) = server.open_store(dir, args.store_compact_at) {
+            error!("cannot open the store in {}: {e}", dir.display());
+            return ExitCode::from(1);
+        }
+    }
     server.set_busy_poll(args.busy_poll);
     server.set_stats_interval(Some(Duration::from_secs(args.stats_interval)));
     info!(

@@ -84,6 +84,16 @@ impl Client {
         self.conn.send(to, payload.into(), Instant::now())
     }
 
+    /// Queues a stored message: kept by the relay until the recipient's app has it. It
+    /// ends as one `Stored` or `Failed` event with this id.
+    pub fn send_stored(
+        &mut self,
+        to: UserId,
+        payload: impl Into<Bytes>,
+    ) -> Result<MessageId, SendError> {
+        self.conn.send_stored(to, payload.into(), Instant::now())
+    }
+
     /// Joins a room (re-joined after every reconnect).
     pub fn join(&mut self, room: RoomId) -> Result<(), SendError> {
         self.conn.join(room, Instant::now())

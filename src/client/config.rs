@@ -37,6 +37,12 @@ pub struct ClientConfig {
     pub send_timeout: Duration,
     /// Delivered (sender, id) pairs remembered to drop duplicates (default 4096).
     pub seen_window: usize,
+    /// Receive stored messages: send INBOX_SYNC after each login (default true).
+    pub stored_inbox: bool,
+    /// Acknowledge stored messages once this many were taken by the app (default 32)…
+    pub inbox_ack_batch: u64,
+    /// …or this long after the first one not yet acknowledged (default 100 ms).
+    pub inbox_ack_delay: Duration,
 }
 
 impl ClientConfig {
@@ -56,6 +62,9 @@ impl ClientConfig {
             retry_interval: Duration::from_secs(1),
             send_timeout: Duration::from_secs(60),
             seen_window: 4096,
+            stored_inbox: true,
+            inbox_ack_batch: 32,
+            inbox_ack_delay: Duration::from_millis(100),
         }
     }
 }

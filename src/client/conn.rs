@@ -134,6 +134,18 @@ impl Connection {
         Ok(id)
     }
 
+    /// Queues a stored message; see [`ClientCore::send_stored`].
+    pub fn send_stored(
+        &mut self,
+        to: UserId,
+        payload: Bytes,
+        now: Instant,
+    ) -> Result<MessageId, SendError> {
+        let id = self.core.send_stored(to, payload, now)?;
+        self.drive(now);
+        Ok(id)
+    }
+
     /// Joins a room (and re-joins after reconnects).
     pub fn join(&mut self, room: RoomId, now: Instant) -> Result<(), SendError> {
         self.core.join(room)?;

@@ -70,6 +70,21 @@ pub enum Phase {
     Closed,
 }
 
+/// Where this client stands in its user's inbox on the relay (stored delivery).
+#[derive(Clone, Copy, Debug, Default)]
+struct InboxCursor {
+    /// The relay store's identity the numbers below belong to (0: none yet).
+    epoch: u64,
+    /// The highest sequence number received.
+    received: u64,
+    /// The highest sequence number the app has taken (or that was a duplicate).
+    app_seq: u64,
+    /// The highest sequence number acknowledged to the relay.
+    acked: u64,
+    /// When to send INBOX_ACK for `app_seq`.
+    ack_due: Option<Instant>,
+}
+
 /// One client's session state (see the module docs for the calling order).
 #[derive(Debug)]
 pub struct ClientCore {
@@ -77,7 +92,11 @@ pub struct ClientCore {
     phase: Phase,
     action: Option<LinkAction>,
     out: BytesMut,
-    events: VecDeque<Event>,
+    /// Events for the app; an inbox message carries its sequence number, which the app
+    /// has "consumed" once it took the event (None: a duplicate not shown, still counted).
+    events: VecDeque<(Option<Event>, u64)>,
+    inbox: InboxCursor,
+    last_now: Instant,
     outbox: Outbox,
     seen: Seen,
     backoff: Backoff,
@@ -111,6 +130,8 @@ impl ClientCore {
             action: None,
             out: BytesMut::new(),
             events: VecDeque::new(),
+            inbox: InboxCursor::default(),
+            last_now: now,
             outbox: Outbox::default(),
             seen,
             backoff,
@@ -125,7 +146,7 @@ impl ClientCore {
         };
         if core.config.user.is_none() {
             core.phase = Phase::Closed;
-            core.events.push_back(Event::Closed);
+            core.emit(Event::Closed);
         }
         core
     }
@@ -160,6 +181,17 @@ impl ClientCore {
         payload: Bytes,
         now: Instant,
     ) -> Result<MessageId, SendError> {
+        let id = self.enqueue(to, payload, now)?;
+        self.pump(now);
+        Ok(id)
+    }
+
+    fn enqueue(
+        &mut self,
+        to: UserId,
+        payload: Bytes,
+        now: Instant,
+    ) -> Result<MessageId, SendError> {
         if matches!(self.phase, Phase::Closing { .. } | Phase::Closed) {
             return Err(SendError::Closed);
         }
@@ -174,6 +206,20 @@ impl ClientCore {
         }
         let id = self.next_id();
         self.outbox.push(to, id, payload, now);
+        Ok(id)
+    }
+
+    /// Queues a stored message: the relay keeps it in the recipient's inbox until the
+    /// recipient's app has it, across the recipient's disconnects and relay restarts
+    /// (protocol.md, section 15). It ends as one `Stored` or `Failed` event.
+    pub fn send_stored(
+        &mut self,
+        to: UserId,
+        payload: Bytes,
+        now: Instant,
+    ) -> Result<MessageId, SendError> {
+        let id = self.enqueue(to, payload, now)?;
+        self.outbox.mark_stored(id);
         self.pump(now);
         Ok(id)
     }
@@ -269,6 +315,7 @@ impl ClientCore {
 
     /// The TCP connection is up: LOGIN goes out.
     pub fn handle_connected(&mut self, now: Instant) {
+        self.last_now = now;
         if !matches!(self.phase, Phase::Connecting { .. }) {
             return;
         }
@@ -290,6 +337,7 @@ impl ClientCore {
 
     /// Bytes read from the link. Every complete frame is consumed; a partial one stays.
     pub fn handle_input(&mut self, buf: &mut BytesMut, now: Instant) {
+        self.last_now = now;
         if !matches!(
             self.phase,
             Phase::LoggingIn { .. } | Phase::Ready | Phase::Closing { .. }
@@ -369,6 +417,15 @@ impl ClientCore {
     /// Runs every deadline that has passed: heartbeats, dead links, connect and login
     /// timeouts, and send timeouts.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = now;
+        if self.phase == Phase::Ready && self.inbox.ack_due.is_some_and(|t| t <= now) {
+            self.inbox.ack_due = None;
+            if self.inbox.app_seq > self.inbox.acked {
+                let id = self.next_id();
+                Frame::inbox_ack(id, self.inbox.app_seq).encode(&mut self.out);
+                self.inbox.acked = self.inbox.app_seq;
+            }
+        }
         for (id, reason) in self.outbox.expire(now, self.config.send_timeout) {
             self.fail(id, reason);
         }
@@ -399,9 +456,28 @@ impl ClientCore {
         self.pump(now);
     }
 
-    /// The next event for the app.
+    /// The next event for the app. Taking a stored message is what lets the client
+    /// acknowledge it to the relay (in batches, see `inbox_ack_delay`).
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        while let Some((event, seq)) = self.events.pop_front() {
+            if seq > self.inbox.app_seq {
+                self.inbox.app_seq = seq;
+                let due = if seq - self.inbox.acked >= self.config.inbox_ack_batch {
+                    self.last_now
+                } else {
+                    self.last_now + self.config.inbox_ack_delay
+                };
+                self.inbox.ack_due = Some(self.inbox.ack_due.map_or(due, |d| d.min(due)));
+            }
+            if event.is_some() {
+                return event;
+            }
+        }
+        None
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.events.push_back((Some(event), 0));
     }
 
     // ---- inside ----------------------------------------------------------------------
@@ -411,10 +487,17 @@ impl ClientCore {
             Opcode::LoginOk => self.on_login_ok(&frame, now),
             Opcode::Ack => {
                 let devices = frame.ack_count().unwrap_or(0);
-                if self.outbox.answer(frame.msg_id).is_some() {
-                    self.events.push_back(Event::Delivered {
-                        id: frame.msg_id,
-                        devices,
+                if let Some(m) = self.outbox.answer(frame.msg_id) {
+                    self.emit(if m.stored {
+                        Event::Stored {
+                            id: frame.msg_id,
+                            devices,
+                        }
+                    } else {
+                        Event::Delivered {
+                            id: frame.msg_id,
+                            devices,
+                        }
                     });
                     self.pump(now);
                 }
@@ -422,7 +505,7 @@ impl ClientCore {
             Opcode::Error => self.on_error(&frame, now),
             Opcode::Deliver => {
                 if self.seen.first_time(frame.source, frame.msg_id) {
-                    self.events.push_back(Event::Message {
+                    self.emit(Event::Message {
                         from: frame.source,
                         id: frame.msg_id,
                         payload: frame.payload,
@@ -434,14 +517,14 @@ impl ClientCore {
                     );
                 }
             }
-            Opcode::RoomDeliver => self.events.push_back(Event::RoomMessage {
+            Opcode::RoomDeliver => self.emit(Event::RoomMessage {
                 room: frame.room(),
                 from: frame.source,
                 payload: frame.payload,
             }),
             Opcode::RoomState => {
                 if let Some(state) = frame.room_state() {
-                    self.events.push_back(Event::RoomState {
+                    self.emit(Event::RoomState {
                         room: frame.room(),
                         members: state.members,
                         is_member: state.is_member,
@@ -450,10 +533,20 @@ impl ClientCore {
             }
             Opcode::RoomMissed => {
                 if let Some(missed) = frame.room_missed() {
-                    self.events.push_back(Event::RoomMissed {
+                    self.emit(Event::RoomMissed {
                         room: frame.room(),
                         missed,
                     });
+                }
+            }
+            Opcode::InboxState => {
+                if let Some(state) = frame.inbox_state() {
+                    self.on_inbox_state(state);
+                }
+            }
+            Opcode::InboxDeliver => {
+                if let Some((seq, _stored_at, payload)) = frame.inbox_deliver() {
+                    self.on_inbox_deliver(frame.source, frame.msg_id, seq, payload);
                 }
             }
             Opcode::Ping => Frame::pong(frame.msg_id, frame.payload).encode(&mut self.out),
@@ -479,15 +572,63 @@ impl ClientCore {
         self.max_payload = (limits.max_frame as usize).saturating_sub(HEADER_LEN);
         self.phase = Phase::Ready;
         self.backoff.reset();
-        self.events.push_back(Event::Connected {
+        self.emit(Event::Connected {
             user: self.config.user,
             limits,
         });
+        if self.config.stored_inbox {
+            // Ask for what the app has not taken yet: the relay replays from there, and
+            // what was received but not taken is recognised by its sequence number.
+            let id = self.next_id();
+            self.inbox.received = self.inbox.app_seq;
+            Frame::inbox_sync(id, self.inbox.epoch, self.inbox.app_seq).encode(&mut self.out);
+            self.inbox.acked = self.inbox.app_seq;
+            self.inbox.ack_due = None;
+            self.events.retain(|(_, seq)| *seq == 0);
+        }
         for i in 0..self.rooms.len() {
             let id = self.next_id();
             Frame::join(id, self.rooms[i]).encode(&mut self.out);
         }
         self.pump(now);
+    }
+
+    fn on_inbox_state(&mut self, state: crate::proto::InboxState) {
+        if state.epoch != self.inbox.epoch {
+            // A store we have no numbers for (first sync, or the relay's store was
+            // replaced): count from its start.
+            self.inbox = InboxCursor {
+                epoch: state.epoch,
+                ..InboxCursor::default()
+            };
+        }
+        if state.expired_upto > self.inbox.received {
+            let from = self.inbox.received + 1;
+            self.inbox.received = state.expired_upto;
+            self.emit_inbox(
+                Some(Event::Gap {
+                    from,
+                    to: state.expired_upto,
+                }),
+                state.expired_upto,
+            );
+        }
+    }
+
+    fn on_inbox_deliver(&mut self, from: UserId, id: MessageId, seq: u64, payload: Bytes) {
+        if seq <= self.inbox.received {
+            return; // a replay of what this client already has
+        }
+        self.inbox.received = seq;
+        let event = self
+            .seen
+            .first_time(from, id)
+            .then_some(Event::Message { from, id, payload });
+        self.emit_inbox(event, seq);
+    }
+
+    fn emit_inbox(&mut self, event: Option<Event>, seq: u64) {
+        self.events.push_back((event, seq));
     }
 
     fn on_error(&mut self, frame: &Frame, now: Instant) {
@@ -514,7 +655,7 @@ impl ClientCore {
             self.pump(now);
             return;
         }
-        self.events.push_back(Event::Error { code, reason });
+        self.emit(Event::Error { code, reason });
     }
 
     /// Writes outbox messages while the link is up and the in-flight limit allows.
@@ -523,8 +664,13 @@ impl ClientCore {
             return;
         }
         while let Some(m) = self.outbox.next_to_send(self.config.max_in_flight, now) {
+            let flags = if m.stored {
+                Flags::DEDUP.union(Flags::STORED)
+            } else {
+                Flags::DEDUP
+            };
             Frame::send(m.id, m.to, m.payload.clone())
-                .with_flags(Flags::DEDUP)
+                .with_flags(flags)
                 .encode(&mut self.out);
         }
     }
@@ -546,8 +692,7 @@ impl ClientCore {
         debug!("link down ({reason}); retrying in {retry_in:?}");
         self.phase = Phase::Waiting { at: now + retry_in };
         self.action = Some(LinkAction::Disconnect);
-        self.events
-            .push_back(Event::Disconnected { reason, retry_in });
+        self.emit(Event::Disconnected { reason, retry_in });
     }
 
     fn finish_close(&mut self) {
@@ -557,11 +702,11 @@ impl ClientCore {
         self.out.clear();
         self.phase = Phase::Closed;
         self.action = Some(LinkAction::Disconnect);
-        self.events.push_back(Event::Closed);
+        self.emit(Event::Closed);
     }
 
     fn fail(&mut self, id: MessageId, reason: FailReason) {
-        self.events.push_back(Event::Failed { id, reason });
+        self.emit(Event::Failed { id, reason });
     }
 
     fn check_open(&self) -> Result<(), SendError> {

@@ -66,6 +66,21 @@ pub enum Event {
         /// Recipient connections it was queued to.
         devices: u32,
     },
+    /// A stored message is in the recipient's inbox on the relay (on disk with a durable
+    /// store): it will reach the recipient's app once, whenever it connects.
+    Stored {
+        /// The id `send_stored` returned.
+        id: MessageId,
+        /// Recipient connections it was pushed to right away (0: recipient offline).
+        devices: u32,
+    },
+    /// Stored messages `from..=to` expired on the relay before this client received them.
+    Gap {
+        /// The first missed sequence number.
+        from: u64,
+        /// The last missed sequence number.
+        to: u64,
+    },
     /// The message will not be delivered by this client; nothing will be resent.
     Failed {
         /// The id `send` returned.

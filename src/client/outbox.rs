@@ -33,6 +33,8 @@ pub struct Outgoing {
     pub in_flight: bool,
     /// Not to be written again before this time.
     pub hold_until: Option<Instant>,
+    /// Stored delivery (the STORED flag).
+    pub stored: bool,
 }
 
 /// Pending messages in `send` order (so the front is the oldest).
@@ -63,6 +65,7 @@ impl Outbox {
             writes: 0,
             in_flight: false,
             hold_until: None,
+            stored: false,
         });
     }
 
@@ -81,6 +84,13 @@ impl Outbox {
         item.hold_until = None;
         self.in_flight += 1;
         Some(item)
+    }
+
+    /// Marks the message for stored delivery.
+    pub fn mark_stored(&mut self, id: MessageId) {
+        if let Some(m) = self.items.iter_mut().find(|m| m.id == id) {
+            m.stored = true;
+        }
     }
 
     /// The message with this id, if pending.

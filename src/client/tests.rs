@@ -18,6 +18,7 @@ fn config() -> ClientConfig {
     c.heartbeat_timeout = Duration::from_secs(10);
     c.backoff_initial = Duration::from_millis(500);
     c.max_in_flight = 4;
+    c.stored_inbox = false; // tested on its own below
     c
 }
 

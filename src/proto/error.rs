@@ -46,6 +46,12 @@ pub enum ErrorCode {
     Forbidden = 15,
     /// ROOM_SEND above the per-connection rate; the frame is dropped. Stays open.
     RateLimited = 16,
+    /// A stored SEND the recipient's inbox (or the store) has no room for: the reason names
+    /// the limit (messages, bytes, users, store size). Nothing was stored. Stays open.
+    InboxFull = 17,
+    /// The relay could not write a stored SEND to disk; it is not durable and the sender
+    /// should send it again later. Stays open.
+    StoreFailed = 18,
 }
 
 impl ErrorCode {
@@ -69,6 +75,8 @@ impl ErrorCode {
             14 => NotInRoom,
             15 => Forbidden,
             16 => RateLimited,
+            17 => InboxFull,
+            18 => StoreFailed,
             _ => return None,
         })
     }
@@ -93,11 +101,13 @@ impl ErrorCode {
             NotInRoom => "NOT_IN_ROOM",
             Forbidden => "FORBIDDEN",
             RateLimited => "RATE_LIMITED",
+            InboxFull => "INBOX_FULL",
+            StoreFailed => "STORE_FAILED",
         }
     }
 
     /// Every code, in numeric order (used by metrics and tests).
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownOpcode,
         ErrorCode::FrameTooLarge,
@@ -114,6 +124,8 @@ impl ErrorCode {
         ErrorCode::NotInRoom,
         ErrorCode::Forbidden,
         ErrorCode::RateLimited,
+        ErrorCode::InboxFull,
+        ErrorCode::StoreFailed,
     ];
 }
 

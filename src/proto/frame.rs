@@ -87,14 +87,29 @@ pub fn write_frame(
     payload: &[u8],
 ) {
     dst.reserve(HEADER_LEN + payload.len());
-    dst.put_u32((HEADER_LEN + payload.len()) as u32);
+    let len = (HEADER_LEN + payload.len()) as u32;
+    write_header(dst, len, opcode, flags, msg_id, target, source);
+    dst.put_slice(payload);
+}
+
+/// Writes a 32-byte header for a frame of `len` bytes in all; the caller writes the
+/// payload after it.
+pub fn write_header(
+    dst: &mut BytesMut,
+    len: u32,
+    opcode: Opcode,
+    flags: Flags,
+    msg_id: MessageId,
+    target: UserId,
+    source: UserId,
+) {
+    dst.put_u32(len);
     dst.put_u8(VERSION);
     dst.put_u8(opcode as u8);
     dst.put_u16(flags.0);
     dst.put_u64(msg_id.0);
     dst.put_u64(target.0);
     dst.put_u64(source.0);
-    dst.put_slice(payload);
 }
 
 /// Writes an ACK: `count` is how many connections the message was queued to.
@@ -217,6 +232,48 @@ impl RoomState {
     }
 }
 
+/// INBOX_STATE's 32-byte payload: where a user's inbox stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InboxState {
+    /// The store's identity; sequence numbers from another epoch mean nothing here.
+    pub epoch: u64,
+    /// The oldest sequence number held (`last_seq + 1` when the inbox is empty).
+    pub first_seq: u64,
+    /// The last sequence number handed out.
+    pub last_seq: u64,
+    /// Every sequence number up to this one that was dropped for age; a client whose last
+    /// sequence number is lower missed those messages.
+    pub expired_upto: u64,
+}
+
+impl InboxState {
+    /// Payload size of INBOX_STATE.
+    pub const LEN: usize = 32;
+
+    /// Encodes the payload.
+    pub fn to_bytes(self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        BigEndian::write_u64(&mut out[0..], self.epoch);
+        BigEndian::write_u64(&mut out[8..], self.first_seq);
+        BigEndian::write_u64(&mut out[16..], self.last_seq);
+        BigEndian::write_u64(&mut out[24..], self.expired_upto);
+        out
+    }
+
+    /// Decodes the payload; `None` if it is not exactly 32 bytes.
+    pub fn parse(payload: &[u8]) -> Option<InboxState> {
+        if payload.len() != Self::LEN {
+            return None;
+        }
+        Some(InboxState {
+            epoch: BigEndian::read_u64(&payload[0..]),
+            first_seq: BigEndian::read_u64(&payload[8..]),
+            last_seq: BigEndian::read_u64(&payload[16..]),
+            expired_upto: BigEndian::read_u64(&payload[24..]),
+        })
+    }
+}
+
 /// An owned, fully parsed frame: what clients, tests and tools work with. (The relay's hot
 /// path forwards [`super::RawFrame`]s instead, without building one of these.)
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -301,6 +358,51 @@ impl Frame {
     /// BROADCAST `payload` to every logged-in connection (admins only).
     pub fn broadcast(msg_id: MessageId, payload: Bytes) -> Frame {
         Frame::new(Opcode::Broadcast, msg_id, UserId::NONE, payload)
+    }
+
+    /// INBOX_SYNC: start stored delivery; the client has everything up to `last_seq` of the
+    /// store `epoch` (0 and 0 for a client that has nothing).
+    pub fn inbox_sync(msg_id: MessageId, epoch: u64, last_seq: u64) -> Frame {
+        let mut payload = [0u8; 16];
+        BigEndian::write_u64(&mut payload[..8], epoch);
+        BigEndian::write_u64(&mut payload[8..], last_seq);
+        Frame::new(
+            Opcode::InboxSync,
+            msg_id,
+            UserId::NONE,
+            Bytes::copy_from_slice(&payload),
+        )
+    }
+
+    /// INBOX_ACK: every stored message up to `upto` was received.
+    pub fn inbox_ack(msg_id: MessageId, upto: u64) -> Frame {
+        Frame::new(
+            Opcode::InboxAck,
+            msg_id,
+            UserId::NONE,
+            Bytes::copy_from_slice(&upto.to_be_bytes()),
+        )
+    }
+
+    /// For an INBOX_STATE frame: the inbox's state.
+    pub fn inbox_state(&self) -> Option<InboxState> {
+        if self.opcode != Opcode::InboxState {
+            return None;
+        }
+        InboxState::parse(&self.payload)
+    }
+
+    /// For an INBOX_DELIVER frame: the sequence number, the stored-at time (Unix ms) and
+    /// the message.
+    pub fn inbox_deliver(&self) -> Option<(u64, u64, Bytes)> {
+        if self.opcode != Opcode::InboxDeliver || self.payload.len() < 16 {
+            return None;
+        }
+        Some((
+            BigEndian::read_u64(&self.payload),
+            BigEndian::read_u64(&self.payload[8..]),
+            self.payload.slice(16..),
+        ))
     }
 
     /// The target field read as a room id (room opcodes carry the room there).

@@ -20,7 +20,7 @@ pub mod text;
 
 pub use decode::{decode_raw, RawFrame};
 pub use error::{DecodeError, ErrorCode};
-pub use frame::{Frame, Header, LoginOk, RoomState, HEADER_LEN, VERSION};
+pub use frame::{Frame, Header, InboxState, LoginOk, RoomState, HEADER_LEN, VERSION};
 pub use ids::{MessageId, RoomId, UserId};
 pub use opcode::{Flags, Opcode};
 

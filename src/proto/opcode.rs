@@ -40,6 +40,15 @@ pub enum Opcode {
     Broadcast = 0x16,
     /// Relay → client: how many room messages this connection missed while it was slow.
     RoomMissed = 0x17,
+    /// Client → relay: start stored delivery on this connection from the last sequence
+    /// number the client has; answered with INBOX_STATE, then the replay.
+    InboxSync = 0x20,
+    /// Relay → client: the state of the user's inbox (epoch, sequence range, expiries).
+    InboxState = 0x21,
+    /// Relay → client: one stored message with its inbox sequence number.
+    InboxDeliver = 0x22,
+    /// Client → relay: every stored message up to this sequence number was received.
+    InboxAck = 0x23,
 }
 
 impl Opcode {
@@ -63,6 +72,10 @@ impl Opcode {
             0x15 => Opcode::RoomState,
             0x16 => Opcode::Broadcast,
             0x17 => Opcode::RoomMissed,
+            0x20 => Opcode::InboxSync,
+            0x21 => Opcode::InboxState,
+            0x22 => Opcode::InboxDeliver,
+            0x23 => Opcode::InboxAck,
             _ => return None,
         })
     }
@@ -87,11 +100,15 @@ impl Opcode {
             Opcode::RoomState => "ROOM_STATE",
             Opcode::Broadcast => "BROADCAST",
             Opcode::RoomMissed => "ROOM_MISSED",
+            Opcode::InboxSync => "INBOX_SYNC",
+            Opcode::InboxState => "INBOX_STATE",
+            Opcode::InboxDeliver => "INBOX_DELIVER",
+            Opcode::InboxAck => "INBOX_ACK",
         }
     }
 }
 
-/// The 16-bit flags field. v1 defines two bits; every other bit is reserved and must be 0.
+/// The 16-bit flags field. v1 defines three bits; every other bit is reserved and must be 0.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Flags(pub u16);
 
@@ -103,8 +120,11 @@ impl Flags {
     /// On SEND: this message may be a resend; the relay forwards a given (sender, msg_id)
     /// once and answers repeats with the first ACK (protocol.md, section 13).
     pub const DEDUP: Flags = Flags(0x0002);
+    /// On SEND: stored delivery. The relay keeps the message in the recipient's inbox until
+    /// the recipient acknowledges it, and ACKs only once it is stored (protocol.md, 15).
+    pub const STORED: Flags = Flags(0x0004);
     /// Every bit v1 defines; the others are reserved.
-    pub const KNOWN: Flags = Flags(0x0003);
+    pub const KNOWN: Flags = Flags(0x0007);
 
     /// Both sets of bits.
     pub const fn union(self, other: Flags) -> Flags {
@@ -124,7 +144,7 @@ impl Flags {
 
 impl Opcode {
     /// Every opcode, in numeric order (used by tests and docs checks).
-    pub const ALL: [Opcode; 17] = [
+    pub const ALL: [Opcode; 21] = [
         Opcode::Login,
         Opcode::LoginOk,
         Opcode::Send,
@@ -142,5 +162,9 @@ impl Opcode {
         Opcode::RoomState,
         Opcode::Broadcast,
         Opcode::RoomMissed,
+        Opcode::InboxSync,
+        Opcode::InboxState,
+        Opcode::InboxDeliver,
+        Opcode::InboxAck,
     ];
 }

@@ -135,7 +135,17 @@ pub fn render(frame: &[u8]) -> Option<Bytes> {
             };
             write!(out, "MISSED {} {n}", h.target.0)
         }
+        Opcode::InboxState => {
+            let at = |i: usize| payload.get(i..i + 8).map_or(0, BigEndian::read_u64);
+            write!(out, "INBOX {} {} {}", at(8), at(16), at(24))
+        }
+        Opcode::InboxDeliver => {
+            let seq = payload.get(..8).map_or(0, BigEndian::read_u64);
+            let body = payload.get(16..).unwrap_or_default();
+            write!(out, "STORED {} {seq} {}", h.source.0, shown(body))
+        }
         // Requests never travel relay → client.
+        Opcode::InboxSync | Opcode::InboxAck => return None,
         Opcode::Login
         | Opcode::Send
         | Opcode::Join

@@ -42,9 +42,33 @@ pub struct Config {
     pub dedup_ttl: Duration,
     /// DEDUP SEND ids remembered over all senders (default 1,000,000, about 24 MiB).
     pub dedup_max_entries: usize,
+    /// Stored messages one user's inbox may hold (default 10,000).
+    pub inbox_max_messages: usize,
+    /// Payload bytes one user's inbox may hold (default 16 MiB).
+    pub inbox_max_bytes: usize,
+    /// How long a stored message waits for its recipient (default 7 days).
+    pub inbox_ttl: Duration,
+    /// Users with an inbox (default 1,000,000).
+    pub store_max_users: usize,
+    /// Stored payload bytes over all inboxes (default 1 GiB).
+    pub store_max_bytes: usize,
+    /// Stored messages go to a durable store: their ACKs wait for the driver's commit
+    /// (false: memory only, ACK at once). Set by the driver that owns the store.
+    pub durable_store: bool,
 }
 
 impl Config {
+    /// The stored-delivery limits.
+    pub fn inbox_limits(&self) -> super::InboxLimits {
+        super::InboxLimits {
+            max_messages: self.inbox_max_messages,
+            max_bytes: self.inbox_max_bytes,
+            ttl: self.inbox_ttl,
+            max_users: self.store_max_users,
+            max_total_bytes: self.store_max_bytes,
+        }
+    }
+
     /// Room traffic is dropped for a member whose output queue would pass this many bytes:
     /// half the output cap, so room floods always leave room for direct messages.
     pub fn room_cap(&self) -> usize {
@@ -70,6 +94,12 @@ impl Default for Config {
             dedup_window: 256,
             dedup_ttl: Duration::from_secs(300),
             dedup_max_entries: 1_000_000,
+            inbox_max_messages: 10_000,
+            inbox_max_bytes: 16 * 1024 * 1024,
+            inbox_ttl: Duration::from_secs(7 * 24 * 3600),
+            store_max_users: 1_000_000,
+            store_max_bytes: 1024 * 1024 * 1024,
+            durable_store: false,
         }
     }
 }
@@ -134,6 +164,9 @@ impl Config {
         }
         if self.dedup_window == 0 || self.dedup_max_entries == 0 {
             return Err(ConfigError::Zero("dedup window"));
+        }
+        if self.inbox_max_messages == 0 || self.store_max_users == 0 {
+            return Err(ConfigError::Zero("inbox limits"));
         }
         Ok(())
     }

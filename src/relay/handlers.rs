@@ -34,6 +34,8 @@ impl Relay {
             Some(Opcode::RoomInfo) => self.on_room_info(id, &header),
             Some(Opcode::RoomSend) => self.on_room_send(id, frame, now),
             Some(Opcode::Broadcast) => self.on_broadcast(id, frame, now),
+            Some(Opcode::InboxSync) => self.on_inbox_sync(id, &frame, now),
+            Some(Opcode::InboxAck) => self.on_inbox_ack(id, &frame),
             Some(Opcode::Bye) => {
                 let bye = frame.rewrite(Opcode::Bye, UserId::NONE, UserId::NONE);
                 self.queue(id, bye);
@@ -47,7 +49,9 @@ impl Relay {
                 | Opcode::Error
                 | Opcode::RoomDeliver
                 | Opcode::RoomState
-                | Opcode::RoomMissed),
+                | Opcode::RoomMissed
+                | Opcode::InboxState
+                | Opcode::InboxDeliver),
             ) => {
                 let reason = format!("opcode {} is sent only by the relay", op.name());
                 self.reply_error(
@@ -133,7 +137,7 @@ impl Relay {
 
     pub(super) fn on_send(&mut self, id: ConnId, frame: RawFrame, now: Instant) {
         let h = *frame.header();
-        let allowed = Flags::NO_ACK.union(Flags::DEDUP);
+        let allowed = Flags::NO_ACK.union(Flags::DEDUP).union(Flags::STORED);
         let Some(sender) = self.check_request(id, &h, allowed, "SEND") else {
             return;
         };
@@ -150,12 +154,21 @@ impl Relay {
                     h.msg_id
                 );
                 self.metrics.duplicates_dropped += 1;
-                if !h.flags.contains(Flags::NO_ACK) {
+                if h.flags.contains(Flags::STORED) {
+                    // Its first ACK may still wait for the disk: this one waits too.
+                    if !h.flags.contains(Flags::NO_ACK) {
+                        self.ack_stored(id, h.msg_id, h.target, count);
+                    }
+                } else if !h.flags.contains(Flags::NO_ACK) {
                     write_ack(self.scratch(), h.msg_id, h.target, count);
                     self.queue_scratch(id);
                 }
                 return;
             }
+        }
+        if h.flags.contains(Flags::STORED) {
+            self.on_stored_send(id, frame, sender, now);
+            return;
         }
         let devices = self.directory.devices(h.target);
         if devices.is_empty() {

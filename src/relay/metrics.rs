@@ -35,6 +35,8 @@ pub struct Metrics {
     pub read_pauses: u64,
     /// DEDUP SENDs answered from memory instead of delivered a second time.
     pub duplicates_dropped: u64,
+    /// Stored SENDs put into an inbox.
+    pub messages_stored: u64,
 }
 
 impl Metrics {

@@ -21,6 +21,8 @@ mod config;
 mod dedup;
 mod directory;
 mod handlers;
+mod inbox;
+mod inbox_handlers;
 mod metrics;
 mod out_queue;
 mod rate;
@@ -30,6 +32,7 @@ mod session;
 mod timers;
 
 pub use config::{Config, ConfigError};
+pub use inbox::{InboxLimits, StoreOp};
 pub use metrics::Metrics;
 pub use out_queue::OutQueue;
 pub use session::State;
@@ -46,6 +49,7 @@ use crate::proto::{decode_raw, ErrorCode, Flags, MessageId, Opcode, RoomId, User
 use crate::ConnId;
 use dedup::Dedup;
 use directory::Directory;
+use inbox::Inboxes;
 use rooms::Rooms;
 use session::{Codec, Session};
 use timers::Timers;
@@ -75,6 +79,11 @@ pub struct Relay {
     directory: Directory,
     rooms: Rooms,
     dedup: Dedup,
+    inboxes: Inboxes,
+    store_ops: Vec<StoreOp>,
+    held_acks: Vec<inbox_handlers::HeldAck>,
+    /// Wall-clock time at `clock_base`, for stored messages' timestamps.
+    clock_base: (Instant, u64),
     timers: Timers,
     flush_list: Vec<ConnId>,
     resume_list: Vec<ConnId>,
@@ -89,6 +98,7 @@ impl Relay {
     /// A relay with the given limits. Call [`Config::validate`] first; an invalid config
     /// is not rejected here.
     pub fn new(config: Config) -> Relay {
+        let limits = config.inbox_limits();
         let dedup = Dedup::new(
             config.dedup_window,
             config.dedup_ttl,
@@ -100,6 +110,10 @@ impl Relay {
             directory: Directory::default(),
             rooms: Rooms::default(),
             dedup,
+            inboxes: Inboxes::new(limits, crate::client::Rng::from_entropy().next_u64()),
+            store_ops: Vec::new(),
+            held_acks: Vec::new(),
+            clock_base: (Instant::now(), unix_ms_now()),
             timers: Timers::default(),
             flush_list: Vec::new(),
             resume_list: Vec::new(),
@@ -451,8 +465,12 @@ impl Relay {
             s.read_paused = false;
             self.resume_list.push(id);
         }
+        let synced = s.inbox_synced;
         if s.out.is_empty() && !s.missed.is_empty() {
             self.report_missed(id);
+        }
+        if synced {
+            self.pump_inbox(id);
         }
     }
 
@@ -596,6 +614,21 @@ pub(crate) fn push_output(s: &mut Session, flush_list: &mut Vec<ConnId>, id: Con
 pub(crate) fn arm(timers: &mut Timers, s: &mut Session, id: ConnId, at: Instant) {
     s.deadline = at;
     timers.arm(at, id, s.serial);
+}
+
+impl Relay {
+    /// Wall-clock milliseconds at `now` (stored messages' timestamps and age limit).
+    pub(crate) fn unix_ms(&self, now: Instant) -> u64 {
+        let (base, base_ms) = self.clock_base;
+        let elapsed = u64::try_from(now.saturating_duration_since(base).as_millis()).unwrap_or(0);
+        base_ms + elapsed
+    }
+}
+
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 pub(crate) fn millis_u32(d: Duration) -> u32 {

@@ -69,6 +69,10 @@ pub struct Session {
     pub missed: Vec<(RoomId, u64)>,
     /// ROOM_SEND / BROADCAST rate limit.
     pub room_rate: TokenBucket,
+    /// INBOX_SYNC was received: stored messages are pushed to this connection.
+    pub inbox_synced: bool,
+    /// The highest inbox sequence number queued to this connection.
+    pub inbox_pushed: u64,
 }
 
 impl Session {
@@ -92,6 +96,8 @@ impl Session {
             rooms: Vec::new(),
             missed: Vec::new(),
             room_rate: TokenBucket::default(),
+            inbox_synced: false,
+            inbox_pushed: 0,
         }
     }
 

@@ -8,8 +8,10 @@
 
 pub mod io;
 mod limits;
+mod store;
 
 pub use limits::{raise_fd_limit, RESERVED_FDS};
+pub use store::LogStore;
 
 use std::io::{ErrorKind, IoSlice, Write};
 use std::net::SocketAddr;
@@ -82,6 +84,12 @@ pub struct Server {
     /// Log a metrics line this often (None: never).
     stats_interval: Option<Duration>,
     next_stats: Option<Instant>,
+    /// The durable store of stored delivery (None: memory only).
+    store: Option<LogStore>,
+    /// Reused for each turn's store ops.
+    store_ops: Vec<crate::relay::StoreOp>,
+    /// Compact the log once it is past this size (and twice the live data).
+    compact_at: u64,
 }
 
 impl Server {
@@ -109,6 +117,9 @@ impl Server {
             busy_poll: false,
             stats_interval: None,
             next_stats: None,
+            store: None,
+            store_ops: Vec::new(),
+            compact_at: u64::MAX,
         })
     }
 
@@ -184,6 +195,9 @@ impl Server {
             if self.relay.poll_timeout().is_some_and(|at| at <= now) {
                 self.relay.handle_timeout(now);
             }
+            if self.relay.wants_commit() {
+                self.commit_store();
+            }
             while let Some(id) = self.relay.poll_transmit() {
                 self.flush_conn(id);
             }
@@ -212,6 +226,45 @@ impl Server {
         }
     }
 
+    /// Opens the durable store in `dir` and loads what it holds into the relay. Stored
+    /// SENDs are then ACKed only once they are on disk (call before `run`).
+    pub fn open_store(&mut self, dir: &std::path::Path, compact_at: u64) -> std::io::Result<()> {
+        let (store, ops) = LogStore::open(dir)?;
+        self.relay.restore(ops);
+        info!(
+            "store {}: {} stored messages, {} bytes of log",
+            dir.display(),
+            self.relay.stored_messages(),
+            store.size()
+        );
+        self.store = Some(store);
+        self.compact_at = compact_at;
+        Ok(())
+    }
+
+    /// Group commit: every store op of this loop turn in one write and one fdatasync, then
+    /// the ACKs that waited for it. Compacts the log when it has grown past `compact_at`
+    /// and is more than twice the live data.
+    fn commit_store(&mut self) {
+        self.store_ops.clear();
+        self.relay.take_store_ops(&mut self.store_ops);
+        let result = match &mut self.store {
+            Some(store) if !self.store_ops.is_empty() => {
+                store.append(&self.store_ops).map_err(|e| e.to_string())
+            }
+            _ => Ok(()),
+        };
+        self.relay.handle_store_committed(result);
+        if let Some(store) = &mut self.store {
+            let live = self.relay.stored_bytes() as u64 + 64 * self.relay.stored_messages() as u64;
+            if store.size() > self.compact_at && store.size() > 2 * live {
+                if let Err(e) = store.compact(&self.relay.store_snapshot()) {
+                    warn!("store compaction failed (the log stays as it is): {e}");
+                }
+            }
+        }
+    }
+
     fn poll_timeout(&self) -> Option<Duration> {
         if self.busy_poll || !self.deferred_reads.is_empty() {
             return Some(Duration::ZERO);
@@ -235,7 +288,7 @@ impl Server {
             "stats: {} connections ({} users, {} rooms); opened {} refused {} closed {}; \
              frames in {} ({} B); routed {} -> {} deliveries; room messages {} -> {} \
              deliveries, {} dropped for slow members; out {} B; lost on reset {} B; \
-             errors sent {errors}; read pauses {}",
+             errors sent {errors}; read pauses {}; stored {} (held {} for {} users)",
             self.relay.session_count(),
             self.relay.user_count(),
             self.relay.room_count(),
@@ -252,6 +305,9 @@ impl Server {
             m.bytes_out,
             m.bytes_lost_on_reset,
             m.read_pauses,
+            m.messages_stored,
+            self.relay.stored_messages(),
+            self.relay.inbox_users(),
         );
     }
 

@@ -24,9 +24,16 @@ impl RelayProcess {
 
     /// Starts the binary on `addr` (again, after a restart) and waits until it listens.
     pub fn start_on(addr: SocketAddr, extra: &[&str]) -> RelayProcess {
+        // Memory store unless the test names a data directory: tests run side by side.
+        let store: &[&str] = if extra.contains(&"--store") {
+            &[]
+        } else {
+            &["--store", "memory"]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_imrelay"))
             .arg("--listen")
             .arg(addr.to_string())
+            .args(store)
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -204,6 +204,9 @@ fn relay(target: &Target, flags: &[&str]) -> Result<Relay, String> {
                 .with_file_name("imrelay"),
         };
         let mut flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+        if !flags.iter().any(|f| f == "--store") {
+            flags.extend(["--store".to_string(), "memory".to_string()]);
+        }
         if target.busy_poll {
             flags.push("--busy-poll".into());
         }

@@ -114,6 +114,11 @@ impl Client {
         self.conn.room_info(room, Instant::now())
     }
 
+    /// Drops the link and connects again (see [`Connection::reconnect`]).
+    pub fn reconnect(&mut self) {
+        self.conn.reconnect(Instant::now());
+    }
+
     /// Where the link is now.
     pub fn phase(&self) -> Phase {
         self.conn.core().phase()
@@ -132,14 +137,17 @@ impl Client {
     /// Runs the link until an event is ready or `timeout` passes.
     pub fn recv(&mut self, timeout: Duration) -> Option<Event> {
         let deadline = Instant::now() + timeout;
+        let mut polled = false;
         loop {
             if let Some(event) = self.conn.poll_event() {
                 return Some(event);
             }
             let now = Instant::now();
-            if now >= deadline {
+            // Even with a zero timeout the socket is checked once.
+            if now >= deadline && polled {
                 return None;
             }
+            polled = true;
             let wake = self
                 .conn
                 .poll_timeout()

@@ -179,6 +179,18 @@ impl Connection {
         Ok(())
     }
 
+    /// Drops the link and connects again at once (after the usual backoff step), for when
+    /// the app knows the network changed (Wi-Fi to cellular). Nothing is lost: unanswered
+    /// messages are resent, stored ones replayed.
+    pub fn reconnect(&mut self, now: Instant) {
+        self.link = None;
+        self.core.handle_link_error(
+            DisconnectReason::Io("reconnect requested by the app".to_string()),
+            now,
+        );
+        self.drive(now);
+    }
+
     /// Starts closing: see [`ClientCore::close`]. Keep driving until `Event::Closed`.
     pub fn close(&mut self, now: Instant) {
         self.core.close(now);

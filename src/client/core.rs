@@ -285,6 +285,7 @@ impl ClientCore {
                 for id in self.outbox.take_unsent() {
                     self.fail(id, FailReason::Closed);
                 }
+                self.send_inbox_ack();
                 let id = self.next_id();
                 Frame::bye(id).encode(&mut self.out);
                 self.phase = Phase::Closing {
@@ -419,12 +420,7 @@ impl ClientCore {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
         if self.phase == Phase::Ready && self.inbox.ack_due.is_some_and(|t| t <= now) {
-            self.inbox.ack_due = None;
-            if self.inbox.app_seq > self.inbox.acked {
-                let id = self.next_id();
-                Frame::inbox_ack(id, self.inbox.app_seq).encode(&mut self.out);
-                self.inbox.acked = self.inbox.app_seq;
-            }
+            self.send_inbox_ack();
         }
         for (id, reason) in self.outbox.expire(now, self.config.send_timeout) {
             self.fail(id, reason);
@@ -625,6 +621,16 @@ impl ClientCore {
             .first_time(from, id)
             .then_some(Event::Message { from, id, payload });
         self.emit_inbox(event, seq);
+    }
+
+    /// Acknowledges every stored message the app has taken.
+    fn send_inbox_ack(&mut self) {
+        self.inbox.ack_due = None;
+        if self.inbox.app_seq > self.inbox.acked {
+            let id = self.next_id();
+            Frame::inbox_ack(id, self.inbox.app_seq).encode(&mut self.out);
+            self.inbox.acked = self.inbox.app_seq;
+        }
     }
 
     fn emit_inbox(&mut self, event: Option<Event>, seq: u64) {

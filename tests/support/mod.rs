@@ -43,6 +43,26 @@ impl TestRelay {
         }
     }
 
+    /// A relay with a durable store in `dir`, compacting its log past `compact_at` bytes.
+    pub fn start_with_store(
+        mut config: Config,
+        dir: &std::path::Path,
+        compact_at: u64,
+    ) -> TestRelay {
+        config.durable_store = true;
+        config.validate().expect("valid test config");
+        let mut server = Server::bind("127.0.0.1:0".parse().unwrap(), config).expect("bind");
+        server.open_store(dir, compact_at).expect("open store");
+        let addr = server.local_addr();
+        let shutdown = server.shutdown_handle();
+        let thread = std::thread::spawn(move || server.run().expect("event loop"));
+        TestRelay {
+            addr,
+            shutdown,
+            thread: Some(thread),
+        }
+    }
+
     /// A relay with default limits.
     pub fn default_config() -> TestRelay {
         TestRelay::start(Config::default())

@@ -163,6 +163,7 @@ fn heartbeat_detects_a_dead_link_and_the_client_reconnects() {
     let mut cfg = config(ALICE);
     cfg.heartbeat_interval = Duration::from_millis(200);
     cfg.heartbeat_timeout = Duration::from_millis(300);
+    cfg.stored_inbox = false; // the fake relay speaks the core protocol only
     let mut client = Client::start(addr, cfg);
     wait_for(&mut client, |e| {
         matches!(e, Event::Connected { .. }).then_some(())

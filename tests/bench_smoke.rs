@@ -62,11 +62,25 @@ fn fanout_reaches_every_member() {
 }
 
 #[test]
-fn stored_mode_says_it_is_not_there_yet() {
-    let out = Command::new(env!("CARGO_BIN_EXE_imrelay-bench"))
-        .arg("stored")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("stored delivery"));
+fn stored_mode_delivers_everything_through_a_durable_store_and_times_the_acks() {
+    let report = run(&[
+        "stored",
+        "--spawn",
+        "--pairs",
+        "4",
+        "--messages",
+        "300",
+        "--window",
+        "16",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(report["mode"], "stored");
+    assert_eq!(report["store"], "tmp");
+    assert_eq!(report["delivered"], 4 * 2 * 300);
+    assert_eq!(report["acks"], 4 * 2 * 300);
+    assert_eq!(report["lost"], 0);
+    assert_eq!(report["duplicated"], 0);
+    assert_eq!(report["reordered"], 0);
+    assert!(report["ack_latency_us"]["p50"].as_f64().unwrap() > 0.0);
 }

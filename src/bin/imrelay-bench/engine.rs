@@ -39,6 +39,9 @@ pub struct Conn {
     /// The stream this connection sends for (it may be one of several sockets of it).
     send_stream: Option<usize>,
     queued_for_send: bool,
+    /// Stored mode: the last inbox sequence received, and how many are not acked yet.
+    inbox_seq: u64,
+    inbox_unacked: u32,
 }
 
 impl Conn {
@@ -55,6 +58,8 @@ impl Conn {
             expected: 0,
             send_stream: None,
             queued_for_send: false,
+            inbox_seq: 0,
+            inbox_unacked: 0,
         }
     }
 }
@@ -70,6 +75,10 @@ pub struct Stream {
     completed: u64,
     /// Receipts per in-flight sequence, indexed by sequence modulo the window.
     receipts: Vec<u32>,
+    /// Stored mode: ACKs received (they come in order), and send times by sequence modulo
+    /// the window, for the ACK latency.
+    acked: u64,
+    sent_at: Vec<u64>,
 }
 
 impl Stream {
@@ -84,6 +93,8 @@ impl Stream {
             sent: 0,
             completed: 0,
             receipts: vec![0; window],
+            acked: 0,
+            sent_at: vec![0; window],
         }
     }
 }
@@ -96,6 +107,9 @@ pub struct Job {
     pub messages: u64,
     pub window: usize,
     pub size: usize,
+    /// Stored delivery: messages arrive as INBOX_DELIVER, receivers ack their inbox, and a
+    /// message stays in the window until it is both delivered and ACKed.
+    pub stored: bool,
 }
 
 impl Job {
@@ -107,6 +121,7 @@ impl Job {
             messages,
             window,
             size,
+            stored: false,
         }
     }
 
@@ -124,6 +139,8 @@ impl Job {
 /// What one engine thread measured.
 pub struct Outcome {
     pub latency_ns: Histogram<u64>,
+    /// Stored mode: from SEND to its ACK ("stored", on disk with a durable store).
+    pub ack_latency_ns: Histogram<u64>,
     pub received: u64,
     pub expected: u64,
     pub duplicated: u64,
@@ -158,6 +175,7 @@ pub fn run(
         .sum();
     let mut out = Outcome {
         latency_ns: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram"),
+        ack_latency_ns: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram"),
         received: 0,
         expected,
         duplicated: 0,
@@ -226,6 +244,7 @@ pub fn run(
 fn fill(job: &mut Job, s: usize, epoch: Instant, payload: &mut [u8], flush_ready: &mut Vec<usize>) {
     let window = job.window as u64;
     let messages = job.messages;
+    let stored = job.stored;
     let stream = &mut job.streams[s];
     let frame_len = (HEADER + payload.len()) as u32;
     let backlog_ok = stream
@@ -237,9 +256,18 @@ fn fill(job: &mut Job, s: usize, epoch: Instant, payload: &mut [u8], flush_ready
     }
     let mut any = false;
     let now_ns = epoch.elapsed().as_nanos() as u64;
-    while stream.sent < messages && stream.sent - stream.completed < window {
+    loop {
+        let done = if stored {
+            stream.completed.min(stream.acked)
+        } else {
+            stream.completed
+        };
+        if stream.sent >= messages || stream.sent - done >= window {
+            break;
+        }
         let seq = stream.sent;
         stream.sent += 1;
+        stream.sent_at[(seq % window) as usize] = now_ns;
         payload[0..4].copy_from_slice(&(s as u32).to_be_bytes());
         payload[4..12].copy_from_slice(&seq.to_be_bytes());
         payload[12..20].copy_from_slice(&now_ns.to_be_bytes());
@@ -298,12 +326,35 @@ fn read(job: &mut Job, c: usize, now_ns: u64, out: &mut Outcome, send_ready: &mu
                 break;
             }
             let opcode = buf[5];
+            // A stored message's payload starts with its inbox sequence and time.
+            let body = if opcode == Opcode::InboxDeliver as u8 {
+                HEADER + 16
+            } else {
+                HEADER
+            };
             if opcode == Opcode::Ack as u8 {
                 out.acks += 1;
+                if job.stored {
+                    if let Some(s) = conn.send_stream {
+                        let seq = u64::from_be_bytes(buf[8..16].try_into().unwrap()) - 1;
+                        let stream = &mut job.streams[s];
+                        let w = stream.sent_at.len() as u64;
+                        let sent_ns = stream.sent_at[(seq % w) as usize];
+                        out.ack_latency_ns
+                            .saturating_record(now_ns.saturating_sub(sent_ns).max(1));
+                        stream.acked += 1;
+                        send_ready.push(s);
+                    }
+                }
             } else if opcode == Opcode::Error as u8 {
                 out.errors += 1;
-            } else if len >= HEADER + MIN_PAYLOAD {
-                let p = &buf[HEADER..];
+            } else if len >= body + MIN_PAYLOAD {
+                if body != HEADER {
+                    conn.inbox_seq =
+                        u64::from_be_bytes(buf[HEADER..HEADER + 8].try_into().unwrap());
+                    conn.inbox_unacked += 1;
+                }
+                let p = &buf[body..];
                 let s = u32::from_be_bytes(p[0..4].try_into().unwrap()) as usize;
                 let seq = u64::from_be_bytes(p[4..12].try_into().unwrap());
                 let sent_ns = u64::from_be_bytes(p[12..20].try_into().unwrap());
@@ -340,5 +391,13 @@ fn read(job: &mut Job, c: usize, now_ns: u64, out: &mut Outcome, send_ready: &mu
         let conn = &mut job.conns[c];
         conn.inbuf.copy_within(pos..conn.in_len, 0);
         conn.in_len -= pos;
+        // Stored mode: ack the inbox every 64 messages, as an app would in batches.
+        if conn.inbox_unacked >= 64 {
+            conn.inbox_unacked = 0;
+            let ack =
+                imrelay::proto::Frame::inbox_ack(imrelay::proto::MessageId(0), conn.inbox_seq);
+            conn.out.extend_from_slice(&ack.to_bytes());
+            flush(conn);
+        }
     }
 }

@@ -4,8 +4,8 @@
 //! `cargo run --release --bin imrelay-bench -- pairs --spawn --relay-cpu 0 --bench-cpu 1 \
 //!   --pairs 100 --size 64 --window 64 --messages 200000 --compare-floor`
 //!
-//! Modes: `pairs`, `pingpong`, `fanout`, `floor`, `conns` (and `stored`, which waits for
-//! stored delivery). Against `--addr HOST:PORT` or a relay it starts itself (`--spawn`), in
+//! Modes: `pairs`, `pingpong`, `fanout`, `floor`, `conns`, `stored` (pairs with stored
+//! delivery to a durable store). Against `--addr HOST:PORT` or a relay it starts itself (`--spawn`), in
 //! which case it also reports the relay's CPU time per million messages and its memory.
 //! Progress on stderr, a summary on stderr, one JSON line on stdout.
 
@@ -47,8 +47,30 @@ enum Mode {
     Floor(PairsArgs),
     /// N idle logged-in connections: relay memory per connection, and latency among them.
     Conns(ConnsArgs),
-    /// Stored delivery (not available yet: the relay has no stored mode).
-    Stored,
+    /// The pairs workload with stored delivery: every SEND is STORED, receivers sync their
+    /// inbox and ack it; reports delivery latency and the ACK ("stored") latency.
+    Stored(StoredArgs),
+}
+
+#[derive(Args, Clone)]
+struct StoredArgs {
+    #[arg(long, default_value_t = 100)]
+    pairs: usize,
+    /// Payload bytes per message (at least 20).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Messages each user sends.
+    #[arg(long, default_value_t = 20_000)]
+    messages: u64,
+    /// Messages in flight per sender (not yet both delivered and ACKed).
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// With --spawn: the relay's store. `tmp` (a fresh data directory under the system's
+    /// temp dir, removed afterwards), `memory`, or a directory.
+    #[arg(long, default_value = "tmp")]
+    store: String,
+    #[command(flatten)]
+    target: Target,
 }
 
 #[derive(Args, Clone)]
@@ -168,9 +190,7 @@ fn main() -> ExitCode {
         ),
         Mode::Fanout(a) => fanout(a),
         Mode::Conns(a) => conns(a),
-        Mode::Stored => {
-            Err("stored mode needs stored delivery in the relay (not built yet)".into())
-        }
+        Mode::Stored(a) => stored(a),
     };
     match result {
         Ok(report) => {
@@ -245,7 +265,41 @@ fn pairs(a: PairsArgs, floor: bool) -> Result<Report, String> {
     Ok(report)
 }
 
+fn stored(a: StoredArgs) -> Result<Report, String> {
+    let tmp = std::env::temp_dir().join(format!("imrelay-bench-store-{}", std::process::id()));
+    let dir = match a.store.as_str() {
+        "tmp" => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            tmp.to_string_lossy().into_owned()
+        }
+        other => other.to_string(),
+    };
+    let relay = relay(&a.target, &["--store", &dir])?;
+    let pairs = PairsArgs {
+        pairs: a.pairs,
+        size: a.size,
+        messages: a.messages,
+        window: a.window,
+        acks: true,
+        compare_floor: false,
+        target: a.target.clone(),
+    };
+    let mut report = run_pairs_with(&pairs, Some(&relay), true);
+    drop(relay);
+    if a.store == "tmp" {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    if let Ok(r) = &mut report {
+        r.extra("store", serde_json::json!(a.store));
+    }
+    report
+}
+
 fn run_pairs(a: &PairsArgs, relay: Option<&Relay>) -> Result<Report, String> {
+    run_pairs_with(a, relay, false)
+}
+
+fn run_pairs_with(a: &PairsArgs, relay: Option<&Relay>, stored: bool) -> Result<Report, String> {
     let threads = a.target.threads.clamp(1, a.pairs.max(1));
     let mut jobs = Vec::new();
     let base = user_base();
@@ -257,7 +311,11 @@ fn run_pairs(a: &PairsArgs, relay: Option<&Relay>) -> Result<Report, String> {
                     .iter()
                     .flat_map(|&p| [base + 2 * p as u64 + 1, base + 2 * p as u64 + 2])
                     .collect();
-                let mut socks = setup::login_all(r.addr, &users)?.into_iter();
+                let mut socks = setup::login_all(r.addr, &users)?;
+                if stored {
+                    setup::sync_all(&mut socks)?;
+                }
+                let mut socks = socks.into_iter();
                 let mut out = Vec::new();
                 while let (Some(x), Some(y)) = (socks.next(), socks.next()) {
                     out.push((x, y));
@@ -267,14 +325,22 @@ fn run_pairs(a: &PairsArgs, relay: Option<&Relay>) -> Result<Report, String> {
             None => setup::socket_pairs(pairs.len())?,
         };
         let mut job = Job::new(a.messages, a.window, a.size);
+        job.stored = stored;
         for (i, (x, y)) in socks.into_iter().enumerate() {
             let p = pairs[i] as u64;
             let (ux, uy) = (base + 2 * p + 1, base + 2 * p + 2);
             job.conns.push(Conn::new(x));
             job.conns.push(Conn::new(y));
             let (cx, cy) = (2 * i, 2 * i + 1);
-            let to_y = setup::header_for(Opcode::Send, uy, a.acks).to_bytes();
-            let to_x = setup::header_for(Opcode::Send, ux, a.acks).to_bytes();
+            let header = |to| {
+                let h = setup::header_for(Opcode::Send, to, a.acks);
+                if stored {
+                    h.with_flags(imrelay::proto::Flags::STORED).to_bytes()
+                } else {
+                    h.to_bytes()
+                }
+            };
+            let (to_y, to_x) = (header(uy), header(ux));
             job.streams.push(Stream::new(vec![cx], &to_y, 1, a.window));
             job.streams.push(Stream::new(vec![cy], &to_x, 1, a.window));
             job.send(cx, 2 * i);
@@ -286,6 +352,7 @@ fn run_pairs(a: &PairsArgs, relay: Option<&Relay>) -> Result<Report, String> {
     }
     let mode = match (relay.is_some(), a.pairs, a.window) {
         (false, _, _) => "floor",
+        _ if stored => "stored",
         (true, 1, 1) => "pingpong",
         _ => "pairs",
     };

@@ -43,10 +43,13 @@ impl Report {
     ) -> Report {
         let mut hist: Histogram<u64> =
             Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram");
+        let mut acks_hist: Histogram<u64> =
+            Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram");
         let (mut received, mut expected, mut dup, mut reord, mut acks, mut errors) =
             (0, 0, 0, 0, 0, 0);
         for o in &outcomes {
             hist.add(&o.latency_ns).expect("same bounds");
+            acks_hist.add(&o.ack_latency_ns).expect("same bounds");
             received += o.received;
             expected += o.expected;
             dup += o.duplicated;
@@ -71,6 +74,16 @@ impl Report {
         j.insert("msgs_per_sec".into(), json!(msgs_per_sec.round()));
         j.insert("mb_per_sec".into(), json!(msgs_per_sec * frame / 1e6));
         j.insert("latency_us".into(), latency);
+        let ack_us = |q: f64| acks_hist.value_at_quantile(q) as f64 / 1000.0;
+        if !acks_hist.is_empty() {
+            j.insert(
+                "ack_latency_us".into(),
+                json!({
+                    "p50": ack_us(0.5), "p90": ack_us(0.9), "p99": ack_us(0.99),
+                    "p999": ack_us(0.999), "max": acks_hist.max() as f64 / 1000.0,
+                }),
+            );
+        }
         j.insert("lost".into(), json!(expected - received));
         j.insert("duplicated".into(), json!(dup));
         j.insert("reordered".into(), json!(reord));
@@ -94,7 +107,18 @@ impl Report {
                 Some(c) => format!("; relay CPU {c:.3} s per million"),
                 None => String::new(),
             },
-        );
+        ) + &if acks_hist.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; ACK latency us p50 {:.1} p90 {:.1} p99 {:.1} p99.9 {:.1} max {:.1}",
+                ack_us(0.5),
+                ack_us(0.9),
+                ack_us(0.99),
+                ack_us(0.999),
+                acks_hist.max() as f64 / 1000.0
+            )
+        };
         Report {
             json: j,
             lost: expected - received,

@@ -50,6 +50,19 @@ fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> Result<TcpStream, String>
     Ok(socket.into())
 }
 
+/// Starts stored delivery on every socket (INBOX_SYNC, pipelined) and waits for the
+/// INBOX_STATE answers.
+pub fn sync_all(socks: &mut [TcpStream]) -> Result<(), String> {
+    let sync = Frame::inbox_sync(MessageId(3), 0, 0).to_bytes();
+    for s in socks.iter_mut() {
+        s.write_all(&sync).map_err(|e| e.to_string())?;
+    }
+    for s in socks.iter_mut() {
+        expect(s, Opcode::InboxState)?;
+    }
+    Ok(())
+}
+
 /// Makes every socket JOIN `room` (pipelined) and waits for the answers.
 pub fn join_all(socks: &mut [TcpStream], room: u64) -> Result<(), String> {
     let join = Frame::join(MessageId(2), RoomId(room)).to_bytes();

@@ -8,8 +8,8 @@ use bytes::{Bytes, BytesMut};
 use imrelay::proto::decode::decode_frame;
 use imrelay::proto::frame::{write_ack, write_error, write_frame};
 use imrelay::proto::{
-    decode_raw, DecodeError, ErrorCode, Flags, Frame, LoginOk, MessageId, Opcode, RoomId,
-    RoomState, UserId, DEFAULT_MAX_FRAME,
+    decode_raw, DecodeError, ErrorCode, Flags, Frame, InboxState, LoginOk, MessageId, Opcode,
+    RoomId, RoomState, UserId, DEFAULT_MAX_FRAME,
 };
 
 fn spec() -> String {
@@ -187,6 +187,61 @@ fn expected_frames() -> Vec<(&'static str, Vec<u8>)> {
             Frame::broadcast(MessageId(11), Bytes::from_static(b"maintenance at 03:00"))
                 .to_bytes()
                 .to_vec(),
+        ),
+        (
+            "SEND_STORED",
+            Frame::send(MessageId(2), UserId(1002), hi_bob())
+                .with_flags(Flags::DEDUP.union(Flags::STORED))
+                .to_bytes()
+                .to_vec(),
+        ),
+        (
+            "INBOX_SYNC",
+            Frame::inbox_sync(MessageId(7), 0xcafe_0001, 4)
+                .to_bytes()
+                .to_vec(),
+        ),
+        (
+            "INBOX_STATE",
+            encode(|b| {
+                let state = InboxState {
+                    epoch: 0xcafe_0001,
+                    first_seq: 6,
+                    last_seq: 7,
+                    expired_upto: 5,
+                };
+                write_frame(
+                    b,
+                    Opcode::InboxState,
+                    Flags::EMPTY,
+                    MessageId(7),
+                    UserId(1002),
+                    none,
+                    &state.to_bytes(),
+                )
+            }),
+        ),
+        (
+            "INBOX_DELIVER",
+            encode(|b| {
+                let mut p = Vec::new();
+                p.extend_from_slice(&6u64.to_be_bytes());
+                p.extend_from_slice(&1_700_000_000_000u64.to_be_bytes());
+                p.extend_from_slice(b"hi bob");
+                write_frame(
+                    b,
+                    Opcode::InboxDeliver,
+                    Flags::EMPTY,
+                    MessageId(2),
+                    UserId(1002),
+                    UserId(1001),
+                    &p,
+                )
+            }),
+        ),
+        (
+            "INBOX_ACK",
+            Frame::inbox_ack(MessageId(8), 7).to_bytes().to_vec(),
         ),
         (
             "ROOM_MISSED",

@@ -405,9 +405,14 @@ impl ClientCore {
             }
             _ => None,
         };
+        let ack = match self.phase {
+            Phase::Ready => self.inbox.ack_due,
+            _ => None,
+        };
         [
             phase,
             release,
+            ack,
             self.outbox.next_deadline(self.config.send_timeout),
         ]
         .into_iter()

@@ -497,3 +497,137 @@ fn try_later_answers_hold_the_message_and_write_it_again() {
         }]
     ));
 }
+
+mod stored {
+    use super::*;
+    use crate::proto::frame::write_frame;
+    use crate::proto::InboxState;
+
+    fn inbox_config() -> ClientConfig {
+        let mut c = config();
+        c.stored_inbox = true;
+        c
+    }
+
+    fn state(epoch: u64, first: u64, last: u64, expired: u64) -> Bytes {
+        let s = InboxState {
+            epoch,
+            first_seq: first,
+            last_seq: last,
+            expired_upto: expired,
+        };
+        let mut b = BytesMut::new();
+        write_frame(
+            &mut b,
+            Opcode::InboxState,
+            Flags::EMPTY,
+            MessageId(0),
+            ME,
+            UserId::NONE,
+            &s.to_bytes(),
+        );
+        b.freeze()
+    }
+
+    fn inbox_deliver(seq: u64, from: UserId, id: u64, text: &[u8]) -> Bytes {
+        let mut p = seq.to_be_bytes().to_vec();
+        p.extend_from_slice(&0u64.to_be_bytes());
+        p.extend_from_slice(text);
+        let mut b = BytesMut::new();
+        write_frame(
+            &mut b,
+            Opcode::InboxDeliver,
+            Flags::EMPTY,
+            MessageId(id),
+            ME,
+            from,
+            &p,
+        );
+        b.freeze()
+    }
+
+    /// Logs in and returns the INBOX_SYNC written after LOGIN_OK.
+    fn login(core: &mut ClientCore, now: Instant) -> Frame {
+        assert_eq!(core.poll_action(now), Some(LinkAction::Connect));
+        core.handle_connected(now);
+        let login = written(core);
+        feed(core, &login_ok(login[0].msg_id), now);
+        let out = written(core);
+        assert_eq!(out[0].opcode, Opcode::InboxSync);
+        out[0].clone()
+    }
+
+    #[test]
+    fn stored_messages_are_shown_once_and_acked_in_batches_after_the_app_takes_them() {
+        let t0 = Instant::now();
+        let mut core = ClientCore::with_rng(inbox_config(), t0, Rng::seeded(4));
+        let sync = login(&mut core, t0);
+        assert_eq!(
+            &sync.payload[..],
+            &[0u8; 16][..],
+            "first sync: no epoch, nothing held"
+        );
+        feed(&mut core, &state(9, 1, 3, 0), t0);
+        for seq in 1..=3 {
+            feed(&mut core, &inbox_deliver(seq, BOB, 100 + seq, b"m"), t0);
+        }
+        // A replay of seq 2 (after a reconnect) is not shown again.
+        feed(&mut core, &inbox_deliver(2, BOB, 102, b"m"), t0);
+        assert!(
+            core.output().is_empty(),
+            "nothing acked before the app takes it"
+        );
+        let shown = events(&mut core);
+        assert!(matches!(shown[0], Event::Connected { .. }));
+        assert_eq!(shown.len(), 4, "{shown:?}");
+        let due = core.poll_timeout().unwrap();
+        assert_eq!(due, t0 + Duration::from_millis(100));
+        core.handle_timeout(due);
+        let ack = written(&mut core);
+        assert_eq!(ack[0].opcode, Opcode::InboxAck);
+        assert_eq!(&ack[0].payload[..], &3u64.to_be_bytes());
+    }
+
+    #[test]
+    fn the_next_sync_says_what_the_app_has_and_expiries_become_a_gap() {
+        let t0 = Instant::now();
+        let mut core = ClientCore::with_rng(inbox_config(), t0, Rng::seeded(6));
+        login(&mut core, t0);
+        feed(&mut core, &state(9, 1, 2, 0), t0);
+        feed(&mut core, &inbox_deliver(1, BOB, 1, b"a"), t0);
+        feed(&mut core, &inbox_deliver(2, BOB, 2, b"b"), t0);
+        // The app took only the first message when the link died.
+        assert!(matches!(core.poll_event(), Some(Event::Connected { .. })));
+        assert!(matches!(core.poll_event(), Some(Event::Message { .. })));
+        core.handle_link_error(DisconnectReason::ClosedByRelay, t0);
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(core.poll_action(t0), Some(LinkAction::Disconnect));
+        let sync = login(&mut core, t1);
+        let mut expect = 9u64.to_be_bytes().to_vec();
+        expect.extend_from_slice(&1u64.to_be_bytes());
+        assert_eq!(&sync.payload[..], &expect[..], "epoch 9, the app has 1");
+        // Meanwhile 2..=4 expired on the relay.
+        feed(&mut core, &state(9, 5, 5, 4), t1);
+        feed(&mut core, &inbox_deliver(5, BOB, 5, b"e"), t1);
+        let evs = events(&mut core);
+        assert!(matches!(evs[0], Event::Disconnected { .. }));
+        assert!(matches!(evs[1], Event::Connected { .. }));
+        assert_eq!(evs[2], Event::Gap { from: 2, to: 4 });
+        assert!(matches!(&evs[3], Event::Message { payload, .. } if &payload[..] == b"e"));
+        assert_eq!(evs.len(), 4, "message 2 was not shown twice: {evs:?}");
+    }
+
+    #[test]
+    fn a_stored_send_carries_the_flags_and_ends_as_stored() {
+        let now = Instant::now();
+        let mut core = ClientCore::with_rng(inbox_config(), now, Rng::seeded(8));
+        login(&mut core, now);
+        let id = core
+            .send_stored(BOB, Bytes::from_static(b"later"), now)
+            .unwrap();
+        let out = written(&mut core);
+        assert_eq!(out[0].flags, Flags::DEDUP.union(Flags::STORED));
+        feed(&mut core, &ack(id, 0), now);
+        assert!(events(&mut core).contains(&Event::Stored { id, devices: 0 }));
+    }
+}

@@ -242,3 +242,48 @@ fn bad_arguments_from_c_get_error_codes_not_crashes() {
         imrelay_close(client, 1000);
     }
 }
+
+#[test]
+fn a_stored_send_from_c_ends_as_a_stored_event_and_reaches_the_offline_user_later() {
+    let relay = TestRelay::default_config();
+    let addr = std::ffi::CString::new(relay.addr.to_string()).unwrap();
+    // SAFETY: a valid handle from imrelay_connect; pointers are checked by the library.
+    unsafe {
+        let client = imrelay_connect(addr.as_ptr(), 1, std::ptr::null(), 0, 5000);
+        assert!(!client.is_null(), "{:?}", last_error());
+        let mut id = 0u64;
+        let text = b"see you later";
+        assert_eq!(
+            imrelay_send_stored(client, 3, text.as_ptr(), text.len(), &mut id),
+            IMRELAY_OK
+        );
+        let mut event: *mut ImrelayEvent = std::ptr::null_mut();
+        loop {
+            assert_eq!(imrelay_poll_event(client, 5000, &mut event), IMRELAY_OK);
+            let kind = (*event).kind;
+            if kind == IMRELAY_EVENT_STORED {
+                break;
+            }
+            assert_ne!(kind, IMRELAY_EVENT_FAILED);
+            imrelay_event_free(event);
+        }
+        assert_eq!(
+            ((*event).msg_id, (*event).count),
+            (id, 0),
+            "user 3 is offline"
+        );
+        imrelay_event_free(event);
+        imrelay_close(client, 1000);
+    }
+    let (mut later, _) =
+        Client::connect(relay.addr, ClientConfig::new(UserId(3)), SAFETY_TIMEOUT).unwrap();
+    loop {
+        match later.recv(SAFETY_TIMEOUT).expect("the stored message") {
+            Event::Message { from, payload, .. } => {
+                assert_eq!((from, &payload[..]), (UserId(1), &b"see you later"[..]));
+                break;
+            }
+            _ => continue,
+        }
+    }
+}

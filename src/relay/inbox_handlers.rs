@@ -39,6 +39,13 @@ impl Relay {
         now: Instant,
     ) {
         let h = *frame.header();
+        if let Some(failure) = &self.store_failure {
+            // Fail-stop: after a failed write the log's tail is unknown, so nothing more
+            // is promised as stored until the relay restarts and reads it back.
+            let reason = format!("the store failed earlier ({failure}); restart the relay");
+            self.reply_error(id, h.msg_id, h.target, ErrorCode::StoreFailed, &reason);
+            return;
+        }
         let now_ms = self.unix_ms(now);
         self.inboxes.expire(h.target, now_ms);
         if let Err(full) = self.inboxes.check_room(h.target, frame.payload().len()) {
@@ -250,7 +257,8 @@ impl Relay {
             }
         }
         if let Err(e) = result {
-            warn!("store write failed: {e}");
+            warn!("store write failed: {e}; stored SENDs are refused until a restart");
+            self.store_failure = Some(e);
         }
     }
 

@@ -81,6 +81,8 @@ pub struct Relay {
     dedup: Dedup,
     inboxes: Inboxes,
     store_ops: Vec<StoreOp>,
+    /// Set when a commit failed: stored SENDs are refused from then on (fail-stop).
+    store_failure: Option<String>,
     held_acks: Vec<inbox_handlers::HeldAck>,
     /// Wall-clock time at `clock_base`, for stored messages' timestamps.
     clock_base: (Instant, u64),
@@ -112,6 +114,7 @@ impl Relay {
             dedup,
             inboxes: Inboxes::new(limits, crate::client::Rng::from_entropy().next_u64()),
             store_ops: Vec::new(),
+            store_failure: None,
             held_acks: Vec::new(),
             clock_base: (Instant::now(), unix_ms_now()),
             timers: Timers::default(),

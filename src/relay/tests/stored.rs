@@ -61,6 +61,10 @@ fn the_ack_waits_for_the_commit_and_the_ops_say_what_to_write() {
     h.relay.handle_store_committed(Err("disk full".into()));
     let err = h.expect_error(alice, ErrorCode::StoreFailed);
     assert!(err.error().unwrap().1.contains("disk full"));
+    // Fail-stop: no more promises until a restart.
+    h.send_frame(alice, stored(7, BOB, b"third"));
+    let err = h.expect_error(alice, ErrorCode::StoreFailed);
+    assert!(err.error().unwrap().1.contains("restart"));
 }
 
 #[test]

@@ -63,6 +63,9 @@ struct Args {
     /// Spin on the poller instead of sleeping: lowest latency, one core always busy.
     #[arg(long)]
     busy_poll: bool,
+    /// Serve the H5 live-room demo page on a plain HTTP GET of / (WebSocket is always on).
+    #[arg(long)]
+    demo: bool,
 }
 
 fn main() -> ExitCode {
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
         room_send_rate: args.room_rate,
         room_send_burst: args.room_burst,
         admins: args.admin.into_iter().map(UserId).collect(),
+        demo: args.demo,
     };
     if let Err(e) = config.validate() {
         error!("invalid limits: {e}");
@@ -127,6 +131,12 @@ fn main() -> ExitCode {
         "imrelay listening on {} (fd limit {fd_limit}: up to {max_connections} connections)",
         server.local_addr()
     );
+    if args.demo {
+        info!(
+            "H5 demo page: http://{}/?user=1&room=7",
+            server.local_addr()
+        );
+    }
 
     let handle = server.shutdown_handle();
     let mut signals = match signal_hook::iterator::Signals::new([

@@ -35,6 +35,8 @@ pub struct Config {
     pub room_send_burst: u32,
     /// Users allowed to BROADCAST to every connection.
     pub admins: Vec<UserId>,
+    /// Serve the H5 demo page and its module on a plain HTTP GET (default off: 404).
+    pub demo: bool,
 }
 
 impl Config {
@@ -60,6 +62,7 @@ impl Default for Config {
             room_send_rate: 50,
             room_send_burst: 100,
             admins: Vec::new(),
+            demo: false,
         }
     }
 }

@@ -33,6 +33,12 @@ pub struct Metrics {
     pub room_deliveries_dropped: u64,
     /// Times a connection's reads were paused because its own output queue was full.
     pub read_pauses: u64,
+    /// Connections upgraded to WebSocket.
+    pub websocket_sessions: u64,
+    /// Demo files served over plain HTTP.
+    pub http_served: u64,
+    /// HTTP requests answered with an error status (400, 404, 431).
+    pub http_refused: u64,
 }
 
 impl Metrics {

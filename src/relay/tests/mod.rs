@@ -541,3 +541,4 @@ fn each_connection_is_flushed_once_per_round() {
 }
 
 mod rooms;
+mod ws;

@@ -16,7 +16,8 @@
 //!   decoder), `opcode.rs`, `error.rs`, `ids.rs`.
 //! - `src/relay/`: `mod.rs` (the `Relay` and its calling order), `session.rs`,
 //!   `directory.rs` (user → connections), `out_queue.rs`, `timers.rs`, `config.rs`,
-//!   `metrics.rs`.
+//!   `metrics.rs`; `http.rs`, `ws.rs`, `web.rs` and `demo.rs` for HTTP and WebSocket
+//!   connections and the H5 demo page.
 //! - `src/server/`: `mod.rs` (event loop), `listen.rs` (fd limits, listener).
 //! - `src/bin/imrelay.rs`: the relay binary.
 

@@ -100,6 +100,7 @@ fn main() -> ExitCode {
     };
     let config = Config {
         max_frame: args.max_frame,
+        demo: args.demo,
         max_connections,
         max_devices_per_user: args.max_devices,
         out_cap: args.out_cap,
@@ -111,7 +112,6 @@ fn main() -> ExitCode {
         room_send_rate: args.room_rate,
         room_send_burst: args.room_burst,
         admins: args.admin.into_iter().map(UserId).collect(),
-        demo: args.demo,
     };
     if let Err(e) = config.validate() {
         error!("invalid limits: {e}");

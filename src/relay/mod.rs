@@ -4,6 +4,11 @@
 //! (`handle_*`, each given `now`) and pulls its outputs (`poll_*`, [`Relay::output`]).
 //! Everything here is deterministic and unit-tested in memory.
 //!
+//! A connection's first bytes choose its codec (protocol.md, section 2): binary frames, text
+//! lines, or an HTTP head (`http.rs`) that becomes a WebSocket session (`ws.rs`, `web.rs`)
+//! or a demo page (`demo.rs`). All of them end up in the same frame handlers; the driver
+//! only ever sees bytes in and queued bytes out.
+//!
 //! Calling order for one connection:
 //! 1. [`Relay::handle_open`] when a socket is accepted (it may be refused with a frame to
 //!    write before dropping the socket).

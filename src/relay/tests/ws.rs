@@ -393,3 +393,26 @@ fn shutdown_closes_websocket_sessions_with_going_away() {
     h.advance(CLOSE_LINGER);
     assert!(h.relay.is_finished(browser));
 }
+
+/// protocol.md's ```hex NAME block, as bytes.
+fn spec_vector(name: &str) -> Vec<u8> {
+    let spec = include_str!("../../../protocol.md");
+    let start = spec
+        .find(&format!("```hex {name}\n"))
+        .unwrap_or_else(|| panic!("protocol.md has no {name} vector"));
+    let body = &spec[start..].lines().skip(1).collect::<Vec<_>>();
+    body.iter()
+        .take_while(|line| !line.starts_with("```"))
+        .flat_map(|line| line.split_whitespace())
+        .map(|pair| u8::from_str_radix(pair, 16).expect("two-digit hex"))
+        .collect()
+}
+
+#[test]
+fn the_pong_message_of_protocol_md_section_14_is_byte_exact() {
+    let mut h = Harness::new(Config::default());
+    let browser = h.ws_open();
+    let ping = Frame::ping(MessageId(5), Bytes::from_static(b"t=1")).to_bytes();
+    h.feed(browser, &binary(&ping));
+    assert_eq!(h.take_output(browser), spec_vector("WS_PONG_MESSAGE"));
+}

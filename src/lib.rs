@@ -25,8 +25,11 @@
 //!   decoder), `opcode.rs`, `error.rs`, `ids.rs`.
 //! - `src/relay/`: `mod.rs` (the `Relay` and its calling order), `session.rs`,
 //!   `directory.rs` (user → connections), `out_queue.rs`, `timers.rs`, `config.rs`,
-//!   `metrics.rs`.
-//! - `src/server/`: `mod.rs` (event loop), `io.rs` (reads), `limits.rs` (fd limits).
+//!   `metrics.rs`; `http.rs`, `ws.rs`, `web.rs` and `demo.rs` for HTTP and WebSocket
+//!   connections and the H5 demo page; `dedup.rs`, `inbox.rs` and `inbox_handlers.rs`
+//!   for resends and stored delivery.
+//! - `src/server/`: `mod.rs` (event loop), `io.rs` (reads), `limits.rs` (fd limits),
+//!   `store.rs` (the durable log of stored delivery).
 //! - `src/client/`: `core.rs` (the sans-IO client), `outbox.rs`, `seen.rs`, `backoff.rs`,
 //!   `event.rs`, `config.rs`, `conn.rs` (non-blocking driver), `blocking.rs`.
 //! - `src/bin/imrelay.rs`: the relay binary.

@@ -358,6 +358,8 @@ fn protocol_md_has_no_vector_the_tests_do_not_check() {
     let mut known: Vec<&str> = expected_frames().iter().map(|(n, _)| *n).collect();
     known.extend(expected_errors().iter().map(|(n, _)| *n));
     known.push("UNKNOWN_OPCODE");
+    // Checked by the core's WebSocket tests (src/relay/tests/ws.rs).
+    known.push("WS_PONG_MESSAGE");
     for name in vectors().keys() {
         assert!(known.contains(&name.as_str()), "unchecked vector {name}");
     }

@@ -94,6 +94,9 @@ struct Args {
     /// Spin on the poller instead of sleeping: lowest latency, one core always busy.
     #[arg(long)]
     busy_poll: bool,
+    /// Serve the H5 live-room demo page on a plain HTTP GET of / (WebSocket is always on).
+    #[arg(long)]
+    demo: bool,
 }
 
 fn main() -> ExitCode {
@@ -137,6 +140,7 @@ fn main() -> ExitCode {
     };
     let config = Config {
         max_frame: args.max_frame,
+        demo: args.demo,
         max_connections,
         max_devices_per_user: args.max_devices,
         out_cap: args.out_cap,
@@ -183,6 +187,12 @@ fn main() -> ExitCode {
         "imrelay listening on {} (fd limit {fd_limit}: up to {max_connections} connections)",
         server.local_addr()
     );
+    if args.demo {
+        info!(
+            "H5 demo page: http://{}/?user=1&room=7",
+            server.local_addr()
+        );
+    }
 
     let handle = server.shutdown_handle();
     let mut signals = match signal_hook::iterator::Signals::new([

@@ -11,6 +11,8 @@ use crate::proto::{UserId, DEFAULT_MAX_FRAME, HEADER_LEN, MAX_FRAME_CEILING};
 pub struct Config {
     /// Largest frame accepted, header included (default 64 KiB).
     pub max_frame: u32,
+    /// Serve the H5 demo page and its module on a plain HTTP GET (default off: 404).
+    pub demo: bool,
     /// Most connections open at once; one more is refused with LIMIT_REACHED.
     pub max_connections: usize,
     /// Most connections one user id may have logged in at once (default 16).
@@ -80,6 +82,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             max_frame: DEFAULT_MAX_FRAME,
+            demo: false,
             max_connections: 10_000,
             max_devices_per_user: 16,
             out_cap: 1024 * 1024,

@@ -287,12 +287,15 @@ impl Relay {
         };
         info!("{id}{who}: closing: {code}: {reason}");
         self.queue_error(id, msg_id, target, code, reason);
+        self.ws_close(id, Some((code, reason)));
         self.begin_close(id, now);
     }
 
     /// Moves the connection to Closing: out of the directory, input ignored, output flushed,
-    /// closed at the latest after [`CLOSE_LINGER`].
+    /// closed at the latest after [`CLOSE_LINGER`]. A WebSocket session that has not sent
+    /// its close frame yet sends a normal one.
     pub(super) fn begin_close(&mut self, id: ConnId, now: Instant) {
+        self.ws_close(id, None);
         let Some(s) = self.sessions.get_mut(id.0) else {
             return;
         };

@@ -37,6 +37,12 @@ pub struct Metrics {
     pub duplicates_dropped: u64,
     /// Stored SENDs put into an inbox.
     pub messages_stored: u64,
+    /// Connections upgraded to WebSocket.
+    pub websocket_sessions: u64,
+    /// Demo files served over plain HTTP.
+    pub http_served: u64,
+    /// HTTP requests answered with an error status (400, 404, 431).
+    pub http_refused: u64,
 }
 
 impl Metrics {

@@ -4,6 +4,11 @@
 //! (`handle_*`, each given `now`) and pulls its outputs (`poll_*`, [`Relay::output`]).
 //! Everything here is deterministic and unit-tested in memory.
 //!
+//! A connection's first bytes choose its codec (protocol.md, section 2): binary frames, text
+//! lines, or an HTTP head (`http.rs`) that becomes a WebSocket session (`ws.rs`, `web.rs`)
+//! or a demo page (`demo.rs`). All of them end up in the same frame handlers; the driver
+//! only ever sees bytes in and queued bytes out.
+//!
 //! Calling order for one connection:
 //! 1. [`Relay::handle_open`] when a socket is accepted (it may be refused with a frame to
 //!    write before dropping the socket).
@@ -19,8 +24,10 @@
 
 mod config;
 mod dedup;
+mod demo;
 mod directory;
 mod handlers;
+mod http;
 mod inbox;
 mod inbox_handlers;
 mod metrics;
@@ -30,6 +37,8 @@ mod room_handlers;
 mod rooms;
 mod session;
 mod timers;
+mod web;
+mod ws;
 
 pub use config::{Config, ConfigError};
 pub use inbox::{InboxLimits, StoreOp};
@@ -280,15 +289,19 @@ impl Relay {
             s.last_rx = now;
             s.ping_sent = false;
             if s.codec == Codec::Undecided {
-                s.codec = if text::starts_text(buf[0]) {
-                    Codec::Text
-                } else {
-                    Codec::Binary
-                };
+                match Codec::choose(buf) {
+                    Some(codec) => s.codec = codec,
+                    None => return, // a prefix of `GET `: wait for the next byte
+                }
             }
         }
-        if s.codec == Codec::Text {
-            self.handle_text(id, buf, now);
+        if s.codec != Codec::Binary {
+            match s.codec {
+                Codec::Text => self.handle_text(id, buf, now),
+                Codec::Http => self.handle_http(id, buf, now),
+                Codec::WebSocket => self.handle_ws(id, buf, now),
+                Codec::Binary | Codec::Undecided => {}
+            }
             return;
         }
         loop {
@@ -595,18 +608,70 @@ impl Relay {
     }
 }
 
-/// Queues an encoded frame (rendered as a line for a text-mode connection).
+/// Queues an encoded frame: as it is for binary connections (the one check on the hot
+/// path), rendered as a line for text mode, wrapped in a message for WebSocket.
 pub(crate) fn push_output(s: &mut Session, flush_list: &mut Vec<ConnId>, id: ConnId, frame: Bytes) {
-    if s.codec == Codec::Text {
-        match text::render(&frame) {
-            Some(line) => s.out.push(line),
-            // Already text (HELP, usage errors) or nothing a text client shows.
-            None if frame.first().is_some_and(|b| text::starts_text(*b)) => s.out.push(frame),
-            None => return,
-        }
-    } else {
+    if s.codec == Codec::Binary {
         s.out.push(frame);
+    } else if !push_rendered(s, frame) {
+        return;
     }
+    if !s.in_flush_list && !s.write_blocked {
+        s.in_flush_list = true;
+        flush_list.push(id);
+    }
+}
+
+/// [`push_output`] for every codec but binary. False when nothing was queued.
+fn push_rendered(s: &mut Session, frame: Bytes) -> bool {
+    match s.codec {
+        Codec::Binary | Codec::Undecided => s.out.push(frame),
+        Codec::Text => match text_line(frame) {
+            Some(line) => s.out.push(line),
+            None => return false,
+        },
+        Codec::Http => match http::render_error_frame(&frame) {
+            Some(response) => s.out.push(response),
+            None => return false,
+        },
+        Codec::WebSocket => {
+            let Some(ws) = s.ws.as_deref_mut().filter(|ws| ws.can_send()) else {
+                return false;
+            };
+            let body = if ws.mode == ws::WsMode::Text {
+                // One line per text message, without its line end.
+                let Some(mut line) = text_line(frame) else {
+                    return false;
+                };
+                if line.ends_with(b"\r\n") {
+                    line.truncate(line.len() - 2);
+                }
+                line
+            } else {
+                frame
+            };
+            s.out
+                .push(ws.message_header(body.len(), ws.mode == ws::WsMode::Text));
+            s.out.push(body);
+        }
+    }
+    true
+}
+
+/// A frame as a text-mode line; text the core wrote itself (HELP, usage errors) as it is;
+/// `None` for what a text client does not see.
+fn text_line(frame: Bytes) -> Option<Bytes> {
+    match text::render(&frame) {
+        Some(line) => Some(line),
+        None if frame.first().is_some_and(|b| text::starts_text(*b)) => Some(frame),
+        None => None,
+    }
+}
+
+/// Queues bytes for the socket exactly as they are (HTTP responses, WebSocket control
+/// frames), whatever the connection's codec.
+pub(crate) fn push_raw(s: &mut Session, flush_list: &mut Vec<ConnId>, id: ConnId, bytes: Bytes) {
+    s.out.push(bytes);
     if !s.in_flush_list && !s.write_blocked {
         s.in_flush_list = true;
         flush_list.push(id);

@@ -4,9 +4,11 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 
+use super::http::GET_PREFIX;
 use super::out_queue::OutQueue;
 use super::rate::TokenBucket;
-use crate::proto::{RoomId, UserId};
+use super::ws::WsSession;
+use crate::proto::{text, RoomId, UserId};
 
 /// Where a connection is in its life (protocol.md, "Connection states").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,15 +21,38 @@ pub enum State {
     Closing,
 }
 
-/// How a connection frames its bytes, decided by its first byte (protocol.md, section 2).
+/// How a connection frames its bytes, decided by its first bytes (protocol.md, section 2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Codec {
-    /// Nothing received yet.
+    /// Nothing received yet (or only a prefix of `GET `).
     Undecided,
     /// Binary v1 frames.
     Binary,
     /// Text mode: one command per line, one rendered line per frame out.
     Text,
+    /// `GET ` came first: reading an HTTP request head.
+    Http,
+    /// Upgraded to WebSocket: frames or lines inside messages ([`Session::ws`]).
+    WebSocket,
+}
+
+impl Codec {
+    /// The codec the first bytes of a connection choose, or `None` while they are a proper
+    /// prefix of `GET ` and one more byte decides. `first` is not empty.
+    pub fn choose(first: &[u8]) -> Option<Codec> {
+        if first[0] == 0 {
+            return Some(Codec::Binary);
+        }
+        let n = first.len().min(GET_PREFIX.len());
+        if first[..n] == GET_PREFIX[..n] {
+            return (n == GET_PREFIX.len()).then_some(Codec::Http);
+        }
+        Some(if text::starts_text(first[0]) {
+            Codec::Text
+        } else {
+            Codec::Binary
+        })
+    }
 }
 
 /// Per-connection state. Small on purpose: an idle session owns no heap memory.
@@ -37,8 +62,10 @@ pub struct Session {
     pub serial: u64,
     /// Life-cycle state.
     pub state: State,
-    /// Binary or text framing.
+    /// Binary, text, HTTP or WebSocket framing.
     pub codec: Codec,
+    /// WebSocket state, only for [`Codec::WebSocket`] (boxed: others pay one pointer).
+    pub ws: Option<Box<WsSession>>,
     /// Text mode numbers the frames its lines become.
     pub text_ids: u64,
     /// Frames waiting to be written.
@@ -82,6 +109,7 @@ impl Session {
             serial,
             state: State::AwaitingLogin,
             codec: Codec::Undecided,
+            ws: None,
             text_ids: 0,
             out: OutQueue::default(),
             partial: BytesMut::new(),

@@ -542,3 +542,4 @@ fn each_connection_is_flushed_once_per_round() {
 
 mod rooms;
 mod stored;
+mod ws;

@@ -1,0 +1,326 @@
+// imrelay.js: a browser client for the imrelay protocol (protocol.md), over WebSocket.
+// Plain JavaScript, no build step, no dependencies: `import` it as an ES module.
+//
+// Try it: `cargo run --release --bin imrelay -- --demo`, then open
+// http://127.0.0.1:7700/?user=1&room=7 (the demo page, index.html, is built on this module).
+//
+//   import { ImRelayClient } from "/imrelay.js";
+//   const relay = new ImRelayClient(`ws://${location.host}/`);
+//   relay.on("deliver", (f) => console.log(`user ${f.source} says ${f.text}`));
+//   await relay.connect();
+//   await relay.login(1001);          // resolves with LOGIN_OK's limits
+//   await relay.join(7);              // resolves with ROOM_STATE { members, isMember }
+//   await relay.roomSend(7, "666");   // resolves with the ACK count
+//   await relay.send(1002, "hi bob"); // rejects with an ImRelayError (e.g. RECIPIENT_OFFLINE)
+//
+// Each WebSocket binary message carries whole frames of protocol.md (32-byte big-endian
+// header + payload); the relay sends one frame per message. User, room and message ids
+// are u64: this module takes numbers, strings or BigInts and hands out BigInts.
+//
+// Room payload convention used by the demo (the relay never looks inside payloads): a
+// ROOM_SEND whose payload is exactly the UTF-8 text "/like" is a like; anything else is a
+// danmaku line of UTF-8 text. A telnet user can like with `ROOM 7 /like`.
+
+export const HEADER_LEN = 32;
+export const VERSION = 1;
+export const LIKE = "/like";
+
+/** Opcodes (protocol.md, section 5). */
+export const Op = Object.freeze({
+  LOGIN: 0x01, LOGIN_OK: 0x02, SEND: 0x03, DELIVER: 0x04, ACK: 0x05, ERROR: 0x06,
+  PING: 0x07, PONG: 0x08, BYE: 0x09, JOIN: 0x10, LEAVE: 0x11, ROOM_SEND: 0x12,
+  ROOM_DELIVER: 0x13, ROOM_INFO: 0x14, ROOM_STATE: 0x15, BROADCAST: 0x16, ROOM_MISSED: 0x17,
+});
+
+/** Flag bits (protocol.md, section 4). */
+export const Flags = Object.freeze({ NO_ACK: 0x0001 });
+
+/** Error code names (protocol.md, section 6). */
+export const ERROR_NAMES = Object.freeze({
+  1: "MALFORMED", 2: "UNKNOWN_OPCODE", 3: "FRAME_TOO_LARGE", 4: "NOT_LOGGED_IN",
+  5: "ALREADY_LOGGED_IN", 6: "RECIPIENT_OFFLINE", 7: "RECIPIENT_SLOW", 8: "LIMIT_REACHED",
+  9: "SHUTTING_DOWN", 10: "LOGIN_TIMEOUT", 11: "IDLE_TIMEOUT", 12: "INVALID_FIELD",
+  13: "UNSUPPORTED_VERSION", 14: "NOT_IN_ROOM", 15: "FORBIDDEN", 16: "RATE_LIMITED",
+});
+
+const OP_NAMES = Object.fromEntries(Object.entries(Op).map(([name, code]) => [code, name]));
+const utf8 = new TextEncoder();
+const fromUtf8 = new TextDecoder("utf-8");
+
+/** An ERROR frame from the relay, as a rejected request's reason. */
+export class ImRelayError extends Error {
+  constructor(frame) {
+    super(`${frame.codeName}: ${frame.reason}`);
+    this.name = "ImRelayError";
+    this.code = frame.code;
+    this.codeName = frame.codeName;
+    this.reason = frame.reason;
+    this.frame = frame;
+  }
+}
+
+function u64(value) {
+  const v = BigInt(value);
+  if (v < 0n || v > 0xffffffffffffffffn) throw new RangeError(`not a u64: ${value}`);
+  return v;
+}
+
+function bytesOf(payload) {
+  if (payload === undefined || payload === null) return new Uint8Array(0);
+  if (typeof payload === "string") return utf8.encode(payload);
+  if (payload instanceof Uint8Array) return payload;
+  if (payload instanceof ArrayBuffer) return new Uint8Array(payload);
+  throw new TypeError("payload must be a string, Uint8Array or ArrayBuffer");
+}
+
+/** Encodes one frame: { opcode, flags?, msgId?, target?, payload? } to bytes. */
+export function encodeFrame({ opcode, flags = 0, msgId = 0, target = 0, payload }) {
+  const body = bytesOf(payload);
+  const frame = new Uint8Array(HEADER_LEN + body.length);
+  const view = new DataView(frame.buffer);
+  view.setUint32(0, frame.length);
+  view.setUint8(4, VERSION);
+  view.setUint8(5, opcode);
+  view.setUint16(6, flags);
+  view.setBigUint64(8, u64(msgId));
+  view.setBigUint64(16, u64(target));
+  view.setBigUint64(24, 0n); // source: set by the relay only
+  frame.set(body, HEADER_LEN);
+  return frame;
+}
+
+/** Decodes the frame at `offset` of `bytes` (a Uint8Array); returns [frame, nextOffset]. */
+export function decodeFrame(bytes, offset = 0) {
+  if (bytes.length - offset < HEADER_LEN) throw new Error("truncated frame header");
+  const view = new DataView(bytes.buffer, bytes.byteOffset + offset, bytes.length - offset);
+  const length = view.getUint32(0);
+  if (length < HEADER_LEN || length > bytes.length - offset) {
+    throw new Error(`bad frame length ${length}`);
+  }
+  const frame = {
+    length,
+    version: view.getUint8(4),
+    opcode: view.getUint8(5),
+    flags: view.getUint16(6),
+    msgId: view.getBigUint64(8),
+    target: view.getBigUint64(16),
+    source: view.getBigUint64(24),
+    payload: bytes.slice(offset + HEADER_LEN, offset + length),
+  };
+  frame.name = OP_NAMES[frame.opcode] ?? `0x${frame.opcode.toString(16)}`;
+  describe(frame);
+  return [frame, offset + length];
+}
+
+/** Decodes a message holding one or more whole frames. */
+export function decodeFrames(bytes) {
+  const frames = [];
+  let offset = 0;
+  while (offset < bytes.length) {
+    const [frame, next] = decodeFrame(bytes, offset);
+    frames.push(frame);
+    offset = next;
+  }
+  return frames;
+}
+
+/** Adds the opcode's payload fields to a decoded frame. */
+function describe(f) {
+  const p = new DataView(f.payload.buffer, f.payload.byteOffset, f.payload.byteLength);
+  switch (f.opcode) {
+    case Op.LOGIN_OK:
+      if (p.byteLength >= 16) {
+        f.limits = {
+          maxFrame: p.getUint32(0), pingIntervalMs: p.getUint32(4),
+          idleTimeoutMs: p.getUint32(8), outCap: p.getUint32(12),
+        };
+      }
+      break;
+    case Op.ACK:
+      f.count = p.byteLength >= 4 ? p.getUint32(0) : 0;
+      break;
+    case Op.ERROR:
+      f.code = p.byteLength >= 2 ? p.getUint16(0) : 0;
+      f.codeName = ERROR_NAMES[f.code] ?? `ERROR_${f.code}`;
+      f.reason = fromUtf8.decode(f.payload.subarray(2));
+      break;
+    case Op.ROOM_STATE:
+      f.members = p.byteLength >= 4 ? p.getUint32(0) : 0;
+      f.isMember = p.byteLength >= 5 && p.getUint8(4) === 1;
+      break;
+    case Op.ROOM_MISSED:
+      f.missed = p.byteLength >= 8 ? p.getBigUint64(0) : 0n;
+      break;
+    case Op.DELIVER:
+    case Op.ROOM_DELIVER:
+    case Op.PING:
+    case Op.PONG:
+      f.text = fromUtf8.decode(f.payload);
+      if (f.opcode === Op.ROOM_DELIVER) f.isLike = f.text === LIKE;
+      break;
+    default:
+      break;
+  }
+}
+
+/**
+ * One connection to the relay. Requests return promises settled by the relay's answer
+ * (matched by msg_id); pushed frames are events: "deliver", "room", "like", "missed",
+ * "error" (ERROR frames answering nothing), "frame" (every frame), "open", "close".
+ */
+export class ImRelayClient {
+  constructor(url) {
+    this.url = url;
+    this.ws = null;
+    this.nextId = 0n;
+    this.pending = new Map();
+    this.handlers = new Map();
+    this.user = null;
+    this.limits = null;
+  }
+
+  /** Subscribes `fn` to event `type`; returns a function that unsubscribes. */
+  on(type, fn) {
+    if (!this.handlers.has(type)) this.handlers.set(type, new Set());
+    this.handlers.get(type).add(fn);
+    return () => this.handlers.get(type).delete(fn);
+  }
+
+  emit(type, value) {
+    for (const fn of this.handlers.get(type) ?? []) {
+      try { fn(value); } catch (e) { console.error(e); }
+    }
+  }
+
+  /** Opens the WebSocket; resolves once it is open. */
+  connect() {
+    return new Promise((resolve, reject) => {
+      const ws = new WebSocket(this.url);
+      ws.binaryType = "arraybuffer";
+      this.ws = ws;
+      ws.onopen = () => { this.emit("open"); resolve(this); };
+      ws.onerror = () => reject(new Error(`cannot connect to ${this.url}`));
+      ws.onmessage = (event) => this.onMessage(event.data);
+      ws.onclose = (event) => {
+        const closed = new Error(`closed: ${event.code} ${event.reason}`);
+        for (const { reject: fail } of this.pending.values()) fail(closed);
+        this.pending.clear();
+        this.emit("close", { code: event.code, reason: event.reason });
+      };
+    });
+  }
+
+  onMessage(data) {
+    if (typeof data === "string") return; // text mode is for people; this client is binary
+    let frames;
+    try {
+      frames = decodeFrames(new Uint8Array(data));
+    } catch (e) {
+      console.error("imrelay: undecodable message", e);
+      return;
+    }
+    for (const f of frames) this.onFrame(f);
+  }
+
+  onFrame(f) {
+    this.emit("frame", f);
+    switch (f.opcode) {
+      case Op.PING:
+        // The relay pings after silence; any frame counts as a sign of life.
+        this.write({ opcode: Op.PONG, msgId: f.msgId, payload: f.payload });
+        return;
+      case Op.DELIVER:
+        this.emit("deliver", f);
+        return;
+      case Op.ROOM_DELIVER:
+        this.emit(f.isLike ? "like" : "room", f);
+        return;
+      case Op.ROOM_MISSED:
+        this.emit("missed", f);
+        return;
+      default:
+        break;
+    }
+    const waiter = this.pending.get(f.msgId);
+    if (waiter && f.msgId !== 0n) {
+      this.pending.delete(f.msgId);
+      if (f.opcode === Op.ERROR) waiter.reject(new ImRelayError(f));
+      else waiter.resolve(f);
+    } else if (f.opcode === Op.ERROR) {
+      this.emit("error", f);
+    } else if (f.opcode === Op.ROOM_STATE) {
+      this.emit("state", f);
+    }
+  }
+
+  write(frame) {
+    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) throw new Error("not connected");
+    this.ws.send(encodeFrame(frame));
+  }
+
+  /** Sends a request frame; resolves with the frame that answers it (ERROR rejects). */
+  request(opcode, target, payload, flags = 0) {
+    this.nextId += 1n;
+    const msgId = this.nextId;
+    return new Promise((resolve, reject) => {
+      this.pending.set(msgId, { resolve, reject });
+      try {
+        this.write({ opcode, flags, msgId, target, payload });
+      } catch (e) {
+        this.pending.delete(msgId);
+        reject(e);
+      }
+    });
+  }
+
+  /** LOGIN; resolves with the relay's limits. */
+  async login(user, credential = "") {
+    const ok = await this.request(Op.LOGIN, user, credential);
+    this.user = ok.target;
+    this.limits = ok.limits;
+    return ok.limits;
+  }
+
+  /** SEND to a user; resolves with the number of its connections that got it. */
+  async send(user, payload) {
+    return (await this.request(Op.SEND, user, payload)).count;
+  }
+
+  /** JOIN a room; resolves with { members, isMember }. */
+  async join(room) {
+    const s = await this.request(Op.JOIN, room);
+    return { members: s.members, isMember: s.isMember };
+  }
+
+  /** LEAVE a room; resolves with { members, isMember }. */
+  async leave(room) {
+    const s = await this.request(Op.LEAVE, room);
+    return { members: s.members, isMember: s.isMember };
+  }
+
+  /** ROOM_INFO: the online count; resolves with { members, isMember }. */
+  async roomInfo(room) {
+    const s = await this.request(Op.ROOM_INFO, room);
+    return { members: s.members, isMember: s.isMember };
+  }
+
+  /** ROOM_SEND to every other member; resolves with how many connections got it. */
+  async roomSend(room, payload) {
+    return (await this.request(Op.ROOM_SEND, room, payload)).count;
+  }
+
+  /** A like event in the room (the "/like" convention above). */
+  like(room) {
+    return this.roomSend(room, LIKE);
+  }
+
+  /** PING; resolves with the PONG's payload as text. */
+  async ping(text = "") {
+    return (await this.request(Op.PING, 0, text)).text;
+  }
+
+  /** BYE, then the relay closes the connection. */
+  async bye() {
+    await this.request(Op.BYE, 0);
+  }
+}

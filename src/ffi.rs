@@ -235,27 +235,8 @@ pub unsafe extern "C" fn imrelay_send(
     len: usize,
     msg_id: *mut u64,
 ) -> i32 {
-    guard(|| {
-        // SAFETY: the caller passes a live handle or NULL.
-        let Some(c) = (unsafe { client.as_mut() }) else {
-            return set_error(IMRELAY_ERR_NULL, "client is NULL");
-        };
-        // SAFETY: forwarded from the caller's guarantee.
-        let payload = match unsafe { bytes_from_c(data, len) } {
-            Ok(p) => p,
-            Err(code) => return code,
-        };
-        match c.client.send(UserId(to), payload) {
-            Ok(id) => {
-                // SAFETY: NULL or a valid place for a u64, per the contract.
-                if let Some(out) = unsafe { msg_id.as_mut() } {
-                    *out = id.0;
-                }
-                IMRELAY_OK
-            }
-            Err(e) => send_status(e),
-        }
-    })
+    // SAFETY: forwarded from the caller's guarantees.
+    unsafe { send_from_c(client, to, data, len, msg_id, false) }
 }
 
 /// Queues a stored message to `to`: the relay keeps it until the recipient's app has it,
@@ -272,6 +253,22 @@ pub unsafe extern "C" fn imrelay_send_stored(
     len: usize,
     msg_id: *mut u64,
 ) -> i32 {
+    // SAFETY: forwarded from the caller's guarantees.
+    unsafe { send_from_c(client, to, data, len, msg_id, true) }
+}
+
+/// The body of `imrelay_send` and `imrelay_send_stored`.
+///
+/// # Safety
+/// As for those two.
+unsafe fn send_from_c(
+    client: *mut ImrelayClient,
+    to: u64,
+    data: *const u8,
+    len: usize,
+    msg_id: *mut u64,
+    stored: bool,
+) -> i32 {
     guard(|| {
         // SAFETY: the caller passes a live handle or NULL.
         let Some(c) = (unsafe { client.as_mut() }) else {
@@ -282,7 +279,12 @@ pub unsafe extern "C" fn imrelay_send_stored(
             Ok(p) => p,
             Err(code) => return code,
         };
-        match c.client.send_stored(UserId(to), payload) {
+        let sent = if stored {
+            c.client.send_stored(UserId(to), payload)
+        } else {
+            c.client.send(UserId(to), payload)
+        };
+        match sent {
             Ok(id) => {
                 // SAFETY: NULL or a valid place for a u64, per the contract.
                 if let Some(out) = unsafe { msg_id.as_mut() } {

@@ -182,3 +182,27 @@ fn message_for(client: &mut Client) -> bytes::Bytes {
         }
     }
 }
+
+#[test]
+fn tour_shows_the_send_the_deliver_and_the_ack_in_hex() {
+    let relay = TestRelay::default_config();
+    let out = Command::new(example("tour"))
+        .arg(relay.addr.to_string())
+        .output()
+        .expect("run tour");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("alice -> relay  Send 00 00 00 26 01 03"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("relay -> bob    Deliver 00 00 00 26 01 04"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("bob got \"hi bob\" from user 1001"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("relay -> alice  Ack"), "{stdout}");
+}

@@ -64,10 +64,9 @@ pub struct Session {
     pub state: State,
     /// Binary, text, HTTP or WebSocket framing.
     pub codec: Codec,
-    /// WebSocket state, only for [`Codec::WebSocket`] (boxed: others pay one pointer).
-    pub ws: Option<Box<WsSession>>,
-    /// Text mode numbers the frames its lines become.
-    pub text_ids: u64,
+    /// State only text-mode and WebSocket connections have, allocated on first use: a
+    /// binary session pays one null pointer for it.
+    pub extra: Option<Box<Extra>>,
     /// Frames waiting to be written.
     pub out: OutQueue,
     /// The start of a frame whose rest has not arrived yet.
@@ -98,6 +97,27 @@ pub struct Session {
     pub room_rate: TokenBucket,
 }
 
+/// The part of a session that binary connections do not need.
+#[derive(Debug, Default)]
+pub struct Extra {
+    /// Text mode (over TCP or WebSocket) numbers the frames its lines become.
+    pub text_ids: u64,
+    /// WebSocket state, set at the upgrade.
+    pub ws: Option<WsSession>,
+}
+
+impl Session {
+    /// The WebSocket state of a [`Codec::WebSocket`] session.
+    pub fn ws(&mut self) -> Option<&mut WsSession> {
+        self.extra.as_deref_mut().and_then(|e| e.ws.as_mut())
+    }
+
+    /// The text-mode frame counter, allocating [`Extra`] on first use.
+    pub fn text_ids(&mut self) -> &mut u64 {
+        &mut self.extra.get_or_insert_with(Box::default).text_ids
+    }
+}
+
 impl Session {
     /// A fresh session awaiting LOGIN.
     pub fn new(serial: u64, now: Instant) -> Session {
@@ -105,8 +125,7 @@ impl Session {
             serial,
             state: State::AwaitingLogin,
             codec: Codec::Undecided,
-            ws: None,
-            text_ids: 0,
+            extra: None,
             out: OutQueue::default(),
             partial: BytesMut::new(),
             opened_at: now,

@@ -37,17 +37,18 @@ pub enum Codec {
 }
 
 impl Codec {
-    /// The codec the first bytes of a connection choose, or `None` while they are a proper
-    /// prefix of `GET ` and one more byte decides. `first` is not empty.
+    /// The codec the first bytes of a connection choose, or `None` while they are empty or
+    /// a proper prefix of `GET ` and one more byte decides.
     pub fn choose(first: &[u8]) -> Option<Codec> {
-        if first[0] == 0 {
+        let &byte = first.first()?;
+        if byte == 0 {
             return Some(Codec::Binary);
         }
         let n = first.len().min(GET_PREFIX.len());
         if first[..n] == GET_PREFIX[..n] {
             return (n == GET_PREFIX.len()).then_some(Codec::Http);
         }
-        Some(if text::starts_text(first[0]) {
+        Some(if text::starts_text(byte) {
             Codec::Text
         } else {
             Codec::Binary

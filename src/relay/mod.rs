@@ -356,7 +356,7 @@ impl Relay {
             let Some(s) = self.sessions.get_mut(id.0) else {
                 return;
             };
-            match text::parse_line(&line[..end], &mut s.text_ids) {
+            match text::parse_line(&line[..end], s.text_ids()) {
                 Ok(text::Line::Frame(frame)) => {
                     let mut encoded = BytesMut::with_capacity(frame.encoded_len());
                     frame.encode(&mut encoded);
@@ -610,11 +610,25 @@ impl Relay {
 
 /// Queues an encoded frame: as it is for binary connections (the one check on the hot
 /// path), rendered as a line for text mode, wrapped in a message for WebSocket.
+///
+/// The shape matters for speed: with the text branch inline (as before WebSocket came),
+/// the compiler copies the frame into the queue with 8-byte moves; a version that sent
+/// every non-binary codec out of line copied it with a 16-byte load over the 8-byte
+/// stores of `Bytes::clone`, a store-forwarding stall per frame, +15% on benches/router.
 pub(crate) fn push_output(s: &mut Session, flush_list: &mut Vec<ConnId>, id: ConnId, frame: Bytes) {
-    if s.codec == Codec::Binary {
+    if s.codec != Codec::Binary {
+        if s.codec == Codec::Text {
+            match text::render(&frame) {
+                Some(line) => s.out.push(line),
+                // Already text (HELP, usage errors) or nothing a text client shows.
+                None if frame.first().is_some_and(|b| text::starts_text(*b)) => s.out.push(frame),
+                None => return,
+            }
+        } else if !push_rendered(s, frame) {
+            return;
+        }
+    } else {
         s.out.push(frame);
-    } else if !push_rendered(s, frame) {
-        return;
     }
     if !s.in_flush_list && !s.write_blocked {
         s.in_flush_list = true;
@@ -622,7 +636,7 @@ pub(crate) fn push_output(s: &mut Session, flush_list: &mut Vec<ConnId>, id: Con
     }
 }
 
-/// [`push_output`] for every codec but binary. False when nothing was queued.
+/// [`push_output`] for HTTP and WebSocket connections. False when nothing was queued.
 fn push_rendered(s: &mut Session, frame: Bytes) -> bool {
     match s.codec {
         Codec::Binary | Codec::Undecided => s.out.push(frame),
@@ -635,7 +649,8 @@ fn push_rendered(s: &mut Session, frame: Bytes) -> bool {
             None => return false,
         },
         Codec::WebSocket => {
-            let Some(ws) = s.ws.as_deref_mut().filter(|ws| ws.can_send()) else {
+            let ws = s.extra.as_deref_mut().and_then(|e| e.ws.as_mut());
+            let Some(ws) = ws.filter(|ws| ws.can_send()) else {
                 return false;
             };
             let body = if ws.mode == ws::WsMode::Text {

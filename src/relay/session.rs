@@ -37,17 +37,18 @@ pub enum Codec {
 }
 
 impl Codec {
-    /// The codec the first bytes of a connection choose, or `None` while they are a proper
-    /// prefix of `GET ` and one more byte decides. `first` is not empty.
+    /// The codec the first bytes of a connection choose, or `None` while they are empty or
+    /// a proper prefix of `GET ` and one more byte decides.
     pub fn choose(first: &[u8]) -> Option<Codec> {
-        if first[0] == 0 {
+        let &byte = first.first()?;
+        if byte == 0 {
             return Some(Codec::Binary);
         }
         let n = first.len().min(GET_PREFIX.len());
         if first[..n] == GET_PREFIX[..n] {
             return (n == GET_PREFIX.len()).then_some(Codec::Http);
         }
-        Some(if text::starts_text(first[0]) {
+        Some(if text::starts_text(byte) {
             Codec::Text
         } else {
             Codec::Binary
@@ -64,10 +65,9 @@ pub struct Session {
     pub state: State,
     /// Binary, text, HTTP or WebSocket framing.
     pub codec: Codec,
-    /// WebSocket state, only for [`Codec::WebSocket`] (boxed: others pay one pointer).
-    pub ws: Option<Box<WsSession>>,
-    /// Text mode numbers the frames its lines become.
-    pub text_ids: u64,
+    /// State only text-mode and WebSocket connections have, allocated on first use: a
+    /// binary session pays one null pointer for it.
+    pub extra: Option<Box<Extra>>,
     /// Frames waiting to be written.
     pub out: OutQueue,
     /// The start of a frame whose rest has not arrived yet.
@@ -102,6 +102,27 @@ pub struct Session {
     pub inbox_pushed: u64,
 }
 
+/// The part of a session that binary connections do not need.
+#[derive(Debug, Default)]
+pub struct Extra {
+    /// Text mode (over TCP or WebSocket) numbers the frames its lines become.
+    pub text_ids: u64,
+    /// WebSocket state, set at the upgrade.
+    pub ws: Option<WsSession>,
+}
+
+impl Session {
+    /// The WebSocket state of a [`Codec::WebSocket`] session.
+    pub fn ws(&mut self) -> Option<&mut WsSession> {
+        self.extra.as_deref_mut().and_then(|e| e.ws.as_mut())
+    }
+
+    /// The text-mode frame counter, allocating [`Extra`] on first use.
+    pub fn text_ids(&mut self) -> &mut u64 {
+        &mut self.extra.get_or_insert_with(Box::default).text_ids
+    }
+}
+
 impl Session {
     /// A fresh session awaiting LOGIN.
     pub fn new(serial: u64, now: Instant) -> Session {
@@ -109,8 +130,7 @@ impl Session {
             serial,
             state: State::AwaitingLogin,
             codec: Codec::Undecided,
-            ws: None,
-            text_ids: 0,
+            extra: None,
             out: OutQueue::default(),
             partial: BytesMut::new(),
             opened_at: now,

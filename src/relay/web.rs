@@ -42,7 +42,7 @@ impl Relay {
                 };
                 push_raw(s, &mut self.flush_list, id, switching);
                 s.codec = Codec::WebSocket;
-                s.ws = Some(Box::new(WsSession::new(max_frame)));
+                s.extra.get_or_insert_with(Box::default).ws = Some(WsSession::new(max_frame));
                 self.metrics.websocket_sessions += 1;
                 debug!("{id}: WebSocket session");
                 if !buf.is_empty() {
@@ -90,7 +90,11 @@ impl Relay {
                 buf.clear();
                 return;
             };
-            let Some(ws) = s.ws.as_deref_mut().filter(|_| s.state != State::Closing) else {
+            if s.state == State::Closing {
+                buf.clear();
+                return;
+            }
+            let Some(ws) = s.ws() else {
                 buf.clear();
                 return;
             };
@@ -169,7 +173,7 @@ impl Relay {
         let Some(s) = self.sessions.get_mut(id.0) else {
             return;
         };
-        let Some(ws) = s.ws.as_deref_mut() else {
+        let Some(ws) = s.ws() else {
             return;
         };
         let reason = match cause {

@@ -107,3 +107,35 @@ fn text_mistakes_get_usage_errors_and_the_session_goes_on() {
     binary_first.send_raw(&[0xff, 0, 0, 0]);
     binary_first.expect_error(ErrorCode::FrameTooLarge);
 }
+
+#[test]
+fn text_users_store_messages_for_offline_users_and_read_their_inbox() {
+    let relay = TestRelay::default_config();
+    let mut alice = Telnet::connect(&relay);
+    alice.type_line("login 1001");
+    assert_eq!(alice.read_line(), "OK LOGIN 1001");
+    alice.type_line("store 1002 see you tomorrow");
+    alice.type_line("store 1002 bring the slides");
+    assert_eq!(alice.read_line(), "ACK 2 0", "stored; bob is offline");
+    assert_eq!(alice.read_line(), "ACK 3 0");
+
+    let mut bob = Telnet::connect(&relay);
+    bob.type_line("login 1002");
+    assert_eq!(bob.read_line(), "OK LOGIN 1002");
+    bob.type_line("sync");
+    let inbox = bob.read_line();
+    let words: Vec<&str> = inbox.split(' ').collect();
+    assert_eq!(&words[..4], ["INBOX", "1", "2", "0"], "{inbox}");
+    let epoch = words[4];
+    assert_eq!(bob.read_line(), "STORED 1001 1 see you tomorrow");
+    assert_eq!(bob.read_line(), "STORED 1001 2 bring the slides");
+    bob.type_line("sack 1");
+    // A later session that has 1 gets only 2 (and the ack deleted 1 for good).
+    bob.type_line(&format!("sync {epoch} 1"));
+    assert_eq!(bob.read_line(), format!("INBOX 2 2 0 {epoch}"));
+    assert_eq!(bob.read_line(), "STORED 1001 2 bring the slides");
+    bob.type_line("sack two");
+    assert!(bob
+        .read_line()
+        .starts_with("ERR USAGE 0 expected SACK <seq>"));
+}

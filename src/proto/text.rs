@@ -11,7 +11,7 @@ use bytes::Bytes;
 use super::error::ErrorCode;
 use super::frame::{Header, HEADER_LEN};
 use super::ids::{MessageId, RoomId, UserId};
-use super::opcode::Opcode;
+use super::opcode::{Flags, Opcode};
 use super::Frame;
 
 /// What one input line asks for.
@@ -37,9 +37,13 @@ HELP    SEND <user> <text>          message another user (all of its connections
 HELP    JOIN <room> | LEAVE <room> | INFO <room>\r
 HELP    ROOM <room> <text>          message everyone in a room you joined\r
 HELP    BROADCAST <text>            message everyone (admins only)\r
+HELP    STORE <user> <text>         stored message: kept until <user> acknowledges it\r
+HELP    SYNC [<epoch> <last>]       receive your stored messages (after <last>)\r
+HELP    SACK <seq>                  acknowledge your stored messages up to <seq>\r
 HELP    PING [text] | PONG [text] | QUIT | HELP\r
 HELP  you see: OK LOGIN, MSG <from> <id> <text>, ROOM <room> <from> <text>, ACK <id> <n>,\r
-HELP           INFO <room> <online> <member 0|1>, MISSED <room> <n>, ERR <CODE> <id> <why>\r
+HELP           INFO <room> <online> <member 0|1>, MISSED <room> <n>, ERR <CODE> <id> <why>,\r
+HELP           INBOX <first> <last> <expired> <epoch>, STORED <from> <seq> <text>\r
 ";
 
 /// True when a connection's first byte says it speaks text mode (an ASCII letter).
@@ -83,6 +87,21 @@ pub fn parse_line(line: &[u8], next_id: &mut u64) -> Result<Line, UsageError> {
         "LEAVE" => Frame::leave(id(), RoomId(number(rest, "LEAVE <room>")?)),
         "INFO" => Frame::room_info(id(), RoomId(number(rest, "INFO <room>")?)),
         "BROADCAST" => Frame::broadcast(id(), Bytes::copy_from_slice(rest.as_bytes())),
+        "STORE" => {
+            let (user, body) = split_word(rest);
+            let to = UserId(number(user, "STORE <user> <text>")?);
+            Frame::send(id(), to, Bytes::copy_from_slice(body.as_bytes())).with_flags(Flags::STORED)
+        }
+        "SYNC" => {
+            let (epoch, last) = split_word(rest);
+            if epoch.is_empty() {
+                Frame::inbox_sync(id(), 0, 0)
+            } else {
+                let form = "SYNC [<epoch> <last>]";
+                Frame::inbox_sync(id(), number(epoch, form)?, number(last, form)?)
+            }
+        }
+        "SACK" => Frame::inbox_ack(id(), number(rest, "SACK <seq>")?),
         "PING" => Frame::ping(id(), Bytes::copy_from_slice(rest.as_bytes())),
         "PONG" => Frame::pong(id(), Bytes::copy_from_slice(rest.as_bytes())),
         "QUIT" | "BYE" => Frame::bye(id()),
@@ -137,7 +156,7 @@ pub fn render(frame: &[u8]) -> Option<Bytes> {
         }
         Opcode::InboxState => {
             let at = |i: usize| payload.get(i..i + 8).map_or(0, BigEndian::read_u64);
-            write!(out, "INBOX {} {} {}", at(8), at(16), at(24))
+            write!(out, "INBOX {} {} {} {}", at(8), at(16), at(24), at(0))
         }
         Opcode::InboxDeliver => {
             let seq = payload.get(..8).map_or(0, BigEndian::read_u64);

@@ -342,3 +342,58 @@ fn the_log_is_compacted_and_what_is_live_survives_a_restart() {
     });
     assert_eq!(got, (0..5).map(|i| format!("late {i}")).collect::<Vec<_>>());
 }
+
+/// The recipient is online while the relay dies: it must never have been sent a sequence
+/// number that the restarted relay hands out again for another message.
+#[test]
+fn kill_9_while_the_recipient_is_online_loses_and_repeats_nothing() {
+    const TOTAL: usize = 3000;
+    let dir = data_dir("kill9-online");
+    let dir_arg = dir.to_str().unwrap().to_string();
+    let relay = RelayProcess::start(&["--store", &dir_arg]);
+    let addr = relay.addr;
+    let mut alice = connect(addr, ALICE);
+    let mut bob = connect(addr, BOB);
+    for i in 0..TOTAL {
+        alice.send_stored(BOB, i.to_string().into_bytes()).unwrap();
+    }
+    let mut got = Vec::new();
+    let mut relay = Some(relay);
+    let deadline = Instant::now() + 3 * SAFETY_TIMEOUT;
+    let mut restarted = None;
+    while got.len() < TOTAL {
+        assert!(Instant::now() < deadline, "stuck at {}", got.len());
+        while let Some(e) = alice.recv(Duration::ZERO) {
+            if let Event::Failed { reason, .. } = e {
+                panic!("{reason}");
+            }
+        }
+        while let Some(e) = bob.recv(Duration::from_millis(1)) {
+            if let Event::Message { payload, .. } = e {
+                got.push(
+                    std::str::from_utf8(&payload)
+                        .unwrap()
+                        .parse::<usize>()
+                        .unwrap(),
+                );
+            }
+        }
+        if got.len() >= TOTAL / 3 {
+            if let Some(r) = relay.take() {
+                r.crash();
+                restarted = Some(RelayProcess::start_on(addr, &["--store", &dir_arg]));
+            }
+        }
+    }
+    assert!(restarted.is_some(), "the relay was crashed mid-stream");
+    let mut sorted = got.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), got.len(), "a message shown twice");
+    assert_eq!(
+        sorted,
+        (0..TOTAL).collect::<Vec<_>>(),
+        "every message arrived"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -97,6 +97,9 @@ pub struct Inbox {
     messages: VecDeque<Stored>,
     bytes: usize,
     last_seq: u64,
+    /// The highest sequence number known to be on disk (or every one, in memory mode):
+    /// only these are sent, so no client ever holds a number a crash could reuse.
+    durable_seq: u64,
     expired_upto: u64,
 }
 
@@ -107,8 +110,14 @@ impl Inbox {
     }
 
     /// The last sequence number handed out (0 before the first message).
-    pub fn last_seq(&self) -> u64 {
+    #[cfg(test)]
+    fn last_seq(&self) -> u64 {
         self.last_seq
+    }
+
+    /// The highest sequence number that may be sent to clients.
+    pub fn durable_seq(&self) -> u64 {
+        self.durable_seq
     }
 
     /// The highest sequence number dropped because it passed its age limit.
@@ -263,6 +272,20 @@ impl Inboxes {
         self.total_bytes += payload.len();
         self.total_messages += 1;
         (seq, frame)
+    }
+
+    /// Marks `user`'s messages up to `seq` as on disk (sendable).
+    pub fn mark_durable(&mut self, user: UserId, seq: u64) {
+        if let Some(inbox) = self.users.get_mut(&user) {
+            inbox.durable_seq = inbox.durable_seq.max(seq.min(inbox.last_seq));
+        }
+    }
+
+    /// After a restore: everything that was read back is on disk.
+    pub fn mark_all_durable(&mut self) {
+        for inbox in self.users.values_mut() {
+            inbox.durable_seq = inbox.last_seq;
+        }
     }
 
     /// Drops `user`'s messages up to `upto`. Returns true if `upto` is news (an op to

@@ -26,7 +26,19 @@ pub(super) struct HeldAck {
     serial: u64,
     msg_id: MessageId,
     target: UserId,
+    /// The inbox sequence number it stored (None: a resend answered from memory, whose
+    /// first copy is in this or an earlier commit); the ACK's count is computed at release.
+    seq: Option<u64>,
     count: u32,
+}
+
+/// The ops and held ACKs of one loop turn, handed to the driver as one commit.
+#[derive(Debug)]
+pub(super) struct Commit {
+    id: u64,
+    acks: Vec<HeldAck>,
+    /// (recipient, seq) of every message the commit makes durable.
+    appended: Vec<(UserId, u64)>,
 }
 
 impl Relay {
@@ -55,16 +67,39 @@ impl Relay {
         let (seq, deliver) =
             self.inboxes
                 .append(h.target, sender, h.msg_id, frame.payload(), now_ms);
+        self.metrics.messages_stored += 1;
         if self.config.durable_store {
+            // Nothing leaves for the recipient or the sender until the commit: a client
+            // must never hold a sequence number that a crash could hand out again.
             self.store_ops.push(StoreOp::Append {
                 user: h.target,
                 frame: deliver,
             });
+            self.appended.push((h.target, seq));
+            if h.flags.contains(Flags::DEDUP) {
+                self.dedup.record(sender, h.msg_id, 0, now);
+            }
+            if !h.flags.contains(Flags::NO_ACK) {
+                self.hold_ack(id, h.msg_id, h.target, Some(seq), 0);
+            }
+            return;
         }
-        self.metrics.messages_stored += 1;
+        self.inboxes.mark_durable(h.target, seq);
+        let count = self.push_to_devices(h.target, seq);
+        if h.flags.contains(Flags::DEDUP) {
+            self.dedup.record(sender, h.msg_id, count, now);
+        }
+        if !h.flags.contains(Flags::NO_ACK) {
+            write_ack(self.scratch(), h.msg_id, h.target, count);
+            self.queue_scratch(id);
+        }
+    }
+
+    /// Tops up every synced connection of `user`; returns how many have `seq` queued.
+    fn push_to_devices(&mut self, user: UserId, seq: u64) -> u32 {
         let mut count = 0u32;
-        for i in 0..self.directory.devices(h.target).len() {
-            let device = self.directory.devices(h.target)[i];
+        for i in 0..self.directory.devices(user).len() {
+            let device = self.directory.devices(user)[i];
             self.pump_inbox(device);
             if self
                 .sessions
@@ -74,26 +109,33 @@ impl Relay {
                 count += 1;
             }
         }
-        if h.flags.contains(Flags::DEDUP) {
-            self.dedup.record(sender, h.msg_id, count, now);
-        }
-        if !h.flags.contains(Flags::NO_ACK) {
-            self.ack_stored(id, h.msg_id, h.target, count);
+        count
+    }
+
+    fn hold_ack(
+        &mut self,
+        id: ConnId,
+        msg_id: MessageId,
+        target: UserId,
+        seq: Option<u64>,
+        count: u32,
+    ) {
+        if let Some(s) = self.sessions.get(id.0) {
+            self.held_acks.push(HeldAck {
+                conn: id,
+                serial: s.serial,
+                msg_id,
+                target,
+                seq,
+                count,
+            });
         }
     }
 
     /// ACKs a stored SEND: now with the memory store, after the next commit otherwise.
     pub(super) fn ack_stored(&mut self, id: ConnId, msg_id: MessageId, target: UserId, count: u32) {
         if self.config.durable_store {
-            if let Some(s) = self.sessions.get(id.0) {
-                self.held_acks.push(HeldAck {
-                    conn: id,
-                    serial: s.serial,
-                    msg_id,
-                    target,
-                    count,
-                });
-            }
+            self.hold_ack(id, msg_id, target, None, count);
         } else {
             write_ack(self.scratch(), msg_id, target, count);
             self.queue_scratch(id);
@@ -121,7 +163,7 @@ impl Relay {
             Some(inbox) => InboxState {
                 epoch: self.inboxes.epoch(),
                 first_seq: inbox.first_seq(),
-                last_seq: inbox.last_seq(),
+                last_seq: inbox.durable_seq(),
                 expired_upto: inbox.expired_upto(),
             },
             None => InboxState {
@@ -160,6 +202,8 @@ impl Relay {
     }
 
     fn record_ack(&mut self, user: UserId, upto: u64) {
+        // Only what may have been sent can be acknowledged.
+        let upto = upto.min(self.inboxes.get(user).map_or(0, |i| i.durable_seq()));
         if upto > 0 && self.inboxes.ack(user, upto) && self.config.durable_store {
             self.store_ops.push(StoreOp::Ack { user, upto });
         }
@@ -217,42 +261,86 @@ impl Relay {
             let Some(next) = inbox.next_after(s.inbox_pushed) else {
                 break;
             };
+            if next.seq > inbox.durable_seq() {
+                break; // the rest goes out when its commit is on disk
+            }
             s.inbox_pushed = next.seq;
             push_output(s, &mut self.flush_list, id, next.frame.clone());
         }
     }
 
-    /// The store ops of this turn, for the driver to write and sync.
-    pub fn take_store_ops(&mut self, out: &mut Vec<StoreOp>) {
+    /// Seals this turn's store ops and held ACKs into one commit: the ops go to `out`
+    /// for the driver to write and sync, and the returned id comes back through
+    /// [`Relay::handle_store_committed`]. `None` when there is nothing to commit.
+    pub fn take_commit(&mut self, out: &mut Vec<StoreOp>) -> Option<u64> {
+        if self.store_ops.is_empty() && self.held_acks.is_empty() {
+            return None;
+        }
+        self.next_commit += 1;
         out.append(&mut self.store_ops);
+        self.commits.push_back(Commit {
+            id: self.next_commit,
+            acks: std::mem::take(&mut self.held_acks),
+            appended: std::mem::take(&mut self.appended),
+        });
+        Some(self.next_commit)
     }
 
-    /// True when stored messages wait to be written, or ACKs wait for a commit.
+    /// True when this turn has stored messages to write or ACKs to hold.
     pub fn wants_commit(&self) -> bool {
         !self.store_ops.is_empty() || !self.held_acks.is_empty()
     }
 
-    /// The ops taken last are on disk (`Ok`), or could not be written (`Err`): send the
-    /// held ACKs, or STORE_FAILED in their place.
-    pub fn handle_store_committed(&mut self, result: Result<(), String>) {
-        for held in std::mem::take(&mut self.held_acks) {
-            if self.sessions.get(held.conn.0).map(|s| s.serial) != Some(held.serial) {
-                continue;
-            }
-            match &result {
-                Ok(()) => {
-                    write_ack(self.scratch(), held.msg_id, held.target, held.count);
-                    self.queue_scratch(held.conn);
+    /// Commits in flight (handed to the driver, not yet reported back).
+    pub fn commits_in_flight(&self) -> usize {
+        self.commits.len()
+    }
+
+    /// Every commit up to `id` is on disk (`Ok`), or could not be written (`Err`). On
+    /// success its messages become sendable (pushed to synced recipients now) and its
+    /// ACKs go out; on failure the ACKs become STORE_FAILED and the relay stops promising
+    /// (fail-stop).
+    pub fn handle_store_committed(&mut self, id: u64, result: Result<(), String>) {
+        while self.commits.front().is_some_and(|c| c.id <= id) {
+            let Some(commit) = self.commits.pop_front() else {
+                break;
+            };
+            if result.is_ok() {
+                let mut users: Vec<UserId> = Vec::new();
+                for &(user, seq) in &commit.appended {
+                    self.inboxes.mark_durable(user, seq);
+                    if !users.contains(&user) {
+                        users.push(user);
+                    }
                 }
-                Err(e) => {
-                    let reason = format!("not stored: {e}");
-                    self.reply_error(
-                        held.conn,
-                        held.msg_id,
-                        held.target,
-                        ErrorCode::StoreFailed,
-                        &reason,
-                    );
+                for user in users {
+                    let last = self.inboxes.get(user).map_or(0, |i| i.durable_seq());
+                    self.push_to_devices(user, last);
+                }
+            }
+            for held in commit.acks {
+                if self.sessions.get(held.conn.0).map(|s| s.serial) != Some(held.serial) {
+                    continue;
+                }
+                match &result {
+                    Ok(()) => {
+                        let count = match held.seq {
+                            Some(seq) => self.devices_holding(held.target, seq),
+                            None => held.count,
+                        };
+                        write_ack(self.scratch(), held.msg_id, held.target, count);
+                        self.queue_scratch(held.conn);
+                    }
+                    Err(e) => {
+                        let reason = format!("not stored: {e}");
+                        self.reply_error(
+                            held.conn,
+                            held.msg_id,
+                            held.target,
+                            ErrorCode::StoreFailed,
+                            &reason,
+                        );
+                    }
                 }
             }
         }
@@ -262,11 +350,22 @@ impl Relay {
         }
     }
 
+    /// How many synced connections of `user` have `seq` queued (or sent).
+    fn devices_holding(&self, user: UserId, seq: u64) -> u32 {
+        let held = self.directory.devices(user).iter().filter(|d| {
+            self.sessions
+                .get(d.0)
+                .is_some_and(|s| s.inbox_synced && s.inbox_pushed >= seq)
+        });
+        held.count() as u32
+    }
+
     /// Rebuilds the inboxes from a durable store's ops (at start, before any connection).
     pub fn restore(&mut self, ops: Vec<StoreOp>) {
         for op in ops {
             self.inboxes.apply(op);
         }
+        self.inboxes.mark_all_durable();
     }
 
     /// The live inbox state as ops, for compaction.

@@ -93,6 +93,11 @@ pub struct Relay {
     /// Set when a commit failed: stored SENDs are refused from then on (fail-stop).
     store_failure: Option<String>,
     held_acks: Vec<inbox_handlers::HeldAck>,
+    /// (recipient, seq) appended this turn, made sendable by their commit.
+    appended: Vec<(UserId, u64)>,
+    /// Commits handed to the driver and not yet reported back, oldest first.
+    commits: std::collections::VecDeque<inbox_handlers::Commit>,
+    next_commit: u64,
     /// Wall-clock time at `clock_base`, for stored messages' timestamps.
     clock_base: (Instant, u64),
     timers: Timers,
@@ -125,6 +130,9 @@ impl Relay {
             store_ops: Vec::new(),
             store_failure: None,
             held_acks: Vec::new(),
+            appended: Vec::new(),
+            commits: std::collections::VecDeque::new(),
+            next_commit: 0,
             clock_base: (Instant::now(), unix_ms_now()),
             timers: Timers::default(),
             flush_list: Vec::new(),

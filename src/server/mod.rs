@@ -9,6 +9,7 @@
 pub mod io;
 mod limits;
 mod store;
+mod store_writer;
 
 pub use limits::{raise_fd_limit, RESERVED_FDS};
 pub use store::LogStore;
@@ -84,12 +85,14 @@ pub struct Server {
     /// Log a metrics line this often (None: never).
     stats_interval: Option<Duration>,
     next_stats: Option<Instant>,
-    /// The durable store of stored delivery (None: memory only).
-    store: Option<LogStore>,
-    /// Reused for each turn's store ops.
-    store_ops: Vec<crate::relay::StoreOp>,
+    /// The durable store's writer thread (None: memory only).
+    store: Option<store_writer::StoreWriter>,
+    /// Reports from the writer, drained each turn.
+    store_done: Vec<store_writer::Done>,
     /// Compact the log once it is past this size (and twice the live data).
     compact_at: u64,
+    /// A compaction is queued or running.
+    compacting: bool,
 }
 
 impl Server {
@@ -118,8 +121,9 @@ impl Server {
             stats_interval: None,
             next_stats: None,
             store: None,
-            store_ops: Vec::new(),
+            store_done: Vec::new(),
             compact_at: u64::MAX,
+            compacting: false,
         })
     }
 
@@ -195,7 +199,7 @@ impl Server {
             if self.relay.poll_timeout().is_some_and(|at| at <= now) {
                 self.relay.handle_timeout(now);
             }
-            if self.relay.wants_commit() {
+            if self.relay.wants_commit() || self.relay.commits_in_flight() > 0 {
                 self.commit_store();
             }
             while let Some(id) = self.relay.poll_transmit() {
@@ -226,8 +230,9 @@ impl Server {
         }
     }
 
-    /// Opens the durable store in `dir` and loads what it holds into the relay. Stored
-    /// SENDs are then ACKed only once they are on disk (call before `run`).
+    /// Opens the durable store in `dir`, loads what it holds into the relay, and starts its
+    /// writer thread. Stored SENDs are then ACKed only once they are on disk (call before
+    /// `run`).
     pub fn open_store(&mut self, dir: &std::path::Path, compact_at: u64) -> std::io::Result<()> {
         let (store, ops) = LogStore::open(dir)?;
         self.relay.restore(ops);
@@ -237,31 +242,46 @@ impl Server {
             self.relay.stored_messages(),
             store.size()
         );
-        self.store = Some(store);
+        self.store = Some(store_writer::StoreWriter::spawn(
+            store,
+            self.shutdown.waker.clone(),
+        )?);
         self.compact_at = compact_at;
         Ok(())
     }
 
-    /// Group commit: every store op of this loop turn in one write and one fdatasync, then
-    /// the ACKs that waited for it. Compacts the log when it has grown past `compact_at`
-    /// and is more than twice the live data.
+    /// Group commit, the event loop's side: this turn's store ops go to the writer thread
+    /// as one commit; what the writer has finished is reported to the core (which then
+    /// sends the ACKs and pushes the messages). Compaction is queued when the log has
+    /// grown past `compact_at` and is more than twice the live data.
     fn commit_store(&mut self) {
-        self.store_ops.clear();
-        self.relay.take_store_ops(&mut self.store_ops);
-        let result = match &mut self.store {
-            Some(store) if !self.store_ops.is_empty() => {
-                store.append(&self.store_ops).map_err(|e| e.to_string())
+        let Some(writer) = &self.store else {
+            // A durable config without a store (tests of the core's commit path): nothing
+            // to write, so every commit is done at once.
+            let mut ops = Vec::new();
+            if let Some(id) = self.relay.take_commit(&mut ops) {
+                self.relay.handle_store_committed(id, Ok(()));
             }
-            _ => Ok(()),
+            return;
         };
-        self.relay.handle_store_committed(result);
-        if let Some(store) = &mut self.store {
-            let live = self.relay.stored_bytes() as u64 + 64 * self.relay.stored_messages() as u64;
-            if store.size() > self.compact_at && store.size() > 2 * live {
-                if let Err(e) = store.compact(&self.relay.store_snapshot()) {
-                    warn!("store compaction failed (the log stays as it is): {e}");
+        let mut ops = Vec::new();
+        if let Some(id) = self.relay.take_commit(&mut ops) {
+            writer.commit(id, ops);
+        }
+        writer.take_done(&mut self.store_done);
+        for done in self.store_done.drain(..) {
+            match done {
+                store_writer::Done::Committed(id, result) => {
+                    self.relay.handle_store_committed(id, result);
                 }
+                store_writer::Done::Compacted => self.compacting = false,
             }
+        }
+        let size = writer.log_size();
+        let live = self.relay.stored_bytes() as u64 + 64 * self.relay.stored_messages() as u64;
+        if !self.compacting && size > self.compact_at && size > 2 * live {
+            self.compacting = true;
+            writer.compact(self.relay.store_snapshot());
         }
     }
 

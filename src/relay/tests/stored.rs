@@ -33,14 +33,21 @@ fn delivered_seqs(h: &mut Harness, id: crate::ConnId) -> Vec<u64> {
 }
 
 #[test]
-fn the_ack_waits_for_the_commit_and_the_ops_say_what_to_write() {
+fn the_ack_and_the_delivery_wait_for_the_commit() {
     let mut h = Harness::new(durable());
     let alice = h.login(ALICE);
+    let bob = h.login(BOB);
+    h.send_frame(bob, Frame::inbox_sync(MessageId(1), 0, 0));
+    h.take_frames(bob);
     h.send_frame(alice, stored(5, BOB, b"hi"));
     assert!(h.take_frames(alice).is_empty(), "no ACK before the disk");
+    assert!(
+        h.take_frames(bob).is_empty(),
+        "no delivery of a number a crash could reuse"
+    );
     assert!(h.relay.wants_commit());
     let mut ops = Vec::new();
-    h.relay.take_store_ops(&mut ops);
+    let first = h.relay.take_commit(&mut ops).expect("a commit");
     assert!(matches!(
         &ops[..],
         [StoreOp::Append {
@@ -48,21 +55,26 @@ fn the_ack_waits_for_the_commit_and_the_ops_say_what_to_write() {
             ..
         }]
     ));
-    h.relay.handle_store_committed(Ok(()));
-    let ack = h.take_frames(alice);
-    assert_eq!(
-        (ack[0].opcode, ack[0].msg_id, ack[0].ack_count()),
-        (Opcode::Ack, MessageId(5), Some(0))
-    );
-
-    // A failed write answers STORE_FAILED instead.
+    // A second turn's commit, then both reported at once (the writer groups them).
     h.send_frame(alice, stored(6, BOB, b"again"));
-    h.relay.take_store_ops(&mut ops);
-    h.relay.handle_store_committed(Err("disk full".into()));
+    let second = h.relay.take_commit(&mut ops).expect("a commit");
+    assert!(second > first);
+    h.relay.handle_store_committed(second, Ok(()));
+    let acks = h.take_frames(alice);
+    let acked: Vec<_> = acks.iter().map(|a| (a.msg_id, a.ack_count())).collect();
+    assert_eq!(acked, [(MessageId(5), Some(1)), (MessageId(6), Some(1))]);
+    assert_eq!(delivered_seqs(&mut h, bob), [1, 2]);
+    assert_eq!(h.relay.commits_in_flight(), 0);
+
+    // A failed write answers STORE_FAILED, sends nothing to Bob, and stops promising.
+    h.send_frame(alice, stored(7, BOB, b"lost"));
+    let third = h.relay.take_commit(&mut ops).unwrap();
+    h.relay
+        .handle_store_committed(third, Err("disk full".into()));
     let err = h.expect_error(alice, ErrorCode::StoreFailed);
     assert!(err.error().unwrap().1.contains("disk full"));
-    // Fail-stop: no more promises until a restart.
-    h.send_frame(alice, stored(7, BOB, b"third"));
+    assert!(delivered_seqs(&mut h, bob).is_empty());
+    h.send_frame(alice, stored(8, BOB, b"third"));
     let err = h.expect_error(alice, ErrorCode::StoreFailed);
     assert!(err.error().unwrap().1.contains("restart"));
 }
@@ -158,7 +170,7 @@ fn a_restored_relay_has_the_same_inboxes_and_numbering() {
     for i in 1..=3 {
         h.send_frame(alice, stored(i, BOB, b"m"));
     }
-    h.relay.take_store_ops(&mut log);
+    h.relay.take_commit(&mut log);
     log.push(StoreOp::Ack {
         user: UserId(BOB),
         upto: 1,
@@ -178,5 +190,8 @@ fn a_restored_relay_has_the_same_inboxes_and_numbering() {
     assert_eq!(replayed, [2, 3]);
     let alice = after.login(ALICE);
     after.send_frame(alice, stored(9, BOB, b"m"));
+    let mut ops = Vec::new();
+    let commit = after.relay.take_commit(&mut ops).unwrap();
+    after.relay.handle_store_committed(commit, Ok(()));
     assert_eq!(delivered_seqs(&mut after, bob), [4], "numbering goes on");
 }

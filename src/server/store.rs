@@ -1,10 +1,10 @@
 //! The durable store behind stored delivery: an append-only log of [`StoreOp`]s in a data
 //! directory, with group commit and compaction.
 //!
-//! The relay core decides what to record; this file only writes it. The driver hands it
-//! every op of a loop turn at once ([`LogStore::append`]): one `write` and one
-//! `fdatasync` cover them all, and only then does the core send the ACKs that say
-//! "stored". At start, [`LogStore::open`] reads the log back (a torn record at the end,
+//! The relay core decides what to record; this file only writes it, on the writer thread
+//! (`store_writer.rs`), which hands it every commit waiting at once
+//! ([`LogStore::append`]): one `write` and one `fdatasync` cover them all, and only then
+//! does the core send the ACKs that say "stored". At start, [`LogStore::open`] reads the log back (a torn record at the end,
 //! from a crash in the middle of a write, is cut off) and the core replays it.
 //! When the log has grown past `compact_at` bytes and is more than twice what is live,
 //! [`LogStore::compact`] writes the live state to a new file, syncs it and renames it over

@@ -134,6 +134,20 @@ fn guard(body: impl FnOnce() -> i32) -> i32 {
         .unwrap_or_else(|_| set_error(IMRELAY_ERR_PANIC, "internal error (panic caught)"))
 }
 
+/// Runs `body` on the client behind `client` under [`guard`]; NULL is `IMRELAY_ERR_NULL`.
+///
+/// # Safety
+/// `client` must be NULL or a live handle from `imrelay_connect`.
+unsafe fn with_client(client: *mut ImrelayClient, body: impl FnOnce(&mut Client) -> i32) -> i32 {
+    guard(|| {
+        // SAFETY: the caller passes a live handle or NULL.
+        match unsafe { client.as_mut() } {
+            Some(c) => body(&mut c.client),
+            None => set_error(IMRELAY_ERR_NULL, "client is NULL"),
+        }
+    })
+}
+
 fn send_status(e: SendError) -> i32 {
     let code = match e {
         SendError::OutboxFull => IMRELAY_ERR_OUTBOX_FULL,
@@ -269,20 +283,16 @@ unsafe fn send_from_c(
     msg_id: *mut u64,
     stored: bool,
 ) -> i32 {
-    guard(|| {
-        // SAFETY: the caller passes a live handle or NULL.
-        let Some(c) = (unsafe { client.as_mut() }) else {
-            return set_error(IMRELAY_ERR_NULL, "client is NULL");
-        };
-        // SAFETY: forwarded from the caller's guarantee.
+    let body = |c: &mut Client| {
+        // SAFETY: forwarded from the caller's guarantee on `data` and `len`.
         let payload = match unsafe { bytes_from_c(data, len) } {
             Ok(p) => p,
             Err(code) => return code,
         };
         let sent = if stored {
-            c.client.send_stored(UserId(to), payload)
+            c.send_stored(UserId(to), payload)
         } else {
-            c.client.send(UserId(to), payload)
+            c.send(UserId(to), payload)
         };
         match sent {
             Ok(id) => {
@@ -294,7 +304,9 @@ unsafe fn send_from_c(
             }
             Err(e) => send_status(e),
         }
-    })
+    };
+    // SAFETY: forwarded from the caller's guarantee on `client`.
+    unsafe { with_client(client, body) }
 }
 
 /// Joins a room (kept across reconnects). A `ROOM_STATE` event answers.
@@ -303,15 +315,13 @@ unsafe fn send_from_c(
 /// `client` must come from `imrelay_connect`.
 #[no_mangle]
 pub unsafe extern "C" fn imrelay_join(client: *mut ImrelayClient, room: u64) -> i32 {
-    guard(|| {
-        // SAFETY: the caller passes a live handle or NULL.
-        let Some(c) = (unsafe { client.as_mut() }) else {
-            return set_error(IMRELAY_ERR_NULL, "client is NULL");
-        };
-        c.client
-            .join(RoomId(room))
-            .map_or_else(send_status, |()| IMRELAY_OK)
-    })
+    // SAFETY: forwarded from the caller's guarantee.
+    unsafe {
+        with_client(client, |c| {
+            c.join(RoomId(room))
+                .map_or_else(send_status, |()| IMRELAY_OK)
+        })
+    }
 }
 
 /// Leaves a room.
@@ -320,15 +330,13 @@ pub unsafe extern "C" fn imrelay_join(client: *mut ImrelayClient, room: u64) -> 
 /// `client` must come from `imrelay_connect`.
 #[no_mangle]
 pub unsafe extern "C" fn imrelay_leave(client: *mut ImrelayClient, room: u64) -> i32 {
-    guard(|| {
-        // SAFETY: the caller passes a live handle or NULL.
-        let Some(c) = (unsafe { client.as_mut() }) else {
-            return set_error(IMRELAY_ERR_NULL, "client is NULL");
-        };
-        c.client
-            .leave(RoomId(room))
-            .map_or_else(send_status, |()| IMRELAY_OK)
-    })
+    // SAFETY: forwarded from the caller's guarantee.
+    unsafe {
+        with_client(client, |c| {
+            c.leave(RoomId(room))
+                .map_or_else(send_status, |()| IMRELAY_OK)
+        })
+    }
 }
 
 /// Sends a live room message (not kept while the link is down).
@@ -342,20 +350,17 @@ pub unsafe extern "C" fn imrelay_room_send(
     data: *const u8,
     len: usize,
 ) -> i32 {
-    guard(|| {
-        // SAFETY: the caller passes a live handle or NULL.
-        let Some(c) = (unsafe { client.as_mut() }) else {
-            return set_error(IMRELAY_ERR_NULL, "client is NULL");
-        };
-        // SAFETY: forwarded from the caller's guarantee.
-        let payload = match unsafe { bytes_from_c(data, len) } {
-            Ok(p) => p,
-            Err(code) => return code,
-        };
-        c.client
-            .room_send(RoomId(room), payload)
-            .map_or_else(send_status, |()| IMRELAY_OK)
-    })
+    let body = |c: &mut Client| {
+        // SAFETY: forwarded from the caller's guarantee on `data` and `len`.
+        match unsafe { bytes_from_c(data, len) } {
+            Ok(payload) => c
+                .room_send(RoomId(room), payload)
+                .map_or_else(send_status, |()| IMRELAY_OK),
+            Err(code) => code,
+        }
+    };
+    // SAFETY: forwarded from the caller's guarantee on `client`.
+    unsafe { with_client(client, body) }
 }
 
 /// Runs the client for up to `timeout_ms` (0 = just check) and returns `IMRELAY_OK` with

@@ -29,7 +29,7 @@
 //!   connections and the H5 demo page; `dedup.rs`, `inbox.rs` and `inbox_handlers.rs`
 //!   for resends and stored delivery.
 //! - `src/server/`: `mod.rs` (event loop), `io.rs` (reads), `limits.rs` (fd limits),
-//!   `store.rs` (the durable log of stored delivery).
+//!   `store.rs` (the durable log of stored delivery), `store_writer.rs` (its thread).
 //! - `src/client/`: `core.rs` (the sans-IO client), `outbox.rs`, `seen.rs`, `backoff.rs`,
 //!   `event.rs`, `config.rs`, `conn.rs` (non-blocking driver), `blocking.rs`.
 //! - `src/bin/imrelay.rs`: the relay binary.

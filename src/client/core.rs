@@ -20,7 +20,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use log::debug;
 
-use super::backoff::{Backoff, Rng};
+use super::backoff::Backoff;
 use super::config::ClientConfig;
 use super::event::{DisconnectReason, Event, FailReason, SendError};
 use super::outbox::Outbox;
@@ -30,6 +30,7 @@ use crate::proto::{
     ErrorCode, Flags, Frame, LoginOk, MessageId, Opcode, RoomId, UserId, DEFAULT_MAX_FRAME,
     HEADER_LEN, MAX_FRAME_CEILING,
 };
+use crate::rand::Rng;
 
 /// What the driver must do with the TCP link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

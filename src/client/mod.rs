@@ -11,7 +11,8 @@
 //!   and the C ABI (`src/ffi.rs`).
 //!
 //! The rest: `config.rs` (settings), `event.rs` (what the app is told), `outbox.rs`,
-//! `seen.rs` (de-duplication of deliveries), `backoff.rs`.
+//! `seen.rs` (de-duplication of deliveries), `backoff.rs` (its random source is
+//! [`crate::rand`]).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -40,7 +41,8 @@ mod event;
 mod outbox;
 mod seen;
 
-pub use backoff::{Backoff, Rng};
+pub use crate::rand::Rng;
+pub use backoff::Backoff;
 pub use blocking::{Client, ConnectError};
 pub use config::ClientConfig;
 pub use conn::Connection;

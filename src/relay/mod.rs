@@ -126,7 +126,7 @@ impl Relay {
             directory: Directory::default(),
             rooms: Rooms::default(),
             dedup,
-            inboxes: Inboxes::new(limits, crate::client::Rng::from_entropy().next_u64()),
+            inboxes: Inboxes::new(limits, crate::rand::Rng::from_entropy().next_u64()),
             store_ops: Vec::new(),
             store_failure: None,
             held_acks: Vec::new(),

@@ -87,7 +87,7 @@ impl LogStore {
             buf: BytesMut::new(),
         };
         if ops.is_empty() {
-            let epoch = crate::client::Rng::from_entropy().next_u64();
+            let epoch = crate::rand::Rng::from_entropy().next_u64();
             store.append(&[StoreOp::Epoch(epoch)])?;
             sync_dir(dir)?;
             info!("{}: new store, epoch {epoch:016x}", path.display());

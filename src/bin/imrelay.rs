@@ -160,7 +160,6 @@ fn main() -> ExitCode {
         inbox_ttl,
         store_max_users: args.store_max_users,
         store_max_bytes: args.store_max_bytes,
-        durable_store: args.store != "memory",
     };
     if let Err(e) = config.validate() {
         error!("invalid limits: {e}");

@@ -54,9 +54,6 @@ pub struct Config {
     pub store_max_users: usize,
     /// Stored payload bytes over all inboxes (default 1 GiB).
     pub store_max_bytes: usize,
-    /// Stored messages go to a durable store: their ACKs wait for the driver's commit
-    /// (false: memory only, ACK at once). Set by the driver that owns the store.
-    pub durable_store: bool,
 }
 
 impl Config {
@@ -102,7 +99,6 @@ impl Default for Config {
             inbox_ttl: Duration::from_secs(7 * 24 * 3600),
             store_max_users: 1_000_000,
             store_max_bytes: 1024 * 1024 * 1024,
-            durable_store: false,
         }
     }
 }

@@ -68,7 +68,7 @@ impl Relay {
             self.inboxes
                 .append(h.target, sender, h.msg_id, frame.payload(), now_ms);
         self.metrics.messages_stored += 1;
-        if self.config.durable_store {
+        if self.durable {
             // Nothing leaves for the recipient or the sender until the commit: a client
             // must never hold a sequence number that a crash could hand out again.
             self.store_ops.push(StoreOp::Append {
@@ -134,7 +134,7 @@ impl Relay {
 
     /// ACKs a stored SEND: now with the memory store, after the next commit otherwise.
     pub(super) fn ack_stored(&mut self, id: ConnId, msg_id: MessageId, target: UserId, count: u32) {
-        if self.config.durable_store {
+        if self.durable {
             self.hold_ack(id, msg_id, target, None, count);
         } else {
             write_ack(self.scratch(), msg_id, target, count);
@@ -204,7 +204,7 @@ impl Relay {
     fn record_ack(&mut self, user: UserId, upto: u64) {
         // Only what may have been sent can be acknowledged.
         let upto = upto.min(self.inboxes.get(user).map_or(0, |i| i.durable_seq()));
-        if upto > 0 && self.inboxes.ack(user, upto) && self.config.durable_store {
+        if upto > 0 && self.inboxes.ack(user, upto) && self.durable {
             self.store_ops.push(StoreOp::Ack { user, upto });
         }
     }
@@ -360,8 +360,13 @@ impl Relay {
         held.count() as u32
     }
 
-    /// Rebuilds the inboxes from a durable store's ops (at start, before any connection).
+    /// Rebuilds the inboxes from a durable store's ops (at start, before any connection)
+    /// and makes the relay durable from then on: every change becomes a [`StoreOp`] for
+    /// [`Relay::take_commit`], and stored SENDs are ACKed and delivered only once their
+    /// commit is reported on disk. A relay never restored keeps stored messages in memory
+    /// and ACKs them at once.
     pub fn restore(&mut self, ops: Vec<StoreOp>) {
+        self.durable = true;
         for op in ops {
             self.inboxes.apply(op);
         }

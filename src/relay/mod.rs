@@ -89,6 +89,8 @@ pub struct Relay {
     rooms: Rooms,
     dedup: Dedup,
     inboxes: Inboxes,
+    /// A durable store was restored: stored SENDs wait for their commit.
+    durable: bool,
     store_ops: Vec<StoreOp>,
     /// Set when a commit failed: stored SENDs are refused from then on (fail-stop).
     store_failure: Option<String>,
@@ -127,6 +129,7 @@ impl Relay {
             rooms: Rooms::default(),
             dedup,
             inboxes: Inboxes::new(limits, crate::rand::Rng::from_entropy().next_u64()),
+            durable: false,
             store_ops: Vec::new(),
             store_failure: None,
             held_acks: Vec::new(),

@@ -256,13 +256,7 @@ impl Server {
     /// grown past `compact_at` and is more than twice the live data.
     fn commit_store(&mut self) {
         let Some(writer) = &self.store else {
-            // A durable config without a store (tests of the core's commit path): nothing
-            // to write, so every commit is done at once.
-            let mut ops = Vec::new();
-            if let Some(id) = self.relay.take_commit(&mut ops) {
-                self.relay.handle_store_committed(id, Ok(()));
-            }
-            return;
+            return; // memory only: the core never asks for a commit
         };
         let mut ops = Vec::new();
         if let Some(id) = self.relay.take_commit(&mut ops) {

@@ -44,12 +44,7 @@ impl TestRelay {
     }
 
     /// A relay with a durable store in `dir`, compacting its log past `compact_at` bytes.
-    pub fn start_with_store(
-        mut config: Config,
-        dir: &std::path::Path,
-        compact_at: u64,
-    ) -> TestRelay {
-        config.durable_store = true;
+    pub fn start_with_store(config: Config, dir: &std::path::Path, compact_at: u64) -> TestRelay {
         config.validate().expect("valid test config");
         let mut server = Server::bind("127.0.0.1:0".parse().unwrap(), config).expect("bind");
         server.open_store(dir, compact_at).expect("open store");

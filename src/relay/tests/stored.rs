@@ -17,11 +17,11 @@ fn stored(msg: u64, to: u64, payload: &[u8]) -> Frame {
         .with_flags(Flags::STORED)
 }
 
-fn durable() -> Config {
-    Config {
-        durable_store: true,
-        ..Config::default()
-    }
+/// A relay with a durable store (empty), as the driver makes it by restoring the log.
+fn durable() -> Harness {
+    let mut h = Harness::new(Config::default());
+    h.relay.restore(vec![StoreOp::Epoch(77)]);
+    h
 }
 
 /// Sequence numbers of the INBOX_DELIVERs queued to `id`.
@@ -34,7 +34,7 @@ fn delivered_seqs(h: &mut Harness, id: crate::ConnId) -> Vec<u64> {
 
 #[test]
 fn the_ack_and_the_delivery_wait_for_the_commit() {
-    let mut h = Harness::new(durable());
+    let mut h = durable();
     let alice = h.login(ALICE);
     let bob = h.login(BOB);
     h.send_frame(bob, Frame::inbox_sync(MessageId(1), 0, 0));
@@ -164,7 +164,7 @@ fn a_sync_resumes_after_the_last_seq_and_acks_what_came_before() {
 
 #[test]
 fn a_restored_relay_has_the_same_inboxes_and_numbering() {
-    let mut h = Harness::new(durable());
+    let mut h = durable();
     let alice = h.login(ALICE);
     let mut log = vec![StoreOp::Epoch(77)];
     for i in 1..=3 {
@@ -176,7 +176,7 @@ fn a_restored_relay_has_the_same_inboxes_and_numbering() {
         upto: 1,
     });
 
-    let mut after = Harness::new(durable());
+    let mut after = durable();
     after.relay.restore(log);
     let bob = after.login(BOB);
     after.send_frame(bob, Frame::inbox_sync(MessageId(1), 77, 0));

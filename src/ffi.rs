@@ -1,5 +1,5 @@
 //! The C ABI for iOS and Android apps: an opaque client handle over the blocking
-//! [`Client`](crate::client::Client), events as C structs the app frees, and a per-thread
+//! [`Client`], events as C structs the app frees, and a per-thread
 //! last error.
 //!
 //! `include/imrelay.h` is generated from this file by cbindgen (`tests/c_abi.rs` fails when

@@ -6,7 +6,7 @@
 //! shared (as `Bytes`) by every connection it is pushed or replayed to. Messages leave the
 //! front of the inbox when the user acknowledges them or when they pass their age limit.
 //! Every change a durable store must see is also returned as a [`StoreOp`]; replaying the
-//! same ops with [`Inboxes::apply`] rebuilds the same state after a restart.
+//! same ops with `Inboxes::apply` rebuilds the same state after a restart.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasherDefault;
@@ -22,7 +22,7 @@ use crate::proto::{Flags, MessageId, Opcode, UserId, HEADER_LEN};
 /// Bytes of INBOX_DELIVER payload before the message: seq and stored-at time.
 pub const INBOX_PREFIX: usize = 16;
 
-/// What a durable store records, in order. Replayed through [`Inboxes::apply`].
+/// What a durable store records, in order. Replayed through `Relay::restore`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreOp {
     /// The store's identity: clients compare it to know their sequence numbers still mean

@@ -9,6 +9,7 @@
 //! (fail-stop: the log's tail is unknown until a restart reads it back).
 
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
@@ -37,7 +38,7 @@ pub struct StoreWriter {
     jobs: Option<Sender<Job>>,
     done: Arc<Mutex<Vec<Done>>>,
     /// Bytes in the log, as of the last report.
-    log_size: Arc<Mutex<u64>>,
+    log_size: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -46,7 +47,7 @@ impl StoreWriter {
     pub fn spawn(store: LogStore, waker: Arc<Waker>) -> std::io::Result<StoreWriter> {
         let (jobs, rx) = mpsc::channel();
         let done = Arc::new(Mutex::new(Vec::new()));
-        let log_size = Arc::new(Mutex::new(store.size()));
+        let log_size = Arc::new(AtomicU64::new(store.size()));
         let thread = {
             let (done, log_size) = (done.clone(), log_size.clone());
             std::thread::Builder::new()
@@ -82,7 +83,7 @@ impl StoreWriter {
 
     /// Bytes in the log.
     pub fn log_size(&self) -> u64 {
-        *self.log_size.lock().unwrap_or_else(PoisonError::into_inner)
+        self.log_size.load(Ordering::Relaxed)
     }
 }
 
@@ -100,7 +101,7 @@ fn run(
     mut store: LogStore,
     jobs: Receiver<Job>,
     done: &Mutex<Vec<Done>>,
-    log_size: &Mutex<u64>,
+    log_size: &AtomicU64,
     waker: &Waker,
 ) {
     let mut failure: Option<String> = None;
@@ -130,7 +131,7 @@ fn run(
         if let Some(id) = last_id {
             reports.push(write(&mut store, &mut batch, id, &mut failure));
         }
-        *log_size.lock().unwrap_or_else(PoisonError::into_inner) = store.size();
+        log_size.store(store.size(), Ordering::Relaxed);
         done.lock()
             .unwrap_or_else(PoisonError::into_inner)
             .append(&mut reports);

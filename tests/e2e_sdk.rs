@@ -18,13 +18,8 @@ use support::{TestRelay, SAFETY_TIMEOUT};
 const ALICE: UserId = UserId(1);
 const BOB: UserId = UserId(2);
 
-/// SDK settings for tests: quick reconnects so restarts do not stall the suite.
 fn config(user: UserId) -> ClientConfig {
-    let mut c = ClientConfig::new(user);
-    c.backoff_initial = Duration::from_millis(50);
-    c.backoff_max = Duration::from_millis(400);
-    c.retry_interval = Duration::from_millis(100);
-    c
+    support::quick_sdk(user.0)
 }
 
 fn connect(addr: SocketAddr, user: UserId) -> Client {

@@ -18,14 +18,26 @@ use support::{TestRelay, SAFETY_TIMEOUT};
 const ALICE: UserId = UserId(1);
 const BOB: UserId = UserId(2);
 
+/// Quick reconnects, and room for the long streams these tests send.
 fn config(user: UserId) -> ClientConfig {
-    let mut c = ClientConfig::new(user);
-    c.backoff_initial = Duration::from_millis(50);
-    c.backoff_max = Duration::from_millis(400);
-    c.retry_interval = Duration::from_millis(100);
+    let mut c = support::quick_sdk(user.0);
     c.max_in_flight = 64;
     c.max_outbox = 10_000;
     c
+}
+
+/// The number a test message carries as its payload.
+fn number(payload: &[u8]) -> usize {
+    std::str::from_utf8(payload).unwrap().parse().unwrap()
+}
+
+/// Fails if any number was shown twice; returns them sorted.
+fn each_once(got: &[usize]) -> Vec<usize> {
+    let mut sorted = got.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), got.len(), "a message shown twice");
+    sorted
 }
 
 fn connect(addr: std::net::SocketAddr, user: UserId) -> Client {
@@ -59,7 +71,7 @@ fn receive(bob: &mut Client, want: usize) -> Vec<usize> {
     run_until(bob, |e| {
         if let Event::Message { from, payload, .. } = e {
             assert_eq!(from, ALICE);
-            got.push(std::str::from_utf8(&payload).unwrap().parse().unwrap());
+            got.push(number(&payload));
         }
         got.len() >= want
     });
@@ -146,12 +158,7 @@ fn kill_9_with_stored_messages_in_flight_loses_none_that_was_acked() {
         }
         while let Some(e) = bob.recv(Duration::from_millis(1)) {
             if let Event::Message { payload, .. } = e {
-                got.push(
-                    std::str::from_utf8(&payload)
-                        .unwrap()
-                        .parse::<usize>()
-                        .unwrap(),
-                );
+                got.push(number(&payload));
             }
         }
     }
@@ -161,10 +168,7 @@ fn kill_9_with_stored_messages_in_flight_loses_none_that_was_acked() {
         stored_after,
         got.len()
     );
-    let mut sorted = got.clone();
-    sorted.sort_unstable();
-    sorted.dedup();
-    assert_eq!(sorted.len(), got.len(), "a message shown twice");
+    let sorted = each_once(&got);
     for i in &acked_before_crash {
         assert!(
             sorted.binary_search(i).is_ok(),
@@ -199,12 +203,7 @@ fn a_recipient_whose_link_drops_mid_stream_sees_every_message_once_in_order() {
             }
         }
         if let Some(Event::Message { payload, .. }) = bob.recv(Duration::from_millis(1)) {
-            got.push(
-                std::str::from_utf8(&payload)
-                    .unwrap()
-                    .parse::<usize>()
-                    .unwrap(),
-            );
+            got.push(number(&payload));
             // The phone switches networks three times while the stream comes in.
             if got.len() % 700 == 0 {
                 bob.reconnect();
@@ -370,12 +369,7 @@ fn kill_9_while_the_recipient_is_online_loses_and_repeats_nothing() {
         }
         while let Some(e) = bob.recv(Duration::from_millis(1)) {
             if let Event::Message { payload, .. } = e {
-                got.push(
-                    std::str::from_utf8(&payload)
-                        .unwrap()
-                        .parse::<usize>()
-                        .unwrap(),
-                );
+                got.push(number(&payload));
             }
         }
         if got.len() >= TOTAL / 3 {
@@ -386,10 +380,7 @@ fn kill_9_while_the_recipient_is_online_loses_and_repeats_nothing() {
         }
     }
     assert!(restarted.is_some(), "the relay was crashed mid-stream");
-    let mut sorted = got.clone();
-    sorted.sort_unstable();
-    sorted.dedup();
-    assert_eq!(sorted.len(), got.len(), "a message shown twice");
+    let sorted = each_once(&got);
     assert_eq!(
         sorted,
         (0..TOTAL).collect::<Vec<_>>(),

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 
-use imrelay::client::{Client, ClientConfig, Event};
+use imrelay::client::{Client, Event};
 use imrelay::proto::UserId;
 use support::process::RelayProcess;
 use support::{TestRelay, SAFETY_TIMEOUT};
@@ -137,13 +137,7 @@ fn chat_chats_and_reconnects_visibly_when_the_relay_restarts() {
     let addr = relay.addr;
     let mut chat = Running::start("chat", &["1", &addr.to_string()]);
     chat.expect_line("connected as 1");
-    let bob_config = || {
-        let mut c = ClientConfig::new(UserId(2));
-        c.backoff_initial = std::time::Duration::from_millis(50);
-        c.backoff_max = std::time::Duration::from_millis(400);
-        c
-    };
-    let (mut bob, _) = Client::connect(addr, bob_config(), SAFETY_TIMEOUT).unwrap();
+    let (mut bob, _) = Client::connect(addr, support::quick_sdk(2), SAFETY_TIMEOUT).unwrap();
 
     writeln!(chat.stdin(), "2 hello bob").unwrap();
     assert_eq!(&message_for(&mut bob)[..], b"hello bob");

@@ -8,8 +8,8 @@
 //! with the commits. After a failed write every later commit fails without writing
 //! (fail-stop: the log's tail is unknown until a restart reads it back).
 
-use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 

@@ -18,6 +18,16 @@ use imrelay::proto::{ErrorCode, Flags, Frame, MessageId, Opcode, RoomId, UserId}
 use imrelay::relay::Config;
 use imrelay::server::{Server, ShutdownHandle};
 
+/// SDK settings for tests: quick reconnects and retries, so relay restarts do not stall
+/// the suite.
+pub fn quick_sdk(user: u64) -> imrelay::client::ClientConfig {
+    let mut c = imrelay::client::ClientConfig::new(UserId(user));
+    c.backoff_initial = Duration::from_millis(50);
+    c.backoff_max = Duration::from_millis(400);
+    c.retry_interval = Duration::from_millis(100);
+    c
+}
+
 /// How long a client waits for a frame before the test fails.
 pub const SAFETY_TIMEOUT: Duration = Duration::from_secs(10);
 

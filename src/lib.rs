@@ -32,6 +32,7 @@
 //!   `store.rs` (the durable log of stored delivery), `store_writer.rs` (its thread).
 //! - `src/client/`: `core.rs` (the sans-IO client), `outbox.rs`, `seen.rs`, `backoff.rs`,
 //!   `event.rs`, `config.rs`, `conn.rs` (non-blocking driver), `blocking.rs`.
+//! - `src/net.rs`: the raw read into a buffer's spare capacity (driver and SDK).
 //! - `src/rand.rs`: the small random source (jitter, message-id tags, store epochs).
 //! - `src/bin/imrelay.rs`: the relay binary.
 
@@ -39,6 +40,7 @@
 
 pub mod client;
 pub mod ffi;
+pub mod net;
 pub mod proto;
 pub mod rand;
 #[cfg(feature = "server")]

@@ -7,7 +7,7 @@
 //! reconnect: [`Connection::socket_generation`] tells when to register the new one. Then
 //! drain [`Connection::poll_event`]. Nothing here blocks, connect included.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
@@ -249,15 +249,7 @@ impl Connection {
                 return;
             }
             self.rx.reserve(READ_CHUNK);
-            let start = self.rx.len();
-            self.rx.resize(start + READ_CHUNK, 0);
-            let result = link.stream.read(&mut self.rx[start..]);
-            let n = match &result {
-                Ok(n) => *n,
-                Err(_) => 0,
-            };
-            self.rx.truncate(start + n);
-            match result {
+            match crate::net::read_into(link.stream.as_raw_fd(), &mut self.rx) {
                 Ok(0) => {
                     self.link = None;
                     let reason = DisconnectReason::ClosedByRelay;

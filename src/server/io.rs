@@ -1,29 +1,13 @@
-//! The one raw read: into a `BytesMut`'s spare capacity without zeroing it first.
+//! The driver's reads: the raw descriptor of a mio socket, and [`read_into`] (shared with
+//! the SDK, in [`crate::net`]).
 
 use std::os::fd::{AsRawFd, RawFd};
 
-use bytes::{BufMut, BytesMut};
 use mio::net::TcpStream;
+
+pub use crate::net::read_into;
 
 /// The socket's raw descriptor.
 pub fn fd(stream: &TcpStream) -> RawFd {
     stream.as_raw_fd()
-}
-
-/// Reads once from `fd` into the spare capacity of `buf` and extends `buf` by what was read.
-/// The caller reserves space first; with no spare capacity this reads nothing.
-pub fn read_into(fd: RawFd, buf: &mut BytesMut) -> std::io::Result<usize> {
-    let spare = buf.chunk_mut();
-    let len = spare.len();
-    // SAFETY: `spare` is valid writable memory of `len` bytes owned by `buf`; read(2) writes
-    // at most `len` bytes into it and reports how many, and no reference to uninitialised
-    // memory is formed.
-    let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), len) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let n = n as usize;
-    // SAFETY: read(2) initialised the first `n` bytes of the spare capacity.
-    unsafe { buf.advance_mut(n) };
-    Ok(n)
 }

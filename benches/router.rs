@@ -3,6 +3,7 @@
 //!
 //! `cargo bench --bench router`
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -11,10 +12,12 @@ use imrelay::proto::{Flags, Frame, MessageId, RoomId, UserId};
 use imrelay::relay::{Config, Relay};
 use imrelay::ConnId;
 
+const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
 fn open(relay: &mut Relay, user: u64, now: Instant) -> ConnId {
-    let id = relay.handle_open(now).unwrap();
-    let mut buf = BytesMut::from(&Frame::login(MessageId(1), UserId(user), b"").to_bytes()[..]);
-    relay.handle_input(id, &mut buf, now);
+    let id = relay.handle_open(now, LOCAL).unwrap();
+    let login = Frame::login(MessageId(1), UserId(user), b"").to_bytes();
+    relay.handle_input(id, &login, now);
     id
 }
 
@@ -33,7 +36,7 @@ fn router(c: &mut Criterion) {
     let mut group = c.benchmark_group("router");
 
     const BATCH: usize = 64;
-    let mut relay = Relay::new(Config::default());
+    let mut relay = Relay::new(Config::default(), now, 0, 1);
     let alice = open(&mut relay, 1, now);
     let _bob = open(&mut relay, 2, now);
     drain(&mut relay);
@@ -47,7 +50,8 @@ fn router(c: &mut Criterion) {
             for _ in 0..BATCH {
                 input.extend_from_slice(&send);
             }
-            relay.handle_input(alice, &mut input, now);
+            relay.handle_input(alice, &input, now);
+            input.clear();
             drain(&mut relay)
         })
     });
@@ -55,16 +59,16 @@ fn router(c: &mut Criterion) {
     const MEMBERS: u64 = 1000;
     let config = Config {
         room_send_rate: 0,
+        room_total_rate: 0,
         ..Config::default()
     };
-    let mut relay = Relay::new(config);
+    let mut relay = Relay::new(config, now, 0, 1);
     let room = RoomId(42);
     let join = Frame::join(MessageId(2), room).to_bytes();
     let mut ids = Vec::new();
     for user in 1..=MEMBERS + 1 {
         let id = open(&mut relay, user, now);
-        let mut buf = BytesMut::from(&join[..]);
-        relay.handle_input(id, &mut buf, now);
+        relay.handle_input(id, &join, now);
         ids.push(id);
     }
     drain(&mut relay);
@@ -75,7 +79,8 @@ fn router(c: &mut Criterion) {
     group.bench_function("ROOM_SEND to 1000 members, per member", |b| {
         b.iter(|| {
             input.extend_from_slice(&room_send);
-            relay.handle_input(ids[0], &mut input, now);
+            relay.handle_input(ids[0], &input, now);
+            input.clear();
             drain(&mut relay)
         })
     });

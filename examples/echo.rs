@@ -119,7 +119,9 @@ fn read_and_echo(conn: &mut Conn, buf: &mut BytesMut) -> bool {
         match read_into(fd(&conn.stream), buf) {
             Ok(0) => return false,
             // The echo: the bytes read become output as they are, no copy.
-            Ok(_) => conn.out.push(buf.split().freeze()),
+            Ok(_) => {
+                conn.out.push(buf.split().freeze());
+            }
             Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(_) => return false,
@@ -134,7 +136,9 @@ fn flush(poll: &Poll, key: usize, conn: &mut Conn) -> std::io::Result<bool> {
         let n = conn.out.chunks(&mut slices);
         match conn.stream.write_vectored(&slices[..n]) {
             Ok(0) => return Ok(false),
-            Ok(written) => conn.out.advance(written),
+            Ok(written) => {
+                conn.out.advance(written);
+            }
             Err(e) if e.kind() == ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(_) => return Ok(false),

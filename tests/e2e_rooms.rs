@@ -13,6 +13,7 @@ const ROOM: u64 = 42;
 fn unlimited() -> Config {
     Config {
         room_send_rate: 0,
+        room_total_rate: 0,
         ..Config::default()
     }
 }

@@ -97,6 +97,41 @@ struct Args {
     /// Serve the H5 live-room demo page on a plain HTTP GET of / (WebSocket is always on).
     #[arg(long)]
     demo: bool,
+    /// Bytes all connections may hold together (output queues and partial input).
+    /// Default: half the machine's physical memory.
+    #[arg(long)]
+    max_memory: Option<usize>,
+    /// Seconds a started frame, text line, HTTP head or WebSocket message has to arrive
+    /// whole, however slowly its bytes come.
+    #[arg(long, default_value_t = 30.0)]
+    frame_timeout: f64,
+    /// Most connections open at once from one IP address (0 = no limit).
+    #[arg(long, default_value_t = 256)]
+    max_connections_per_ip: usize,
+    /// Apply --max-connections-per-ip to loopback addresses too.
+    #[arg(long)]
+    limit_loopback: bool,
+    /// ROOM_SEND frames per second into one room from all its members (0 = unlimited).
+    #[arg(long, default_value_t = 1000)]
+    room_total_rate: u32,
+    /// ROOM_SEND frames one room takes at once before its total rate applies.
+    #[arg(long, default_value_t = 2000)]
+    room_total_burst: u32,
+}
+
+/// Half the machine's physical memory (1 GiB if it cannot be read).
+fn default_max_memory() -> usize {
+    // SAFETY: sysconf only reads system configuration.
+    let (pages, page_size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    match (usize::try_from(pages), usize::try_from(page_size)) {
+        (Ok(pages), Ok(size)) if pages > 0 && size > 0 => pages.saturating_mul(size) / 2,
+        _ => 1 << 30,
+    }
 }
 
 fn main() -> ExitCode {
@@ -128,12 +163,14 @@ fn main() -> ExitCode {
         Some(idle_timeout),
         Some(dedup_ttl),
         Some(inbox_ttl),
+        Some(frame_timeout),
     ) = (
         seconds(args.login_timeout, "login-timeout"),
         seconds(args.ping_interval, "ping-interval"),
         seconds(args.idle_timeout, "idle-timeout"),
         seconds(args.dedup_ttl, "dedup-ttl"),
         seconds(args.inbox_ttl, "inbox-ttl"),
+        seconds(args.frame_timeout, "frame-timeout"),
     )
     else {
         return ExitCode::from(2);
@@ -160,6 +197,12 @@ fn main() -> ExitCode {
         inbox_ttl,
         store_max_users: args.store_max_users,
         store_max_bytes: args.store_max_bytes,
+        max_memory: args.max_memory.unwrap_or_else(default_max_memory),
+        frame_timeout,
+        max_connections_per_ip: args.max_connections_per_ip,
+        limit_loopback: args.limit_loopback,
+        room_total_rate: args.room_total_rate,
+        room_total_burst: args.room_total_burst,
     };
     if let Err(e) = config.validate() {
         error!("invalid limits: {e}");

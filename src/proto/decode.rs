@@ -21,6 +21,15 @@ pub struct RawFrame {
 }
 
 impl RawFrame {
+    /// A frame from exactly its bytes (length checked by the caller: `bytes` is one whole
+    /// frame, header included).
+    pub(crate) fn from_owned(bytes: BytesMut) -> RawFrame {
+        RawFrame {
+            header: Header::read(&bytes),
+            bytes,
+        }
+    }
+
     /// The parsed header.
     pub fn header(&self) -> &Header {
         &self.header

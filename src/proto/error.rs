@@ -52,6 +52,9 @@ pub enum ErrorCode {
     /// The relay could not write a stored SEND to disk; it is not durable and the sender
     /// should send it again later. Stays open.
     StoreFailed = 18,
+    /// A frame (or text line, HTTP request head or WebSocket message) that was started was
+    /// not complete within the frame timeout, however slowly its bytes kept coming. Closes.
+    FrameTimeout = 19,
 }
 
 impl ErrorCode {
@@ -77,6 +80,7 @@ impl ErrorCode {
             16 => RateLimited,
             17 => InboxFull,
             18 => StoreFailed,
+            19 => FrameTimeout,
             _ => return None,
         })
     }
@@ -103,11 +107,12 @@ impl ErrorCode {
             RateLimited => "RATE_LIMITED",
             InboxFull => "INBOX_FULL",
             StoreFailed => "STORE_FAILED",
+            FrameTimeout => "FRAME_TIMEOUT",
         }
     }
 
     /// Every code, in numeric order (used by metrics and tests).
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownOpcode,
         ErrorCode::FrameTooLarge,
@@ -126,6 +131,7 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::InboxFull,
         ErrorCode::StoreFailed,
+        ErrorCode::FrameTimeout,
     ];
 }
 

@@ -16,6 +16,7 @@ pub mod error;
 pub mod frame;
 pub mod ids;
 pub mod opcode;
+pub mod reader;
 pub mod text;
 
 pub use decode::{decode_raw, RawFrame};
@@ -23,6 +24,7 @@ pub use error::{DecodeError, ErrorCode};
 pub use frame::{Frame, Header, InboxState, LoginOk, RoomState, HEADER_LEN, VERSION};
 pub use ids::{MessageId, RoomId, UserId};
 pub use opcode::{Flags, Opcode};
+pub use reader::FrameReader;
 
 /// Largest frame (header included) the relay accepts by default: 64 KiB.
 pub const DEFAULT_MAX_FRAME: u32 = 64 * 1024;

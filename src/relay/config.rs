@@ -54,6 +54,27 @@ pub struct Config {
     pub store_max_users: usize,
     /// Stored payload bytes over all inboxes (default 1 GiB).
     pub store_max_bytes: usize,
+    /// Memory all connections may hold together: output queues (counted as
+    /// [`super::OutQueue::held`]) and partial input (default 1 GiB; the binary derives its
+    /// default from the machine's memory). Past it a SEND gets RECIPIENT_SLOW, room traffic
+    /// is dropped as for slow members, and a connection that needs more input buffer is
+    /// closed with LIMIT_REACHED.
+    pub max_memory: usize,
+    /// Time a started frame, text line, HTTP request head or WebSocket message has to
+    /// arrive whole, however slowly its bytes trickle in (default 30 s). Past it the
+    /// connection is closed with FRAME_TIMEOUT.
+    pub frame_timeout: Duration,
+    /// Most connections open at once from one IP address (default 256; 0: no limit).
+    pub max_connections_per_ip: usize,
+    /// The per-address limit applies to loopback addresses too (default off, so local
+    /// tests and benches are not limited).
+    pub limit_loopback: bool,
+    /// ROOM_SEND frames per second into one room, from all its members together; 0 =
+    /// unlimited (default 1,000).
+    pub room_total_rate: u32,
+    /// How many ROOM_SEND frames one room takes at once before its total rate applies
+    /// (default 2,000).
+    pub room_total_burst: u32,
 }
 
 impl Config {
@@ -99,6 +120,12 @@ impl Default for Config {
             inbox_ttl: Duration::from_secs(7 * 24 * 3600),
             store_max_users: 1_000_000,
             store_max_bytes: 1024 * 1024 * 1024,
+            max_memory: 1024 * 1024 * 1024,
+            frame_timeout: Duration::from_secs(30),
+            max_connections_per_ip: 256,
+            limit_loopback: false,
+            room_total_rate: 1000,
+            room_total_burst: 2000,
         }
     }
 }
@@ -114,6 +141,8 @@ pub enum ConfigError {
     PingNotBeforeIdle,
     /// A limit that must be at least 1 is 0.
     Zero(&'static str),
+    /// max_memory below twice the output cap: one slow recipient could use it all.
+    MemoryBelowOutCap,
 }
 
 impl fmt::Display for ConfigError {
@@ -131,6 +160,9 @@ impl fmt::Display for ConfigError {
                 write!(f, "ping interval must be shorter than the idle timeout")
             }
             ConfigError::Zero(name) => write!(f, "{name} must be at least 1"),
+            ConfigError::MemoryBelowOutCap => {
+                write!(f, "max memory is below twice the output cap")
+            }
         }
     }
 }
@@ -166,6 +198,12 @@ impl Config {
         }
         if self.inbox_max_messages == 0 || self.store_max_users == 0 {
             return Err(ConfigError::Zero("inbox limits"));
+        }
+        if self.frame_timeout.is_zero() {
+            return Err(ConfigError::Zero("frame timeout"));
+        }
+        if self.max_memory < 2 * self.out_cap {
+            return Err(ConfigError::MemoryBelowOutCap);
         }
         Ok(())
     }

@@ -11,11 +11,10 @@
 //! Expiry is amortised O(1): an insertion-ordered queue of `(sender, renewed_at)` marks,
 //! where a mark is live only while it matches the sender's `renewed_at`.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::BuildHasherDefault;
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::directory::IdHasher;
+use super::hashing::{id_map, IdMap};
 use crate::proto::{MessageId, UserId};
 
 /// The ids one sender sent recently, oldest first, each with the ACK count it got.
@@ -33,19 +32,19 @@ pub struct Dedup {
     ttl: Duration,
     max_entries: usize,
     entries: usize,
-    senders: HashMap<UserId, Window, BuildHasherDefault<IdHasher>>,
+    senders: IdMap<UserId, Window>,
     marks: VecDeque<(UserId, Instant)>,
 }
 
 impl Dedup {
     /// An empty memory with the given limits (each at least 1).
-    pub fn new(window: usize, ttl: Duration, max_entries: usize) -> Dedup {
+    pub fn new(window: usize, ttl: Duration, max_entries: usize, seed: u64) -> Dedup {
         Dedup {
             window: window.max(1),
             ttl,
             max_entries: max_entries.max(1),
             entries: 0,
-            senders: HashMap::default(),
+            senders: id_map(seed),
             marks: VecDeque::new(),
         }
     }
@@ -147,7 +146,7 @@ mod tests {
     #[test]
     fn remembers_an_id_and_its_count() {
         let now = Instant::now();
-        let mut d = Dedup::new(4, TTL, 100);
+        let mut d = Dedup::new(4, TTL, 100, 1);
         assert_eq!(d.lookup(UserId(1), MessageId(7), now), None);
         d.record(UserId(1), MessageId(7), 2, now);
         assert_eq!(d.lookup(UserId(1), MessageId(7), now), Some(2));
@@ -157,7 +156,7 @@ mod tests {
     #[test]
     fn each_sender_keeps_only_its_window() {
         let now = Instant::now();
-        let mut d = Dedup::new(3, TTL, 100);
+        let mut d = Dedup::new(3, TTL, 100, 1);
         for i in 1..=5 {
             d.record(UserId(1), MessageId(i), 1, now);
         }
@@ -169,7 +168,7 @@ mod tests {
     #[test]
     fn idle_senders_are_forgotten_after_the_ttl() {
         let t0 = Instant::now();
-        let mut d = Dedup::new(8, TTL, 100);
+        let mut d = Dedup::new(8, TTL, 100, 1);
         d.record(UserId(1), MessageId(1), 1, t0);
         // Sender 2 keeps sending, so its window survives.
         for s in 0..10 {
@@ -184,7 +183,7 @@ mod tests {
     #[test]
     fn the_entry_cap_forgets_the_oldest_sender_first() {
         let now = Instant::now();
-        let mut d = Dedup::new(8, TTL, 4);
+        let mut d = Dedup::new(8, TTL, 4, 1);
         d.record(UserId(1), MessageId(1), 1, now);
         d.record(UserId(1), MessageId(2), 1, now);
         d.record(UserId(2), MessageId(1), 1, now);

@@ -1,8 +1,8 @@
 //! The user directory: which connections each logged-in user id has.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::Hasher;
 
+use super::hashing::{id_map, IdMap};
 use crate::proto::UserId;
 use crate::ConnId;
 
@@ -23,13 +23,20 @@ impl Devices {
 }
 
 /// Maps user ids to their connections. Lookups are O(1); the map holds only users that are
-/// logged in, so its size is bounded by the connection limit.
-#[derive(Debug, Default)]
+/// logged in, so its size is bounded by the connection limit. Seeded (see `hashing.rs`).
+#[derive(Debug)]
 pub struct Directory {
-    users: HashMap<UserId, Devices, BuildHasherDefault<IdHasher>>,
+    users: IdMap<UserId, Devices>,
 }
 
 impl Directory {
+    /// An empty directory hashed with `seed`.
+    pub fn new(seed: u64) -> Directory {
+        Directory {
+            users: id_map(seed),
+        }
+    }
+
     /// The connections of `user`, in login order; empty when the user is offline.
     pub fn devices(&self, user: UserId) -> &[ConnId] {
         self.users.get(&user).map_or(&[], Devices::as_slice)
@@ -80,8 +87,8 @@ impl Directory {
     }
 }
 
-/// A fast hasher for u64 ids (a multiply-xorshift mix). User ids are not secret and the
-/// map is bounded by the connection limit, so SipHash's flood resistance buys little here.
+/// A fast unseeded hasher for keys the relay chooses itself (connection ids), never for a
+/// value a peer picks: those maps use the seeded [`super::hashing::IdMap`].
 #[derive(Default)]
 pub struct IdHasher(u64);
 
@@ -115,7 +122,7 @@ mod tests {
 
     #[test]
     fn one_then_many_then_none() {
-        let mut d = Directory::default();
+        let mut d = Directory::new(1);
         let u = UserId(7);
         assert!(d.devices(u).is_empty());
         d.insert(u, ConnId(1));

@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use log::{debug, info};
 
 use super::session::{Session, State};
-use super::{arm, millis_u32, push_output, Relay, CLOSE_LINGER, SCRATCH_CHUNK};
+use super::{arm, millis_u32, push_output, OutQueue, Relay, CLOSE_LINGER, SCRATCH_CHUNK};
 use crate::proto::frame::{write_ack, write_error, write_frame};
 use crate::proto::{
     ErrorCode, Flags, Header, LoginOk, MessageId, Opcode, RawFrame, UserId, HEADER_LEN,
@@ -177,13 +177,22 @@ impl Relay {
             return;
         }
         let cap = self.config.out_cap;
+        let cost = OutQueue::cost(h.len as usize);
         let full = devices.iter().copied().find(|d| {
             self.sessions
                 .get(d.0)
-                .is_none_or(|s| s.out.len_bytes() + h.len as usize > cap)
+                .is_none_or(|s| s.out.held() + cost > cap)
         });
         if let Some(full) = full {
             let reason = format!("{} has a full output queue on {full}", h.target);
+            self.reply_error(id, h.msg_id, h.target, ErrorCode::RecipientSlow, &reason);
+            return;
+        }
+        if self.over_budget(cost * devices.len()) {
+            let reason = format!(
+                "the relay's memory budget ({} bytes) is used up",
+                self.config.max_memory
+            );
             self.reply_error(id, h.msg_id, h.target, ErrorCode::RecipientSlow, &reason);
             return;
         }
@@ -196,6 +205,7 @@ impl Relay {
         }
         self.metrics.messages_routed += 1;
         self.metrics.deliveries_queued += count as u64;
+        self.work += count;
         if dedup {
             self.dedup.record(sender, h.msg_id, count as u32, now);
         }
@@ -306,7 +316,8 @@ impl Relay {
             self.rooms.leave(room, id);
         }
         s.state = State::Closing;
-        s.partial = BytesMut::new();
+        s.clear_input();
+        Relay::sync_input(&mut self.input_held, s);
         arm(&mut self.timers, s, id, now + CLOSE_LINGER);
         if !s.in_flush_list {
             s.in_flush_list = true;
@@ -321,9 +332,11 @@ impl Relay {
         &mut self.scratch
     }
 
-    /// Queues what was just encoded into the scratch buffer to `id`.
+    /// Queues what was just encoded into the scratch buffer to `id`, as an allocation of
+    /// its own size: a control frame in a slow queue pins nothing else.
     pub(super) fn queue_scratch(&mut self, id: ConnId) {
-        let frame = self.scratch.split().freeze();
+        let frame = Bytes::copy_from_slice(&self.scratch);
+        self.scratch.clear();
         self.queue(id, frame);
     }
 

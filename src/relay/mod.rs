@@ -12,21 +12,30 @@
 //! Calling order for one connection:
 //! 1. [`Relay::handle_open`] when a socket is accepted (it may be refused with a frame to
 //!    write before dropping the socket).
-//! 2. When readable and [`Relay::wants_read`]: [`Relay::take_partial`], read into the
-//!    buffer, [`Relay::handle_input`] after each read, [`Relay::stash_partial`] when done;
-//!    [`Relay::handle_eof`] on end of stream.
+//! 2. When readable and [`Relay::wants_read`]: read into any buffer, hand what was read to
+//!    [`Relay::handle_input`] (the core keeps a partial frame itself, in a buffer of its
+//!    own, so the driver's buffer is free again at once); [`Relay::handle_eof`] on end of
+//!    stream. [`Relay::take_work`] says how much work the reads caused, for fairness.
 //! 3. Each loop turn: [`Relay::poll_transmit`] names connections with output; write from
 //!    [`Relay::output`], report with [`Relay::handle_written`] or
 //!    [`Relay::handle_write_blocked`]; when [`Relay::is_finished`], close the socket.
 //! 4. [`Relay::handle_closed`] once the socket is gone, for whatever reason.
 //! 5. [`Relay::handle_timeout`] whenever [`Relay::poll_timeout`] has passed;
-//!    [`Relay::poll_resume`] names connections whose paused reads may go on.
+//!    [`Relay::poll_resume`] names connections whose paused reads may go on (while
+//!    [`Relay::has_resumes`], poll without sleeping).
+//!
+//! Memory: every byte held for a connection counts against it (its output queue against
+//! the output cap, as [`OutQueue::held`]) and against the relay's memory budget
+//! ([`Config::max_memory`]), together with its partial input. Frames are copied out of the
+//! driver's read buffer into allocations of their own size, so nothing queued pins memory
+//! it is not charged for.
 
 mod config;
 mod dedup;
 mod demo;
 mod directory;
 mod handlers;
+mod hashing;
 mod http;
 mod inbox;
 mod inbox_handlers;
@@ -43,9 +52,10 @@ mod ws;
 pub use config::{Config, ConfigError};
 pub use inbox::{InboxLimits, StoreOp};
 pub use metrics::Metrics;
-pub use out_queue::OutQueue;
+pub use out_queue::{OutQueue, FRAME_OVERHEAD};
 pub use session::State;
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -54,11 +64,13 @@ use slab::Slab;
 
 use crate::proto::frame::{write_error, write_frame};
 use crate::proto::text;
-use crate::proto::{decode_raw, ErrorCode, Flags, MessageId, Opcode, RoomId, UserId};
+use crate::proto::{decode_raw, ErrorCode, Flags, MessageId, Opcode, RawFrame, RoomId, UserId};
 use crate::ConnId;
 use dedup::Dedup;
 use directory::Directory;
+use hashing::{id_map, IdMap};
 use inbox::Inboxes;
+use out_queue::FlushList;
 use rooms::Rooms;
 use session::{Codec, Session};
 use timers::Timers;
@@ -66,10 +78,13 @@ use timers::Timers;
 /// How long a closing connection may take to drain its output before it is closed anyway.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(5);
 
-/// Control frames (ACK, ERROR, LOGIN_OK, PONG) are encoded into a shared scratch buffer
-/// that is reserved in chunks of this size and split into `Bytes`, so encoding one costs
-/// no allocation of its own.
-const SCRATCH_CHUNK: usize = 16 * 1024;
+/// Control frames (ACK, ERROR, LOGIN_OK, PONG) are encoded into a reused scratch buffer
+/// of this initial size, then copied into an allocation of their own size for the queue
+/// (a view into a shared chunk would pin the whole chunk in a slow queue).
+const SCRATCH_CHUNK: usize = 1024;
+
+/// Each frame handled counts this much work; each delivery it queues counts one.
+const FRAME_WORK: usize = 8;
 
 /// A connection the relay will not take, and the ERROR frame to send it before closing.
 #[derive(Debug)]
@@ -103,9 +118,17 @@ pub struct Relay {
     /// Wall-clock time at `clock_base`, for stored messages' timestamps.
     clock_base: (Instant, u64),
     timers: Timers,
-    flush_list: Vec<ConnId>,
+    flush_list: FlushList,
     resume_list: Vec<ConnId>,
     scratch: BytesMut,
+    /// Heap bytes held for partial input over all sessions.
+    input_held: usize,
+    /// Work done since the driver last asked ([`Relay::take_work`]).
+    work: usize,
+    /// Open connections per peer address (addresses the per-address limit applies to).
+    per_ip: IdMap<IpAddr, u32>,
+    /// The counted address of each connection, by slab key.
+    conn_ip: Vec<Option<IpAddr>>,
     next_serial: u64,
     next_ping_id: u64,
     shutting_down: bool,
@@ -115,20 +138,27 @@ pub struct Relay {
 impl Relay {
     /// A relay with the given limits. Call [`Config::validate`] first; an invalid config
     /// is not rejected here.
-    pub fn new(config: Config) -> Relay {
+    ///
+    /// The core reads neither the clock nor entropy: `now` and `unix_ms` (the wall clock
+    /// at `now`, for stored messages' timestamps) and `seed` (hash seeds, the store's
+    /// epoch) come from the caller, so a simulation with a fixed seed and clock is
+    /// deterministic.
+    pub fn new(config: Config, now: Instant, unix_ms: u64, seed: u64) -> Relay {
         let limits = config.inbox_limits();
+        let mut rng = crate::rand::Rng::seeded(seed);
         let dedup = Dedup::new(
             config.dedup_window,
             config.dedup_ttl,
             config.dedup_max_entries,
+            rng.next_u64(),
         );
         Relay {
             config,
             sessions: Slab::new(),
-            directory: Directory::default(),
-            rooms: Rooms::default(),
+            directory: Directory::new(rng.next_u64()),
+            rooms: Rooms::new(rng.next_u64()),
             dedup,
-            inboxes: Inboxes::new(limits, crate::rand::Rng::from_entropy().next_u64()),
+            inboxes: Inboxes::new(limits, rng.next_u64()),
             durable: false,
             store_ops: Vec::new(),
             store_failure: None,
@@ -136,11 +166,15 @@ impl Relay {
             appended: Vec::new(),
             commits: std::collections::VecDeque::new(),
             next_commit: 0,
-            clock_base: (Instant::now(), unix_ms_now()),
+            clock_base: (now, unix_ms),
             timers: Timers::default(),
-            flush_list: Vec::new(),
+            flush_list: FlushList::default(),
             resume_list: Vec::new(),
             scratch: BytesMut::new(),
+            input_held: 0,
+            work: 0,
+            per_ip: id_map(rng.next_u64()),
+            conn_ip: Vec::new(),
             next_serial: 0,
             next_ping_id: 0,
             shutting_down: false,
@@ -200,8 +234,27 @@ impl Relay {
 
     // ---- connections -------------------------------------------------------------------
 
-    /// A socket was accepted. Returns its id, or the refusal to write before dropping it.
-    pub fn handle_open(&mut self, now: Instant) -> Result<ConnId, Refused> {
+    /// Bytes all connections hold now (output queues and partial input), which
+    /// [`Config::max_memory`] bounds.
+    pub fn memory_held(&self) -> usize {
+        self.flush_list.held + self.input_held
+    }
+
+    /// True when `extra` more bytes would take the connections past the memory budget.
+    fn over_budget(&self, extra: usize) -> bool {
+        self.memory_held() + extra > self.config.max_memory
+    }
+
+    /// A socket was accepted from `peer`. Returns its id, or the refusal to write before
+    /// dropping it.
+    pub fn handle_open(&mut self, now: Instant, peer: IpAddr) -> Result<ConnId, Refused> {
+        let per_ip = self.config.max_connections_per_ip;
+        let counted = per_ip > 0 && (self.config.limit_loopback || !peer.is_loopback());
+        let from_peer = if counted {
+            self.per_ip.get(&peer).copied().unwrap_or(0) as usize
+        } else {
+            0
+        };
         let refusal = if self.shutting_down {
             Some((
                 ErrorCode::ShuttingDown,
@@ -214,6 +267,11 @@ impl Relay {
                     "connection limit reached ({} connections)",
                     self.config.max_connections
                 ),
+            ))
+        } else if counted && from_peer >= per_ip {
+            Some((
+                ErrorCode::LimitReached,
+                format!("{peer} has {per_ip} connections open (max connections per address)"),
             ))
         } else {
             None
@@ -239,8 +297,32 @@ impl Relay {
             now + self.config.login_timeout,
         );
         self.sessions.insert(session);
+        if self.conn_ip.len() <= id.0 {
+            self.conn_ip.resize(id.0 + 1, None);
+        }
+        if counted {
+            *self.per_ip.entry(peer).or_insert(0) += 1;
+            self.conn_ip[id.0] = Some(peer);
+        }
         self.metrics.connections_opened += 1;
         Ok(id)
+    }
+
+    /// The LIMIT_REACHED frame for a connection the driver could only accept to refuse
+    /// (the process is out of file descriptors). Counted as a refusal.
+    pub fn refuse_for_descriptors(&mut self, _now: Instant) -> Bytes {
+        self.metrics.connections_refused += 1;
+        self.metrics.count_error(ErrorCode::LimitReached);
+        let mut buf = BytesMut::new();
+        let reason = "the relay is out of file descriptors";
+        write_error(
+            &mut buf,
+            MessageId(0),
+            UserId::NONE,
+            ErrorCode::LimitReached,
+            reason,
+        );
+        buf.freeze()
     }
 
     /// False while the connection must not be read: it is closing, or its own output queue
@@ -252,7 +334,7 @@ impl Relay {
         if s.state == State::Closing || s.read_paused {
             return false;
         }
-        if s.out.len_bytes() >= self.config.out_cap {
+        if s.out.held() >= self.config.out_cap {
             s.read_paused = true;
             self.metrics.read_pauses += 1;
             return false;
@@ -260,71 +342,110 @@ impl Relay {
         true
     }
 
-    /// Moves the connection's saved partial frame to the front of the (empty) read buffer.
-    pub fn take_partial(&mut self, id: ConnId, buf: &mut BytesMut) {
-        debug_assert!(buf.is_empty(), "read buffer must start empty");
-        if let Some(s) = self.sessions.get_mut(id.0) {
-            if !s.partial.is_empty() {
-                buf.extend_from_slice(&s.partial);
-                s.partial = BytesMut::new();
-            }
+    /// Bytes read from the connection's socket, in any amount. Every complete frame (line,
+    /// message) is handled at once; the start of an incomplete one is kept in the session,
+    /// in a buffer sized once from its declared length, and must be complete within the
+    /// frame timeout. A framing error queues an ERROR and starts closing.
+    pub fn handle_input(&mut self, id: ConnId, data: &[u8], now: Instant) {
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            return;
+        };
+        if s.state == State::Closing || data.is_empty() {
+            return;
         }
-    }
-
-    /// Saves what is left in the read buffer (the start of a frame) with the connection and
-    /// empties the buffer for the next connection.
-    pub fn stash_partial(&mut self, id: ConnId, buf: &mut BytesMut) {
-        if !buf.is_empty() {
-            if let Some(s) = self.sessions.get_mut(id.0) {
-                if s.state != State::Closing {
-                    s.partial.extend_from_slice(buf);
+        s.last_rx = now;
+        s.ping_sent = false;
+        match s.codec {
+            Codec::Binary => self.binary_input(id, data, now),
+            Codec::Undecided => self.undecided_input(id, data, now),
+            Codec::Text => self.text_input(id, data, now),
+            Codec::Http => self.http_input(id, data, now),
+            Codec::WebSocket => {
+                let mut buf = BytesMut::from(data);
+                let completed = self.handle_ws(id, &mut buf, now);
+                if let Some(s) = self.sessions.get_mut(id.0) {
+                    if completed {
+                        s.partial_since = None;
+                    } else if s.partial_since.is_none() {
+                        s.partial_since = Some(now);
+                    }
                 }
             }
-            buf.clear();
         }
+        self.after_input(id, now);
     }
 
-    /// Decodes and handles every complete frame at the front of `buf`, leaving a partial
-    /// frame there. A framing error queues an ERROR, starts closing and empties `buf`.
-    pub fn handle_input(&mut self, id: ConnId, buf: &mut BytesMut, now: Instant) {
-        let max_frame = self.config.max_frame;
+    /// Brings the relay's input total up to date with what the session holds now.
+    pub(super) fn sync_input(input_held: &mut usize, s: &mut Session) {
+        let held = s.input_held();
+        *input_held = *input_held - s.input_counted + held;
+        s.input_counted = held;
+    }
+
+    /// Accounts for a change in the connection's input buffers, enforces the memory
+    /// budget on them, and starts or ends the partial-input deadline.
+    fn after_input(&mut self, id: ConnId, now: Instant) {
         let Some(s) = self.sessions.get_mut(id.0) else {
-            buf.clear();
             return;
         };
         if s.state == State::Closing {
-            buf.clear();
+            // Input is ignored from now on: free what was buffered for it.
+            s.clear_input();
+            Self::sync_input(&mut self.input_held, s);
             return;
         }
-        if !buf.is_empty() {
-            s.last_rx = now;
-            s.ping_sent = false;
-            if s.codec == Codec::Undecided {
-                match Codec::choose(buf) {
-                    Some(codec) => s.codec = codec,
-                    None => return, // a prefix of `GET `: wait for the next byte
-                }
-            }
-        }
-        if s.codec != Codec::Binary {
-            match s.codec {
-                Codec::Text => self.handle_text(id, buf, now),
-                Codec::Http => self.handle_http(id, buf, now),
-                Codec::WebSocket => self.handle_ws(id, buf, now),
-                Codec::Binary | Codec::Undecided => {}
-            }
+        let grew = s.input_held() > s.input_counted;
+        Self::sync_input(&mut self.input_held, s);
+        if grew && self.memory_held() > self.config.max_memory {
+            let reason = format!(
+                "the relay's memory budget ({} bytes) has no room for this connection's input",
+                self.config.max_memory
+            );
+            self.fail(
+                id,
+                MessageId(0),
+                UserId::NONE,
+                ErrorCode::LimitReached,
+                &reason,
+                now,
+            );
             return;
         }
-        loop {
-            match decode_raw(buf, max_frame) {
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            return;
+        };
+        if s.codec == Codec::WebSocket {
+            return;
+        }
+        if !s.has_partial_input() {
+            s.partial_since = None;
+        } else if s.partial_since.is_none() {
+            s.partial_since = Some(now);
+            let due = now + self.config.frame_timeout;
+            if due < s.deadline {
+                arm(&mut self.timers, s, id, due);
+            }
+        }
+    }
+
+    /// Binary input: whole frames are copied out of `data` and handled; a partial one
+    /// goes into the session's reader.
+    fn binary_input(&mut self, id: ConnId, mut data: &[u8], now: Instant) {
+        let max_frame = self.config.max_frame;
+        while !data.is_empty() {
+            let Some(s) = self.sessions.get_mut(id.0) else {
+                return;
+            };
+            match s.reader.next_frame(&mut data, max_frame) {
                 Ok(Some(frame)) => {
-                    self.metrics.frames_in += 1;
-                    self.metrics.bytes_in += frame.as_bytes().len() as u64;
-                    self.handle_frame(id, frame, now);
-                    if self.state(id) == Some(State::Closing) {
-                        buf.clear();
-                        return;
+                    self.handle_raw(id, frame, now);
+                    if self.state(id) != Some(State::Closing) {
+                        continue;
                     }
+                    if let Some(s) = self.sessions.get_mut(id.0) {
+                        s.reader.clear();
+                    }
+                    return;
                 }
                 Ok(None) => return,
                 Err(e) => {
@@ -336,44 +457,170 @@ impl Relay {
                         &e.to_string(),
                         now,
                     );
-                    buf.clear();
                     return;
                 }
             }
         }
     }
 
-    /// Text mode: each complete line becomes the frame a binary client would have sent and
-    /// goes through the same handlers; a partial line stays in `buf`.
-    fn handle_text(&mut self, id: ConnId, buf: &mut BytesMut, now: Instant) {
-        let max_frame = self.config.max_frame;
-        loop {
-            let Some(end) = buf.iter().position(|&b| b == b'\n') else {
-                if buf.len() > max_frame as usize {
-                    let reason = format!("line longer than the max frame ({max_frame} bytes)");
-                    self.fail(
-                        id,
-                        MessageId(0),
-                        UserId::NONE,
-                        ErrorCode::FrameTooLarge,
-                        &reason,
-                        now,
-                    );
-                    buf.clear();
+    /// One decoded frame from any codec: counted, then handled.
+    fn handle_raw(&mut self, id: ConnId, frame: RawFrame, now: Instant) {
+        self.metrics.frames_in += 1;
+        self.metrics.bytes_in += frame.as_bytes().len() as u64;
+        self.work += FRAME_WORK;
+        self.handle_frame(id, frame, now);
+    }
+
+    /// The first bytes: they choose the codec (a proper prefix of `GET ` waits for more).
+    fn undecided_input(&mut self, id: ConnId, data: &[u8], now: Instant) {
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            return;
+        };
+        let pending = s.extra.as_mut().map(|e| std::mem::take(&mut e.pending));
+        let joined;
+        let first: &[u8] = match pending {
+            Some(mut pending) if !pending.is_empty() => {
+                pending.extend_from_slice(data);
+                joined = pending;
+                &joined
+            }
+            _ => data,
+        };
+        match Codec::choose(first) {
+            Some(codec) => {
+                s.codec = codec;
+                self.handle_input_as(id, first, now);
+            }
+            None => s.extra_mut().pending.extend_from_slice(first),
+        }
+    }
+
+    fn handle_input_as(&mut self, id: ConnId, data: &[u8], now: Instant) {
+        let Some(s) = self.sessions.get(id.0) else {
+            return;
+        };
+        match s.codec {
+            Codec::Binary => self.binary_input(id, data, now),
+            Codec::Text => self.text_input(id, data, now),
+            Codec::Http => self.http_input(id, data, now),
+            Codec::WebSocket | Codec::Undecided => {}
+        }
+    }
+
+    /// HTTP input: the request head is gathered in the session (at most
+    /// [`http::MAX_REQUEST_HEAD`] bytes), then handled.
+    fn http_input(&mut self, id: ConnId, data: &[u8], now: Instant) {
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            return;
+        };
+        let mut buf = std::mem::take(&mut s.extra_mut().pending);
+        buf.extend_from_slice(data);
+        self.handle_http(id, &mut buf, now);
+        if let Some(s) = self.sessions.get_mut(id.0) {
+            if s.codec == Codec::Http && s.state != State::Closing && !buf.is_empty() {
+                s.extra_mut().pending = buf;
+            }
+        }
+    }
+
+    /// Text input: complete lines are handled; a partial line waits in the session, and
+    /// only the new bytes are searched for its end.
+    fn text_input(&mut self, id: ConnId, data: &[u8], now: Instant) {
+        let max_line = self.config.max_frame as usize;
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            return;
+        };
+        let extra = s.extra_mut();
+        let mut pending = std::mem::take(&mut extra.pending);
+        let (complete, rest): (&[u8], &[u8]) = if pending.is_empty() {
+            match data.iter().rposition(|&b| b == b'\n') {
+                Some(end) => data.split_at(end + 1),
+                None => (&[], data),
+            }
+        } else {
+            match data.iter().rposition(|&b| b == b'\n') {
+                Some(end) => {
+                    pending.extend_from_slice(&data[..=end]);
+                    (&[], &data[end + 1..])
                 }
-                return;
-            };
-            let line = buf.split_to(end + 1);
+                None => {
+                    pending.extend_from_slice(data);
+                    (&[], &[])
+                }
+            }
+        };
+        let pending_complete = pending.last() == Some(&b'\n');
+        if pending_complete {
+            let lines = pending.split().freeze();
+            self.handle_lines(id, &lines, now);
+        }
+        if !complete.is_empty() {
+            self.handle_lines(id, complete, now);
+        }
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            return;
+        };
+        if s.state == State::Closing {
+            return;
+        }
+        if !pending_complete && !pending.is_empty() {
+            // Still no line end: nothing was handled, `data` went into `pending`.
+            if pending.len() > max_line {
+                return self.line_too_long(id, now);
+            }
+            s.extra_mut().pending = pending;
+            return;
+        }
+        if rest.len() > max_line {
+            return self.line_too_long(id, now);
+        }
+        if !rest.is_empty() {
+            let extra = s.extra_mut();
+            extra.pending = BytesMut::with_capacity(rest.len().max(64));
+            extra.pending.extend_from_slice(rest);
+        }
+    }
+
+    fn line_too_long(&mut self, id: ConnId, now: Instant) {
+        let max_frame = self.config.max_frame;
+        let reason = format!("line longer than the max frame ({max_frame} bytes)");
+        let code = ErrorCode::FrameTooLarge;
+        self.fail(id, MessageId(0), UserId::NONE, code, &reason, now);
+    }
+
+    /// Text mode: each complete line in `lines` (which ends with a line end) becomes the
+    /// frame a binary client would have sent and goes through the same handlers. A line,
+    /// or the frame it becomes, longer than the max frame closes with FRAME_TOO_LARGE.
+    fn handle_lines(&mut self, id: ConnId, lines: &[u8], now: Instant) {
+        let max_frame = self.config.max_frame;
+        for line in lines.split_inclusive(|&b| b == b'\n') {
             let Some(s) = self.sessions.get_mut(id.0) else {
                 return;
             };
-            match text::parse_line(&line[..end], s.text_ids()) {
+            if s.state == State::Closing {
+                return;
+            }
+            let text = line.strip_suffix(b"\n").unwrap_or(line);
+            if text.len() > max_frame as usize {
+                return self.line_too_long(id, now);
+            }
+            match text::parse_line(text, s.text_ids()) {
                 Ok(text::Line::Frame(frame)) => {
+                    if frame.encoded_len() > max_frame as usize {
+                        let reason = format!(
+                            "the line becomes a {}-byte frame, over the max frame ({max_frame} bytes)",
+                            frame.encoded_len()
+                        );
+                        let code = ErrorCode::FrameTooLarge;
+                        self.fail(id, MessageId(0), UserId::NONE, code, &reason, now);
+                        return;
+                    }
                     let mut encoded = BytesMut::with_capacity(frame.encoded_len());
                     frame.encode(&mut encoded);
-                    if let Ok(Some(raw)) = decode_raw(&mut encoded, u32::MAX) {
+                    if let Ok(Some(raw)) = decode_raw(&mut encoded, max_frame) {
                         self.metrics.frames_in += 1;
                         self.metrics.bytes_in += line.len() as u64;
+                        self.work += FRAME_WORK;
                         self.handle_frame(id, raw, now);
                     }
                 }
@@ -381,11 +628,14 @@ impl Relay {
                 Ok(text::Line::Blank) => {}
                 Err(usage) => self.queue(id, text::render_usage(&usage)),
             }
-            if self.state(id) == Some(State::Closing) {
-                buf.clear();
-                return;
-            }
         }
+    }
+
+    /// Work (frames handled, deliveries queued) done since the last call. The driver
+    /// stops reading a connection for this turn once its reads caused enough of it, so one
+    /// connection's fan-out cannot hold up everyone else's.
+    pub fn take_work(&mut self) -> usize {
+        std::mem::take(&mut self.work)
     }
 
     /// The peer ended its stream. A saved partial frame is answered with MALFORMED; either
@@ -397,14 +647,13 @@ impl Relay {
         if s.state == State::Closing {
             return;
         }
-        if s.partial.is_empty() {
+        if !s.has_partial_input() {
             debug!("{id}: peer closed its stream");
             self.begin_close(id, now);
         } else {
-            let reason = format!(
-                "connection closed in the middle of a frame ({} bytes discarded)",
-                s.partial.len()
-            );
+            let len = s.reader.partial_len() + s.extra.as_ref().map_or(0, |e| e.pending.len());
+            let reason =
+                format!("connection closed in the middle of a frame ({len} bytes discarded)");
             self.fail(
                 id,
                 MessageId(0),
@@ -421,13 +670,23 @@ impl Relay {
         let Some(mut s) = self.sessions.try_remove(id.0) else {
             return;
         };
+        self.input_held -= s.input_counted;
+        if let Some(peer) = self.conn_ip.get_mut(id.0).and_then(Option::take) {
+            if let Some(n) = self.per_ip.get_mut(&peer) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_ip.remove(&peer);
+                }
+            }
+        }
         if let Some(user) = s.user() {
             self.directory.remove(user, id);
         }
         for room in s.rooms.drain(..) {
             self.rooms.leave(room, id);
         }
-        let lost = s.out.clear();
+        let (lost, held) = s.out.clear();
+        self.flush_list.held -= held;
         if lost > 0 {
             self.metrics.bytes_lost_on_reset += lost as u64;
             info!("{id}: closed with {lost} bytes of output unsent");
@@ -486,9 +745,9 @@ impl Relay {
         let Some(s) = self.sessions.get_mut(id.0) else {
             return;
         };
-        s.out.advance(n);
+        self.flush_list.held -= s.out.advance(n);
         self.metrics.bytes_out += n as u64;
-        if s.read_paused && s.out.len_bytes() <= self.config.out_cap / 2 {
+        if s.read_paused && s.out.held() <= self.config.out_cap / 2 {
             s.read_paused = false;
             self.resume_list.push(id);
         }
@@ -532,6 +791,12 @@ impl Relay {
         self.resume_list.pop()
     }
 
+    /// True while a connection's paused reads may go on: the driver must not sleep in
+    /// its poll (the socket may hold data that will never raise a new readiness event).
+    pub fn has_resumes(&self) -> bool {
+        !self.resume_list.is_empty()
+    }
+
     // ---- time --------------------------------------------------------------------------
 
     /// The earliest time [`Relay::handle_timeout`] has work to do.
@@ -549,6 +814,18 @@ impl Relay {
             if s.serial != due.serial || s.deadline != due.at {
                 continue; // stale: the session was replaced or re-armed since
             }
+            let frame_timeout = self.config.frame_timeout;
+            let frame_due = s.partial_since.map(|since| since + frame_timeout);
+            if s.state != State::Closing && frame_due.is_some_and(|at| now >= at) {
+                let reason = format!(
+                    "a frame was started and not finished within {} ms",
+                    frame_timeout.as_millis()
+                );
+                let code = ErrorCode::FrameTimeout;
+                self.fail(id, MessageId(0), UserId::NONE, code, &reason, now);
+                continue;
+            }
+            let next = |at: Instant| frame_due.map_or(at, |due| due.min(at));
             match s.state {
                 State::Closing => {
                     s.linger_over = true;
@@ -573,7 +850,7 @@ impl Relay {
                             now,
                         );
                     } else {
-                        arm(&mut self.timers, s, id, deadline);
+                        arm(&mut self.timers, s, id, next(deadline));
                     }
                 }
                 State::Active(_) => {
@@ -593,7 +870,7 @@ impl Relay {
                         );
                     } else if silence >= self.config.ping_interval || s.ping_sent {
                         let idle_at = s.last_rx + self.config.idle_timeout;
-                        arm(&mut self.timers, s, id, idle_at);
+                        arm(&mut self.timers, s, id, next(idle_at));
                         if !s.ping_sent {
                             s.ping_sent = true;
                             self.next_ping_id += 1;
@@ -611,7 +888,7 @@ impl Relay {
                         }
                     } else {
                         let ping_at = s.last_rx + self.config.ping_interval;
-                        arm(&mut self.timers, s, id, ping_at);
+                        arm(&mut self.timers, s, id, next(ping_at));
                     }
                 }
             }
@@ -626,20 +903,25 @@ impl Relay {
 /// the compiler copies the frame into the queue with 8-byte moves; a version that sent
 /// every non-binary codec out of line copied it with a 16-byte load over the 8-byte
 /// stores of `Bytes::clone`, a store-forwarding stall per frame, +15% on benches/router.
-pub(crate) fn push_output(s: &mut Session, flush_list: &mut Vec<ConnId>, id: ConnId, frame: Bytes) {
+pub(crate) fn push_output(s: &mut Session, flush_list: &mut FlushList, id: ConnId, frame: Bytes) {
     if s.codec != Codec::Binary {
         if s.codec == Codec::Text {
             match text::render(&frame) {
-                Some(line) => s.out.push(line),
+                Some(line) => flush_list.held += s.out.push(line),
                 // Already text (HELP, usage errors) or nothing a text client shows.
-                None if frame.first().is_some_and(|b| text::starts_text(*b)) => s.out.push(frame),
+                None if frame.first().is_some_and(|b| text::starts_text(*b)) => {
+                    flush_list.held += s.out.push(frame)
+                }
                 None => return,
             }
-        } else if !push_rendered(s, frame) {
-            return;
+        } else {
+            let Some(added) = push_rendered(s, frame) else {
+                return;
+            };
+            flush_list.held += added;
         }
     } else {
-        s.out.push(frame);
+        flush_list.held += s.out.push(frame);
     }
     if !s.in_flush_list && !s.write_blocked {
         s.in_flush_list = true;
@@ -647,28 +929,19 @@ pub(crate) fn push_output(s: &mut Session, flush_list: &mut Vec<ConnId>, id: Con
     }
 }
 
-/// [`push_output`] for HTTP and WebSocket connections. False when nothing was queued.
-fn push_rendered(s: &mut Session, frame: Bytes) -> bool {
-    match s.codec {
+/// [`push_output`] for HTTP and WebSocket connections: what was added to the queue's held
+/// bytes, `None` when nothing was queued.
+fn push_rendered(s: &mut Session, frame: Bytes) -> Option<usize> {
+    Some(match s.codec {
         Codec::Binary | Codec::Undecided => s.out.push(frame),
-        Codec::Text => match text_line(frame) {
-            Some(line) => s.out.push(line),
-            None => return false,
-        },
-        Codec::Http => match http::render_error_frame(&frame) {
-            Some(response) => s.out.push(response),
-            None => return false,
-        },
+        Codec::Text => s.out.push(text_line(frame)?),
+        Codec::Http => s.out.push(http::render_error_frame(&frame)?),
         Codec::WebSocket => {
             let ws = s.extra.as_deref_mut().and_then(|e| e.ws.as_mut());
-            let Some(ws) = ws.filter(|ws| ws.can_send()) else {
-                return false;
-            };
+            let ws = ws.filter(|ws| ws.can_send())?;
             let body = if ws.mode == ws::WsMode::Text {
                 // One line per text message, without its line end.
-                let Some(mut line) = text_line(frame) else {
-                    return false;
-                };
+                let mut line = text_line(frame)?;
                 if line.ends_with(b"\r\n") {
                     line.truncate(line.len() - 2);
                 }
@@ -676,12 +949,10 @@ fn push_rendered(s: &mut Session, frame: Bytes) -> bool {
             } else {
                 frame
             };
-            s.out
-                .push(ws.message_header(body.len(), ws.mode == ws::WsMode::Text));
-            s.out.push(body);
+            let header = ws.message_header(body.len(), ws.mode == ws::WsMode::Text);
+            s.out.push(header) + s.out.push(body)
         }
-    }
-    true
+    })
 }
 
 /// A frame as a text-mode line; text the core wrote itself (HELP, usage errors) as it is;
@@ -696,8 +967,8 @@ fn text_line(frame: Bytes) -> Option<Bytes> {
 
 /// Queues bytes for the socket exactly as they are (HTTP responses, WebSocket control
 /// frames), whatever the connection's codec.
-pub(crate) fn push_raw(s: &mut Session, flush_list: &mut Vec<ConnId>, id: ConnId, bytes: Bytes) {
-    s.out.push(bytes);
+pub(crate) fn push_raw(s: &mut Session, flush_list: &mut FlushList, id: ConnId, bytes: Bytes) {
+    flush_list.held += s.out.push(bytes);
     if !s.in_flush_list && !s.write_blocked {
         s.in_flush_list = true;
         flush_list.push(id);
@@ -717,12 +988,6 @@ impl Relay {
         let elapsed = u64::try_from(now.saturating_duration_since(base).as_millis()).unwrap_or(0);
         base_ms + elapsed
     }
-}
-
-fn unix_ms_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 pub(crate) fn millis_u32(d: Duration) -> u32 {

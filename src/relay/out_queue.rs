@@ -1,9 +1,12 @@
-//! A connection's output queue: encoded frames waiting to be written, as shared `Bytes`.
+//! A connection's output queue: encoded frames waiting to be written, as shared `Bytes`,
+//! and what they cost in memory.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
 
 use bytes::{Buf, Bytes};
+
+use crate::ConnId;
 
 /// Frames waiting for the socket, in order. Fan-out pushes clones of one `Bytes`, so a
 /// payload queued to many connections exists once in memory. An empty queue owns no heap
@@ -15,21 +18,39 @@ pub struct OutQueue {
     bytes: usize,
 }
 
+/// What one queued frame costs besides its bytes: its `Bytes` slot in the deque and the
+/// allocator's header of its own allocation. Every limit on output queues counts
+/// [`OutQueue::held`], so a queue of tiny frames is charged what it really holds.
+pub const FRAME_OVERHEAD: usize = 64;
+
 /// A drained deque whose capacity exceeds this many frames gives its allocation back, so a
 /// burst does not pin memory on an idle connection; a small one is kept to avoid an
 /// allocation per loop turn on busy connections.
 const RELEASE_CAPACITY_OVER: usize = 64;
 
 impl OutQueue {
-    /// Appends an encoded frame.
-    pub fn push(&mut self, frame: Bytes) {
-        self.bytes += frame.len();
+    /// Appends an encoded frame; returns what it adds to [`OutQueue::held`].
+    pub fn push(&mut self, frame: Bytes) -> usize {
+        let len = frame.len();
+        self.bytes += len;
         self.frames.push_back(frame);
+        len + FRAME_OVERHEAD
     }
 
     /// Bytes waiting to be written.
     pub fn len_bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Memory the queue holds, as every output limit counts it: the waiting bytes plus
+    /// [`FRAME_OVERHEAD`] per frame.
+    pub fn held(&self) -> usize {
+        self.bytes + self.frames.len() * FRAME_OVERHEAD
+    }
+
+    /// What a frame of `len` bytes would add to [`OutQueue::held`].
+    pub fn cost(len: usize) -> usize {
+        len + FRAME_OVERHEAD
     }
 
     /// True when nothing is waiting.
@@ -48,9 +69,11 @@ impl OutQueue {
         n
     }
 
-    /// Drops the first `n` bytes, which the socket accepted.
-    pub fn advance(&mut self, mut n: usize) {
+    /// Drops the first `n` bytes, which the socket accepted; returns what that took off
+    /// [`OutQueue::held`].
+    pub fn advance(&mut self, mut n: usize) -> usize {
         debug_assert!(n <= self.bytes, "advanced past the queued bytes");
+        let before = self.held();
         self.bytes -= n.min(self.bytes);
         while n > 0 {
             let Some(front) = self.frames.front_mut() else {
@@ -67,14 +90,38 @@ impl OutQueue {
         if self.frames.is_empty() && self.frames.capacity() > RELEASE_CAPACITY_OVER {
             self.frames = VecDeque::new();
         }
+        before - self.held()
     }
 
-    /// Drops everything (the connection is gone); returns how many bytes were discarded.
-    pub fn clear(&mut self) -> usize {
-        let dropped = self.bytes;
+    /// Drops everything (the connection is gone); returns (bytes discarded, what that took
+    /// off [`OutQueue::held`]).
+    pub fn clear(&mut self) -> (usize, usize) {
+        let dropped = (self.bytes, self.held());
         self.frames = VecDeque::new();
         self.bytes = 0;
         dropped
+    }
+}
+
+/// The connections named for writing this loop turn, and the memory all output queues
+/// hold together (what the relay's memory budget counts of them). Every push to a queue
+/// goes through the relay's `push_output`/`push_raw`, which keep `held` exact.
+#[derive(Debug, Default)]
+pub struct FlushList {
+    ids: Vec<ConnId>,
+    /// Sum of [`OutQueue::held`] over every session.
+    pub held: usize,
+}
+
+impl FlushList {
+    /// Names a connection for writing (the caller keeps it from being named twice).
+    pub fn push(&mut self, id: ConnId) {
+        self.ids.push(id);
+    }
+
+    /// The next connection to write.
+    pub fn pop(&mut self) -> Option<ConnId> {
+        self.ids.pop()
     }
 }
 
@@ -88,8 +135,9 @@ mod tests {
         q.push(Bytes::from_static(b"abc"));
         q.push(Bytes::from_static(b"defg"));
         assert_eq!(q.len_bytes(), 7);
-        q.advance(4);
+        assert_eq!(q.advance(4), 4 + FRAME_OVERHEAD, "one frame and one byte");
         assert_eq!(q.len_bytes(), 3);
+        assert_eq!(q.held(), 3 + FRAME_OVERHEAD);
         {
             let mut slices = [IoSlice::new(&[]); 4];
             let n = q.chunks(&mut slices);
@@ -111,7 +159,9 @@ mod tests {
             let mut slices = [IoSlice::new(&[]); 4];
             assert_eq!(q.chunks(&mut slices), 4);
         }
-        assert_eq!(q.clear(), 10);
+        assert_eq!(q.held(), 10 + 10 * FRAME_OVERHEAD);
+        assert_eq!(q.clear(), (10, 10 + 10 * FRAME_OVERHEAD));
+        assert_eq!(q.held(), 0);
         assert!(q.is_empty());
     }
 }

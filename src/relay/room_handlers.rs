@@ -12,8 +12,9 @@ use bytes::Bytes;
 use log::debug;
 use slab::Slab;
 
+use super::out_queue::FlushList;
 use super::session::{Session, State};
-use super::{push_output, Relay};
+use super::{push_output, OutQueue, Relay};
 use crate::proto::frame::{write_ack, write_frame};
 use crate::proto::{
     ErrorCode, Flags, Header, MessageId, Opcode, RawFrame, RoomId, RoomState, UserId,
@@ -96,11 +97,19 @@ impl Relay {
         if !self.take_room_token(id, &h, now) {
             return;
         }
+        let (rate, burst) = (self.config.room_total_rate, self.config.room_total_burst);
+        if !self.rooms.take_send_token(room, now, rate, burst) {
+            let reason = format!("{room} is over {rate} messages per second from all its members");
+            self.reply_error(id, h.msg_id, h.target, ErrorCode::RateLimited, &reason);
+            return;
+        }
         let deliver = frame.rewrite(Opcode::RoomDeliver, h.target, sender);
+        let budget = self.config.max_memory.saturating_sub(self.memory_held());
         let fanout = Fanout {
             sessions: &mut self.sessions,
             flush_list: &mut self.flush_list,
             cap: self.config.room_cap(),
+            budget,
             room,
             frame: deliver,
             sender: id,
@@ -140,10 +149,12 @@ impl Relay {
             .filter(|(_, s)| matches!(s.state, State::Active(_)))
             .map(|(key, _)| ConnId(key))
             .collect();
+        let budget = self.config.max_memory.saturating_sub(self.memory_held());
         let fanout = Fanout {
             sessions: &mut self.sessions,
             flush_list: &mut self.flush_list,
             cap: self.config.room_cap(),
+            budget,
             room: RoomId::ALL,
             frame: deliver,
             sender: id,
@@ -188,6 +199,7 @@ impl Relay {
     }
 
     fn finish_fanout(&mut self, id: ConnId, h: &Header, queued: u64, dropped: u64) {
+        self.work += usize::try_from(queued + dropped).unwrap_or(usize::MAX);
         self.metrics.room_messages += 1;
         self.metrics.room_deliveries_queued += queued;
         self.metrics.room_deliveries_dropped += dropped;
@@ -223,9 +235,11 @@ impl Relay {
 /// One room message on its way to many connections.
 struct Fanout<'a> {
     sessions: &'a mut Slab<Session>,
-    flush_list: &'a mut Vec<ConnId>,
+    flush_list: &'a mut FlushList,
     /// Room traffic is dropped for a member whose queue would pass this.
     cap: usize,
+    /// What is left of the relay's memory budget: members past it are dropped too.
+    budget: usize,
     room: RoomId,
     frame: Bytes,
     /// The sending connection, which gets an ACK instead of a copy.
@@ -237,7 +251,8 @@ impl Fanout<'_> {
     /// and the miss is counted. Returns (queued, dropped).
     fn deliver(self, members: impl Iterator<Item = ConnId>) -> (u64, u64) {
         let (mut queued, mut dropped) = (0, 0);
-        let len = self.frame.len();
+        let cost = OutQueue::cost(self.frame.len());
+        let mut budget = self.budget;
         for member in members {
             if member == self.sender {
                 continue;
@@ -245,11 +260,12 @@ impl Fanout<'_> {
             let Some(s) = self.sessions.get_mut(member.0) else {
                 continue;
             };
-            if s.out.len_bytes() + len > self.cap {
+            if s.out.held() + cost > self.cap || budget < cost {
                 s.count_missed(self.room);
                 dropped += 1;
             } else {
                 push_output(s, self.flush_list, member, self.frame.clone());
+                budget -= cost;
                 queued += 1;
             }
         }

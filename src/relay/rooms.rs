@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 
 use super::directory::IdHasher;
+use super::hashing::{id_map, IdMap};
+use super::rate::TokenBucket;
 use crate::proto::RoomId;
 use crate::ConnId;
 
@@ -19,15 +21,38 @@ struct Room {
     position: FastMap<ConnId, usize>,
     /// Room messages dropped for slow members since the room was created.
     dropped: u64,
+    /// The room's total ROOM_SEND rate, over all its members.
+    rate: TokenBucket,
 }
 
-/// Every room with at least one member.
-#[derive(Debug, Default)]
+/// Every room with at least one member. Room ids are chosen by peers: the map is seeded.
+#[derive(Debug)]
 pub struct Rooms {
-    rooms: FastMap<RoomId, Room>,
+    rooms: IdMap<RoomId, Room>,
 }
 
 impl Rooms {
+    /// No rooms; the map hashed with `seed`.
+    pub fn new(seed: u64) -> Rooms {
+        Rooms {
+            rooms: id_map(seed),
+        }
+    }
+
+    /// Takes one token of `room`'s total send rate; false when the room is over it. A
+    /// room that does not exist has no members to send to: true.
+    pub fn take_send_token(
+        &mut self,
+        room: RoomId,
+        now: std::time::Instant,
+        rate: u32,
+        burst: u32,
+    ) -> bool {
+        self.rooms
+            .get_mut(&room)
+            .is_none_or(|r| r.rate.try_take(now, rate, burst))
+    }
+
     /// The member connections of `room` (empty if it does not exist).
     pub fn members(&self, room: RoomId) -> &[ConnId] {
         self.rooms.get(&room).map_or(&[], |r| &r.members)
@@ -92,7 +117,7 @@ mod tests {
 
     #[test]
     fn join_leave_keeps_positions_consistent() {
-        let mut rooms = Rooms::default();
+        let mut rooms = Rooms::new(1);
         let room = RoomId(9);
         for i in 0..5 {
             assert!(rooms.join(room, ConnId(i)));

@@ -4,6 +4,8 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 
+use crate::proto::FrameReader;
+
 use super::http::GET_PREFIX;
 use super::out_queue::OutQueue;
 use super::rate::TokenBucket;
@@ -70,8 +72,13 @@ pub struct Session {
     pub extra: Option<Box<Extra>>,
     /// Frames waiting to be written.
     pub out: OutQueue,
-    /// The start of a frame whose rest has not arrived yet.
-    pub partial: BytesMut,
+    /// Binary framing: the start of a frame whose rest has not arrived yet.
+    pub reader: FrameReader,
+    /// When the incomplete frame (line, HTTP head, WebSocket message) now buffered began
+    /// to arrive; it must be whole by this plus the frame timeout.
+    pub partial_since: Option<Instant>,
+    /// What the relay's input total counts for this session (see `Relay::sync_input`).
+    pub input_counted: usize,
     /// When the connection was accepted.
     pub opened_at: Instant,
     /// The one armed deadline that is live for this session; heap entries at other times
@@ -109,12 +116,39 @@ pub struct Extra {
     pub text_ids: u64,
     /// WebSocket state, set at the upgrade.
     pub ws: Option<WsSession>,
+    /// Input of the codecs other than binary that waits for its end: a partial text line,
+    /// an HTTP request head, or the first bytes while the codec is undecided.
+    pub pending: BytesMut,
 }
 
 impl Session {
     /// The WebSocket state of a [`Codec::WebSocket`] session.
     pub fn ws(&mut self) -> Option<&mut WsSession> {
         self.extra.as_deref_mut().and_then(|e| e.ws.as_mut())
+    }
+
+    /// Heap bytes held for this connection's input: the partial frame, line or head.
+    pub fn input_held(&self) -> usize {
+        self.reader.held() + self.extra.as_ref().map_or(0, |e| e.pending.capacity())
+    }
+
+    /// Drops the buffered partial input (the connection is closing).
+    pub fn clear_input(&mut self) {
+        self.reader.clear();
+        if let Some(extra) = self.extra.as_mut() {
+            extra.pending = BytesMut::new();
+        }
+        self.partial_since = None;
+    }
+
+    /// True while an incomplete frame, line or head is buffered.
+    pub fn has_partial_input(&self) -> bool {
+        self.reader.has_partial() || self.extra.as_ref().is_some_and(|e| !e.pending.is_empty())
+    }
+
+    /// The state only non-binary sessions have, allocated on first use.
+    pub fn extra_mut(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
     }
 
     /// The text-mode frame counter, allocating [`Extra`] on first use.
@@ -132,7 +166,9 @@ impl Session {
             codec: Codec::Undecided,
             extra: None,
             out: OutQueue::default(),
-            partial: BytesMut::new(),
+            reader: FrameReader::default(),
+            partial_since: None,
+            input_counted: 0,
             opened_at: now,
             deadline: now,
             last_rx: now,

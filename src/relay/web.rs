@@ -48,6 +48,7 @@ impl Relay {
                 if !buf.is_empty() {
                     self.handle_ws(id, buf, now);
                 }
+                buf.clear();
             }
             Request::Get(path) => {
                 buf.clear();
@@ -84,25 +85,32 @@ impl Relay {
 
     /// A WebSocket session's input: every complete message is handled in order; a partial
     /// one stays inside the session's WebSocket state, so `buf` is always used up.
-    pub(super) fn handle_ws(&mut self, id: ConnId, buf: &mut BytesMut, now: Instant) {
+    /// Returns true when at least one whole message (data or control) was read: the
+    /// partial-input deadline starts again.
+    pub(super) fn handle_ws(&mut self, id: ConnId, buf: &mut BytesMut, now: Instant) -> bool {
+        let mut completed = false;
         loop {
             let Some(s) = self.sessions.get_mut(id.0) else {
                 buf.clear();
-                return;
+                return completed;
             };
             if s.state == State::Closing {
                 buf.clear();
-                return;
+                return completed;
             }
             let Some(ws) = s.ws() else {
                 buf.clear();
-                return;
+                return completed;
             };
             let event = ws.read(buf, &mut self.scratch);
             if !self.scratch.is_empty() {
                 // The pong or close echo tungstenite wrote, as raw socket bytes.
-                let replies = self.scratch.split().freeze();
+                let replies = Bytes::copy_from_slice(&self.scratch);
+                self.scratch.clear();
                 push_raw(s, &mut self.flush_list, id, replies);
+            }
+            if !matches!(event, Ok(WsEvent::Idle) | Err(_)) {
+                completed = true;
             }
             match event {
                 Ok(WsEvent::Binary(data)) => {
@@ -112,14 +120,14 @@ impl Relay {
                     let mut lines = BytesMut::with_capacity(text.len() + 1);
                     lines.extend_from_slice(&text);
                     lines.extend_from_slice(b"\n");
-                    self.handle_text(id, &mut lines, now);
+                    self.handle_lines(id, &lines, now);
                 }
                 Ok(WsEvent::Control) => {}
                 Ok(WsEvent::Closed) => {
                     debug!("{id}: WebSocket closed by the peer");
                     self.begin_close(id, now);
                 }
-                Ok(WsEvent::Idle) => return,
+                Ok(WsEvent::Idle) => return completed,
                 Err(failure) => {
                     let (code, reason) = (failure.code(), failure.reason().to_string());
                     self.fail(id, MessageId(0), UserId::NONE, code, &reason, now);
@@ -135,9 +143,7 @@ impl Relay {
         loop {
             match decode_raw(&mut frames, max_frame) {
                 Ok(Some(frame)) => {
-                    self.metrics.frames_in += 1;
-                    self.metrics.bytes_in += frame.as_bytes().len() as u64;
-                    self.handle_frame(id, frame, now);
+                    self.handle_raw(id, frame, now);
                     if self.state(id) == Some(State::Closing) {
                         return;
                     }
@@ -186,7 +192,8 @@ impl Relay {
             &mut self.scratch,
         );
         if !self.scratch.is_empty() {
-            let close = self.scratch.split().freeze();
+            let close = Bytes::copy_from_slice(&self.scratch);
+            self.scratch.clear();
             push_raw(s, &mut self.flush_list, id, close);
         }
     }

@@ -22,8 +22,8 @@ use crate::proto::ErrorCode;
 /// Read buffer tungstenite allocates per session up front. Small, so an idle browser costs
 /// little; a large message grows it to the message's size (at most the max frame).
 const READ_BUFFER: usize = 4 * 1024;
-/// Message headers are encoded into a buffer reserved in chunks of this size.
-const HEADER_CHUNK: usize = 512;
+/// Message headers are encoded into a reused buffer of this size, then copied out.
+const HEADER_CHUNK: usize = 16;
 /// A close frame's reason is at most 123 bytes (RFC 6455, section 5.5).
 const MAX_CLOSE_REASON: usize = 123;
 
@@ -195,12 +195,15 @@ impl WsSession {
             opcode: OpCode::Data(data),
             ..FrameHeader::default()
         };
-        if self.headers.capacity() - self.headers.len() < 16 {
+        if self.headers.capacity() < 16 {
             self.headers.reserve(HEADER_CHUNK);
         }
         // Writing into a BytesMut cannot fail.
         let _ = header.format(len as u64, &mut (&mut self.headers).writer());
-        self.headers.split().freeze()
+        // A copy of its own size: a header in a slow queue pins nothing else.
+        let header = Bytes::copy_from_slice(&self.headers);
+        self.headers.clear();
+        header
     }
 
     /// Starts the close handshake with `code` and `reason` (cut to 123 bytes), appending

@@ -1,10 +1,16 @@
 //! The mio driver: the only code in the crate that touches sockets.
 //!
 //! One thread, one `Poll`. Each loop turn: poll; accept until WouldBlock; read every
-//! readable connection until WouldBlock (or its read budget) into one reused buffer and
-//! hand the bytes to the [`Relay`]; run due timers; then write each connection the core
-//! named, once, with `write_vectored`. WRITABLE interest is registered only while a
-//! connection's output is blocked. The driver makes no routing decision of its own.
+//! readable connection until WouldBlock (or its read or work budget) into one reused
+//! buffer and hand the bytes to the [`Relay`], which copies out what it keeps; run due
+//! timers; then write each connection the core named, once, with `write_vectored`.
+//! WRITABLE interest is registered only while a connection's output is blocked. The
+//! driver makes no routing decision of its own; it supplies the clock and the entropy the
+//! core is created with.
+//!
+//! Out of descriptors (EMFILE/ENFILE), the accept loop gives up a reserve descriptor to
+//! take the waiting connection, tells it LIMIT_REACHED and closes it, so the backlog never
+//! stalls; other accept failures (ENOBUFS, ENOMEM) retry on a short timer.
 
 pub mod io;
 mod limits;
@@ -36,10 +42,14 @@ const WAKER: Token = Token(usize::MAX - 2);
 /// Most bytes read from one connection per readiness event before the others get a turn;
 /// the rest is read next turn. Bounds latency, not memory.
 const READ_BUDGET: usize = 256 * 1024;
-/// The read buffer grows in chunks of this size.
+/// Most work (see [`Relay::take_work`]: frames handled, deliveries queued) one
+/// connection's reads may cause per loop turn before the others get theirs.
+const WORK_BUDGET: usize = 64 * 1024;
+/// The one read buffer, reused for every read of every connection: the core copies out
+/// what it keeps, so nothing points into it after `handle_input` returns.
 const READ_CHUNK: usize = 64 * 1024;
-/// Below this much free space the read buffer reserves a new chunk before reading.
-const MIN_READ_SPACE: usize = 4 * 1024;
+/// How soon a failed accept (other than running out of descriptors) is tried again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// Most slices handed to one `write_vectored` call.
 const MAX_IOVECS: usize = 64;
 /// How long a shutdown waits for clients to take their pending output.
@@ -78,6 +88,11 @@ pub struct Server {
     relay: Relay,
     conns: Vec<Option<Conn>>,
     read_buf: BytesMut,
+    /// A descriptor held in reserve: given up to accept (and refuse) a connection when
+    /// the process is out of descriptors.
+    reserve_fd: Option<std::fs::File>,
+    /// A failed accept is tried again at this time.
+    accept_retry: Option<Instant>,
     deferred_reads: Vec<ConnId>,
     shutdown: ShutdownHandle,
     shutdown_deadline: Option<Instant>,
@@ -108,9 +123,16 @@ impl Server {
             poll,
             listener: Some(listener),
             local_addr,
-            relay: Relay::new(config),
+            relay: Relay::new(
+                config,
+                Instant::now(),
+                unix_ms_now(),
+                crate::rand::Rng::from_entropy().next_u64(),
+            ),
             conns: Vec::new(),
-            read_buf: BytesMut::new(),
+            read_buf: BytesMut::with_capacity(READ_CHUNK),
+            reserve_fd: open_reserve(),
+            accept_retry: None,
             deferred_reads: Vec::new(),
             shutdown: ShutdownHandle {
                 requested: Arc::new(AtomicBool::new(false)),
@@ -192,6 +214,10 @@ impl Server {
             }
             for id in deferred {
                 self.read_conn(id, now);
+            }
+            if self.accept_retry.is_some_and(|at| at <= now) {
+                self.accept_retry = None;
+                self.accept_all(now);
             }
             while let Some(id) = self.relay.poll_resume() {
                 self.read_conn(id, now);
@@ -280,13 +306,14 @@ impl Server {
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        if self.busy_poll || !self.deferred_reads.is_empty() {
+        if self.busy_poll || !self.deferred_reads.is_empty() || self.relay.has_resumes() {
             return Some(Duration::ZERO);
         }
         let next = [
             self.relay.poll_timeout(),
             self.shutdown_deadline,
             self.next_stats,
+            self.accept_retry,
         ]
         .into_iter()
         .flatten()
@@ -350,14 +377,23 @@ impl Server {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == ErrorKind::ConnectionAborted => continue,
+                Err(e) if is_out_of_descriptors(&e) && self.reserve_fd.is_some() => {
+                    // The connection limit is set below the fd limit, so something else
+                    // holds descriptors. Refuse the waiting peer with the reserve, which
+                    // keeps the backlog moving, then take the reserve back.
+                    warn!("accept failed: {e}; refusing one waiting connection");
+                    self.reserve_fd = None;
+                    self.refuse_one(now);
+                    self.reserve_fd = open_reserve();
+                    continue;
+                }
                 Err(e) => {
-                    // EMFILE and friends: the connection limit is set below the fd limit,
-                    // so this means something else holds descriptors. Try again later.
-                    warn!("accept failed: {e}");
+                    warn!("accept failed: {e}; trying again in {ACCEPT_RETRY:?}");
+                    self.accept_retry = Some(now + ACCEPT_RETRY);
                     return;
                 }
             };
-            let id = match self.relay.handle_open(now) {
+            let id = match self.relay.handle_open(now, peer.ip()) {
                 Ok(id) => id,
                 Err(refused) => {
                     info!("refused {peer}: {}", refused.code);
@@ -389,6 +425,19 @@ impl Server {
         }
     }
 
+    /// Accepts one connection with the reserve descriptor free, tells it LIMIT_REACHED and
+    /// closes it.
+    fn refuse_one(&mut self, now: Instant) {
+        let Some(listener) = self.listener.as_ref() else {
+            return;
+        };
+        if let Ok((mut stream, peer)) = listener.accept() {
+            let frame = self.relay.refuse_for_descriptors(now);
+            info!("refused {peer}: out of file descriptors");
+            let _ = stream.write(&frame);
+        }
+    }
+
     fn read_conn(&mut self, id: ConnId, now: Instant) {
         let Some(conn) = self.conns.get(id.0).and_then(Option::as_ref) else {
             return;
@@ -397,27 +446,23 @@ impl Server {
             return;
         }
         let fd = io::fd(&conn.stream);
-        self.relay.take_partial(id, &mut self.read_buf);
         let mut budget = READ_BUDGET;
         let mut failed = None;
+        self.relay.take_work();
         loop {
-            if self.read_buf.capacity() - self.read_buf.len() < MIN_READ_SPACE {
-                self.read_buf.reserve(READ_CHUNK);
-            }
+            self.read_buf.clear();
             match io::read_into(fd, &mut self.read_buf) {
                 Ok(0) => {
-                    self.relay.handle_input(id, &mut self.read_buf, now);
-                    self.relay.stash_partial(id, &mut self.read_buf);
                     self.relay.handle_eof(id, now);
                     return;
                 }
                 Ok(n) => {
-                    self.relay.handle_input(id, &mut self.read_buf, now);
+                    self.relay.handle_input(id, &self.read_buf, now);
                     if !self.relay.wants_read(id) {
                         break;
                     }
                     budget = budget.saturating_sub(n);
-                    if budget == 0 {
+                    if budget == 0 || self.relay.take_work() >= WORK_BUDGET {
                         self.deferred_reads.push(id);
                         break;
                     }
@@ -430,7 +475,7 @@ impl Server {
                 }
             }
         }
-        self.relay.stash_partial(id, &mut self.read_buf);
+        self.read_buf.clear();
         if let Some(e) = failed {
             info!("{id}: read failed: {e}");
             self.close_conn(id);
@@ -511,6 +556,11 @@ impl Server {
         }
     }
 
+    /// The relay's core: for tests and tools that inspect its state.
+    pub fn relay(&self) -> &Relay {
+        &self.relay
+    }
+
     fn close_conn(&mut self, id: ConnId) {
         let Some(mut conn) = self.conns.get_mut(id.0).and_then(Option::take) else {
             return;
@@ -520,4 +570,27 @@ impl Server {
         self.relay.handle_closed(id);
         debug!("{id}: closed");
     }
+}
+
+/// Wall-clock milliseconds since the Unix epoch, handed to the core with `now`.
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A descriptor to hold in reserve for [`Server::refuse_one`] (`/dev/null`).
+fn open_reserve() -> Option<std::fs::File> {
+    match std::fs::File::open("/dev/null") {
+        Ok(file) => Some(file),
+        Err(e) => {
+            warn!("cannot open a reserve descriptor: {e}");
+            None
+        }
+    }
+}
+
+/// EMFILE or ENFILE: the process (or the system) has no descriptor left.
+fn is_out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
 }

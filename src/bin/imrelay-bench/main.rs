@@ -371,7 +371,7 @@ fn run_pairs_with(a: &PairsArgs, relay: Option<&Relay>, stored: bool) -> Result<
 }
 
 fn fanout(a: FanoutArgs) -> Result<Report, String> {
-    let relay = relay(&a.target, &["--room-rate", "0"])?;
+    let relay = relay(&a.target, &["--room-rate", "0", "--room-total-rate", "0"])?;
     let mut report = run_fanout(&a, Some(&relay))?;
     if a.compare_floor {
         let floor = run_fanout(&a, None)?;

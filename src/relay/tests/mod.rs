@@ -8,6 +8,9 @@ use super::*;
 use crate::proto::decode::decode_frame;
 use crate::proto::Frame;
 
+/// The peer address of harness connections (loopback: no per-address limit).
+pub(super) const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
 /// A relay plus helpers that play the driver's part without sockets.
 pub(super) struct Harness {
     pub(super) relay: Relay,
@@ -17,24 +20,20 @@ pub(super) struct Harness {
 impl Harness {
     pub(super) fn new(config: Config) -> Harness {
         Harness {
-            relay: Relay::new(config),
+            relay: Relay::new(config, Instant::now(), 1_700_000_000_000, 42),
             now: Instant::now(),
         }
     }
 
     pub(super) fn open(&mut self) -> ConnId {
         self.relay
-            .handle_open(self.now)
+            .handle_open(self.now, LOCAL)
             .expect("connection accepted")
     }
 
     /// Feeds raw bytes as one read.
     pub(super) fn feed(&mut self, id: ConnId, bytes: &[u8]) {
-        let mut buf = BytesMut::new();
-        self.relay.take_partial(id, &mut buf);
-        buf.extend_from_slice(bytes);
-        self.relay.handle_input(id, &mut buf, self.now);
-        self.relay.stash_partial(id, &mut buf);
+        self.relay.handle_input(id, bytes, self.now);
     }
 
     pub(super) fn send_frame(&mut self, id: ConnId, frame: Frame) {
@@ -314,7 +313,8 @@ fn offline_and_slow_recipients_get_errors_and_nothing_is_half_delivered() {
         }
     };
     assert_eq!(slow.error_code(), Some(ErrorCode::RecipientSlow));
-    assert_eq!(acked as usize, 64 * 1024 / 1032);
+    // Each queued frame counts its bytes plus the per-frame overhead.
+    assert_eq!(acked as usize, 64 * 1024 / (1032 + FRAME_OVERHEAD));
     // Everything ACKed is still queued for the stalled device, in order, and nothing more.
     let frames = h.take_frames(stalled);
     let ids: Vec<u64> = frames.iter().map(|f| f.msg_id.0).collect();
@@ -363,13 +363,13 @@ fn device_and_connection_limits() {
     h.send_frame(third, Frame::login(MessageId(1), UserId(1), b""));
     h.expect_error(third, ErrorCode::LimitReached);
     assert_eq!(h.relay.state(third), Some(State::AwaitingLogin));
-    let refused = h.relay.handle_open(h.now).unwrap_err();
+    let refused = h.relay.handle_open(h.now, LOCAL).unwrap_err();
     assert_eq!(refused.code, ErrorCode::LimitReached);
     let mut buf = BytesMut::from(&refused.frame[..]);
     let frame = decode_frame(&mut buf, u32::MAX).unwrap().unwrap().unwrap();
     assert_eq!(frame.error_code(), Some(ErrorCode::LimitReached));
     h.relay.handle_closed(third);
-    assert!(h.relay.handle_open(h.now).is_ok());
+    assert!(h.relay.handle_open(h.now, LOCAL).is_ok());
 }
 
 #[test]
@@ -497,7 +497,7 @@ fn shutdown_tells_everyone_and_refuses_newcomers() {
         assert!(h.relay.is_finished(id));
     }
     assert_eq!(
-        h.relay.handle_open(h.now).unwrap_err().code,
+        h.relay.handle_open(h.now, LOCAL).unwrap_err().code,
         ErrorCode::ShuttingDown
     );
 }
@@ -540,6 +540,7 @@ fn each_connection_is_flushed_once_per_round() {
     assert_eq!(h.flushed(), vec![bob]);
 }
 
+mod hostile;
 mod rooms;
 mod stored;
 mod ws;

@@ -123,7 +123,8 @@ fn a_slow_member_loses_room_traffic_then_hears_how_much() {
         );
         assert_eq!(h.take_frames(reader).len(), 1, "the reader misses nothing");
     }
-    let queued_for_stalled = 64 * 1024 / 1000; // the room cap is half the output cap
+    // The room cap is half the output cap; each frame counts its overhead too.
+    let queued_for_stalled = 64 * 1024 / (1000 + crate::relay::FRAME_OVERHEAD);
     assert_eq!(h.relay.room_dropped(ROOM), 100 - queued_for_stalled as u64);
     // A direct message still fits: room floods leave the other half for it.
     h.send_frame(

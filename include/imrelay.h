@@ -132,12 +132,14 @@
 #define IMRELAY_FAIL_NOT_SENT 2
 
 /**
- * Failed: written, but not confirmed before the send timeout (it may have arrived).
+ * Failed: written, but not confirmed before the send timeout or before `imrelay_close`
+ * (including a message held for a resend after a "try later" answer): it may have
+ * arrived, or (stored) be in the recipient's inbox. Its fate is unknown.
  */
 #define IMRELAY_FAIL_UNCONFIRMED 3
 
 /**
- * Failed: the client was closed before the message was written.
+ * Failed: the client was closed before the message was ever written.
  */
 #define IMRELAY_FAIL_CLOSED 4
 

@@ -75,9 +75,11 @@ pub const IMRELAY_EVENT_GAP: i32 = 12;
 pub const IMRELAY_FAIL_REJECTED: i32 = 1;
 /// Failed: never written before the send timeout.
 pub const IMRELAY_FAIL_NOT_SENT: i32 = 2;
-/// Failed: written, but not confirmed before the send timeout (it may have arrived).
+/// Failed: written, but not confirmed before the send timeout or before `imrelay_close`
+/// (including a message held for a resend after a "try later" answer): it may have
+/// arrived, or (stored) be in the recipient's inbox. Its fate is unknown.
 pub const IMRELAY_FAIL_UNCONFIRMED: i32 = 3;
-/// Failed: the client was closed before the message was written.
+/// Failed: the client was closed before the message was ever written.
 pub const IMRELAY_FAIL_CLOSED: i32 = 4;
 
 /// An opaque client. Use one handle from one thread at a time.

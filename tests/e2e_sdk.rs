@@ -9,7 +9,9 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use imrelay::client::{Client, ClientConfig, DisconnectReason, Event, FailReason, Phase};
+use imrelay::client::{
+    Client, ClientConfig, Connection, DisconnectReason, Event, FailReason, Phase,
+};
 use imrelay::proto::decode::decode_frame;
 use imrelay::proto::{ErrorCode, Flags, Frame, LoginOk, MessageId, Opcode, UserId};
 use support::process::RelayProcess;
@@ -345,4 +347,96 @@ fn a_relay_crash_mid_stream_loses_nothing_and_shows_nothing_twice() {
         ledger.delivered + ledger.resent_after_offline,
         TOTAL + ledger.resent_after_offline
     );
+}
+
+/// Runs `conn` (readiness by polling, every millisecond) without taking any event, until
+/// `done` says so; fails after the safety timeout.
+fn drive_until(conn: &mut Connection, mut done: impl FnMut(&Connection) -> bool) {
+    let deadline = Instant::now() + SAFETY_TIMEOUT;
+    while !done(conn) {
+        assert!(
+            Instant::now() < deadline,
+            "stuck in {:?}",
+            conn.core().phase()
+        );
+        conn_step(conn);
+    }
+}
+
+/// An app on its own event loop may let events wait while the link drops and comes back:
+/// stored messages received but not yet taken must still reach it, once each, and the
+/// relay must not have been told the app has them.
+#[test]
+fn stored_messages_not_taken_across_a_reconnect_are_shown_once_each() {
+    const TOTAL: usize = 20;
+    let relay = TestRelay::default_config();
+    let mut alice = connect(relay.addr, ALICE);
+    for i in 0..TOTAL {
+        alice.send_stored(BOB, i.to_string().into_bytes()).unwrap();
+    }
+    let mut stored = 0;
+    wait_for(&mut alice, |e| match e {
+        Event::Stored { .. } => {
+            stored += 1;
+            (stored == TOTAL).then_some(())
+        }
+        Event::Failed { reason, .. } => panic!("{reason}"),
+        _ => None,
+    });
+
+    let mut bob = Connection::new(relay.addr, config(BOB), Instant::now());
+    let mut got = Vec::new();
+    // Bob's app takes the first message; the rest of the replay is read meanwhile.
+    let deadline = Instant::now() + SAFETY_TIMEOUT;
+    while got.is_empty() {
+        assert!(Instant::now() < deadline, "no first message");
+        conn_step(&mut bob);
+        take(&mut bob, &mut got);
+    }
+    // The phone switches networks; the app takes nothing until the link is back.
+    bob.reconnect(Instant::now());
+    drive_until(&mut bob, |c| c.core().phase() == Phase::Ready);
+    let deadline = Instant::now() + SAFETY_TIMEOUT;
+    while got.len() < TOTAL {
+        assert!(
+            Instant::now() < deadline,
+            "stuck at {} of {TOTAL}: {got:?}",
+            got.len()
+        );
+        conn_step(&mut bob);
+        take(&mut bob, &mut got);
+    }
+    let want: Vec<String> = (0..TOTAL).map(|i| i.to_string()).collect();
+    assert_eq!(got, want, "each once, in order");
+    // Everything taken was acked: a second device of Bob's finds the inbox empty.
+    while bob.poll_event().is_some() {}
+    bob.close(Instant::now());
+    drive_until(&mut bob, |c| c.is_closed());
+    let mut tablet = connect(relay.addr, BOB);
+    let id = alice.send_stored(BOB, &b"last"[..]).unwrap();
+    let first = wait_for(&mut tablet, |e| match e {
+        Event::Message { payload, .. } => Some(payload.clone()),
+        _ => None,
+    });
+    assert_eq!(&first[..], b"last");
+    wait_for(&mut alice, |e| {
+        matches!(e, Event::Stored { id: done, .. } if *done == id).then_some(())
+    });
+}
+
+/// One turn of an app's event loop: whatever the socket and the clock have, then a nap.
+fn conn_step(conn: &mut Connection) {
+    conn.handle_ready(Instant::now());
+    conn.handle_timeout(Instant::now());
+    std::thread::sleep(Duration::from_millis(1));
+}
+
+/// Takes events until the first message (if any), whose payload goes to `got`.
+fn take(conn: &mut Connection, got: &mut Vec<String>) {
+    while let Some(e) = conn.poll_event() {
+        if let Event::Message { payload, .. } = e {
+            got.push(String::from_utf8(payload.to_vec()).unwrap());
+            return;
+        }
+    }
 }

@@ -19,6 +19,7 @@ use super::config::ClientConfig;
 use super::core::{ClientCore, LinkAction, Phase};
 use super::event::{DisconnectReason, Event, SendError};
 use crate::proto::{MessageId, RoomId, UserId};
+use crate::rand::Rng;
 
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -41,10 +42,12 @@ pub struct Connection {
 
 impl Connection {
     /// A client for the relay at `addr`. It starts connecting on the first `handle_timeout`
-    /// (or any other call that drives it).
+    /// (or any other call that drives it). The core's seed comes from entropy, here: the
+    /// core itself never reads any.
     pub fn new(addr: SocketAddr, config: ClientConfig, now: Instant) -> Connection {
+        let seed = Rng::from_entropy().next_u64();
         let mut conn = Connection {
-            core: ClientCore::new(config, now),
+            core: ClientCore::new(config, now, seed),
             addr,
             link: None,
             rx: BytesMut::new(),

@@ -13,6 +13,14 @@
 //! while the link is down wait in the outbox; after each LOGIN_OK every message not yet
 //! answered is written (again) with the DEDUP flag and its original id, so neither the
 //! relay (section 13 of protocol.md) nor the receiving SDK (`seen.rs`) shows it twice.
+//!
+//! The core is deterministic: it reads no clock (every `now` comes from the caller) and no
+//! entropy (its randomness, reconnect jitter and the message-id tag, comes from the `seed`
+//! given to [`ClientCore::new`]). The same config, seed and sequence of calls give the same
+//! bytes, events and timeouts, which is what lets a simulation run many cores on one clock.
+//!
+//! Payloads handed to the app own exactly their bytes: they are copied out of the input
+//! buffer, so an app that keeps a message does not keep the driver's read buffer alive.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -76,9 +84,11 @@ pub enum Phase {
 struct InboxCursor {
     /// The relay store's identity the numbers below belong to (0: none yet).
     epoch: u64,
-    /// The highest sequence number received.
+    /// The highest sequence number received on the current link (replays on the same link
+    /// are dropped by it). Reset to `app_seq` at each LOGIN_OK: receiving is not having.
     received: u64,
-    /// The highest sequence number the app has taken (or that was a duplicate).
+    /// The highest sequence number the app has taken (or that was a duplicate of a message
+    /// it took). Only this is ever acknowledged to the relay.
     app_seq: u64,
     /// The highest sequence number acknowledged to the relay.
     acked: u64,
@@ -93,9 +103,10 @@ pub struct ClientCore {
     phase: Phase,
     action: Option<LinkAction>,
     out: BytesMut,
-    /// Events for the app; an inbox message carries its sequence number, which the app
-    /// has "consumed" once it took the event (None: a duplicate not shown, still counted).
-    events: VecDeque<(Option<Event>, u64)>,
+    /// Events for the app, each with its inbox sequence number (0: not from the inbox).
+    /// A message is checked against `seen` (and marked seen) only when the app takes it,
+    /// and an inbox sequence number counts as the app's (`app_seq`) only then.
+    events: VecDeque<(Event, u64)>,
     inbox: InboxCursor,
     last_now: Instant,
     outbox: Outbox,
@@ -113,14 +124,16 @@ pub struct ClientCore {
 
 impl ClientCore {
     /// A client that will connect at `now` (when the driver first polls for an action).
-    pub fn new(config: ClientConfig, now: Instant) -> ClientCore {
-        ClientCore::with_rng(config, now, Rng::from_entropy())
-    }
-
-    /// The same with a chosen random source (tests make backoff and ids repeatable).
-    pub fn with_rng(config: ClientConfig, now: Instant, mut rng: Rng) -> ClientCore {
+    ///
+    /// `seed` is all the randomness the core ever uses: reconnect jitter, the message-id
+    /// tag, the key of its de-duplication set. Drivers draw it from
+    /// [`Rng::from_entropy`](crate::rand::Rng::from_entropy); a simulation passes its own.
+    /// Two clients of one user must get different seeds (equal seeds give equal message
+    /// ids); neighbouring seeds such as 2 and 3 are as good as unrelated ones.
+    pub fn new(config: ClientConfig, now: Instant, seed: u64) -> ClientCore {
+        let mut rng = Rng::seeded(mix_seed(seed));
         let backoff = Backoff::new(config.backoff_initial, config.backoff_max);
-        let seen = Seen::new(config.seen_window);
+        let seen = Seen::new(config.seen_window, rng.next_u64());
         // Message ids: a random 32-bit tag for this client instance, then a counter, so the
         // ids of a user's devices (and of an app restart) do not collide in the relay's
         // per-user de-duplication window.
@@ -277,14 +290,16 @@ impl ClientCore {
         Ok(())
     }
 
-    /// Ends the session: messages not yet written fail with `Closed`, those in flight get
-    /// their answers (the relay answers in order before its BYE), then `Closed`.
+    /// Ends the session: messages not in flight fail at once (`Closed` if never written,
+    /// `Unconfirmed` if written on some link and not answered: held after a "try later",
+    /// or waiting to be resent), those in flight get their answers (the relay answers in
+    /// order before its BYE), then `Closed`.
     pub fn close(&mut self, now: Instant) {
         match self.phase {
             Phase::Closed | Phase::Closing { .. } => {}
             Phase::Ready => {
-                for id in self.outbox.take_unsent() {
-                    self.fail(id, FailReason::Closed);
+                for (id, reason) in self.outbox.take_unsent() {
+                    self.fail(id, reason);
                 }
                 self.send_inbox_ack();
                 let id = self.next_id();
@@ -459,7 +474,8 @@ impl ClientCore {
     }
 
     /// The next event for the app. Taking a stored message is what lets the client
-    /// acknowledge it to the relay (in batches, see `inbox_ack_delay`).
+    /// acknowledge it to the relay (in batches, see `inbox_ack_delay`), and taking a
+    /// message is what makes a later copy of it a duplicate.
     pub fn poll_event(&mut self) -> Option<Event> {
         while let Some((event, seq)) = self.events.pop_front() {
             if seq > self.inbox.app_seq {
@@ -471,15 +487,22 @@ impl ClientCore {
                 };
                 self.inbox.ack_due = Some(self.inbox.ack_due.map_or(due, |d| d.min(due)));
             }
-            if event.is_some() {
-                return event;
+            if let Event::Message { from, id, .. } = &event {
+                // A copy of a message the app already took (a resend the relay did not
+                // recognise, or the same message stored twice): its sequence number still
+                // counts above, so it is acknowledged, but it is not shown again.
+                if !self.seen.first_time(*from, *id) {
+                    debug!("dropped a duplicate of {id} from {from}");
+                    continue;
+                }
             }
+            return Some(event);
         }
         None
     }
 
     fn emit(&mut self, event: Event) {
-        self.events.push_back((Some(event), 0));
+        self.events.push_back((event, 0));
     }
 
     // ---- inside ----------------------------------------------------------------------
@@ -505,24 +528,18 @@ impl ClientCore {
                 }
             }
             Opcode::Error => self.on_error(&frame, now),
-            Opcode::Deliver => {
-                if self.seen.first_time(frame.source, frame.msg_id) {
-                    self.emit(Event::Message {
-                        from: frame.source,
-                        id: frame.msg_id,
-                        payload: frame.payload,
-                    });
-                } else {
-                    debug!(
-                        "dropped a duplicate of {} from {}",
-                        frame.msg_id, frame.source
-                    );
-                }
-            }
+            // Duplicates are dropped when the app takes the event (`poll_event`): a direct
+            // message queued here is never discarded, not even by a link drop, so it is
+            // shown once whichever copy comes first.
+            Opcode::Deliver => self.emit(Event::Message {
+                from: frame.source,
+                id: frame.msg_id,
+                payload: owned(&frame.payload),
+            }),
             Opcode::RoomDeliver => self.emit(Event::RoomMessage {
                 room: frame.room(),
                 from: frame.source,
-                payload: frame.payload,
+                payload: owned(&frame.payload),
             }),
             Opcode::RoomState => {
                 if let Some(state) = frame.room_state() {
@@ -548,7 +565,7 @@ impl ClientCore {
             }
             Opcode::InboxDeliver => {
                 if let Some((seq, _stored_at, payload)) = frame.inbox_deliver() {
-                    self.on_inbox_deliver(frame.source, frame.msg_id, seq, payload);
+                    self.on_inbox_deliver(frame.source, frame.msg_id, seq, &payload);
                 }
             }
             Opcode::Ping => Frame::pong(frame.msg_id, frame.payload).encode(&mut self.out),
@@ -579,8 +596,21 @@ impl ClientCore {
             limits,
         });
         if self.config.stored_inbox {
-            // Ask for what the app has not taken yet: the relay replays from there, and
-            // what was received but not taken is recognised by its sequence number.
+            // Stored messages reach the app exactly once, and only what the app took is
+            // acknowledged:
+            // - INBOX_SYNC says `app_seq`, the last message the app took (the relay takes
+            //   it as an ack), never `received`: a message that arrived but waits in
+            //   `events` is not the app's yet.
+            // - The relay replays everything after `app_seq`, so the inbox events still
+            //   queued (received on an older link, not taken) are dropped now, and the
+            //   replay takes their place. Keeping them instead would show them twice, or
+            //   ack numbers of another store if the epoch changed. Until this LOGIN_OK
+            //   the app may still take them (while the link is down): then they are its,
+            //   and the sync says so.
+            // - Nothing was marked seen for them (that happens when the app takes a
+            //   message), so the replayed copies are shown.
+            // Gap events queued and not taken go too; the relay's INBOX_STATE reports the
+            // expiry again, counted from `app_seq`.
             let id = self.next_id();
             self.inbox.received = self.inbox.app_seq;
             Frame::inbox_sync(id, self.inbox.epoch, self.inbox.app_seq).encode(&mut self.out);
@@ -608,25 +638,24 @@ impl ClientCore {
             let from = self.inbox.received + 1;
             self.inbox.received = state.expired_upto;
             self.emit_inbox(
-                Some(Event::Gap {
+                Event::Gap {
                     from,
                     to: state.expired_upto,
-                }),
+                },
                 state.expired_upto,
             );
         }
     }
 
-    fn on_inbox_deliver(&mut self, from: UserId, id: MessageId, seq: u64, payload: Bytes) {
+    /// Queues a stored message. It becomes the app's (acked, and seen for de-duplication)
+    /// only when the app takes it from `poll_event`.
+    fn on_inbox_deliver(&mut self, from: UserId, id: MessageId, seq: u64, payload: &[u8]) {
         if seq <= self.inbox.received {
-            return; // a replay of what this client already has
+            return; // already received on this link
         }
         self.inbox.received = seq;
-        let event = self
-            .seen
-            .first_time(from, id)
-            .then_some(Event::Message { from, id, payload });
-        self.emit_inbox(event, seq);
+        let payload = Bytes::copy_from_slice(payload);
+        self.emit_inbox(Event::Message { from, id, payload }, seq);
     }
 
     /// Acknowledges every stored message the app has taken.
@@ -639,7 +668,7 @@ impl ClientCore {
         }
     }
 
-    fn emit_inbox(&mut self, event: Option<Event>, seq: u64) {
+    fn emit_inbox(&mut self, event: Event, seq: u64) {
         self.events.push_back((event, seq));
     }
 
@@ -732,4 +761,21 @@ impl ClientCore {
         self.next_seq = self.next_seq.wrapping_add(1).max(1);
         MessageId(self.id_tag | u64::from(self.next_seq))
     }
+}
+
+/// The bytes of a payload the app gets, in an allocation of their own. Frames are cut out
+/// of the driver's read buffer, so `payload` is a view into it: handing it to the app as
+/// is would keep that whole buffer (16 KiB or more) alive for as long as the app keeps the
+/// message, and stop the driver from reusing it.
+fn owned(payload: &Bytes) -> Bytes {
+    Bytes::copy_from_slice(payload)
+}
+
+/// Spreads a caller's seed over all 64 bits (splitmix64), so that neighbouring seeds give
+/// unrelated generators (`Rng::seeded` ignores the lowest bit of its seed).
+fn mix_seed(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }

@@ -111,9 +111,12 @@ pub enum FailReason {
     },
     /// It was never written to a link before the send timeout.
     NotSent,
-    /// It was written, but no ACK came before the send timeout: it may have arrived.
+    /// It was written, but no answer came before the send timeout or before the client
+    /// was closed (a message held after a "try later" answer counts as written): it may
+    /// have arrived, or be in the recipient's inbox for a stored message. Its fate is
+    /// unknown to this client.
     Unconfirmed,
-    /// The client was closed before the message was sent.
+    /// The client was closed before the message was ever written to a link.
     Closed,
 }
 
@@ -123,7 +126,7 @@ impl fmt::Display for FailReason {
             FailReason::Rejected { code, reason } => write!(f, "{}: {reason}", code_name(*code)),
             FailReason::NotSent => write!(f, "not sent before the send timeout"),
             FailReason::Unconfirmed => {
-                write!(f, "sent but not confirmed before the send timeout")
+                write!(f, "sent but not confirmed (it may have arrived)")
             }
             FailReason::Closed => write!(f, "client closed before sending"),
         }

@@ -4,7 +4,8 @@
 //! - [`ClientCore`] (`core.rs`): the sans-IO session. LOGIN, heartbeats and dead-link
 //!   detection, reconnect with exponential backoff and jitter, the outbox that resends every
 //!   un-ACKed message after a reconnect (with the DEDUP flag, protocol.md section 13), and
-//!   receiver-side de-duplication. Bytes in, bytes and events out, `now` passed in.
+//!   receiver-side de-duplication. Bytes in, bytes and events out, `now` and a random seed
+//!   passed in: it reads no clock and no entropy, so it is deterministic.
 //! - [`Connection`] (`conn.rs`): the core plus a non-blocking TCP socket, for an app's own
 //!   event loop.
 //! - [`Client`] (`blocking.rs`): the same, blocking in `recv(timeout)`, for simple programs

@@ -160,16 +160,20 @@ impl Outbox {
         failed
     }
 
-    /// Removes every message that was never written, oldest first (on close).
-    pub fn take_unsent(&mut self) -> Vec<MessageId> {
-        let unsent: Vec<MessageId> = self
+    /// Removes every message not in flight, oldest first, with the reason for each (on
+    /// close): `Closed` if it was never written, `Unconfirmed` if it was written on some
+    /// link and not answered (held after a "try later", or waiting to be resent after a
+    /// reconnect): its first copy may have been delivered or stored, so its fate is not
+    /// known. Messages in flight stay for their answers.
+    pub fn take_unsent(&mut self) -> Vec<(MessageId, FailReason)> {
+        let taken: Vec<(MessageId, FailReason)> = self
             .items
             .iter()
             .filter(|m| !m.in_flight)
-            .map(|m| m.id)
+            .map(|m| (m.id, end_reason(m)))
             .collect();
         self.items.retain(|m| m.in_flight);
-        unsent
+        taken
     }
 
     /// Removes everything (the client is gone), with the reason for each.
@@ -177,14 +181,16 @@ impl Outbox {
         self.in_flight = 0;
         self.items
             .drain(..)
-            .map(|m| {
-                let reason = if m.writes > 0 {
-                    FailReason::Unconfirmed
-                } else {
-                    FailReason::Closed
-                };
-                (m.id, reason)
-            })
+            .map(|m| (m.id, end_reason(&m)))
             .collect()
+    }
+}
+
+/// Why a message ends when the client closes before its answer.
+fn end_reason(m: &Outgoing) -> FailReason {
+    if m.writes > 0 {
+        FailReason::Unconfirmed
+    } else {
+        FailReason::Closed
     }
 }

@@ -66,7 +66,7 @@ fn ack(id: MessageId, devices: u32) -> Bytes {
 
 /// Connects and logs in; returns the core in Ready with its output drained.
 fn ready(now: Instant) -> ClientCore {
-    let mut core = ClientCore::with_rng(config(), now, Rng::seeded(7));
+    let mut core = ClientCore::new(config(), now, 7);
     connect(&mut core, now);
     core
 }
@@ -274,7 +274,7 @@ fn relay_pings_are_answered_with_pongs() {
 #[test]
 fn a_refused_login_backs_off_and_tries_again() {
     let t0 = Instant::now();
-    let mut core = ClientCore::with_rng(config(), t0, Rng::seeded(1));
+    let mut core = ClientCore::new(config(), t0, 1);
     assert_eq!(core.poll_action(t0), Some(LinkAction::Connect));
     core.handle_connected(t0);
     let login = written(&mut core);
@@ -304,7 +304,7 @@ fn a_refused_login_backs_off_and_tries_again() {
 #[test]
 fn connect_and_login_timeouts_bring_the_link_down() {
     let t0 = Instant::now();
-    let mut core = ClientCore::with_rng(config(), t0, Rng::seeded(3));
+    let mut core = ClientCore::new(config(), t0, 3);
     assert_eq!(core.poll_action(t0), Some(LinkAction::Connect));
     core.handle_timeout(t0 + Duration::from_secs(10));
     assert!(matches!(
@@ -335,7 +335,7 @@ fn messages_never_answered_fail_at_the_send_timeout_with_the_right_reason() {
     let t0 = Instant::now();
     let mut cfg = config();
     cfg.max_in_flight = 1;
-    let mut core = ClientCore::with_rng(cfg, t0, Rng::seeded(5));
+    let mut core = ClientCore::new(cfg, t0, 5);
     connect(&mut core, t0);
     let sent = core.send(BOB, Bytes::from_static(b"a"), t0).unwrap();
     let queued = core.send(BOB, Bytes::from_static(b"b"), t0).unwrap();
@@ -365,7 +365,7 @@ fn send_refuses_what_cannot_work() {
     let now = Instant::now();
     let mut cfg = config();
     cfg.max_outbox = 1;
-    let mut core = ClientCore::with_rng(cfg, now, Rng::seeded(2));
+    let mut core = ClientCore::new(cfg, now, 2);
     assert_eq!(
         core.send(UserId::NONE, Bytes::new(), now),
         Err(SendError::InvalidRecipient)
@@ -390,7 +390,7 @@ fn close_waits_for_answers_in_flight_and_fails_the_rest() {
     let now = Instant::now();
     let mut cfg = config();
     cfg.max_in_flight = 1;
-    let mut core = ClientCore::with_rng(cfg, now, Rng::seeded(9));
+    let mut core = ClientCore::new(cfg, now, 9);
     connect(&mut core, now);
     let a = core.send(BOB, Bytes::from_static(b"a"), now).unwrap();
     let b = core.send(BOB, Bytes::from_static(b"b"), now).unwrap();
@@ -434,8 +434,8 @@ fn rooms_are_joined_again_after_a_reconnect() {
 #[test]
 fn message_ids_are_unique_per_client_instance() {
     let now = Instant::now();
-    let mut a = ClientCore::new(config(), now);
-    let mut b = ClientCore::new(config(), now);
+    let mut a = ClientCore::new(config(), now, 2);
+    let mut b = ClientCore::new(config(), now, 3);
     let ia = a.send(BOB, Bytes::new(), now).unwrap();
     let ib = b.send(BOB, Bytes::new(), now).unwrap();
     assert_ne!(ia, ib, "two devices of one user must not share ids");
@@ -496,6 +496,164 @@ fn try_later_answers_hold_the_message_and_write_it_again() {
             ..
         }]
     ));
+}
+
+#[test]
+fn a_direct_message_queued_at_a_link_drop_is_still_shown_once() {
+    let now = Instant::now();
+    let mut core = ready(now);
+    events(&mut core);
+    let deliver = Frame::new(Opcode::Deliver, MessageId(78), ME, Bytes::from_static(b"q"))
+        .with_source(BOB)
+        .to_bytes();
+    feed(&mut core, &deliver, now);
+    // The link drops before the app takes the message; after the reconnect the relay (which
+    // restarted) delivers the sender's resend too.
+    core.handle_link_error(DisconnectReason::ClosedByRelay, now);
+    assert_eq!(core.poll_action(now), Some(LinkAction::Disconnect));
+    let later = now + Duration::from_secs(1);
+    assert_eq!(core.poll_action(later), Some(LinkAction::Connect));
+    core.handle_connected(later);
+    let login = written(&mut core);
+    feed(&mut core, &login_ok(login[0].msg_id), later);
+    feed(&mut core, &deliver, later);
+    let evs = events(&mut core);
+    let messages: Vec<_> = evs
+        .iter()
+        .filter(|e| matches!(e, Event::Message { .. }))
+        .collect();
+    assert_eq!(messages.len(), 1, "{evs:?}");
+    assert!(matches!(evs[0], Event::Message { .. }), "{evs:?}");
+}
+
+#[test]
+fn the_core_is_deterministic_given_its_seed() {
+    /// Runs the same calls on a core built with `seed`, on a simulated clock, and records
+    /// everything it does: frames written, events, timeouts (relative to the start).
+    fn run(seed: u64) -> Vec<String> {
+        let t0 = Instant::now();
+        let mut trace = Vec::new();
+        let mut core = ClientCore::new(config(), t0, seed);
+        let mut now = t0;
+        for round in 0..4u8 {
+            trace.push(format!("{:?}", core.poll_action(now)));
+            core.handle_connected(now);
+            let login = written(&mut core);
+            trace.push(format!("{login:?}"));
+            feed(&mut core, &login_ok(login[0].msg_id), now);
+            core.send(BOB, Bytes::from(vec![round]), now).unwrap();
+            trace.push(format!("{:?}", written(&mut core)));
+            // The link dies: the retry time is drawn from the seed.
+            core.handle_link_error(DisconnectReason::ClosedByRelay, now);
+            trace.push(format!("{:?}", core.poll_action(now)));
+            trace.push(format!("{:?}", core.poll_timeout().map(|t| t - t0)));
+            trace.push(format!("{:?}", events(&mut core)));
+            let Phase::Waiting { at } = core.phase() else {
+                panic!("{:?}", core.phase());
+            };
+            now = at;
+        }
+        trace
+    }
+    assert_eq!(run(11), run(11));
+    assert_ne!(run(2), run(3), "neighbouring seeds give different clients");
+}
+
+#[test]
+fn payloads_handed_to_the_app_do_not_pin_the_read_buffer() {
+    let now = Instant::now();
+    let mut core = ready(now);
+    let deliver = Frame::new(
+        Opcode::Deliver,
+        MessageId(5),
+        ME,
+        Bytes::from_static(b"keep"),
+    )
+    .with_source(BOB)
+    .to_bytes();
+    let room = Frame::new(
+        Opcode::RoomDeliver,
+        MessageId(6),
+        UserId(7),
+        Bytes::from_static(b"room"),
+    )
+    .with_source(BOB)
+    .to_bytes();
+    let mut kept = Vec::new();
+    for frame in [&deliver, &room] {
+        kept.push(take_payload_read_into_a_large_buffer(&mut core, frame, now));
+    }
+    assert_eq!(&kept[0][..], b"keep");
+    assert_eq!(&kept[1][..], b"room");
+}
+
+/// Feeds `frame` to the core from a 64 KiB read buffer, takes the one message event it
+/// makes, and checks that the read buffer is its own again while the payload is still
+/// held: `try_reclaim` succeeds only if no `Bytes` shares the allocation. Returns the
+/// payload.
+fn take_payload_read_into_a_large_buffer(
+    core: &mut ClientCore,
+    frame: &[u8],
+    now: Instant,
+) -> Bytes {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    buf.extend_from_slice(frame);
+    let capacity = buf.capacity();
+    core.handle_input(&mut buf, now);
+    assert!(buf.is_empty());
+    let payload = match events(core).as_slice() {
+        [Event::Message { payload, .. } | Event::RoomMessage { payload, .. }] => payload.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        buf.try_reclaim(capacity),
+        "the payload the app keeps pins the {capacity}-byte read buffer"
+    );
+    payload
+}
+
+#[test]
+fn close_reports_written_but_unanswered_messages_as_unconfirmed() {
+    let now = Instant::now();
+    let mut cfg = config();
+    cfg.max_in_flight = 1;
+    let mut core = ClientCore::new(cfg, now, 13);
+    connect(&mut core, now);
+    let held = core
+        .send_stored(BOB, Bytes::from_static(b"a"), now)
+        .unwrap();
+    let next = core.send(BOB, Bytes::from_static(b"b"), now).unwrap();
+    let queued = core.send(BOB, Bytes::from_static(b"c"), now).unwrap();
+    assert_eq!(written(&mut core)[0].msg_id, held);
+    // "Try later": the written stored message is held back (the relay may have stored it
+    // all the same), and the next one takes its place in flight.
+    let mut err = BytesMut::new();
+    write_error(&mut err, held, BOB, ErrorCode::RecipientSlow, "full queue");
+    feed(&mut core, &err, now);
+    assert_eq!(written(&mut core)[0].msg_id, next);
+    core.close(now);
+    let bye = written(&mut core);
+    assert_eq!(bye[0].opcode, Opcode::Bye);
+    feed(&mut core, &ack(next, 1), now);
+    feed(&mut core, &Frame::bye(bye[0].msg_id).to_bytes(), now);
+    assert_eq!(
+        events(&mut core),
+        vec![
+            Event::Failed {
+                id: held,
+                reason: FailReason::Unconfirmed
+            },
+            Event::Failed {
+                id: queued,
+                reason: FailReason::Closed
+            },
+            Event::Delivered {
+                id: next,
+                devices: 1
+            },
+            Event::Closed
+        ]
+    );
 }
 
 mod stored {
@@ -560,7 +718,7 @@ mod stored {
     #[test]
     fn stored_messages_are_shown_once_and_acked_in_batches_after_the_app_takes_them() {
         let t0 = Instant::now();
-        let mut core = ClientCore::with_rng(inbox_config(), t0, Rng::seeded(4));
+        let mut core = ClientCore::new(inbox_config(), t0, 4);
         let sync = login(&mut core, t0);
         assert_eq!(
             &sync.payload[..],
@@ -591,7 +749,7 @@ mod stored {
     #[test]
     fn the_next_sync_says_what_the_app_has_and_expiries_become_a_gap() {
         let t0 = Instant::now();
-        let mut core = ClientCore::with_rng(inbox_config(), t0, Rng::seeded(6));
+        let mut core = ClientCore::new(inbox_config(), t0, 6);
         login(&mut core, t0);
         feed(&mut core, &state(9, 1, 2, 0), t0);
         feed(&mut core, &inbox_deliver(1, BOB, 1, b"a"), t0);
@@ -620,7 +778,7 @@ mod stored {
     #[test]
     fn a_stored_send_carries_the_flags_and_ends_as_stored() {
         let now = Instant::now();
-        let mut core = ClientCore::with_rng(inbox_config(), now, Rng::seeded(8));
+        let mut core = ClientCore::new(inbox_config(), now, 8);
         login(&mut core, now);
         let id = core
             .send_stored(BOB, Bytes::from_static(b"later"), now)
@@ -629,5 +787,140 @@ mod stored {
         assert_eq!(out[0].flags, Flags::DEDUP.union(Flags::STORED));
         feed(&mut core, &ack(id, 0), now);
         assert!(events(&mut core).contains(&Event::Stored { id, devices: 0 }));
+    }
+
+    #[test]
+    fn a_stored_message_not_taken_before_a_link_drop_is_replayed_shown_and_only_then_acked() {
+        let t0 = Instant::now();
+        let mut core = ClientCore::new(inbox_config(), t0, 10);
+        login(&mut core, t0);
+        feed(&mut core, &state(9, 1, 2, 0), t0);
+        feed(&mut core, &inbox_deliver(1, BOB, 101, b"one"), t0);
+        feed(&mut core, &inbox_deliver(2, BOB, 102, b"two"), t0);
+        // The app takes message 1; the link drops with message 2 still queued.
+        assert!(matches!(core.poll_event(), Some(Event::Connected { .. })));
+        assert!(matches!(
+            core.poll_event(),
+            Some(Event::Message {
+                id: MessageId(101),
+                ..
+            })
+        ));
+        core.handle_link_error(DisconnectReason::ClosedByRelay, t0);
+        assert_eq!(core.poll_action(t0), Some(LinkAction::Disconnect));
+        let t1 = t0 + Duration::from_secs(1);
+        let sync = login(&mut core, t1);
+        assert_eq!(
+            &sync.payload[8..],
+            &1u64.to_be_bytes(),
+            "the app has 1, not 2"
+        );
+        // The relay replays message 2.
+        feed(&mut core, &state(9, 2, 2, 0), t1);
+        feed(&mut core, &inbox_deliver(2, BOB, 102, b"two"), t1);
+        // Nothing is acked before the app takes message 2.
+        core.handle_timeout(t1 + Duration::from_secs(1));
+        assert!(
+            written(&mut core)
+                .iter()
+                .all(|f| f.opcode != Opcode::InboxAck),
+            "acked a message the app has not taken"
+        );
+        let evs = events(&mut core);
+        let shown: Vec<_> = evs
+            .iter()
+            .filter_map(|e| match e {
+                Event::Message { id, payload, .. } => Some((*id, payload.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            vec![(MessageId(102), Bytes::from_static(b"two"))],
+            "{evs:?}"
+        );
+        let t2 = t1 + Duration::from_secs(2);
+        core.handle_timeout(t2);
+        let ack = written(&mut core);
+        assert_eq!(ack[0].opcode, Opcode::InboxAck);
+        assert_eq!(&ack[0].payload[..], &2u64.to_be_bytes());
+    }
+
+    #[test]
+    fn a_stored_message_taken_while_the_link_is_down_is_the_apps() {
+        let t0 = Instant::now();
+        let mut core = ClientCore::new(inbox_config(), t0, 14);
+        login(&mut core, t0);
+        feed(&mut core, &state(9, 1, 1, 0), t0);
+        feed(&mut core, &inbox_deliver(1, BOB, 101, b"one"), t0);
+        core.handle_link_error(DisconnectReason::ClosedByRelay, t0);
+        assert_eq!(core.poll_action(t0), Some(LinkAction::Disconnect));
+        let evs = events(&mut core);
+        assert!(
+            matches!(
+                evs[1],
+                Event::Message {
+                    id: MessageId(101),
+                    ..
+                }
+            ),
+            "{evs:?}"
+        );
+        let sync = login(&mut core, t0 + Duration::from_secs(1));
+        assert_eq!(&sync.payload[8..], &1u64.to_be_bytes());
+    }
+
+    #[test]
+    fn a_duplicate_stored_copy_is_shown_once_and_still_acked() {
+        let t0 = Instant::now();
+        let mut core = ClientCore::new(inbox_config(), t0, 15);
+        login(&mut core, t0);
+        feed(&mut core, &state(9, 1, 2, 0), t0);
+        // The sender's resend after a relay restart was stored again under a new number.
+        feed(&mut core, &inbox_deliver(1, BOB, 101, b"one"), t0);
+        feed(&mut core, &inbox_deliver(2, BOB, 101, b"one"), t0);
+        let evs = events(&mut core);
+        assert_eq!(
+            evs.iter()
+                .filter(|e| matches!(e, Event::Message { .. }))
+                .count(),
+            1,
+            "{evs:?}"
+        );
+        core.handle_timeout(t0 + Duration::from_secs(1));
+        let ack = written(&mut core);
+        assert_eq!(&ack[0].payload[..], &2u64.to_be_bytes());
+    }
+
+    #[test]
+    fn a_gap_not_taken_before_a_link_drop_is_reported_again() {
+        let t0 = Instant::now();
+        let mut core = ClientCore::new(inbox_config(), t0, 16);
+        login(&mut core, t0);
+        feed(&mut core, &state(9, 4, 3, 3), t0);
+        assert!(matches!(core.poll_event(), Some(Event::Connected { .. })));
+        core.handle_link_error(DisconnectReason::ClosedByRelay, t0);
+        assert_eq!(core.poll_action(t0), Some(LinkAction::Disconnect));
+        let t1 = t0 + Duration::from_secs(1);
+        let sync = login(&mut core, t1);
+        assert_eq!(&sync.payload[8..], &0u64.to_be_bytes());
+        feed(&mut core, &state(9, 4, 3, 3), t1);
+        let gaps: Vec<_> = events(&mut core)
+            .into_iter()
+            .filter(|e| matches!(e, Event::Gap { .. }))
+            .collect();
+        assert_eq!(gaps, vec![Event::Gap { from: 1, to: 3 }]);
+    }
+
+    #[test]
+    fn stored_payloads_do_not_pin_the_read_buffer() {
+        let now = Instant::now();
+        let mut core = ClientCore::new(inbox_config(), now, 17);
+        login(&mut core, now);
+        feed(&mut core, &state(9, 1, 1, 0), now);
+        events(&mut core);
+        let frame = inbox_deliver(1, BOB, 101, b"stored");
+        let payload = take_payload_read_into_a_large_buffer(&mut core, &frame, now);
+        assert_eq!(&payload[..], b"stored");
     }
 }

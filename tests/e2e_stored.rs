@@ -217,11 +217,12 @@ fn a_recipient_whose_link_drops_mid_stream_sees_every_message_once_in_order() {
 
 #[test]
 fn each_stored_delivery_limit_answers_inbox_full_naming_it() {
+    // Each message counts its INBOX_DELIVER frame (48 bytes + payload) plus 64 bytes.
     let relay = TestRelay::start(Config {
         inbox_max_messages: 2,
-        inbox_max_bytes: 100,
+        inbox_max_bytes: 300,
         store_max_users: 2,
-        store_max_bytes: 150,
+        store_max_bytes: 544,
         ..Config::default()
     });
     let mut alice = relay.login(1);
@@ -244,8 +245,8 @@ fn each_stored_delivery_limit_answers_inbox_full_naming_it() {
     expect(stored(1, 7, 10), None);
     expect(stored(2, 7, 10), None);
     expect(stored(3, 7, 10), Some("max messages per inbox"));
-    expect(stored(4, 8, 101), Some("max bytes per inbox"));
-    expect(stored(5, 8, 100), None);
+    expect(stored(4, 8, 189), Some("max bytes per inbox"));
+    expect(stored(5, 8, 188), None);
     expect(stored(6, 9, 1), Some("max users"));
     let mut bob = relay.login(7);
     bob.send_frame(&Frame::inbox_sync(MessageId(1), 0, 0));
@@ -254,8 +255,8 @@ fn each_stored_delivery_limit_answers_inbox_full_naming_it() {
     bob.recv();
     bob.send_frame(&Frame::inbox_ack(MessageId(2), 2));
     bob.round_trip();
-    expect(stored(7, 7, 51), Some("max store bytes"));
-    expect(stored(8, 7, 40), None);
+    expect(stored(7, 7, 133), Some("max store bytes"));
+    expect(stored(8, 7, 132), None);
 }
 
 #[test]

@@ -89,6 +89,27 @@ impl Dedup {
         }
     }
 
+    /// Sets the ACK count remembered for `(sender, msg_id)`, if it is remembered: a durable
+    /// stored SEND's count is known only once its commit is on disk.
+    pub fn set_count(&mut self, sender: UserId, msg_id: MessageId, count: u32) {
+        let Some(w) = self.senders.get_mut(&sender) else {
+            return;
+        };
+        if let Some(entry) = w.ids.iter_mut().rev().find(|(id, _)| *id == msg_id) {
+            entry.1 = count;
+        }
+    }
+
+    /// The ACK count remembered for `(sender, msg_id)`, whatever its age.
+    pub fn count_of(&self, sender: UserId, msg_id: MessageId) -> Option<u32> {
+        let w = self.senders.get(&sender)?;
+        w.ids
+            .iter()
+            .rev()
+            .find(|(id, _)| *id == msg_id)
+            .map(|&(_, count)| count)
+    }
+
     /// Ids remembered, over all senders.
     pub fn entries(&self) -> usize {
         self.entries

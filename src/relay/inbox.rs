@@ -7,20 +7,64 @@
 //! front of the inbox when the user acknowledges them or when they pass their age limit.
 //! Every change a durable store must see is also returned as a [`StoreOp`]; replaying the
 //! same ops with `Inboxes::apply` rebuilds the same state after a restart.
+//!
+//! **Cost.** Each message is charged [`message_cost`]: its whole INBOX_DELIVER frame plus
+//! [`MESSAGE_OVERHEAD`] bytes for what holding it costs beside the frame (the `VecDeque`
+//! slot, the `Bytes` handle, the allocation's header). Both byte limits count that, so
+//! empty messages cannot be stored for free.
+//!
+//! **Empty inboxes and numbering.** An inbox emptied by acknowledgements is removed: it
+//! frees its user slot and holds no memory. Sequence numbers must still never repeat for a
+//! user (a client's cursor would skip a new message numbered at or below it), so the
+//! relay keeps one number, `high_seq`, the highest sequence number handed out to anyone
+//! in this epoch, and a new inbox starts counting after it. Every number a client of that
+//! user can hold came from an earlier inbox of the user, whose numbers were all at most
+//! `high_seq`; so the new ones are above all of them. Within one inbox the numbers stay
+//! consecutive. `high_seq` is recorded: every `Append` raises it on replay, and a snapshot
+//! writes it as the `Counters` of user 0 (a user id no one can log in as or send to).
+//!
+//! **Gaps outlive their messages.** An inbox emptied by age still has something to say
+//! (`expired_upto`: the user missed messages), so it becomes a *tombstone*: counters only,
+//! no messages, no user slot, no bytes. It goes away when the user acknowledges past its
+//! `expired_upto` (the user has been told), when it gets a new message (it is an inbox
+//! again, numbering on), or, as the oldest of more than `max_users` tombstones, when room
+//! is needed (recorded as an `Ack` of its last number); then that user's client is not
+//! told of that gap. Memory is therefore bounded by `max_users` inboxes plus `max_users`
+//! tombstones plus the byte limit.
+//!
+//! **Expiry** is driven by a timer: [`Inboxes::expire_due`] drops messages from the inboxes
+//! whose oldest message passed its age limit first, at most `budget` per call, and
+//! [`Inboxes::next_expiry`] says when the next one is due. The schedule is an ordered set
+//! of `(due, user)`, one entry per non-empty inbox, `due` being its front message's
+//! stored-at plus the age limit; it is updated whenever an inbox's front changes
+//! (O(log n)). Each expiry is recorded as the inbox's `Counters` (replay drops every
+//! message up to `expired_upto`), so a restart does not bring expired messages back.
+//! Requests that touch one inbox (a stored SEND to it, its user's INBOX_SYNC) also expire
+//! that inbox first ([`Inboxes::expire`]), so what they see is exact between timer runs.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::BuildHasherDefault;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use byteorder::{BigEndian, ByteOrder};
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::directory::IdHasher;
+use super::hashing::{id_map, IdMap};
 use crate::proto::frame::write_header;
 use crate::proto::{Flags, MessageId, Opcode, UserId, HEADER_LEN};
 
 /// Bytes of INBOX_DELIVER payload before the message: seq and stored-at time.
 pub const INBOX_PREFIX: usize = 16;
+
+/// What holding one stored message costs beside its frame, in bytes (the `VecDeque` slot,
+/// the `Bytes` handle and the allocation's own header), charged against the byte limits.
+pub const MESSAGE_OVERHEAD: usize = 64;
+
+/// What a stored message with `payload_len` bytes of message counts against the byte
+/// limits: its INBOX_DELIVER frame (header, seq, stored-at, message) plus
+/// [`MESSAGE_OVERHEAD`].
+pub const fn message_cost(payload_len: usize) -> usize {
+    HEADER_LEN + INBOX_PREFIX + payload_len + MESSAGE_OVERHEAD
+}
 
 /// What a durable store records, in order. Replayed through `Relay::restore`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,16 +79,19 @@ pub enum StoreOp {
         /// The frame (its payload starts with the seq and the stored-at time).
         frame: Bytes,
     },
-    /// `user` acknowledged everything up to `upto`.
+    /// `user` acknowledged everything up to `upto` (also written when the relay forgets a
+    /// tombstone: an ack of its last number).
     Ack {
         /// The recipient.
         user: UserId,
         /// The highest acknowledged sequence number.
         upto: u64,
     },
-    /// A user's counters, written by compaction (the messages follow as Appends).
+    /// A user's counters: written by compaction (after the user's messages), and when
+    /// messages expire (replay drops every message up to `expired_upto`). For user 0 it
+    /// is the relay-wide highest sequence number handed out (`last_seq`).
     Counters {
-        /// The user.
+        /// The user (0: the relay-wide counter).
         user: UserId,
         /// The last sequence number handed out.
         last_seq: u64,
@@ -58,13 +105,13 @@ pub enum StoreOp {
 pub struct InboxLimits {
     /// Messages one inbox may hold.
     pub max_messages: usize,
-    /// Payload bytes one inbox may hold.
+    /// Bytes one inbox may hold, each message counted as its INBOX_DELIVER frame plus 64.
     pub max_bytes: usize,
     /// How long a message waits for its recipient.
     pub ttl: Duration,
-    /// Users with an inbox.
+    /// Users with an inbox (and, separately, tombstones kept for their gaps).
     pub max_users: usize,
-    /// Payload bytes over all inboxes.
+    /// Bytes over all inboxes, each message counted as its INBOX_DELIVER frame plus 64.
     pub max_total_bytes: usize,
 }
 
@@ -86,30 +133,44 @@ impl Stored {
         BigEndian::read_u64(&self.frame[HEADER_LEN + 8..])
     }
 
-    fn payload_len(&self) -> usize {
-        self.frame.len() - HEADER_LEN - INBOX_PREFIX
+    fn cost(&self) -> usize {
+        self.frame.len() + MESSAGE_OVERHEAD
     }
 }
 
-/// One user's stored messages.
+/// One user's stored messages (or, with none, a tombstone that remembers a gap).
 #[derive(Debug, Default)]
 pub struct Inbox {
     messages: VecDeque<Stored>,
+    /// The messages' cost ([`message_cost`] each).
     bytes: usize,
     last_seq: u64,
     /// The highest sequence number known to be on disk (or every one, in memory mode):
     /// only these are sent, so no client ever holds a number a crash could reuse.
     durable_seq: u64,
     expired_upto: u64,
+    /// When the front message passes its age limit: its key in the expiry schedule.
+    due: Option<u64>,
+    /// A tombstone's key in the tombstone order.
+    tomb: Option<u64>,
 }
 
 impl Inbox {
+    /// An empty inbox numbering on after `seq`.
+    fn after(seq: u64) -> Inbox {
+        Inbox {
+            last_seq: seq,
+            durable_seq: seq,
+            ..Inbox::default()
+        }
+    }
+
     /// The oldest sequence number held (`last_seq + 1` when empty).
     pub fn first_seq(&self) -> u64 {
         self.messages.front().map_or(self.last_seq + 1, |m| m.seq)
     }
 
-    /// The last sequence number handed out (0 before the first message).
+    /// The last sequence number handed out.
     #[cfg(test)]
     fn last_seq(&self) -> u64 {
         self.last_seq
@@ -140,42 +201,69 @@ impl Inbox {
 
     fn push(&mut self, stored: Stored) {
         self.last_seq = self.last_seq.max(stored.seq);
-        self.bytes += stored.payload_len();
+        self.bytes += stored.cost();
         self.messages.push_back(stored);
     }
 
-    fn drop_front_while(&mut self, mut pred: impl FnMut(&Stored) -> bool) -> (usize, u64) {
-        let (mut freed, mut last) = (0, 0);
-        while let Some(front) = self.messages.front() {
+    /// Drops front messages while `pred` holds, at most `max`; returns (messages, cost,
+    /// last seq dropped).
+    fn drop_front_while(
+        &mut self,
+        max: usize,
+        mut pred: impl FnMut(&Stored) -> bool,
+    ) -> (usize, usize, u64) {
+        let (mut count, mut freed, mut last) = (0, 0, 0);
+        while count < max {
+            let Some(front) = self.messages.front() else {
+                break;
+            };
             if !pred(front) {
                 break;
             }
-            freed += front.payload_len();
+            freed += front.cost();
             last = front.seq;
+            count += 1;
             self.messages.pop_front();
         }
         self.bytes -= freed;
-        (freed, last)
+        (count, freed, last)
     }
 }
+
+type UserMap<V> = IdMap<UserId, V>;
 
 /// Every user's inbox, with the limits that bound them.
 #[derive(Debug)]
 pub struct Inboxes {
     limits: InboxLimits,
     epoch: u64,
-    users: HashMap<UserId, Inbox, BuildHasherDefault<IdHasher>>,
+    /// Inboxes with messages, and tombstones (empty, `tomb` set).
+    users: UserMap<Inbox>,
+    /// The highest sequence number handed out to any user: a new inbox numbers on after
+    /// it, so a user's numbers never repeat (see the module docs).
+    high_seq: u64,
+    /// `(due, user)` of every inbox with messages, earliest first.
+    schedule: BTreeSet<(u64, UserId)>,
+    /// Tombstones, oldest first.
+    tombstones: BTreeMap<u64, UserId>,
+    next_tomb: u64,
+    /// Cost of every message held ([`message_cost`]).
     total_bytes: usize,
     total_messages: usize,
 }
 
 impl Inboxes {
-    /// Empty inboxes under `limits`, identified by `epoch`.
-    pub fn new(limits: InboxLimits, epoch: u64) -> Inboxes {
+    /// Empty inboxes under `limits`, identified by `epoch`; the user map is hashed with
+    /// `seed` (user ids are chosen by senders).
+    pub fn new(limits: InboxLimits, epoch: u64, seed: u64) -> Inboxes {
         Inboxes {
             limits,
             epoch,
-            users: HashMap::default(),
+            users: id_map(seed),
+            high_seq: 0,
+            schedule: BTreeSet::new(),
+            tombstones: BTreeMap::new(),
+            next_tomb: 0,
             total_bytes: 0,
             total_messages: 0,
         }
@@ -186,9 +274,15 @@ impl Inboxes {
         self.epoch
     }
 
-    /// `user`'s inbox, if it has one.
+    /// `user`'s inbox or tombstone, if it has one.
     pub fn get(&self, user: UserId) -> Option<&Inbox> {
         self.users.get(&user)
+    }
+
+    /// The highest sequence number handed out to any user (a user without an inbox gets
+    /// numbers above it).
+    pub fn high_seq(&self) -> u64 {
+        self.high_seq
     }
 
     /// Messages held over all inboxes.
@@ -196,40 +290,62 @@ impl Inboxes {
         self.total_messages
     }
 
-    /// Payload bytes held over all inboxes.
+    /// What the messages held count against the store byte limit ([`message_cost`] each).
+    #[cfg(test)]
     pub fn total_bytes(&self) -> usize {
         self.total_bytes
     }
 
-    /// Users with an inbox.
+    /// Bytes of the INBOX_DELIVER frames held (what the log holds of them).
+    pub fn frame_bytes(&self) -> usize {
+        self.total_bytes - MESSAGE_OVERHEAD * self.total_messages
+    }
+
+    /// Users with messages held (tombstones not counted).
     pub fn users(&self) -> usize {
-        self.users.len()
+        self.users.len() - self.tombstones.len()
+    }
+
+    /// Users whose inbox emptied by age, remembered for their gap.
+    #[cfg(test)]
+    pub fn tombstones(&self) -> usize {
+        self.tombstones.len()
+    }
+
+    /// When the next message passes its age limit (Unix milliseconds), if any is held.
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.schedule.first().map(|&(due, _)| due)
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        u64::try_from(self.limits.ttl.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Whether a message of `len` payload bytes fits in `user`'s inbox; the error names
     /// the limit that does not allow it.
     pub fn check_room(&self, user: UserId, len: usize) -> Result<(), InboxFull> {
         let l = &self.limits;
-        let inbox = self.users.get(&user);
-        if inbox.is_none() && self.users.len() >= l.max_users {
+        let inbox = self.users.get(&user).filter(|i| i.tomb.is_none());
+        if inbox.is_none() && self.users() >= l.max_users {
             return Err(InboxFull(format!(
                 "the store holds inboxes for {} users (max users)",
                 l.max_users
             )));
         }
+        let cost = message_cost(len);
         let (count, bytes) = inbox.map_or((0, 0), |i| (i.messages.len(), i.bytes));
         if count >= l.max_messages {
             return Err(InboxFull(format!(
                 "the inbox of {user} holds {count} messages (max messages per inbox)"
             )));
         }
-        if bytes + len > l.max_bytes {
+        if bytes + cost > l.max_bytes {
             return Err(InboxFull(format!(
                 "the inbox of {user} would pass {} bytes (max bytes per inbox)",
                 l.max_bytes
             )));
         }
-        if self.total_bytes + len > l.max_total_bytes {
+        if self.total_bytes + cost > l.max_total_bytes {
             return Err(InboxFull(format!(
                 "the store would pass {} bytes (max store bytes)",
                 l.max_total_bytes
@@ -238,8 +354,8 @@ impl Inboxes {
         Ok(())
     }
 
-    /// Stores a message (check [`Inboxes::check_room`] first) and returns what a durable
-    /// store must record; the op's frame is the INBOX_DELIVER to push.
+    /// Stores a message (check [`Inboxes::check_room`] first) and returns its sequence
+    /// number and INBOX_DELIVER frame (what a durable store records as an `Append`).
     pub fn append(
         &mut self,
         user: UserId,
@@ -248,7 +364,15 @@ impl Inboxes {
         payload: &[u8],
         now_ms: u64,
     ) -> (u64, Bytes) {
-        let inbox = self.users.entry(user).or_default();
+        let high_seq = self.high_seq;
+        let ttl_ms = self.ttl_ms();
+        let inbox = self
+            .users
+            .entry(user)
+            .or_insert_with(|| Inbox::after(high_seq));
+        if let Some(tomb) = inbox.tomb.take() {
+            self.tombstones.remove(&tomb);
+        }
         let seq = inbox.last_seq + 1;
         let len = HEADER_LEN + INBOX_PREFIX + payload.len();
         let mut buf = BytesMut::with_capacity(len);
@@ -265,12 +389,15 @@ impl Inboxes {
         buf.put_u64(now_ms);
         buf.put_slice(payload);
         let frame = buf.freeze();
-        inbox.push(Stored {
+        let stored = Stored {
             seq,
             frame: frame.clone(),
-        });
-        self.total_bytes += payload.len();
+        };
+        self.total_bytes += stored.cost();
         self.total_messages += 1;
+        self.high_seq = self.high_seq.max(seq);
+        inbox.push(stored);
+        reschedule(&mut self.schedule, user, inbox, ttl_ms);
         (seq, frame)
     }
 
@@ -288,38 +415,131 @@ impl Inboxes {
         }
     }
 
-    /// Drops `user`'s messages up to `upto`. Returns true if `upto` is news (an op to
+    /// Drops `user`'s messages up to `upto`; an inbox left empty is removed, and so is a
+    /// tombstone acknowledged past its gap. Returns true if anything changed (an op to
     /// record).
     pub fn ack(&mut self, user: UserId, upto: u64) -> bool {
+        let ttl_ms = self.ttl_ms();
         let Some(inbox) = self.users.get_mut(&user) else {
             return false;
         };
-        let upto = upto.min(inbox.last_seq);
-        let before = inbox.messages.len();
-        let (freed, _) = inbox.drop_front_while(|m| m.seq <= upto);
+        if let Some(tomb) = inbox.tomb {
+            if upto < inbox.expired_upto {
+                return false;
+            }
+            self.tombstones.remove(&tomb);
+            self.users.remove(&user);
+            return true;
+        }
+        let (count, freed, _) = inbox.drop_front_while(usize::MAX, |m| m.seq <= upto);
+        if count == 0 {
+            return false;
+        }
         self.total_bytes -= freed;
-        self.total_messages -= before - inbox.messages.len();
-        before != inbox.messages.len()
+        self.total_messages -= count;
+        reschedule(&mut self.schedule, user, inbox, ttl_ms);
+        if inbox.messages.is_empty() {
+            self.users.remove(&user);
+        }
+        true
     }
 
-    /// Drops `user`'s messages older than the age limit.
-    pub fn expire(&mut self, user: UserId, now_ms: u64) {
-        let ttl = u64::try_from(self.limits.ttl.as_millis()).unwrap_or(u64::MAX);
+    /// Drops `user`'s messages older than the age limit; what a durable store must record
+    /// goes to `ops`. Returns how many were dropped.
+    pub fn expire(&mut self, user: UserId, now_ms: u64, ops: &mut Vec<StoreOp>) -> usize {
+        self.expire_user(user, now_ms, usize::MAX, ops)
+    }
+
+    /// Drops up to `budget` messages that passed the age limit by `now_ms`, from the
+    /// inboxes whose oldest message is oldest first; what a durable store must record goes
+    /// to `ops`. Returns how many were dropped (`budget`: there may be more due, see
+    /// [`Inboxes::next_expiry`]).
+    pub fn expire_due(&mut self, now_ms: u64, budget: usize, ops: &mut Vec<StoreOp>) -> usize {
+        let mut done = 0;
+        while done < budget {
+            let Some(&(due, user)) = self.schedule.first() else {
+                break;
+            };
+            if due > now_ms {
+                break;
+            }
+            let n = self.expire_user(user, now_ms, budget - done, ops);
+            if n == 0 {
+                // Cannot happen (`due` is exact); never spin on it.
+                debug_assert!(false, "{user} was due at {due} and had nothing to expire");
+                self.schedule.remove(&(due, user));
+                if let Some(inbox) = self.users.get_mut(&user) {
+                    inbox.due = None;
+                }
+            }
+            done += n;
+        }
+        done
+    }
+
+    fn expire_user(
+        &mut self,
+        user: UserId,
+        now_ms: u64,
+        budget: usize,
+        ops: &mut Vec<StoreOp>,
+    ) -> usize {
+        let ttl_ms = self.ttl_ms();
+        let Some(inbox) = self.users.get_mut(&user) else {
+            return 0;
+        };
+        let (count, freed, last) = inbox.drop_front_while(budget, |m| {
+            m.stored_at_ms().saturating_add(ttl_ms) <= now_ms
+        });
+        if count == 0 {
+            return 0;
+        }
+        inbox.expired_upto = inbox.expired_upto.max(last);
+        self.total_bytes -= freed;
+        self.total_messages -= count;
+        ops.push(StoreOp::Counters {
+            user,
+            last_seq: inbox.last_seq,
+            expired_upto: inbox.expired_upto,
+        });
+        reschedule(&mut self.schedule, user, inbox, ttl_ms);
+        if inbox.messages.is_empty() {
+            self.entomb(user, Some(ops));
+        }
+        count
+    }
+
+    /// Makes `user`'s (empty) inbox a tombstone. With `ops`, forgets the oldest tombstones
+    /// past the limit and records that; without (replay), what the log says stays.
+    fn entomb(&mut self, user: UserId, ops: Option<&mut Vec<StoreOp>>) {
         let Some(inbox) = self.users.get_mut(&user) else {
             return;
         };
-        let before = inbox.messages.len();
-        let (freed, last) =
-            inbox.drop_front_while(|m| m.stored_at_ms().saturating_add(ttl) <= now_ms);
-        if before != inbox.messages.len() {
-            inbox.expired_upto = inbox.expired_upto.max(last);
-            self.total_bytes -= freed;
-            self.total_messages -= before - inbox.messages.len();
+        if inbox.tomb.is_some() {
+            return;
+        }
+        self.next_tomb += 1;
+        inbox.tomb = Some(self.next_tomb);
+        self.tombstones.insert(self.next_tomb, user);
+        let Some(ops) = ops else {
+            return;
+        };
+        while self.tombstones.len() > self.limits.max_users {
+            let Some((_, oldest)) = self.tombstones.pop_first() else {
+                break;
+            };
+            if let Some(gone) = self.users.remove(&oldest) {
+                ops.push(StoreOp::Ack {
+                    user: oldest,
+                    upto: gone.last_seq,
+                });
+            }
         }
     }
 
     /// Replays one recorded op (recovery). Limits are not checked: what was stored stays.
     pub fn apply(&mut self, op: StoreOp) {
+        let ttl_ms = self.ttl_ms();
         match op {
             StoreOp::Epoch(epoch) => self.epoch = epoch,
             StoreOp::Append { user, frame } => {
@@ -327,14 +547,19 @@ impl Inboxes {
                     return;
                 }
                 let seq = BigEndian::read_u64(&frame[HEADER_LEN..]);
-                let inbox = self.users.entry(user).or_default();
-                if inbox.messages.back().is_some_and(|m| seq <= m.seq) {
+                if self.users.get(&user).is_some_and(|i| seq <= i.last_seq) {
                     return; // already there
                 }
+                let inbox = self.users.entry(user).or_default();
+                if let Some(tomb) = inbox.tomb.take() {
+                    self.tombstones.remove(&tomb);
+                }
                 let stored = Stored { seq, frame };
-                self.total_bytes += stored.payload_len();
+                self.total_bytes += stored.cost();
                 self.total_messages += 1;
+                self.high_seq = self.high_seq.max(seq);
                 inbox.push(stored);
+                reschedule(&mut self.schedule, user, inbox, ttl_ms);
             }
             StoreOp::Ack { user, upto } => {
                 self.ack(user, upto);
@@ -344,28 +569,78 @@ impl Inboxes {
                 last_seq,
                 expired_upto,
             } => {
+                self.high_seq = self.high_seq.max(last_seq);
+                if user.is_none() {
+                    return;
+                }
                 let inbox = self.users.entry(user).or_default();
                 inbox.last_seq = inbox.last_seq.max(last_seq);
                 inbox.expired_upto = inbox.expired_upto.max(expired_upto);
+                let upto = inbox.expired_upto;
+                let (count, freed, _) = inbox.drop_front_while(usize::MAX, |m| m.seq <= upto);
+                self.total_bytes -= freed;
+                self.total_messages -= count;
+                reschedule(&mut self.schedule, user, inbox, ttl_ms);
+                if !inbox.messages.is_empty() {
+                    return;
+                }
+                if inbox.expired_upto == 0 {
+                    self.users.remove(&user); // nothing to say: numbering is in high_seq
+                } else {
+                    self.entomb(user, None);
+                }
             }
         }
     }
 
-    /// Everything held, as the ops that rebuild it (what compaction writes).
+    /// Everything held, as the ops that rebuild it (what compaction writes): the epoch,
+    /// the relay-wide counter, each inbox's messages and counters, then the tombstones
+    /// oldest first.
     pub fn snapshot(&self) -> Vec<StoreOp> {
-        let mut ops = vec![StoreOp::Epoch(self.epoch)];
-        for (&user, inbox) in &self.users {
+        let mut ops = vec![
+            StoreOp::Epoch(self.epoch),
+            StoreOp::Counters {
+                user: UserId::NONE,
+                last_seq: self.high_seq,
+                expired_upto: 0,
+            },
+        ];
+        let counters = |user: UserId, inbox: &Inbox| StoreOp::Counters {
+            user,
+            last_seq: inbox.last_seq,
+            expired_upto: inbox.expired_upto,
+        };
+        for (&user, inbox) in self.users.iter().filter(|(_, i)| i.tomb.is_none()) {
             ops.extend(inbox.messages.iter().map(|m| StoreOp::Append {
                 user,
                 frame: m.frame.clone(),
             }));
-            ops.push(StoreOp::Counters {
-                user,
-                last_seq: inbox.last_seq,
-                expired_upto: inbox.expired_upto,
-            });
+            ops.push(counters(user, inbox));
+        }
+        for &user in self.tombstones.values() {
+            if let Some(inbox) = self.users.get(&user) {
+                ops.push(counters(user, inbox));
+            }
         }
         ops
+    }
+}
+
+/// Puts `user`'s entry in the expiry schedule where its front message is due (out of it
+/// when it has none).
+fn reschedule(schedule: &mut BTreeSet<(u64, UserId)>, user: UserId, inbox: &mut Inbox, ttl: u64) {
+    let due = inbox
+        .messages
+        .front()
+        .map(|m| m.stored_at_ms().saturating_add(ttl));
+    if due != inbox.due {
+        if let Some(old) = inbox.due {
+            schedule.remove(&(old, user));
+        }
+        if let Some(new) = due {
+            schedule.insert((new, user));
+        }
+        inbox.due = due;
     }
 }
 
@@ -373,13 +648,18 @@ impl Inboxes {
 mod tests {
     use super::*;
 
+    /// Cost of a message of `n` payload bytes.
+    const fn c(n: usize) -> usize {
+        message_cost(n)
+    }
+
     fn limits() -> InboxLimits {
         InboxLimits {
             max_messages: 3,
-            max_bytes: 100,
+            max_bytes: c(0) + c(100),
             ttl: Duration::from_secs(60),
             max_users: 2,
-            max_total_bytes: 150,
+            max_total_bytes: c(0) * 2 + c(150),
         }
     }
 
@@ -387,7 +667,7 @@ mod tests {
 
     #[test]
     fn sequence_numbers_count_up_and_acks_drop_the_front() {
-        let mut inboxes = Inboxes::new(limits(), 7);
+        let mut inboxes = Inboxes::new(limits(), 7, 1);
         for i in 1..=3u64 {
             let (seq, frame) = inboxes.append(BOB, UserId(1), MessageId(i * 10), b"hi", 1000);
             assert_eq!(seq, i);
@@ -407,67 +687,114 @@ mod tests {
             "before the front: the front"
         );
         assert_eq!(inboxes.total_messages(), 1);
+        assert_eq!(inboxes.total_bytes(), c(2));
+        assert_eq!(inboxes.frame_bytes(), HEADER_LEN + INBOX_PREFIX + 2);
+    }
+
+    #[test]
+    fn an_emptied_inbox_is_removed_and_the_next_one_numbers_on_above_every_user() {
+        let mut inboxes = Inboxes::new(limits(), 7, 1);
+        inboxes.append(BOB, UserId(1), MessageId(1), b"a", 0);
+        inboxes.append(BOB, UserId(1), MessageId(2), b"b", 0);
+        for _ in 0..5 {
+            inboxes.append(UserId(3), UserId(1), MessageId(1), b"c", 0);
+            inboxes.ack(UserId(3), u64::MAX);
+        }
+        assert!(inboxes.ack(BOB, 2));
+        assert!(inboxes.get(BOB).is_none());
+        assert_eq!(inboxes.users(), 0);
+        assert_eq!(inboxes.high_seq(), 7, "user 3 got 3, 4, 5, 6, 7");
+        let (seq, _) = inboxes.append(BOB, UserId(1), MessageId(3), b"d", 0);
+        assert_eq!(seq, 8);
+        assert_eq!(inboxes.get(BOB).unwrap().first_seq(), 8);
     }
 
     #[test]
     fn each_limit_is_named_when_hit() {
-        let mut inboxes = Inboxes::new(limits(), 7);
+        let mut inboxes = Inboxes::new(limits(), 7, 1);
         for _ in 0..3 {
-            inboxes.append(BOB, UserId(1), MessageId(1), b"x", 0);
+            inboxes.append(BOB, UserId(1), MessageId(1), b"", 0);
         }
-        assert!(inboxes
-            .check_room(BOB, 1)
-            .unwrap_err()
-            .0
-            .contains("max messages"));
-        assert!(inboxes
-            .check_room(UserId(3), 101)
-            .unwrap_err()
-            .0
-            .contains("max bytes"));
+        let full = |r: Result<(), InboxFull>, what: &str| {
+            let reason = r.unwrap_err().0;
+            assert!(reason.contains(what), "{reason:?} is not {what:?}");
+        };
+        full(inboxes.check_room(BOB, 0), "max messages");
+        full(inboxes.check_room(UserId(3), c(0) + 101), "max bytes");
         inboxes.append(UserId(3), UserId(1), MessageId(1), &[0; 90], 0);
-        assert!(inboxes
-            .check_room(UserId(4), 1)
-            .unwrap_err()
-            .0
-            .contains("max users"));
-        assert!(inboxes
-            .check_room(UserId(3), 60)
-            .unwrap_err()
-            .0
-            .contains("max bytes"));
-        inboxes.ack(BOB, 3);
+        full(inboxes.check_room(UserId(4), 0), "max users");
+        full(inboxes.check_room(UserId(3), 11), "max bytes");
+        inboxes.ack(BOB, 2);
         assert!(inboxes.check_room(BOB, 60).is_ok());
-        assert!(inboxes
-            .check_room(BOB, 61)
-            .unwrap_err()
-            .0
-            .contains("max store bytes"));
+        full(inboxes.check_room(BOB, 61), "max store bytes");
     }
 
     #[test]
-    fn old_messages_expire_and_the_gap_is_remembered() {
-        let mut inboxes = Inboxes::new(limits(), 7);
+    fn expiry_takes_the_oldest_first_in_bounded_steps_and_leaves_a_tombstone() {
+        let mut inboxes = Inboxes::new(limits(), 7, 1);
+        let mut ops = Vec::new();
         inboxes.append(BOB, UserId(1), MessageId(1), b"old", 1_000);
+        inboxes.append(UserId(3), UserId(1), MessageId(1), b"mid", 2_000);
         inboxes.append(BOB, UserId(1), MessageId(2), b"new", 50_000);
-        inboxes.expire(BOB, 61_000);
+        assert_eq!(inboxes.next_expiry(), Some(61_000));
+        assert_eq!(inboxes.expire_due(61_999, 10, &mut ops), 1);
+        assert_eq!(inboxes.next_expiry(), Some(62_000));
         let inbox = inboxes.get(BOB).unwrap();
         assert_eq!((inbox.first_seq(), inbox.expired_upto()), (2, 1));
-        assert_eq!(inboxes.total_bytes(), 3);
+        assert_eq!(inboxes.total_bytes(), c(3) * 2);
+        assert_eq!(inboxes.expire_due(200_000, 1, &mut ops), 1, "the budget");
+        assert_eq!(inboxes.expire_due(200_000, 10, &mut ops), 1);
+        assert_eq!(inboxes.next_expiry(), None);
+        assert_eq!((inboxes.users(), inboxes.tombstones()), (0, 2));
+        assert_eq!(
+            ops.last(),
+            Some(&StoreOp::Counters {
+                user: BOB,
+                last_seq: 2,
+                expired_upto: 2
+            })
+        );
+        // A third tombstone with max_users 2: the oldest (user 3) is forgotten, recorded.
+        inboxes.append(UserId(4), UserId(1), MessageId(1), b"x", 0);
+        inboxes.expire(UserId(4), 60_000, &mut ops);
+        assert_eq!(inboxes.tombstones(), 2);
+        assert!(inboxes.get(UserId(3)).is_none());
+        assert!(ops.contains(&StoreOp::Ack {
+            user: UserId(3),
+            upto: 2
+        }));
+        // Acknowledging past the gap forgets it; a new message numbers on after it.
+        assert!(!inboxes.ack(BOB, 1));
+        let (seq, _) = inboxes.append(BOB, UserId(1), MessageId(3), b"z", 0);
+        assert_eq!(seq, 3);
+        assert_eq!(inboxes.get(BOB).unwrap().expired_upto(), 2);
     }
 
     #[test]
     fn replaying_the_ops_or_a_snapshot_rebuilds_the_same_inboxes() {
-        let mut live = Inboxes::new(limits(), 7);
+        let mut live = Inboxes::new(limits(), 7, 1);
         let mut log = vec![StoreOp::Epoch(7)];
         for i in 1..=3 {
-            let (_, frame) = live.append(BOB, UserId(1), MessageId(i), b"m", 0);
+            let (_, frame) = live.append(BOB, UserId(1), MessageId(i), b"m", i * 1000);
             log.push(StoreOp::Append { user: BOB, frame });
+        }
+        for i in 1..=2 {
+            let (_, frame) = live.append(UserId(3), UserId(1), MessageId(i), b"m", 0);
+            log.push(StoreOp::Append {
+                user: UserId(3),
+                frame,
+            });
         }
         live.ack(BOB, 1);
         log.push(StoreOp::Ack { user: BOB, upto: 1 });
+        live.expire(BOB, 62_000, &mut log);
+        live.ack(UserId(3), 5);
+        log.push(StoreOp::Ack {
+            user: UserId(3),
+            upto: 5,
+        });
         for ops in [log, live.snapshot()] {
-            let mut rebuilt = Inboxes::new(limits(), 0);
+            let mut rebuilt = Inboxes::new(limits(), 0, 1);
             for op in ops {
                 rebuilt.apply(op);
             }
@@ -475,9 +802,14 @@ mod tests {
             let inbox = rebuilt.get(BOB).unwrap();
             assert_eq!(
                 (inbox.first_seq(), inbox.last_seq(), inbox.len()),
-                (2, 3, 2)
+                (3, 3, 1)
             );
-            assert_eq!(rebuilt.total_messages(), 2);
+            assert_eq!(inbox.expired_upto(), 2);
+            assert!(rebuilt.get(UserId(3)).is_none());
+            assert_eq!(rebuilt.high_seq(), 5);
+            assert_eq!(rebuilt.total_messages(), 1);
+            assert_eq!(rebuilt.total_bytes(), live.total_bytes());
+            assert_eq!(rebuilt.next_expiry(), Some(63_000));
         }
     }
 }

@@ -7,17 +7,24 @@
 //! so it always receives the inbox in sequence order. With a durable store every change
 //! is also queued as a [`StoreOp`]; the sender's ACK is held until the driver reports that
 //! the batch is on disk ([`Relay::handle_store_committed`]).
+//!
+//! Messages past their age limit are dropped by [`Relay::expire_inboxes`], which the
+//! relay's timer calls at [`Relay::inbox_deadline`]; it does at most [`EXPIRE_BUDGET`]
+//! messages per call, so one turn of the event loop stays short however much is due.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use log::warn;
+use log::{debug, warn};
 
-use super::inbox::StoreOp;
+use super::inbox::{StoreOp, INBOX_PREFIX};
 use super::session::State;
 use super::{push_output, Relay};
 use crate::proto::frame::{write_ack, write_frame};
 use crate::proto::{ErrorCode, Flags, Header, InboxState, MessageId, Opcode, RawFrame, UserId};
 use crate::ConnId;
+
+/// Messages [`Relay::expire_inboxes`] drops at most per call.
+pub const EXPIRE_BUDGET: usize = 1024;
 
 /// An ACK waiting for its stored message to reach the disk.
 #[derive(Clone, Copy, Debug)]
@@ -30,6 +37,12 @@ pub(super) struct HeldAck {
     /// first copy is in this or an earlier commit); the ACK's count is computed at release.
     seq: Option<u64>,
     count: u32,
+    /// The sender of a DEDUP SEND: at release the first copy's count is written to the
+    /// de-duplication memory (it was recorded as 0 meanwhile), and a resend's is read from
+    /// it, so a resend is ACKed with what the first copy's ACK said.
+    dedup: Option<UserId>,
+    /// False for NO_ACK: held only to set the remembered count.
+    reply: bool,
 }
 
 /// The ops and held ACKs of one loop turn, handed to the driver as one commit.
@@ -51,6 +64,18 @@ impl Relay {
         now: Instant,
     ) {
         let h = *frame.header();
+        let max_frame = self.config.max_frame as usize;
+        let len = frame.as_bytes().len();
+        if len + INBOX_PREFIX > max_frame {
+            // Its INBOX_DELIVER (the SEND plus seq and stored-at) must fit a frame too.
+            let reason = format!(
+                "a STORED SEND may be at most {} bytes (the max frame, {max_frame}, less the \
+                 {INBOX_PREFIX} bytes INBOX_DELIVER adds); this one is {len}",
+                max_frame.saturating_sub(INBOX_PREFIX)
+            );
+            self.reply_error(id, h.msg_id, h.target, ErrorCode::FrameTooLarge, &reason);
+            return;
+        }
         if let Some(failure) = &self.store_failure {
             // Fail-stop: after a failed write the log's tail is unknown, so nothing more
             // is promised as stored until the relay restarts and reads it back.
@@ -58,8 +83,8 @@ impl Relay {
             self.reply_error(id, h.msg_id, h.target, ErrorCode::StoreFailed, &reason);
             return;
         }
+        self.expire_inbox(h.target, now);
         let now_ms = self.unix_ms(now);
-        self.inboxes.expire(h.target, now_ms);
         if let Err(full) = self.inboxes.check_room(h.target, frame.payload().len()) {
             self.reply_error(id, h.msg_id, h.target, ErrorCode::InboxFull, &full.0);
             return;
@@ -76,11 +101,25 @@ impl Relay {
                 frame: deliver,
             });
             self.appended.push((h.target, seq));
-            if h.flags.contains(Flags::DEDUP) {
+            let dedup = h.flags.contains(Flags::DEDUP);
+            if dedup {
+                // The count is known at the commit (set there); a resend before it finds
+                // this entry and waits for the same commit.
                 self.dedup.record(sender, h.msg_id, 0, now);
             }
-            if !h.flags.contains(Flags::NO_ACK) {
-                self.hold_ack(id, h.msg_id, h.target, Some(seq), 0);
+            let reply = !h.flags.contains(Flags::NO_ACK);
+            if reply || dedup {
+                let held = HeldAck {
+                    conn: id,
+                    serial: 0,
+                    msg_id: h.msg_id,
+                    target: h.target,
+                    seq: Some(seq),
+                    count: 0,
+                    dedup: dedup.then_some(sender),
+                    reply,
+                };
+                self.hold_ack(held);
             }
             return;
         }
@@ -112,30 +151,29 @@ impl Relay {
         count
     }
 
-    fn hold_ack(
-        &mut self,
-        id: ConnId,
-        msg_id: MessageId,
-        target: UserId,
-        seq: Option<u64>,
-        count: u32,
-    ) {
-        if let Some(s) = self.sessions.get(id.0) {
-            self.held_acks.push(HeldAck {
-                conn: id,
-                serial: s.serial,
-                msg_id,
-                target,
-                seq,
-                count,
-            });
+    /// Holds `held` (its serial taken from the connection) until the next commit.
+    fn hold_ack(&mut self, mut held: HeldAck) {
+        if let Some(s) = self.sessions.get(held.conn.0) {
+            held.serial = s.serial;
+            self.held_acks.push(held);
         }
     }
 
-    /// ACKs a stored SEND: now with the memory store, after the next commit otherwise.
+    /// ACKs a stored SEND (a DEDUP resend: `count` is what the first copy's ACK said, if
+    /// known): now with the memory store, after the next commit otherwise.
     pub(super) fn ack_stored(&mut self, id: ConnId, msg_id: MessageId, target: UserId, count: u32) {
         if self.durable {
-            self.hold_ack(id, msg_id, target, None, count);
+            let sender = self.sessions.get(id.0).and_then(|s| s.user());
+            self.hold_ack(HeldAck {
+                conn: id,
+                serial: 0,
+                msg_id,
+                target,
+                seq: None,
+                count,
+                dedup: sender,
+                reply: true,
+            });
         } else {
             write_ack(self.scratch(), msg_id, target, count);
             self.queue_scratch(id);
@@ -156,8 +194,7 @@ impl Relay {
         if epoch != self.inboxes.epoch() {
             last = 0; // numbers from another store (or a fresh client) mean nothing here
         }
-        let now_ms = self.unix_ms(now);
-        self.inboxes.expire(user, now_ms);
+        self.expire_inbox(user, now);
         self.record_ack(user, last);
         let state = match self.inboxes.get(user) {
             Some(inbox) => InboxState {
@@ -166,10 +203,11 @@ impl Relay {
                 last_seq: inbox.durable_seq(),
                 expired_upto: inbox.expired_upto(),
             },
+            // No inbox: the user's next number comes after every number handed out.
             None => InboxState {
                 epoch: self.inboxes.epoch(),
-                first_seq: 1,
-                last_seq: 0,
+                first_seq: self.inboxes.high_seq() + 1,
+                last_seq: self.inboxes.high_seq(),
                 expired_upto: 0,
             },
         };
@@ -257,7 +295,7 @@ impl Relay {
             return;
         };
         let cap = self.config.room_cap();
-        while s.out.len_bytes() < cap {
+        while s.out.held() < cap {
             let Some(next) = inbox.next_after(s.inbox_pushed) else {
                 break;
             };
@@ -319,15 +357,27 @@ impl Relay {
                 }
             }
             for held in commit.acks {
-                if self.sessions.get(held.conn.0).map(|s| s.serial) != Some(held.serial) {
+                let count = match (held.seq, held.dedup) {
+                    (Some(seq), dedup) => {
+                        let count = self.devices_holding(held.target, seq);
+                        if let (Some(sender), true) = (dedup, result.is_ok()) {
+                            self.dedup.set_count(sender, held.msg_id, count);
+                        }
+                        count
+                    }
+                    (None, Some(sender)) => self
+                        .dedup
+                        .count_of(sender, held.msg_id)
+                        .unwrap_or(held.count),
+                    (None, None) => held.count,
+                };
+                if !held.reply
+                    || self.sessions.get(held.conn.0).map(|s| s.serial) != Some(held.serial)
+                {
                     continue;
                 }
                 match &result {
                     Ok(()) => {
-                        let count = match held.seq {
-                            Some(seq) => self.devices_holding(held.target, seq),
-                            None => held.count,
-                        };
                         write_ack(self.scratch(), held.msg_id, held.target, count);
                         self.queue_scratch(held.conn);
                     }
@@ -388,8 +438,46 @@ impl Relay {
         self.inboxes.users()
     }
 
-    /// Payload bytes held in inboxes (compaction compares the log against it).
+    /// Bytes of the stored INBOX_DELIVER frames (compaction compares the log against it).
+    /// The byte limits count more per message (protocol.md, section 15).
     pub fn stored_bytes(&self) -> usize {
-        self.inboxes.total_bytes()
+        self.inboxes.frame_bytes()
+    }
+
+    /// Drops `user`'s messages that passed the age limit (before a request reads or adds
+    /// to the inbox), queuing the store ops.
+    fn expire_inbox(&mut self, user: UserId, now: Instant) {
+        let now_ms = self.unix_ms(now);
+        let mark = self.store_ops.len();
+        self.inboxes.expire(user, now_ms, &mut self.store_ops);
+        if !self.durable {
+            self.store_ops.truncate(mark);
+        }
+    }
+
+    /// Drops up to 1024 (`EXPIRE_BUDGET`) stored messages that passed the age limit by `now`,
+    /// from the inboxes whose oldest message is oldest, queuing the store ops. Call it
+    /// whenever [`Relay::inbox_deadline`] has passed; when more is due than the budget,
+    /// the deadline stays in the past and the next turn goes on.
+    pub fn expire_inboxes(&mut self, now: Instant) {
+        let now_ms = self.unix_ms(now);
+        let mark = self.store_ops.len();
+        let expired = self
+            .inboxes
+            .expire_due(now_ms, EXPIRE_BUDGET, &mut self.store_ops);
+        if !self.durable {
+            self.store_ops.truncate(mark);
+        }
+        if expired > 0 {
+            debug!("{expired} stored messages expired");
+        }
+    }
+
+    /// When [`Relay::expire_inboxes`] next has work: the oldest stored message's age limit
+    /// (already past when the last call left some due). `None` when nothing is stored.
+    pub fn inbox_deadline(&self) -> Option<Instant> {
+        let due_ms = self.inboxes.next_expiry()?;
+        let (base, base_ms) = self.clock_base;
+        base.checked_add(Duration::from_millis(due_ms.saturating_sub(base_ms)))
     }
 }

@@ -158,7 +158,7 @@ impl Relay {
             directory: Directory::new(rng.next_u64()),
             rooms: Rooms::new(rng.next_u64()),
             dedup,
-            inboxes: Inboxes::new(limits, rng.next_u64()),
+            inboxes: Inboxes::new(limits, rng.next_u64(), rng.next_u64()),
             durable: false,
             store_ops: Vec::new(),
             store_failure: None,
@@ -799,13 +799,21 @@ impl Relay {
 
     // ---- time --------------------------------------------------------------------------
 
-    /// The earliest time [`Relay::handle_timeout`] has work to do.
+    /// The earliest time [`Relay::handle_timeout`] has work to do: a connection's deadline
+    /// or a stored message's age limit.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.next()
+        match (self.timers.next(), self.inbox_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Runs every deadline due at `now`: login timeouts, PINGs, idle timeouts, linger ends.
+    /// Runs every deadline due at `now`: login timeouts, PINGs, idle timeouts, frame
+    /// timeouts, linger ends, and a bounded step of stored-message expiry.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.inbox_deadline().is_some_and(|at| at <= now) {
+            self.expire_inboxes(now);
+        }
         while let Some(due) = self.timers.pop_due(now) {
             let id = due.conn;
             let Some(s) = self.sessions.get_mut(id.0) else {

@@ -195,3 +195,313 @@ fn a_restored_relay_has_the_same_inboxes_and_numbering() {
     after.relay.handle_store_committed(commit, Ok(()));
     assert_eq!(delivered_seqs(&mut after, bob), [4], "numbering goes on");
 }
+
+/// Logs `user` in, syncs from nothing, takes what is queued and acknowledges all of it.
+/// Returns the connection and the sequence numbers it was sent.
+fn sync_and_ack_all(h: &mut Harness, user: u64) -> (crate::ConnId, Vec<u64>) {
+    let id = h.login(user);
+    h.send_frame(id, Frame::inbox_sync(MessageId(1), 0, 0));
+    let seqs = delivered_seqs(h, id);
+    if let Some(&last) = seqs.last() {
+        h.send_frame(id, Frame::inbox_ack(MessageId(2), last));
+    }
+    (id, seqs)
+}
+
+#[test]
+fn an_inbox_emptied_by_acks_frees_its_user_slot_and_numbers_never_repeat() {
+    let mut h = Harness::new(Config {
+        store_max_users: 3,
+        ..Config::default()
+    });
+    let alice = h.login(ALICE);
+    for (i, user) in [10, 11, 12].into_iter().enumerate() {
+        h.send_frame(alice, stored(i as u64 + 1, user, b"m"));
+        assert_eq!(h.take_frames(alice)[0].opcode, Opcode::Ack);
+    }
+    let mut acked = Vec::new();
+    for user in [10, 11, 12] {
+        let (id, seqs) = sync_and_ack_all(&mut h, user);
+        assert_eq!(seqs.len(), 1);
+        acked.push((id, seqs[0]));
+    }
+    assert_eq!(h.relay.stored_messages(), 0);
+    assert_eq!(h.relay.inbox_users(), 0, "empty inboxes hold no slot");
+    h.send_frame(alice, stored(4, 13, b"m"));
+    assert_eq!(h.take_frames(alice)[0].opcode, Opcode::Ack, "a fourth user");
+
+    // User 10 gets mail again: its synced connection is pushed a number above the one
+    // it acknowledged, and so is a device that syncs with that number later.
+    let (bob, bob_acked) = acked[0];
+    h.send_frame(alice, stored(5, 10, b"again"));
+    let again = delivered_seqs(&mut h, bob);
+    assert_eq!(again.len(), 1);
+    assert!(again[0] > bob_acked, "{again:?} reuses {bob_acked}");
+    let epoch = {
+        let phone = h.login(10);
+        h.send_frame(phone, Frame::inbox_sync(MessageId(1), 0, 0));
+        let frames = h.take_frames(phone);
+        frames[0].inbox_state().unwrap().epoch
+    };
+    let tablet = h.login(10);
+    h.send_frame(tablet, Frame::inbox_sync(MessageId(1), epoch, bob_acked));
+    let frames = h.take_frames(tablet);
+    let state = frames[0].inbox_state().unwrap();
+    assert!(
+        state.expired_upto <= bob_acked,
+        "no gap was made up: {state:?}"
+    );
+    assert_eq!(delivered_seqs(&mut h, tablet), Vec::<u64>::new());
+    assert_eq!(frames[1].inbox_deliver().unwrap().0, again[0]);
+}
+
+#[test]
+fn numbers_stay_above_acked_ones_after_a_restore_from_the_log_or_a_snapshot() {
+    let mut h = durable();
+    let alice = h.login(ALICE);
+    let mut log = vec![StoreOp::Epoch(77)];
+    for i in 1..=3 {
+        h.send_frame(alice, stored(i, BOB, b"m"));
+    }
+    let commit = h.relay.take_commit(&mut log).unwrap();
+    h.relay.handle_store_committed(commit, Ok(()));
+    let bob = h.login(BOB);
+    h.send_frame(bob, Frame::inbox_sync(MessageId(1), 77, 0));
+    assert_eq!(delivered_seqs(&mut h, bob), [1, 2, 3]);
+    h.send_frame(bob, Frame::inbox_ack(MessageId(2), 3));
+    h.relay.take_commit(&mut log);
+    assert_eq!(h.relay.inbox_users(), 0);
+    let snapshot = h.relay.store_snapshot();
+
+    for ops in [log, snapshot] {
+        let mut after = durable();
+        after.relay.restore(ops);
+        assert_eq!(after.relay.inbox_users(), 0);
+        let bob = after.login(BOB);
+        after.send_frame(bob, Frame::inbox_sync(MessageId(1), 77, 3));
+        let state = after.take_frames(bob)[0].inbox_state().unwrap();
+        assert_eq!(state.expired_upto, 0, "acked, not missed");
+        let alice = after.login(ALICE);
+        after.send_frame(alice, stored(9, BOB, b"m"));
+        let mut ops = Vec::new();
+        let commit = after.relay.take_commit(&mut ops).unwrap();
+        after.relay.handle_store_committed(commit, Ok(()));
+        let seqs = delivered_seqs(&mut after, bob);
+        assert_eq!(seqs.len(), 1);
+        assert!(seqs[0] > 3, "seq {} was acked already", seqs[0]);
+    }
+}
+
+#[test]
+fn an_inbox_emptied_by_age_frees_its_slot_and_still_reports_the_gap() {
+    let mut h = Harness::new(Config {
+        store_max_users: 1,
+        inbox_ttl: Duration::from_secs(60),
+        ..Config::default()
+    });
+    let alice = h.login(ALICE);
+    h.send_frame(alice, stored(1, BOB, b"old"));
+    h.send_frame(alice, stored(2, BOB, b"old"));
+    h.take_frames(alice);
+    h.now += Duration::from_secs(61);
+    h.relay.expire_inboxes(h.now);
+    assert_eq!(h.relay.stored_messages(), 0);
+    h.send_frame(alice, stored(3, 3, b"m"));
+    assert_eq!(
+        h.take_frames(alice)[0].opcode,
+        Opcode::Ack,
+        "Bob's slot is free"
+    );
+    let bob = h.login(BOB);
+    h.send_frame(bob, Frame::inbox_sync(MessageId(1), 0, 0));
+    let state = h.take_frames(bob)[0].inbox_state().unwrap();
+    assert_eq!(state.expired_upto, 2, "Bob learns he missed 1..=2");
+    // Once Bob has acknowledged the gap it is forgotten; his numbers go on above it.
+    h.send_frame(bob, Frame::inbox_ack(MessageId(2), 2));
+    h.send_frame(alice, stored(4, 3, b"m"));
+    h.take_frames(alice);
+    h.send_frame(alice, stored(5, BOB, b"new"));
+    assert_eq!(
+        h.take_frames(alice)[0].error_code(),
+        Some(ErrorCode::InboxFull),
+        "one user at a time"
+    );
+    let user3 = h.login(3);
+    h.send_frame(user3, Frame::inbox_sync(MessageId(1), 0, 0));
+    let seqs = delivered_seqs(&mut h, user3);
+    h.send_frame(user3, Frame::inbox_ack(MessageId(2), *seqs.last().unwrap()));
+    h.send_frame(alice, stored(6, BOB, b"new"));
+    assert_eq!(h.take_frames(alice)[0].opcode, Opcode::Ack);
+    assert!(delivered_seqs(&mut h, bob)[0] > 2);
+}
+
+/// Within the millisecond the relay's wall clock rounds to.
+fn near(a: std::time::Instant, b: std::time::Instant) -> bool {
+    a.max(b) - a.min(b) < Duration::from_millis(2)
+}
+
+#[test]
+fn expiry_runs_on_the_timer_in_bounded_steps_and_frees_the_store() {
+    let ttl = Duration::from_secs(60);
+    let mut h = Harness::new(Config {
+        inbox_ttl: ttl,
+        ..Config::default()
+    });
+    let t0 = h.now;
+    assert_eq!(h.relay.inbox_deadline(), None);
+    let alice = h.login(ALICE);
+    // 1500 messages to 300 users who never come back, then one more a bit later.
+    for i in 0..1500u64 {
+        h.send_frame(alice, stored(i + 1, 100 + i % 300, b"m"));
+    }
+    h.now += Duration::from_secs(10);
+    h.send_frame(alice, stored(9999, 7, b"later"));
+    h.take_frames(alice);
+    let deadline = h.relay.inbox_deadline().expect("a deadline");
+    assert!(near(deadline, t0 + ttl), "{deadline:?}");
+    let bytes = h.relay.stored_bytes();
+
+    h.now = t0 + ttl;
+    h.relay.expire_inboxes(h.now);
+    assert_eq!(
+        h.relay.stored_messages(),
+        1501 - 1024,
+        "at most 1024 per call"
+    );
+    assert!(h.relay.inbox_deadline().unwrap() <= h.now, "more is due");
+    h.relay.expire_inboxes(h.now);
+    assert_eq!(h.relay.stored_messages(), 1);
+    assert!(h.relay.stored_bytes() < bytes / 100);
+    let next = h.relay.inbox_deadline().unwrap();
+    assert!(near(next, t0 + ttl + Duration::from_secs(10)));
+    h.now = next;
+    h.relay.expire_inboxes(h.now);
+    assert_eq!(h.relay.stored_messages(), 0);
+    assert_eq!(h.relay.inbox_deadline(), None);
+}
+
+#[test]
+fn expiry_is_recorded_so_a_restore_has_the_same_gap() {
+    let mut h = Harness::new(Config {
+        inbox_ttl: Duration::from_secs(60),
+        ..Config::default()
+    });
+    h.relay.restore(vec![StoreOp::Epoch(77)]);
+    let alice = h.login(ALICE);
+    let mut log = vec![StoreOp::Epoch(77)];
+    h.send_frame(alice, stored(1, BOB, b"old"));
+    h.now += Duration::from_secs(30);
+    h.send_frame(alice, stored(2, BOB, b"newer"));
+    let commit = h.relay.take_commit(&mut log).unwrap();
+    h.relay.handle_store_committed(commit, Ok(()));
+    h.now += Duration::from_secs(31);
+    h.relay.expire_inboxes(h.now);
+    h.relay.take_commit(&mut log);
+    assert_eq!(h.relay.stored_messages(), 1);
+    for ops in [log, h.relay.store_snapshot()] {
+        // Restored at the same wall-clock time: only the expiry records can explain 1.
+        let mut after = Harness::new(Config::default());
+        after.relay.restore(ops);
+        assert_eq!(after.relay.stored_messages(), 1);
+        let bob = after.login(BOB);
+        after.send_frame(bob, Frame::inbox_sync(MessageId(1), 77, 0));
+        let state = after.take_frames(bob)[0].inbox_state().unwrap();
+        assert_eq!((state.first_seq, state.expired_upto), (2, 1));
+    }
+}
+
+#[test]
+fn a_stored_send_whose_inbox_deliver_would_pass_the_max_frame_is_refused() {
+    let mut h = Harness::new(Config {
+        max_frame: 4096,
+        ..Config::default()
+    });
+    let alice = h.login(ALICE);
+    let bob = h.login(BOB);
+    h.send_frame(bob, Frame::inbox_sync(MessageId(1), 0, 0));
+    h.take_frames(bob);
+    // A full-size frame: fine as a plain SEND, 16 bytes too long as an INBOX_DELIVER.
+    h.send_frame(alice, stored(1, BOB, &[b'x'; 4096 - 32]));
+    let err = h.expect_error(alice, ErrorCode::FrameTooLarge);
+    assert!(err.error().unwrap().1.contains("4080"), "{err:?}");
+    assert_eq!(h.relay.stored_messages(), 0);
+    h.send_frame(alice, stored(2, BOB, &[b'x'; 4096 - 32 - 16]));
+    assert_eq!(h.take_frames(alice)[0].ack_count(), Some(1), "still open");
+    let delivered = h.take_frames(bob);
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].encoded_len(), 4096);
+}
+
+#[test]
+fn each_stored_message_is_charged_its_frame_and_a_fixed_overhead() {
+    // An empty stored message costs 32 (header) + 16 (seq, stored_at) + 64 = 112 bytes.
+    let mut h = Harness::new(Config {
+        store_max_bytes: 1024,
+        inbox_max_bytes: 300,
+        ..Config::default()
+    });
+    let alice = h.login(ALICE);
+    let mut answers = Vec::new();
+    for i in 0..3 {
+        h.send_frame(alice, stored(i + 1, BOB, b""));
+        answers.push(h.take_frames(alice).remove(0));
+    }
+    assert_eq!(answers[1].opcode, Opcode::Ack);
+    assert!(answers[2]
+        .error()
+        .unwrap()
+        .1
+        .contains("max bytes per inbox"));
+    let mut acked = 2;
+    for i in 0..100 {
+        h.send_frame(alice, stored(i + 10, 100 + i, b""));
+        let answer = h.take_frames(alice).remove(0);
+        if answer.opcode != Opcode::Ack {
+            assert!(answer.error().unwrap().1.contains("max store bytes"));
+            break;
+        }
+        acked += 1;
+    }
+    assert_eq!(acked, 1024 / 112);
+}
+
+#[test]
+fn a_dedup_resend_of_a_durable_stored_send_gets_the_first_ack_count() {
+    let mut h = durable();
+    let bob = h.login(BOB);
+    h.send_frame(bob, Frame::inbox_sync(MessageId(1), 77, 0));
+    h.take_frames(bob);
+    let dedup = Flags::STORED.union(Flags::DEDUP);
+    let alice = h.login(ALICE);
+    let mut ops = Vec::new();
+    // Resent after the first is on disk.
+    h.send_frame(alice, stored(5, BOB, b"x").with_flags(dedup));
+    let commit = h.relay.take_commit(&mut ops).unwrap();
+    h.relay.handle_store_committed(commit, Ok(()));
+    h.send_frame(alice, stored(5, BOB, b"x").with_flags(dedup));
+    let commit = h.relay.take_commit(&mut ops).unwrap();
+    h.relay.handle_store_committed(commit, Ok(()));
+    let counts: Vec<_> = h.take_frames(alice).iter().map(|a| a.ack_count()).collect();
+    assert_eq!(counts, [Some(1), Some(1)]);
+    // Resent in the same turn.
+    h.send_frame(alice, stored(6, BOB, b"y").with_flags(dedup));
+    h.send_frame(alice, stored(6, BOB, b"y").with_flags(dedup));
+    let commit = h.relay.take_commit(&mut ops).unwrap();
+    h.relay.handle_store_committed(commit, Ok(()));
+    let counts: Vec<_> = h.take_frames(alice).iter().map(|a| a.ack_count()).collect();
+    assert_eq!(counts, [Some(1), Some(1)]);
+    // Resent from a new connection before the first one's commit, the first one gone.
+    h.send_frame(alice, stored(7, BOB, b"z").with_flags(dedup));
+    h.relay.handle_closed(alice);
+    let alice = h.login(ALICE);
+    h.send_frame(alice, stored(7, BOB, b"z").with_flags(dedup));
+    let commit = h.relay.take_commit(&mut ops).unwrap();
+    h.relay.handle_store_committed(commit, Ok(()));
+    let acks: Vec<_> = h
+        .take_frames(alice)
+        .iter()
+        .map(|a| (a.msg_id, a.ack_count()))
+        .collect();
+    assert_eq!(acks, [(MessageId(7), Some(1))]);
+    assert_eq!(delivered_seqs(&mut h, bob), [1, 2, 3]);
+}

@@ -389,3 +389,22 @@ fn kill_9_while_the_recipient_is_online_loses_and_repeats_nothing() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `printf 'login 66\nstore 67 hello\n' | nc -q 3 127.0.0.1 7700`: the sender closes its
+/// side right after the STORE, before the store's commit. It still gets the ACK, then the
+/// relay closes.
+#[test]
+fn a_sender_closing_right_after_a_store_gets_its_ack() {
+    use std::io::{Read, Write};
+    let dir = data_dir("close-after-store");
+    let relay = TestRelay::start_with_store(Config::default(), &dir, 1 << 30);
+    let mut telnet = std::net::TcpStream::connect(relay.addr).unwrap();
+    telnet.set_read_timeout(Some(SAFETY_TIMEOUT)).unwrap();
+    telnet.write_all(b"login 66\nstore 67 hello\n").unwrap();
+    telnet.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = String::new();
+    telnet
+        .read_to_string(&mut out)
+        .expect("the relay closes after answering");
+    assert_eq!(out, "OK LOGIN 66\r\nACK 2 0\r\n");
+}

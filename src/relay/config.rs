@@ -46,13 +46,14 @@ pub struct Config {
     pub dedup_max_entries: usize,
     /// Stored messages one user's inbox may hold (default 10,000).
     pub inbox_max_messages: usize,
-    /// Payload bytes one user's inbox may hold (default 16 MiB).
+    /// Bytes one user's inbox may hold, each message counted as its SEND frame's length
+    /// plus 80 (default 16 MiB).
     pub inbox_max_bytes: usize,
     /// How long a stored message waits for its recipient (default 7 days).
     pub inbox_ttl: Duration,
     /// Users with an inbox (default 1,000,000).
     pub store_max_users: usize,
-    /// Stored payload bytes over all inboxes (default 1 GiB).
+    /// Stored bytes over all inboxes, counted as per inbox (default 1 GiB).
     pub store_max_bytes: usize,
     /// Memory all connections may hold together: output queues (counted as
     /// [`super::OutQueue::held`]) and partial input (default 1 GiB; the binary derives its

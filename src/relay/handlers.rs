@@ -38,7 +38,11 @@ impl Relay {
             Some(Opcode::InboxAck) => self.on_inbox_ack(id, &frame),
             Some(Opcode::Bye) => {
                 let bye = frame.rewrite(Opcode::Bye, UserId::NONE, UserId::NONE);
-                self.queue(id, bye);
+                match self.sessions.get_mut(id.0) {
+                    // ACKs of stored SENDs still wait for the disk: BYE answers last.
+                    Some(s) if s.acks_held > 0 => s.extra_mut().deferred_bye = Some(bye),
+                    _ => self.queue(id, bye),
+                }
                 debug!("{id}: BYE");
                 self.begin_close(id, now);
             }

@@ -153,9 +153,30 @@ impl Relay {
 
     /// Holds `held` (its serial taken from the connection) until the next commit.
     fn hold_ack(&mut self, mut held: HeldAck) {
-        if let Some(s) = self.sessions.get(held.conn.0) {
+        if let Some(s) = self.sessions.get_mut(held.conn.0) {
             held.serial = s.serial;
+            if held.reply {
+                s.acks_held += 1;
+            }
             self.held_acks.push(held);
+        }
+    }
+
+    /// One held ACK (or STORE_FAILED) of `id` was queued: after the last one, a deferred
+    /// BYE reply follows, and a closing connection may close once flushed.
+    fn release_ack(&mut self, id: ConnId) {
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            return;
+        };
+        s.acks_held = s.acks_held.saturating_sub(1);
+        if s.acks_held > 0 {
+            return;
+        }
+        if let Some(bye) = s.extra.as_mut().and_then(|e| e.deferred_bye.take()) {
+            self.queue(id, bye);
+        } else if s.state == State::Closing && !s.in_flush_list {
+            s.in_flush_list = true;
+            self.flush_list.push(id);
         }
     }
 
@@ -380,6 +401,7 @@ impl Relay {
                     Ok(()) => {
                         write_ack(self.scratch(), held.msg_id, held.target, count);
                         self.queue_scratch(held.conn);
+                        self.release_ack(held.conn);
                     }
                     Err(e) => {
                         let reason = format!("not stored: {e}");
@@ -390,6 +412,7 @@ impl Relay {
                             ErrorCode::StoreFailed,
                             &reason,
                         );
+                        self.release_ack(held.conn);
                     }
                 }
             }

@@ -778,12 +778,13 @@ impl Relay {
         }
     }
 
-    /// True when the connection is closing and its output is flushed (or its linger time
-    /// ran out): the driver closes the socket and calls [`Relay::handle_closed`].
+    /// True when the connection is closing and its output is flushed, with no ACK still
+    /// waiting for the store (or its linger time ran out): the driver closes the socket
+    /// and calls [`Relay::handle_closed`].
     pub fn is_finished(&self, id: ConnId) -> bool {
-        self.sessions
-            .get(id.0)
-            .is_some_and(|s| s.state == State::Closing && (s.out.is_empty() || s.linger_over))
+        self.sessions.get(id.0).is_some_and(|s| {
+            s.state == State::Closing && ((s.out.is_empty() && s.acks_held == 0) || s.linger_over)
+        })
     }
 
     /// The next connection whose reads were paused and may go on.

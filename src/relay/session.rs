@@ -107,6 +107,10 @@ pub struct Session {
     pub inbox_synced: bool,
     /// The highest inbox sequence number queued to this connection.
     pub inbox_pushed: u64,
+    /// ACKs of stored SENDs from this connection that wait for the store's commit. A
+    /// closing connection is not closed before they are sent: a sender gets the answer to
+    /// every frame it sent.
+    pub acks_held: u32,
 }
 
 /// The part of a session that binary connections do not need.
@@ -116,6 +120,8 @@ pub struct Extra {
     pub text_ids: u64,
     /// WebSocket state, set at the upgrade.
     pub ws: Option<WsSession>,
+    /// The reply to a BYE that came while ACKs were held: sent after the last of them.
+    pub deferred_bye: Option<bytes::Bytes>,
     /// Input of the codecs other than binary that waits for its end: a partial text line,
     /// an HTTP request head, or the first bytes while the codec is undecided.
     pub pending: BytesMut,
@@ -182,6 +188,7 @@ impl Session {
             room_rate: TokenBucket::default(),
             inbox_synced: false,
             inbox_pushed: 0,
+            acks_held: 0,
         }
     }
 

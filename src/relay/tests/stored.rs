@@ -505,3 +505,34 @@ fn a_dedup_resend_of_a_durable_stored_send_gets_the_first_ack_count() {
     assert_eq!(acks, [(MessageId(7), Some(1))]);
     assert_eq!(delivered_seqs(&mut h, bob), [1, 2, 3]);
 }
+
+#[test]
+fn a_sender_that_closes_right_after_a_stored_send_still_gets_its_ack() {
+    let mut h = durable();
+    // End of stream right after the STORE line (`printf 'login 66\nstore 67 hello\n' | nc`).
+    let telnet = h.open();
+    h.feed(telnet, b"login 66\nstore 67 hello\n");
+    h.relay.handle_eof(telnet, h.now);
+    assert_eq!(h.take_output(telnet), b"OK LOGIN 66\r\n");
+    assert!(
+        !h.relay.is_finished(telnet),
+        "not closed while its ACK waits for the disk"
+    );
+    let mut ops = Vec::new();
+    let commit = h.relay.take_commit(&mut ops).expect("a commit");
+    h.relay.handle_store_committed(commit, Ok(()));
+    assert_eq!(h.take_output(telnet), b"ACK 2 0\r\n");
+    assert!(h.relay.is_finished(telnet));
+
+    // BYE right after a stored SEND: the ACK first, then the BYE reply, then the close.
+    let alice = h.login(ALICE);
+    h.send_frame(alice, stored(5, BOB, b"hi"));
+    h.send_frame(alice, Frame::bye(MessageId(6)));
+    assert!(h.take_frames(alice).is_empty());
+    assert!(!h.relay.is_finished(alice));
+    let commit = h.relay.take_commit(&mut ops).expect("a commit");
+    h.relay.handle_store_committed(commit, Ok(()));
+    let replies: Vec<Opcode> = h.take_frames(alice).iter().map(|f| f.opcode).collect();
+    assert_eq!(replies, [Opcode::Ack, Opcode::Bye]);
+    assert!(h.relay.is_finished(alice));
+}

@@ -329,7 +329,8 @@ impl Server {
             "stats: {} connections ({} users, {} rooms); opened {} refused {} closed {}; \
              frames in {} ({} B); routed {} -> {} deliveries; room messages {} -> {} \
              deliveries, {} dropped for slow members; out {} B; lost on reset {} B; \
-             errors sent {errors}; read pauses {}; stored {} (held {} for {} users)",
+             errors sent {errors}; read pauses {}; stored {} (held {} for {} users); \
+             connection memory {} B of {} B",
             self.relay.session_count(),
             self.relay.user_count(),
             self.relay.room_count(),
@@ -349,6 +350,8 @@ impl Server {
             m.messages_stored,
             self.relay.stored_messages(),
             self.relay.inbox_users(),
+            self.relay.memory_held(),
+            self.relay.config().max_memory,
         );
     }
 

@@ -88,6 +88,10 @@ struct Args {
     /// Compact the store's log once it passes this many bytes (and twice the live data).
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     store_compact_at: u64,
+    /// Start even if the store's log is damaged before its end: skip the damaged records,
+    /// keep every valid one, rewrite the log and log what was lost.
+    #[arg(long)]
+    store_repair: bool,
     /// Seconds between metrics log lines (0 = none).
     #[arg(long, default_value_t = 60)]
     stats_interval: u64,
@@ -218,7 +222,7 @@ fn main() -> ExitCode {
     };
     if args.store != "memory" {
         let dir = std::path::Path::new(&args.store);
-        if let Err(e) = server.open_store(dir, args.store_compact_at) {
+        if let Err(e) = server.open_store_with(dir, args.store_compact_at, args.store_repair) {
             error!("cannot open the store in {}: {e}", dir.display());
             return ExitCode::from(1);
         }

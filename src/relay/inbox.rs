@@ -195,8 +195,14 @@ impl Inbox {
     /// The held message right after `seq`, if any.
     pub fn next_after(&self, seq: u64) -> Option<&Stored> {
         let first = self.messages.front()?.seq;
-        let index = (seq + 1).saturating_sub(first);
-        self.messages.get(usize::try_from(index).ok()?)
+        let guess = usize::try_from((seq + 1).saturating_sub(first)).ok()?;
+        match self.messages.get(guess) {
+            // Consecutive numbers (always, unless a repair dropped a damaged record).
+            Some(m) if m.seq == (seq + 1).max(first) => Some(m),
+            _ => self
+                .messages
+                .get(self.messages.partition_point(|m| m.seq <= seq)),
+        }
     }
 
     fn push(&mut self, stored: Stored) {

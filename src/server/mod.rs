@@ -15,10 +15,11 @@
 pub mod io;
 mod limits;
 mod store;
+pub mod store_fs;
 mod store_writer;
 
 pub use limits::{raise_fd_limit, RESERVED_FDS};
-pub use store::LogStore;
+pub use store::{Damage, LogStore, RepairReport, StoreError};
 
 use std::io::{ErrorKind, IoSlice, Write};
 use std::net::SocketAddr;
@@ -260,7 +261,18 @@ impl Server {
     /// writer thread. Stored SENDs are then ACKed only once they are on disk (call before
     /// `run`).
     pub fn open_store(&mut self, dir: &std::path::Path, compact_at: u64) -> std::io::Result<()> {
-        let (store, ops) = LogStore::open(dir)?;
+        self.open_store_with(dir, compact_at, false)
+    }
+
+    /// [`Server::open_store`]; with `repair`, damaged records in the log are skipped
+    /// instead of refusing to start ([`LogStore::open_with`]).
+    pub fn open_store_with(
+        &mut self,
+        dir: &std::path::Path,
+        compact_at: u64,
+        repair: bool,
+    ) -> std::io::Result<()> {
+        let (store, ops) = LogStore::open_with(dir, repair)?;
         self.relay.restore(ops);
         info!(
             "store {}: {} stored messages, {} bytes of log",

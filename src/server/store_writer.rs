@@ -5,18 +5,24 @@
 //! `write` and one `fdatasync` (group commit across turns), and reports the ids back,
 //! waking the event loop through its mio `Waker`; the core then releases that commit's
 //! ACKs and pushes its messages to online recipients. Compaction runs here too, in order
-//! with the commits. After a failed write every later commit fails without writing
-//! (fail-stop: the log's tail is unknown until a restart reads it back).
+//! with the commits.
+//!
+//! Failures: after a failed write or fsync, or a compaction that failed after its rename,
+//! every later commit is reported failed without writing (fail-stop, kept by
+//! [`LogStore`]); a failed commit was cut off the log first, so its STORE_FAILED holds.
+//! A commit that could not be cut off nor recorded as failed is not answered at all: the
+//! process aborts, as a crash would. A failed compaction that left the log working is
+//! retried once the log has grown by half.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
-use log::{info, warn};
+use log::{error, info, warn};
 use mio::Waker;
 
-use super::store::LogStore;
+use super::store::{LogStore, StoreError};
 use crate::relay::StoreOp;
 
 enum Job {
@@ -29,7 +35,9 @@ enum Job {
 pub enum Done {
     /// Commit `id` (and every earlier one) is on disk, or failed.
     Committed(u64, Result<(), String>),
-    /// A compaction finished (or failed: the old log stays).
+    /// The writer is ready for another compaction: at once after one that worked, once the
+    /// log has grown by half after one that failed (the old log stays), never after the
+    /// store stopped.
     Compacted,
 }
 
@@ -45,14 +53,29 @@ pub struct StoreWriter {
 impl StoreWriter {
     /// Starts the thread that owns `store`; it wakes the event loop with `waker`.
     pub fn spawn(store: LogStore, waker: Arc<Waker>) -> std::io::Result<StoreWriter> {
+        StoreWriter::spawn_with(store, waker, Box::new(abort_unanswerable))
+    }
+
+    /// [`StoreWriter::spawn`], calling `on_unanswerable` instead of aborting when a failed
+    /// commit may reappear (the thread then stops without reporting it).
+    fn spawn_with(
+        store: LogStore,
+        waker: Arc<Waker>,
+        on_unanswerable: OnUnanswerable,
+    ) -> std::io::Result<StoreWriter> {
         let (jobs, rx) = mpsc::channel();
         let done = Arc::new(Mutex::new(Vec::new()));
         let log_size = Arc::new(AtomicU64::new(store.size()));
+        let writer = Writer {
+            store,
+            compaction_retry_at: None,
+            on_unanswerable,
+        };
         let thread = {
             let (done, log_size) = (done.clone(), log_size.clone());
             std::thread::Builder::new()
                 .name("imrelay-store".into())
-                .spawn(move || run(store, rx, &done, &log_size, &waker))?
+                .spawn(move || run(writer, rx, &done, &log_size, &waker))?
         };
         Ok(StoreWriter {
             jobs: Some(jobs),
@@ -97,16 +120,29 @@ impl Drop for StoreWriter {
     }
 }
 
+/// What the writer does when a commit failed and the store could not make sure it stays
+/// out of the log ([`StoreError::CommitMayReappear`]).
+type OnUnanswerable = Box<dyn Fn(&StoreError) + Send>;
+
+/// The thread's state.
+struct Writer {
+    store: LogStore,
+    /// After a compaction that failed (and left the log working): its `Compacted` report
+    /// is held until the log has grown to this size, so the driver does not build a new
+    /// snapshot every turn.
+    compaction_retry_at: Option<u64>,
+    on_unanswerable: OnUnanswerable,
+}
+
 fn run(
-    mut store: LogStore,
+    mut writer: Writer,
     jobs: Receiver<Job>,
     done: &Mutex<Vec<Done>>,
     log_size: &AtomicU64,
     waker: &Waker,
 ) {
-    let mut failure: Option<String> = None;
     let mut batch: Vec<StoreOp> = Vec::new();
-    while let Ok(first) = jobs.recv() {
+    'jobs: while let Ok(first) = jobs.recv() {
         let mut reports = Vec::new();
         let mut last_id = None;
         for job in std::iter::once(first).chain(jobs.try_iter()) {
@@ -117,21 +153,29 @@ fn run(
                 }
                 Job::Compact(snapshot) => {
                     if let Some(id) = last_id.take() {
-                        reports.push(write(&mut store, &mut batch, id, &mut failure));
+                        let Some(report) = writer.write(&mut batch, id) else {
+                            break 'jobs;
+                        };
+                        reports.push(report);
                     }
-                    if failure.is_none() {
-                        if let Err(e) = store.compact(&snapshot) {
-                            warn!("store compaction failed (the log stays as it is): {e}");
-                        }
-                    }
-                    reports.push(Done::Compacted);
+                    writer.compact(&snapshot, &mut reports);
                 }
             }
         }
         if let Some(id) = last_id {
-            reports.push(write(&mut store, &mut batch, id, &mut failure));
+            let Some(report) = writer.write(&mut batch, id) else {
+                break 'jobs;
+            };
+            reports.push(report);
         }
-        log_size.store(store.size(), Ordering::Relaxed);
+        if writer
+            .compaction_retry_at
+            .is_some_and(|at| writer.store.size() >= at && writer.store.failure().is_none())
+        {
+            writer.compaction_retry_at = None;
+            reports.push(Done::Compacted);
+        }
+        log_size.store(writer.store.size(), Ordering::Relaxed);
         done.lock()
             .unwrap_or_else(PoisonError::into_inner)
             .append(&mut reports);
@@ -142,21 +186,182 @@ fn run(
     info!("store writer stopped");
 }
 
-/// Writes and syncs `batch` as commit `id` (every commit up to it).
-fn write(
-    store: &mut LogStore,
-    batch: &mut Vec<StoreOp>,
-    id: u64,
-    failure: &mut Option<String>,
-) -> Done {
-    let result = match failure {
-        Some(e) => Err(format!("the store failed earlier ({e})")),
-        None if batch.is_empty() => Ok(()),
-        None => store.append(batch).map_err(|e| e.to_string()),
-    };
-    batch.clear();
-    if let Err(e) = &result {
-        failure.get_or_insert_with(|| e.clone());
+impl Writer {
+    /// Writes and syncs `batch` as commit `id` (every commit up to it). `None`: the commit
+    /// failed in a way that must not be answered STORE_FAILED; the thread stops.
+    fn write(&mut self, batch: &mut Vec<StoreOp>, id: u64) -> Option<Done> {
+        let result = self.store.append(batch);
+        batch.clear();
+        match result {
+            Ok(()) => Some(Done::Committed(id, Ok(()))),
+            Err(e @ StoreError::CommitMayReappear(_)) => {
+                (self.on_unanswerable)(&e);
+                None
+            }
+            Err(e) => Some(Done::Committed(id, Err(e.to_string()))),
+        }
     }
-    Done::Committed(id, result)
+
+    /// Compacts to `snapshot`. `Compacted` is reported when the driver may ask again: at
+    /// once after a success, once the log has grown by half after a failure that left the
+    /// log working, never once the store has stopped.
+    fn compact(&mut self, snapshot: &[StoreOp], reports: &mut Vec<Done>) {
+        if self.store.failure().is_some() {
+            return;
+        }
+        match self.store.compact(snapshot) {
+            Ok(()) => reports.push(Done::Compacted),
+            Err(_) if self.store.failure().is_some() => {}
+            Err(_) => {
+                let size = self.store.size();
+                self.compaction_retry_at = Some(size.saturating_add(size / 2));
+            }
+        }
+    }
+}
+
+/// The default for a commit that cannot be answered: exit at once, as a crash would. The
+/// senders see their connection drop and resend after reconnecting; the next start reads
+/// back whatever of the commit is whole.
+fn abort_unanswerable(e: &StoreError) {
+    error!("{e}; exiting now rather than answer STORE_FAILED");
+    std::process::abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use mio::{Events, Poll, Token};
+
+    use super::super::store_fs::{Fault, FaultKind, FsOp, MemFs};
+    use super::*;
+    use crate::proto::UserId;
+
+    fn message(i: usize) -> StoreOp {
+        StoreOp::Append {
+            user: UserId(2),
+            frame: Bytes::from(format!("message {i:0>40}").into_bytes()),
+        }
+    }
+
+    struct Harness {
+        fs: Arc<MemFs>,
+        poll: Poll,
+        writer: StoreWriter,
+        got: Vec<Done>,
+    }
+
+    impl Harness {
+        fn new(on_unanswerable: OnUnanswerable) -> Harness {
+            let fs = Arc::new(MemFs::new());
+            let (store, _) = LogStore::open_in(fs.clone(), Path::new("/data"), false).unwrap();
+            let poll = Poll::new().unwrap();
+            let waker = Arc::new(Waker::new(poll.registry(), Token(0)).unwrap());
+            let writer = StoreWriter::spawn_with(store, waker, on_unanswerable).unwrap();
+            Harness {
+                fs,
+                poll,
+                writer,
+                got: Vec::new(),
+            }
+        }
+
+        /// Waits for the writer's reports until `commit` is reported; returns them all.
+        fn until_committed(&mut self, commit: u64) -> Vec<Done> {
+            let mut events = Events::with_capacity(4);
+            loop {
+                self.writer.take_done(&mut self.got);
+                if let Some(i) = self
+                    .got
+                    .iter()
+                    .position(|d| matches!(d, Done::Committed(id, _) if *id == commit))
+                {
+                    return self.got.drain(..=i).collect();
+                }
+                self.poll
+                    .poll(&mut events, Some(Duration::from_secs(10)))
+                    .unwrap();
+                assert!(!events.is_empty(), "no report from the writer");
+            }
+        }
+
+        fn log(&self) -> Vec<u8> {
+            self.fs.contents(Path::new("/data/inbox.log")).unwrap()
+        }
+    }
+
+    /// Before: the writer kept appending to the unlinked old log and ACKed.
+    #[test]
+    fn after_a_failed_reopen_every_commit_fails_and_nothing_is_written() {
+        let mut h = Harness::new(Box::new(|e| panic!("{e}")));
+        h.writer.commit(1, (0..20).map(message).collect());
+        assert!(matches!(
+            h.until_committed(1)[..],
+            [Done::Committed(1, Ok(()))]
+        ));
+        h.fs.inject(Fault::new(FsOp::Open, FaultKind::Io).on("inbox.log").once());
+        h.writer.compact(vec![StoreOp::Epoch(1), message(19)]);
+        h.writer.commit(2, vec![message(20)]);
+        let reports = h.until_committed(2);
+        assert!(
+            matches!(&reports[..], [Done::Committed(2, Err(e))] if e.contains("failed earlier")),
+            "{reports:?}"
+        );
+        let log = h.log();
+        h.writer.commit(3, vec![message(21)]);
+        assert!(matches!(
+            h.until_committed(3)[..],
+            [Done::Committed(3, Err(_))]
+        ));
+        assert_eq!(h.log(), log, "nothing written after the failure");
+    }
+
+    #[test]
+    fn a_failed_compaction_is_reported_ready_again_once_the_log_has_grown_by_half() {
+        let mut h = Harness::new(Box::new(|e| panic!("{e}")));
+        h.writer.commit(1, (0..20).map(message).collect());
+        h.until_committed(1);
+        let size = h.writer.log_size();
+        h.fs.inject(
+            Fault::new(FsOp::Write, FaultKind::NoSpace)
+                .on("inbox.log.tmp")
+                .once(),
+        );
+        h.writer.compact(vec![StoreOp::Epoch(1)]);
+        h.writer.commit(2, vec![message(20)]);
+        let reports = h.until_committed(2);
+        assert!(
+            matches!(reports[..], [Done::Committed(2, Ok(()))]),
+            "no Compacted yet: {reports:?}"
+        );
+        h.writer.commit(3, (21..40).map(message).collect());
+        let reports = h.until_committed(3);
+        assert!(h.writer.log_size() >= size + size / 2);
+        assert!(
+            matches!(reports[..], [Done::Committed(3, Ok(()))]),
+            "{reports:?}"
+        );
+        h.writer.take_done(&mut h.got);
+        assert!(matches!(h.got[..], [Done::Compacted]), "{:?}", h.got);
+    }
+
+    /// A failure the store could not record is never answered STORE_FAILED.
+    #[test]
+    fn a_commit_that_may_reappear_is_not_answered() {
+        let called = Arc::new(AtomicBool::new(false));
+        let flag = called.clone();
+        let h = Harness::new(Box::new(move |_| flag.store(true, Ordering::SeqCst)));
+        h.fs.inject(Fault::new(FsOp::Sync, FaultKind::Io));
+        h.fs.inject(Fault::new(FsOp::SetLen, FaultKind::Io));
+        h.writer.commit(1, vec![message(1)]);
+        // The writer stops: dropping the handle joins it.
+        let done = h.writer.done.clone();
+        drop(h.writer);
+        assert!(called.load(Ordering::SeqCst));
+        assert!(done.lock().unwrap().is_empty(), "no report for the commit");
+    }
 }

@@ -110,6 +110,13 @@ impl Dedup {
             .map(|&(_, count)| count)
     }
 
+    /// Every id remembered, with its sender and ACK count (for a store snapshot).
+    pub fn remembered(&self) -> impl Iterator<Item = (UserId, MessageId, u32)> + '_ {
+        self.senders
+            .iter()
+            .flat_map(|(&sender, w)| w.ids.iter().map(move |&(id, count)| (sender, id, count)))
+    }
+
     /// Ids remembered, over all senders.
     pub fn entries(&self) -> usize {
         self.entries

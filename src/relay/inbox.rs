@@ -98,6 +98,17 @@ pub enum StoreOp {
         /// The highest sequence number dropped for age.
         expired_upto: u64,
     },
+    /// A DEDUP SEND the relay answered, so that a resend after a restart is recognised
+    /// (protocol.md, section 13). Written by compaction for every id the relay remembers;
+    /// an `Append` stands for its own message. Not inbox state: `Inboxes::apply` skips it.
+    Sent {
+        /// The sender.
+        sender: UserId,
+        /// The sender's message id.
+        msg_id: MessageId,
+        /// The count its ACK gave.
+        count: u32,
+    },
 }
 
 /// Limits of stored delivery.
@@ -570,6 +581,7 @@ impl Inboxes {
             StoreOp::Ack { user, upto } => {
                 self.ack(user, upto);
             }
+            StoreOp::Sent { .. } => {}
             StoreOp::Counters {
                 user,
                 last_seq,

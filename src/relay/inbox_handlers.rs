@@ -20,7 +20,9 @@ use super::inbox::{StoreOp, INBOX_PREFIX};
 use super::session::State;
 use super::{push_output, Relay};
 use crate::proto::frame::{write_ack, write_frame};
-use crate::proto::{ErrorCode, Flags, Header, InboxState, MessageId, Opcode, RawFrame, UserId};
+use crate::proto::{
+    ErrorCode, Flags, Header, InboxState, MessageId, Opcode, RawFrame, UserId, HEADER_LEN,
+};
 use crate::ConnId;
 
 /// Messages [`Relay::expire_inboxes`] drops at most per call.
@@ -438,17 +440,55 @@ impl Relay {
     /// [`Relay::take_commit`], and stored SENDs are ACKed and delivered only once their
     /// commit is reported on disk. A relay never restored keeps stored messages in memory
     /// and ACKs them at once.
+    ///
+    /// DEDUP ids come back too: each stored message (an `Append`, its frame names sender
+    /// and id) and each `Sent` record younger than the DEDUP memory time is remembered
+    /// again, so a client's resend after a relay restart is not stored twice. A resend
+    /// recognised this way is ACKed with the count its record holds (0 for an `Append`).
     pub fn restore(&mut self, ops: Vec<StoreOp>) {
         self.durable = true;
+        let now = self.clock_base.0;
+        let now_ms = self.clock_base.1;
+        let memory_ms = u64::try_from(self.config.dedup_ttl.as_millis()).unwrap_or(u64::MAX);
         for op in ops {
+            match &op {
+                StoreOp::Append { frame, .. } if frame.len() >= HEADER_LEN + 16 => {
+                    let header = Header::read(frame);
+                    let stored_at = u64::from_be_bytes(
+                        frame[HEADER_LEN + 8..HEADER_LEN + 16]
+                            .try_into()
+                            .unwrap_or_default(),
+                    );
+                    if now_ms.saturating_sub(stored_at) < memory_ms {
+                        self.dedup.record(header.source, header.msg_id, 0, now);
+                    }
+                }
+                &StoreOp::Sent {
+                    sender,
+                    msg_id,
+                    count,
+                } => self.dedup.record(sender, msg_id, count, now),
+                _ => {}
+            }
             self.inboxes.apply(op);
         }
         self.inboxes.mark_all_durable();
     }
 
-    /// The live inbox state as ops, for compaction.
+    /// The live inbox state as ops, for compaction, and every DEDUP id the relay
+    /// remembers (so a resend after a restart is still recognised).
     pub fn store_snapshot(&self) -> Vec<StoreOp> {
-        self.inboxes.snapshot()
+        let mut ops = self.inboxes.snapshot();
+        ops.extend(
+            self.dedup
+                .remembered()
+                .map(|(sender, msg_id, count)| StoreOp::Sent {
+                    sender,
+                    msg_id,
+                    count,
+                }),
+        );
+        ops
     }
 
     /// Stored messages held, over all inboxes.

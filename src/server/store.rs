@@ -41,7 +41,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use log::{error, info, warn};
 
 use super::store_fs::{DirLock, RealFs, StoreFile, StoreFs};
-use crate::proto::UserId;
+use crate::proto::{MessageId, UserId};
 use crate::relay::StoreOp;
 
 const LOG_NAME: &str = "inbox.log";
@@ -57,6 +57,7 @@ const EPOCH: u8 = 1;
 const APPEND: u8 = 2;
 const ACK: u8 = 3;
 const COUNTERS: u8 = 4;
+const SENT: u8 = 5;
 
 /// Why the store failed.
 #[derive(Debug)]
@@ -586,6 +587,16 @@ fn encode(op: &StoreOp, dst: &mut BytesMut) {
             dst.put_u64(*last_seq);
             dst.put_u64(*expired_upto);
         }
+        StoreOp::Sent {
+            sender,
+            msg_id,
+            count,
+        } => {
+            dst.put_u8(SENT);
+            dst.put_u64(sender.0);
+            dst.put_u64(msg_id.0);
+            dst.put_u32(*count);
+        }
     }
     let body_len = dst.len() - start - 8;
     let crc = crc32fast::hash(&dst[start + 8..]);
@@ -646,6 +657,7 @@ fn decode_at(bytes: &[u8], at: usize) -> Option<(StoreOp, usize)> {
         APPEND => len >= 9,
         ACK => len == 17,
         COUNTERS => len == 25,
+        SENT => len == 21,
         _ => false,
     };
     if !sane || crc32fast::hash(body) != BigEndian::read_u32(&header[4..]) {
@@ -670,6 +682,11 @@ fn decode_body(body: &[u8]) -> Option<StoreOp> {
             user: UserId(u64_at(1)?),
             last_seq: u64_at(9)?,
             expired_upto: u64_at(17)?,
+        },
+        SENT => StoreOp::Sent {
+            sender: UserId(u64_at(1)?),
+            msg_id: MessageId(u64_at(9)?),
+            count: BigEndian::read_u32(body.get(17..21)?),
         },
         _ => return None,
     })

@@ -536,3 +536,52 @@ fn a_sender_that_closes_right_after_a_stored_send_still_gets_its_ack() {
     assert_eq!(replies, [Opcode::Ack, Opcode::Bye]);
     assert!(h.relay.is_finished(alice));
 }
+
+/// Found by the simulation (a resend stored again after a relay restart): a stored
+/// message whose ACK was lost in a crash is resent by the SDK with DEDUP after the
+/// restart; it must not be stored a second time, whether the log still holds its
+/// `Append` or a compaction left only the `Sent` record of it (the recipient had acked it).
+#[test]
+fn a_stored_dedup_resend_after_a_restart_is_not_stored_twice() {
+    let mut h = durable();
+    let alice = h.login(ALICE);
+    let mut log = vec![StoreOp::Epoch(77)];
+    h.send_frame(
+        alice,
+        stored(5, BOB, b"once").with_flags(Flags::STORED.union(Flags::DEDUP)),
+    );
+    let commit = h.relay.take_commit(&mut log).unwrap();
+    h.relay.handle_store_committed(commit, Ok(()));
+    // Bob takes and acks it; the compaction snapshot then has no Append for it.
+    let (_bob, seqs) = sync_and_ack_all(&mut h, BOB);
+    assert_eq!(seqs, [1]);
+    h.relay.take_commit(&mut log);
+    let snapshot = h.relay.store_snapshot();
+
+    for (what, ops) in [("the log", log), ("a compacted log", snapshot)] {
+        let mut after = durable();
+        after.relay.restore(ops);
+        let alice = after.login(ALICE);
+        let resend = stored(5, BOB, b"once").with_flags(Flags::STORED.union(Flags::DEDUP));
+        after.send_frame(alice, resend);
+        let mut ops = Vec::new();
+        if let Some(commit) = after.relay.take_commit(&mut ops) {
+            after.relay.handle_store_committed(commit, Ok(()));
+        }
+        assert!(
+            !ops.iter().any(|op| matches!(op, StoreOp::Append { .. })),
+            "stored again after a restart from {what}"
+        );
+        let acks = after.take_frames(alice);
+        assert_eq!(acks.len(), 1, "{what}: {acks:?}");
+        assert_eq!(acks[0].opcode, Opcode::Ack, "{what}");
+        let bob = after.login(BOB);
+        after.send_frame(bob, Frame::inbox_sync(MessageId(1), 77, 1));
+        let frames = after.take_frames(bob);
+        assert_eq!(
+            frames.len(),
+            1,
+            "{what}: only INBOX_STATE, nothing new: {frames:?}"
+        );
+    }
+}

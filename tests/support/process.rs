@@ -76,3 +76,85 @@ impl Drop for RelayProcess {
         let _ = self.child.wait();
     }
 }
+
+// ---- for tests that attack the binary (tests/adversary.rs) ------------------------------
+
+impl RelayProcess {
+    /// The relay's resident set size now, in bytes (`VmRSS` of /proc/<pid>/status).
+    pub fn rss(&self) -> u64 {
+        proc_status_kib(self.child.id(), "VmRSS:") * 1024
+    }
+
+    /// The relay's peak resident set size since it started, in bytes (`VmHWM`): what an
+    /// attack cost at its worst, even if the memory was given back since.
+    pub fn peak_rss(&self) -> u64 {
+        proc_status_kib(self.child.id(), "VmHWM:") * 1024
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+}
+
+/// A `kB` field of /proc/<pid>/status.
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    line[field.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .expect("a number of kB")
+}
+
+/// A TCP connection to `addr` from the local address `from` (port chosen by the kernel):
+/// loopback has all of 127.0.0.0/8, so a test can be several "hosts".
+pub fn connect_from(addr: SocketAddr, from: std::net::IpAddr) -> std::net::TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::new(from, 0).into())
+        .expect("bind the client's address");
+    socket.connect(&addr.into()).expect("connect");
+    let stream: std::net::TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(super::SAFETY_TIMEOUT))
+        .unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
+/// A binary client over an already connected `stream` (see [`connect_from`]).
+pub fn client_over(stream: std::net::TcpStream) -> super::Client {
+    super::Client {
+        stream,
+        buf: bytes::BytesMut::new(),
+        next_id: 100,
+    }
+}
+
+/// [`super::Bystanders`] for a relay that is not in-process: users `a_user` and `b_user`
+/// logged in from the local address `from`.
+pub fn bystanders_at(
+    addr: SocketAddr,
+    from: std::net::IpAddr,
+    a_user: u64,
+    b_user: u64,
+) -> super::Bystanders {
+    let login = |user| {
+        let mut client = client_over(connect_from(addr, from));
+        client.login(user);
+        client
+    };
+    super::Bystanders {
+        a: login(a_user),
+        b: login(b_user),
+        a_user,
+        b_user,
+    }
+}

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use bytes::Bytes;
-use imrelay::proto::{ErrorCode, Flags, Frame, MessageId, Opcode, UserId};
+use imrelay::proto::{ErrorCode, Flags, Frame, MessageId, Opcode, RoomId, UserId};
 use imrelay::relay::Config;
 use support::{Bystanders, TestRelay};
 
@@ -253,4 +253,240 @@ fn the_connection_from_a_writer_that_floods_without_reading_is_bounded() {
         "the relay kept reading a client that never reads"
     );
     bystanders.still_served();
+}
+
+// ---- protocol.md rules a client written from the spec alone had to guess (issue 16) ----
+
+#[test]
+fn ping_pong_and_bye_with_a_bad_flag_or_source_get_invalid_field_and_the_connection_stays() {
+    let relay = TestRelay::default_config();
+    let mut bystanders = Bystanders::new(&relay, 1, 2);
+    let newcomer = relay.connect();
+    let member = relay.login(3);
+    for mut c in [newcomer, member] {
+        for (flags, source) in [
+            (Flags(0x0008), UserId::NONE),
+            (Flags::NO_ACK, UserId::NONE),
+            (Flags::EMPTY, UserId(5)),
+        ] {
+            let frames = [
+                Frame::ping(MessageId(1), Bytes::from_static(b"t=1")),
+                Frame::pong(MessageId(2), Bytes::new()),
+                Frame::bye(MessageId(3)),
+            ];
+            for frame in frames {
+                let msg_id = frame.msg_id;
+                c.send_frame(&frame.with_flags(flags).with_source(source));
+                let err = c.expect_error(ErrorCode::InvalidField);
+                assert_eq!(err.msg_id, msg_id);
+            }
+        }
+        let mut bye = Frame::bye(MessageId(4));
+        bye.payload = Bytes::from_static(b"ciao");
+        c.send_frame(&bye);
+        c.expect_error(ErrorCode::InvalidField);
+        // None of those BYEs closed the connection: the next PING is answered.
+        c.round_trip();
+        c.send_frame(&Frame::bye(MessageId(5)));
+        assert_eq!(c.recv(), Frame::bye(MessageId(5)));
+        c.expect_closed();
+    }
+    bystanders.still_served();
+}
+
+#[test]
+fn join_leave_and_room_info_with_a_payload_are_invalid_and_do_nothing() {
+    let relay = TestRelay::default_config();
+    let mut c = relay.login(3);
+    for frame in [
+        Frame::join(MessageId(1), RoomId(42)),
+        Frame::leave(MessageId(2), RoomId(42)),
+        Frame::room_info(MessageId(3), RoomId(42)),
+    ] {
+        let mut frame = frame;
+        frame.payload = Bytes::from_static(b"x");
+        c.send_frame(&frame);
+        assert_eq!(c.expect_error(ErrorCode::InvalidField).msg_id, frame.msg_id);
+    }
+    c.send_frame(&Frame::room_info(MessageId(4), RoomId(42)));
+    let state = c.recv().room_state().expect("ROOM_STATE");
+    assert_eq!((state.members, state.is_member), (0, false), "not joined");
+    assert_eq!(c.join(42).room_state().unwrap().members, 1);
+}
+
+#[test]
+fn the_first_failing_check_answers_over_tcp() {
+    let relay = TestRelay::default_config();
+    let mut c = relay.connect();
+    // Login state before ids; direction before login state.
+    c.send(0, b"to nobody");
+    c.expect_error(ErrorCode::NotLoggedIn);
+    c.send_frame(&Frame::new(
+        Opcode::Deliver,
+        MessageId(1),
+        UserId(2),
+        Bytes::new(),
+    ));
+    c.expect_error(ErrorCode::InvalidField);
+    c.login(3);
+    // Flags before membership.
+    let frame = Frame::room_send(MessageId(2), RoomId(7), Bytes::new()).with_flags(Flags::DEDUP);
+    c.send_frame(&frame);
+    c.expect_error(ErrorCode::InvalidField);
+    c.send_frame(&Frame::room_send(MessageId(3), RoomId(7), Bytes::new()));
+    c.expect_error(ErrorCode::NotInRoom);
+    c.round_trip();
+}
+
+/// Reads text-mode lines until one starts with `prefix`; returns all of them.
+fn lines_until(stream: &mut std::net::TcpStream, prefix: &str) -> Vec<String> {
+    use std::io::Read;
+    let mut got = String::new();
+    let mut chunk = [0u8; 4096];
+    while !got.lines().any(|l| l.starts_with(prefix)) || !got.ends_with('\n') {
+        let n = stream.read(&mut chunk).expect("read");
+        assert!(n > 0, "closed; got {got:?}");
+        got.push_str(std::str::from_utf8(&chunk[..n]).unwrap());
+    }
+    got.lines().map(str::to_string).collect()
+}
+
+#[test]
+fn text_lines_that_make_no_frame_take_no_number() {
+    let relay = TestRelay::default_config();
+    let mut telnet = std::net::TcpStream::connect(relay.addr).unwrap();
+    telnet
+        .set_read_timeout(Some(support::SAFETY_TIMEOUT))
+        .unwrap();
+    telnet
+        .write_all(b"login 5\r\njoin lobby\r\nHELP\r\n\r\nsack\r\nsend 6 hi\r\n")
+        .unwrap();
+    let lines = lines_until(&mut telnet, "ERR RECIPIENT_OFFLINE");
+    assert_eq!(lines[0], "OK LOGIN 5");
+    let usage = lines
+        .iter()
+        .filter(|l| l.starts_with("ERR USAGE 0 "))
+        .count();
+    assert_eq!(usage, 2, "{lines:?}");
+    assert!(
+        lines
+            .last()
+            .unwrap()
+            .starts_with("ERR RECIPIENT_OFFLINE 2 "),
+        "the SEND is frame 2: {lines:?}"
+    );
+}
+
+#[test]
+fn a_request_line_and_32_header_lines_are_read_but_33_are_too_many() {
+    use std::io::Read;
+    let relay = TestRelay::default_config();
+    for (headers, status) in [(32, "HTTP/1.1 404"), (33, "HTTP/1.1 431")] {
+        let mut head = b"GET /nothing HTTP/1.1\r\n".to_vec();
+        for i in 0..headers {
+            head.extend_from_slice(format!("X-Header-{i}: {i}\r\n").as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+        let mut stream = std::net::TcpStream::connect(relay.addr).unwrap();
+        stream
+            .set_read_timeout(Some(support::SAFETY_TIMEOUT))
+            .unwrap();
+        stream.write_all(&head).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with(status), "{headers}: {response}");
+    }
+}
+
+#[test]
+fn the_websocket_close_reason_is_the_code_name_a_space_and_the_error_reason() {
+    use tungstenite::Message;
+    let relay = TestRelay::default_config();
+    let stream = std::net::TcpStream::connect(relay.addr).unwrap();
+    stream
+        .set_read_timeout(Some(support::SAFETY_TIMEOUT))
+        .unwrap();
+    let url = format!("ws://{}/", relay.addr);
+    let (mut ws, _) = tungstenite::client(url.as_str(), stream).expect("handshake");
+    let mut bad = Frame::ping(MessageId(1), Bytes::new()).to_bytes().to_vec();
+    bad[4] = 2;
+    ws.send(Message::Binary(Bytes::from(bad))).unwrap();
+    let error = match ws.read().unwrap() {
+        Message::Binary(data) => {
+            let mut buf = bytes::BytesMut::from(&data[..]);
+            imrelay::proto::decode::decode_frame(&mut buf, u32::MAX)
+                .unwrap()
+                .unwrap()
+                .unwrap()
+        }
+        other => panic!("expected the ERROR, got {other:?}"),
+    };
+    assert_eq!(error.error_code(), Some(ErrorCode::UnsupportedVersion));
+    let reason = error.error().unwrap().1;
+    match ws.read().unwrap() {
+        Message::Close(Some(close)) => {
+            assert_eq!(u16::from(close.code), 1002);
+            assert_eq!(
+                close.reason.as_str(),
+                format!("UNSUPPORTED_VERSION {reason}")
+            );
+        }
+        other => panic!("expected the close frame, got {other:?}"),
+    }
+}
+
+#[test]
+fn times_are_seconds_with_fractions_and_room_rate_0_is_unlimited() {
+    use std::time::Instant;
+    use support::process::RelayProcess;
+    let relay = RelayProcess::start(&[
+        "--login-timeout",
+        "0.3",
+        "--ping-interval",
+        "0.25",
+        "--idle-timeout",
+        "2.5",
+        "--room-rate",
+        "0",
+    ]);
+    let mut c = support::Client::connect(relay.addr);
+    let limits = c.login(1).login_ok().unwrap();
+    assert_eq!(
+        (limits.ping_interval_ms, limits.idle_timeout_ms),
+        (250, 2500)
+    );
+    c.join(7);
+    // Far past the default burst of 100: no RATE_LIMITED.
+    for i in 0..300 {
+        c.send_frame(&Frame::room_send(
+            MessageId(1000 + i),
+            RoomId(7),
+            Bytes::from_static(b"x"),
+        ));
+    }
+    let mut acks = 0;
+    while acks < 300 {
+        let frame = c.recv();
+        match frame.opcode {
+            Opcode::Ack => acks += 1,
+            Opcode::Ping => c.send_frame(&Frame::pong(frame.msg_id, frame.payload.clone())),
+            _ => panic!("{frame:?}"),
+        }
+    }
+    let started = Instant::now();
+    let mut lurker = support::Client::connect(relay.addr);
+    lurker.expect_error(ErrorCode::LoginTimeout);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+
+    // A time of 0 is refused at start.
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_imrelay"))
+        .args(["--listen", "127.0.0.1:0", "--login-timeout", "0"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(2));
 }

@@ -1,8 +1,12 @@
 //! protocol.md's hex test vectors, checked byte for byte against the codec: each frame the
 //! spec describes must encode to exactly the bytes printed there and decode back to itself,
-//! and every opcode and error code must be in the spec's tables.
+//! the bad-input vectors must get the answer the spec gives (from the decoder, or from the
+//! relay core in memory), and every opcode and error code must be in the spec's tables.
 
 use std::collections::BTreeMap;
+use std::io::IoSlice;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use imrelay::proto::decode::decode_frame;
@@ -11,6 +15,8 @@ use imrelay::proto::{
     decode_raw, DecodeError, ErrorCode, Flags, Frame, InboxState, LoginOk, MessageId, Opcode,
     RoomId, RoomState, UserId, DEFAULT_MAX_FRAME,
 };
+use imrelay::relay::{Config, Relay, State};
+use imrelay::ConnId;
 
 fn spec() -> String {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/protocol.md");
@@ -353,10 +359,113 @@ fn bad_input_vectors_give_the_documented_decoder_errors() {
     assert!(buf.is_empty());
 }
 
+/// The bad-input vectors of well-formed frames the relay refuses with an ERROR while the
+/// connection stays open: the frame built with the crate's API, the code, and whether the
+/// rule holds before LOGIN too.
+fn expected_refusals() -> Vec<(&'static str, Frame, ErrorCode, bool)> {
+    let mut join = Frame::join(MessageId(15), RoomId(42));
+    join.payload = Bytes::from_static(b"x");
+    vec![
+        (
+            "PING_RESERVED_FLAG",
+            Frame::ping(MessageId(13), Bytes::from_static(b"t=1")).with_flags(Flags(0x0008)),
+            ErrorCode::InvalidField,
+            true,
+        ),
+        (
+            "BYE_WITH_SOURCE",
+            Frame::bye(MessageId(14)).with_source(UserId(5)),
+            ErrorCode::InvalidField,
+            true,
+        ),
+        ("JOIN_WITH_PAYLOAD", join, ErrorCode::InvalidField, false),
+    ]
+}
+
+/// A relay core in memory and one connection to it (logged in as 1001 if `login`).
+fn relay_with_connection(login: bool) -> (Relay, ConnId, Instant) {
+    let now = Instant::now();
+    let mut relay = Relay::new(Config::default(), now, 1_700_000_000_000, 7);
+    let id = relay
+        .handle_open(now, IpAddr::V4(Ipv4Addr::LOCALHOST))
+        .expect("accepted");
+    if login {
+        let ok = exchange(
+            &mut relay,
+            id,
+            now,
+            &Frame::login(MessageId(1), UserId(1001), b"").to_bytes(),
+        );
+        assert_eq!(ok[0].opcode, Opcode::LoginOk);
+    }
+    (relay, id, now)
+}
+
+/// Feeds `bytes` to the relay and returns what it queued for the connection.
+fn exchange(relay: &mut Relay, id: ConnId, now: Instant, bytes: &[u8]) -> Vec<Frame> {
+    relay.handle_input(id, bytes, now);
+    let mut out = Vec::new();
+    if let Some(queue) = relay.output(id) {
+        let mut slices = [IoSlice::new(&[]); 64];
+        let n = queue.chunks(&mut slices);
+        for s in &slices[..n] {
+            out.extend_from_slice(s);
+        }
+    }
+    relay.handle_written(id, out.len());
+    let mut buf = BytesMut::from(&out[..]);
+    let mut frames = Vec::new();
+    while let Some(frame) = decode_frame(&mut buf, u32::MAX).expect("relay framing") {
+        frames.push(frame.expect("known opcode"));
+    }
+    frames
+}
+
+#[test]
+fn refused_frame_vectors_get_their_error_and_the_connection_stays() {
+    let vectors = vectors();
+    for (name, frame, code, before_login) in expected_refusals() {
+        let spec_bytes = vectors
+            .get(name)
+            .unwrap_or_else(|| panic!("protocol.md has no ```hex {name} block"));
+        assert_eq!(
+            frame.to_bytes().to_vec(),
+            *spec_bytes,
+            "vector {name} differs from the encoder"
+        );
+        let mut buf = BytesMut::from(&spec_bytes[..]);
+        let decoded = decode_frame(&mut buf, DEFAULT_MAX_FRAME)
+            .expect("decodes")
+            .expect("complete")
+            .expect("known opcode");
+        assert!(buf.is_empty(), "{name}: one frame exactly");
+        assert_eq!(decoded, frame, "{name} round trip");
+
+        let logins: &[bool] = if before_login {
+            &[false, true]
+        } else {
+            &[true]
+        };
+        for &login in logins {
+            let (mut relay, id, now) = relay_with_connection(login);
+            let answer = exchange(&mut relay, id, now, spec_bytes);
+            assert_eq!(answer.len(), 1, "{name}: only the ERROR: {answer:?}");
+            assert_eq!(answer[0].error_code(), Some(code), "{name}");
+            assert_eq!(answer[0].msg_id, frame.msg_id, "{name}");
+            assert_ne!(relay.state(id), Some(State::Closing), "{name}");
+            assert_eq!(relay.room_members(RoomId(42)), 0, "{name}");
+            let ping = Frame::ping(MessageId(99), Bytes::new()).to_bytes();
+            let pong = exchange(&mut relay, id, now, &ping);
+            assert_eq!(pong, [Frame::pong(MessageId(99), Bytes::new())], "{name}");
+        }
+    }
+}
+
 #[test]
 fn protocol_md_has_no_vector_the_tests_do_not_check() {
     let mut known: Vec<&str> = expected_frames().iter().map(|(n, _)| *n).collect();
     known.extend(expected_errors().iter().map(|(n, _)| *n));
+    known.extend(expected_refusals().iter().map(|(n, ..)| *n));
     known.push("UNKNOWN_OPCODE");
     // Checked by the core's WebSocket tests (src/relay/tests/ws.rs).
     known.push("WS_PONG_MESSAGE");

@@ -51,7 +51,8 @@ pub fn starts_text(first: u8) -> bool {
     first.is_ascii_alphabetic()
 }
 
-/// Parses one line (without its line end). `next_id` numbers the frames it creates.
+/// Parses one line (without its line end). `next_id` numbers the frames it creates: only
+/// a line that becomes a frame takes a number (blank lines, HELP and usage errors do not).
 pub fn parse_line(line: &[u8], next_id: &mut u64) -> Result<Line, UsageError> {
     let text = std::str::from_utf8(line).map_err(|_| usage("lines must be UTF-8"))?;
     let text = text.trim();
@@ -59,11 +60,9 @@ pub fn parse_line(line: &[u8], next_id: &mut u64) -> Result<Line, UsageError> {
         return Ok(Line::Blank);
     }
     let (command, rest) = split_word(text);
-    let mut id = || {
-        *next_id += 1;
-        MessageId(*next_id)
-    };
-    let frame = match command.to_ascii_uppercase().as_str() {
+    // Frames are built with a placeholder id, numbered once the whole line has parsed.
+    let id = || MessageId(0);
+    let mut frame = match command.to_ascii_uppercase().as_str() {
         "HELP" => return Ok(Line::Help),
         "LOGIN" => {
             let (user, credential) = split_word(rest);
@@ -107,6 +106,8 @@ pub fn parse_line(line: &[u8], next_id: &mut u64) -> Result<Line, UsageError> {
         "QUIT" | "BYE" => Frame::bye(id()),
         _ => return Err(usage(&format!("unknown command {command:?}; try HELP"))),
     };
+    *next_id += 1;
+    frame.msg_id = MessageId(*next_id);
     Ok(Line::Frame(frame))
 }
 
@@ -261,6 +262,64 @@ mod tests {
         assert!(parse_line(b"FLY 1", &mut id).is_err());
         assert!(parse_line(&[0xff, 0xfe], &mut id).is_err());
         assert_eq!(id, 3, "only frames take ids");
+    }
+
+    #[test]
+    fn a_line_that_makes_no_frame_takes_no_number() {
+        let mut id = 0;
+        for bad in [
+            &b"LOGIN alice"[..],
+            b"JOIN",
+            b"LEAVE x",
+            b"INFO -1",
+            b"SYNC 1",
+            b"SYNC x 2",
+            b"SACK",
+            b"STORE bob hi",
+            b"ROOM lobby hi",
+            b"FLY 1",
+        ] {
+            assert!(parse_line(bad, &mut id).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_line(b"HELP", &mut id), Ok(Line::Help));
+        assert_eq!(parse_line(b"", &mut id), Ok(Line::Blank));
+        assert_eq!(id, 0, "no number taken");
+        assert_eq!(
+            parse_line(b"join 7", &mut id),
+            Ok(Line::Frame(Frame::join(MessageId(1), RoomId(7))))
+        );
+    }
+
+    #[test]
+    fn only_printable_utf8_is_shown_as_text() {
+        let line = |payload: &'static [u8]| {
+            let frame = Frame::new(
+                Opcode::Deliver,
+                MessageId(7),
+                UserId(2),
+                Bytes::from_static(payload),
+            )
+            .with_source(UserId(1))
+            .to_bytes();
+            String::from_utf8(render(&frame).unwrap().to_vec()).unwrap()
+        };
+        assert_eq!(
+            line("caf\u{e9} \u{1f600}".as_bytes()),
+            "MSG 1 7 caf\u{e9} \u{1f600}\r\n"
+        );
+        assert_eq!(
+            line(b"a\tb"),
+            "MSG 1 7 0x610962\r\n",
+            "a tab is a control character"
+        );
+        assert_eq!(line(b"a\nb"), "MSG 1 7 0x610a62\r\n");
+        assert_eq!(
+            line("\u{85}".as_bytes()),
+            "MSG 1 7 0xc285\r\n",
+            "C1 controls too"
+        );
+        assert_eq!(line(b"\xff"), "MSG 1 7 0xff\r\n", "not UTF-8");
+        assert_eq!(line(b""), "MSG 1 7 \r\n");
     }
 
     #[test]

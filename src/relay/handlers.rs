@@ -8,6 +8,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use log::{debug, info};
 
+use super::inbox::INBOX_PREFIX;
 use super::session::{Session, State};
 use super::{arm, millis_u32, push_output, OutQueue, Relay, CLOSE_LINGER, SCRATCH_CHUNK};
 use crate::proto::frame::{write_ack, write_error, write_frame};
@@ -25,18 +26,26 @@ impl Relay {
             Some(Opcode::Send) => self.on_send(id, frame, now),
             Some(Opcode::Login) => self.on_login(id, &frame, now),
             Some(Opcode::Ping) => {
-                let pong = frame.rewrite(Opcode::Pong, UserId::NONE, UserId::NONE);
-                self.queue(id, pong);
+                if self.check_control(id, &frame) {
+                    let pong = frame.rewrite(Opcode::Pong, UserId::NONE, UserId::NONE);
+                    self.queue(id, pong);
+                }
             }
-            Some(Opcode::Pong) => {}
-            Some(Opcode::Join) => self.on_join(id, &header),
-            Some(Opcode::Leave) => self.on_leave(id, &header),
-            Some(Opcode::RoomInfo) => self.on_room_info(id, &header),
+            Some(Opcode::Pong) => {
+                self.check_control(id, &frame);
+            }
+            Some(Opcode::Join) => self.on_join(id, &header, frame.payload().len()),
+            Some(Opcode::Leave) => self.on_leave(id, &header, frame.payload().len()),
+            Some(Opcode::RoomInfo) => self.on_room_info(id, &header, frame.payload().len()),
             Some(Opcode::RoomSend) => self.on_room_send(id, frame, now),
             Some(Opcode::Broadcast) => self.on_broadcast(id, frame, now),
             Some(Opcode::InboxSync) => self.on_inbox_sync(id, &frame, now),
             Some(Opcode::InboxAck) => self.on_inbox_ack(id, &frame),
             Some(Opcode::Bye) => {
+                // A BYE that fails its checks is answered with the ERROR and does not close.
+                if !self.check_control(id, &frame) {
+                    return;
+                }
                 let bye = frame.rewrite(Opcode::Bye, UserId::NONE, UserId::NONE);
                 match self.sessions.get_mut(id.0) {
                     // ACKs of stored SENDs still wait for the disk: BYE answers last.
@@ -87,20 +96,17 @@ impl Relay {
         let Some(s) = self.sessions.get_mut(id.0) else {
             return;
         };
+        // The order of checks of protocol.md section 6.1: login state, source, flags, ids,
+        // limits (the credential may have any size).
         let problem = if let State::Active(user) = s.state {
             Some((
                 ErrorCode::AlreadyLoggedIn,
                 format!("already logged in as {user}"),
             ))
+        } else if let Some(reason) = source_and_flags(&h, Flags::EMPTY, "LOGIN") {
+            Some((ErrorCode::InvalidField, reason))
         } else if h.target.is_none() {
             Some((ErrorCode::InvalidField, "user id 0 is reserved".to_string()))
-        } else if !h.source.is_none() {
-            Some((
-                ErrorCode::InvalidField,
-                "source must be 0 in LOGIN".to_string(),
-            ))
-        } else if h.flags != Flags::EMPTY {
-            Some((ErrorCode::InvalidField, "LOGIN takes no flags".to_string()))
         } else if self.directory.devices(h.target).len() >= self.config.max_devices_per_user {
             Some((
                 ErrorCode::LimitReached,
@@ -146,12 +152,15 @@ impl Relay {
             return;
         };
         let dedup = h.flags.contains(Flags::DEDUP);
+        if dedup && h.msg_id.0 == 0 {
+            let reason = "DEDUP needs a non-zero msg_id";
+            self.reply_error(id, h.msg_id, h.target, ErrorCode::InvalidField, reason);
+            return;
+        }
+        if h.flags.contains(Flags::STORED) && !self.stored_send_fits(id, &frame) {
+            return;
+        }
         if dedup {
-            if h.msg_id.0 == 0 {
-                let reason = "DEDUP needs a non-zero msg_id";
-                self.reply_error(id, h.msg_id, h.target, ErrorCode::InvalidField, reason);
-                return;
-            }
             if let Some(count) = self.dedup.lookup(sender, h.msg_id, now) {
                 debug!(
                     "{id}: {} from {sender} is a resend; not delivered again",
@@ -221,9 +230,10 @@ impl Relay {
 
     // ---- helpers -----------------------------------------------------------------------
 
-    /// The checks every request from a client shares: logged in, source 0, no flag outside
-    /// `allowed`, a non-zero target. Answers the frame with an ERROR and returns `None` when
-    /// one fails; returns the sender's user id otherwise.
+    /// The checks every request from a client shares, in the order of protocol.md section
+    /// 6.1: logged in, source 0, no flag outside `allowed`, a non-zero target. Answers the
+    /// frame with an ERROR and returns `None` when one fails; returns the sender's user id
+    /// otherwise.
     pub(super) fn check_request(
         &mut self,
         id: ConnId,
@@ -234,19 +244,8 @@ impl Relay {
         let user = self.sessions.get(id.0).and_then(Session::user);
         let (code, reason) = if user.is_none() {
             (ErrorCode::NotLoggedIn, format!("log in before {what}"))
-        } else if !h.source.is_none() {
-            (
-                ErrorCode::InvalidField,
-                "source must be 0: the relay sets it".to_string(),
-            )
-        } else if h.flags.0 & !allowed.0 != 0 {
-            (
-                ErrorCode::InvalidField,
-                format!(
-                    "flag bits 0x{:04x} are not allowed on {what}",
-                    h.flags.0 & !allowed.0
-                ),
-            )
+        } else if let Some(reason) = source_and_flags(h, allowed, what) {
+            (ErrorCode::InvalidField, reason)
         } else if h.target.is_none() {
             (
                 ErrorCode::InvalidField,
@@ -257,6 +256,61 @@ impl Relay {
         };
         self.reply_error(id, h.msg_id, h.target, code, &reason);
         None
+    }
+
+    /// [`Relay::check_request`] and then an empty payload, for JOIN, LEAVE and ROOM_INFO.
+    pub(super) fn check_bare_request(
+        &mut self,
+        id: ConnId,
+        h: &Header,
+        payload_len: usize,
+        what: &str,
+    ) -> Option<UserId> {
+        let user = self.check_request(id, h, Flags::EMPTY, what)?;
+        if payload_len != 0 {
+            let reason = format!("{what} takes no payload, got {payload_len} bytes");
+            self.reply_error(id, h.msg_id, h.target, ErrorCode::InvalidField, &reason);
+            return None;
+        }
+        Some(user)
+    }
+
+    /// PING, PONG and BYE, which need no login: source 0, no flags, and for BYE no payload
+    /// (`target` is not checked; the answer carries 0). False after answering with ERROR.
+    fn check_control(&mut self, id: ConnId, frame: &RawFrame) -> bool {
+        let h = frame.header();
+        let (what, bye) = match frame.opcode() {
+            Some(op) => (op.name(), op == Opcode::Bye),
+            None => ("?", false),
+        };
+        let reason = match source_and_flags(h, Flags::EMPTY, what) {
+            Some(reason) => reason,
+            None if bye && !frame.payload().is_empty() => {
+                format!("BYE takes no payload, got {} bytes", frame.payload().len())
+            }
+            None => return true,
+        };
+        self.reply_error(id, h.msg_id, h.target, ErrorCode::InvalidField, &reason);
+        false
+    }
+
+    /// A STORED SEND must leave room for the bytes INBOX_DELIVER adds (its seq and
+    /// stored-at): its INBOX_DELIVER must fit the max frame. Answers FRAME_TOO_LARGE (the
+    /// connection stays open) and returns false when it does not.
+    fn stored_send_fits(&mut self, id: ConnId, frame: &RawFrame) -> bool {
+        let h = frame.header();
+        let max_frame = self.config.max_frame as usize;
+        let len = frame.as_bytes().len();
+        if len + INBOX_PREFIX <= max_frame {
+            return true;
+        }
+        let reason = format!(
+            "a STORED SEND may be at most {} bytes (the max frame, {max_frame}, less the \
+             {INBOX_PREFIX} bytes INBOX_DELIVER adds); this one is {len}",
+            max_frame.saturating_sub(INBOX_PREFIX)
+        );
+        self.reply_error(id, h.msg_id, h.target, ErrorCode::FrameTooLarge, &reason);
+        false
     }
 
     /// Queues an ERROR that answers one frame; the connection stays open.
@@ -348,5 +402,21 @@ impl Relay {
         if let Some(s) = self.sessions.get_mut(id.0) {
             push_output(s, &mut self.flush_list, id, frame);
         }
+    }
+}
+
+/// Rows 6 and 7 of protocol.md's order of checks (section 6.1), shared by every request:
+/// `source` must be 0, and no flag bit outside `allowed` may be set. The reason for the
+/// first that fails.
+pub(super) fn source_and_flags(h: &Header, allowed: Flags, what: &str) -> Option<String> {
+    if !h.source.is_none() {
+        Some(format!("source must be 0 in {what}: the relay sets it"))
+    } else if h.flags.0 & !allowed.0 != 0 {
+        Some(format!(
+            "flag bits 0x{:04x} are not allowed on {what}",
+            h.flags.0 & !allowed.0
+        ))
+    } else {
+        None
     }
 }

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 
-use super::inbox::{StoreOp, INBOX_PREFIX};
+use super::handlers::source_and_flags;
+use super::inbox::StoreOp;
 use super::session::State;
 use super::{push_output, Relay};
 use crate::proto::frame::{write_ack, write_frame};
@@ -66,18 +67,7 @@ impl Relay {
         now: Instant,
     ) {
         let h = *frame.header();
-        let max_frame = self.config.max_frame as usize;
-        let len = frame.as_bytes().len();
-        if len + INBOX_PREFIX > max_frame {
-            // Its INBOX_DELIVER (the SEND plus seq and stored-at) must fit a frame too.
-            let reason = format!(
-                "a STORED SEND may be at most {} bytes (the max frame, {max_frame}, less the \
-                 {INBOX_PREFIX} bytes INBOX_DELIVER adds); this one is {len}",
-                max_frame.saturating_sub(INBOX_PREFIX)
-            );
-            self.reply_error(id, h.msg_id, h.target, ErrorCode::FrameTooLarge, &reason);
-            return;
-        }
+        // Its size was checked by `on_send` (payload size comes before de-duplication).
         if let Some(failure) = &self.store_failure {
             // Fail-stop: after a failed write the log's tail is unknown, so nothing more
             // is promised as stored until the relay restarts and reads it back.
@@ -270,7 +260,8 @@ impl Relay {
         }
     }
 
-    /// Logged in, source 0, no flags, target 0, payload of `want` bytes.
+    /// Logged in, source 0, no flags, target 0, payload of `want` bytes: the order of
+    /// protocol.md section 6.1.
     fn check_inbox_request(
         &mut self,
         id: ConnId,
@@ -282,11 +273,10 @@ impl Relay {
         let user = self.sessions.get(id.0).and_then(|s| s.user());
         let problem = if user.is_none() {
             Some((ErrorCode::NotLoggedIn, format!("log in before {what}")))
-        } else if !h.source.is_none() || !h.target.is_none() || h.flags != Flags::EMPTY {
-            Some((
-                ErrorCode::InvalidField,
-                format!("{what} takes target 0, source 0 and no flags"),
-            ))
+        } else if let Some(reason) = source_and_flags(h, Flags::EMPTY, what) {
+            Some((ErrorCode::InvalidField, reason))
+        } else if !h.target.is_none() {
+            Some((ErrorCode::InvalidField, format!("{what} takes target 0")))
         } else if len != want {
             Some((
                 ErrorCode::InvalidField,

@@ -22,8 +22,11 @@ use crate::proto::{
 use crate::ConnId;
 
 impl Relay {
-    pub(super) fn on_join(&mut self, id: ConnId, h: &Header) {
-        if self.check_request(id, h, Flags::EMPTY, "JOIN").is_none() {
+    pub(super) fn on_join(&mut self, id: ConnId, h: &Header, payload_len: usize) {
+        if self
+            .check_bare_request(id, h, payload_len, "JOIN")
+            .is_none()
+        {
             return;
         }
         let room = RoomId(h.target.0);
@@ -55,8 +58,11 @@ impl Relay {
         self.reply_room_state(id, h.msg_id, room);
     }
 
-    pub(super) fn on_leave(&mut self, id: ConnId, h: &Header) {
-        if self.check_request(id, h, Flags::EMPTY, "LEAVE").is_none() {
+    pub(super) fn on_leave(&mut self, id: ConnId, h: &Header, payload_len: usize) {
+        if self
+            .check_bare_request(id, h, payload_len, "LEAVE")
+            .is_none()
+        {
             return;
         }
         let room = RoomId(h.target.0);
@@ -70,9 +76,9 @@ impl Relay {
         self.reply_room_state(id, h.msg_id, room);
     }
 
-    pub(super) fn on_room_info(&mut self, id: ConnId, h: &Header) {
+    pub(super) fn on_room_info(&mut self, id: ConnId, h: &Header, payload_len: usize) {
         if self
-            .check_request(id, h, Flags::EMPTY, "ROOM_INFO")
+            .check_bare_request(id, h, payload_len, "ROOM_INFO")
             .is_none()
         {
             return;

@@ -50,8 +50,7 @@ fn router(c: &mut Criterion) {
             for _ in 0..BATCH {
                 input.extend_from_slice(&send);
             }
-            relay.handle_input(alice, &input, now);
-            input.clear();
+            relay.handle_read(alice, &mut input, now);
             drain(&mut relay)
         })
     });
@@ -79,8 +78,7 @@ fn router(c: &mut Criterion) {
     group.bench_function("ROOM_SEND to 1000 members, per member", |b| {
         b.iter(|| {
             input.extend_from_slice(&room_send);
-            relay.handle_input(ids[0], &input, now);
-            input.clear();
+            relay.handle_read(ids[0], &mut input, now);
             drain(&mut relay)
         })
     });

@@ -1,13 +1,15 @@
-//! The frame reader: turns a connection's byte stream, handed over in slices of any size,
-//! into frames that each own exactly their bytes.
+//! The frame reader: turns a connection's byte stream, handed over one read at a time,
+//! into frames.
 //!
-//! Bytes come from a read buffer the caller reuses for every connection. A frame that is
-//! complete inside one slice is copied out into an allocation of its own length, so a
-//! frame that waits in some slow recipient's queue pins nothing but itself. A frame cut
-//! off by the end of a slice goes into the reader's partial buffer, reserved once at the
-//! frame's declared length (checked against the limit first), and later slices fill it in
-//! place: a frame that trickles in one byte per read costs linear time, never a re-copy
-//! per read.
+//! Bytes come from a read buffer the caller shares between connections. A frame that is
+//! complete inside one read is cut out of that buffer without a copy
+//! ([`FrameReader::next_frame_buf`]); whoever keeps it past the current loop turn must
+//! copy it out (the relay does when a queue blocks), so no frame pins the shared buffer for
+//! long. [`FrameReader::next_frame`] takes a slice and copies each frame into an
+//! allocation of its own size. A frame cut off by the end of a read goes into the reader's
+//! partial buffer, reserved once at the frame's declared length (checked against the limit
+//! first), and later reads fill it in place: a frame that trickles in one byte per read
+//! costs linear time, never a re-copy per read.
 //!
 //! This module never performs I/O and never reads the clock; the caller decides how long a
 //! partial frame may take.
@@ -133,6 +135,37 @@ impl FrameReader {
         ))))
     }
 
+    /// [`FrameReader::next_frame`] on a read buffer: a frame complete inside `buf` is cut
+    /// off its front without a copy (a view into the buffer's allocation); a frame begun
+    /// in an earlier read, or cut off by the end of this one, goes through the partial
+    /// buffer. Everything `buf` held is used up when this returns `Ok(None)` or an error.
+    pub fn next_frame_buf(
+        &mut self,
+        buf: &mut BytesMut,
+        max_frame: u32,
+    ) -> Result<Option<RawFrame>, DecodeError> {
+        if self.partial.is_empty() && buf.len() >= LENGTH_PREFIX {
+            let declared = match check_length(BigEndian::read_u32(buf), max_frame)
+                .and_then(|declared| check_version(buf).map(|()| declared))
+            {
+                Ok(declared) => declared,
+                Err(e) => {
+                    *self = FrameReader::default();
+                    buf.clear();
+                    return Err(e);
+                }
+            };
+            if buf.len() >= declared {
+                return Ok(Some(RawFrame::from_owned(buf.split_to(declared))));
+            }
+        }
+        let mut data: &[u8] = buf;
+        let result = self.next_frame(&mut data, max_frame);
+        let used = buf.len() - data.len();
+        let _ = buf.split_to(used);
+        result
+    }
+
     /// Reserves the partial buffer once, at the frame's declared length.
     fn begin(&mut self, declared: usize) {
         self.declared = declared;
@@ -244,6 +277,31 @@ mod tests {
                 assert_eq!(got, expected, "split at {a} and {b}");
             }
         }
+    }
+
+    #[test]
+    fn frames_whole_in_a_read_buffer_are_cut_out_without_a_copy() {
+        let mut stream = encoded(10);
+        stream.extend(encoded(3));
+        stream.extend(&encoded(100)[..50]);
+        let mut buf = BytesMut::with_capacity(4096);
+        buf.extend_from_slice(&stream);
+        let base = buf.as_ptr() as usize;
+        let mut reader = FrameReader::default();
+        let first = reader.next_frame_buf(&mut buf, 1024).unwrap().unwrap();
+        assert_eq!(
+            first.as_bytes().as_ptr() as usize,
+            base,
+            "a view, not a copy"
+        );
+        let second = reader.next_frame_buf(&mut buf, 1024).unwrap().unwrap();
+        assert_eq!(second.as_bytes().len(), 35);
+        assert!(reader.next_frame_buf(&mut buf, 1024).unwrap().is_none());
+        assert!(buf.is_empty(), "the partial frame went into the reader");
+        assert_eq!((reader.partial_len(), reader.held()), (50, 132));
+        let mut rest = BytesMut::from(&encoded(100)[50..]);
+        let third = reader.next_frame_buf(&mut rest, 1024).unwrap().unwrap();
+        assert_eq!(third.as_bytes(), &encoded(100)[..]);
     }
 
     #[test]

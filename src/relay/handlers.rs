@@ -10,7 +10,9 @@ use log::{debug, info};
 
 use super::inbox::INBOX_PREFIX;
 use super::session::{Session, State};
-use super::{arm, millis_u32, push_output, OutQueue, Relay, CLOSE_LINGER, SCRATCH_CHUNK};
+use super::{
+    arm, millis_u32, push_output, push_output_view, OutQueue, Relay, CLOSE_LINGER, SCRATCH_CHUNK,
+};
 use crate::proto::frame::{write_ack, write_error, write_frame};
 use crate::proto::{
     ErrorCode, Flags, Header, LoginOk, MessageId, Opcode, RawFrame, UserId, HEADER_LEN,
@@ -28,7 +30,7 @@ impl Relay {
             Some(Opcode::Ping) => {
                 if self.check_control(id, &frame) {
                     let pong = frame.rewrite(Opcode::Pong, UserId::NONE, UserId::NONE);
-                    self.queue(id, pong);
+                    self.queue_view(id, pong);
                 }
             }
             Some(Opcode::Pong) => {
@@ -49,8 +51,10 @@ impl Relay {
                 let bye = frame.rewrite(Opcode::Bye, UserId::NONE, UserId::NONE);
                 match self.sessions.get_mut(id.0) {
                     // ACKs of stored SENDs still wait for the disk: BYE answers last.
-                    Some(s) if s.acks_held > 0 => s.extra_mut().deferred_bye = Some(bye),
-                    _ => self.queue(id, bye),
+                    Some(s) if s.acks_held > 0 => {
+                        s.extra_mut().deferred_bye = Some(Bytes::copy_from_slice(&bye));
+                    }
+                    _ => self.queue_view(id, bye),
                 }
                 debug!("{id}: BYE");
                 self.begin_close(id, now);
@@ -213,7 +217,7 @@ impl Relay {
         let count = devices.len();
         for &device in devices {
             if let Some(s) = self.sessions.get_mut(device.0) {
-                push_output(s, &mut self.flush_list, device, deliver.clone());
+                push_output_view(s, &mut self.flush_list, device, deliver.clone());
             }
         }
         self.metrics.messages_routed += 1;
@@ -396,6 +400,13 @@ impl Relay {
         let frame = Bytes::copy_from_slice(&self.scratch);
         self.scratch.clear();
         self.queue(id, frame);
+    }
+
+    /// [`Relay::queue`] for a frame that may be a view into the read buffer.
+    pub(super) fn queue_view(&mut self, id: ConnId, frame: Bytes) {
+        if let Some(s) = self.sessions.get_mut(id.0) {
+            push_output_view(s, &mut self.flush_list, id, frame);
+        }
     }
 
     pub(super) fn queue(&mut self, id: ConnId, frame: Bytes) {

@@ -342,27 +342,49 @@ impl Relay {
         true
     }
 
-    /// Bytes read from the connection's socket, in any amount. Every complete frame (line,
-    /// message) is handled at once; the start of an incomplete one is kept in the session,
-    /// in a buffer sized once from its declared length, and must be complete within the
-    /// frame timeout. A framing error queues an ERROR and starts closing.
+    /// [`Relay::handle_read`] for bytes in a slice (tests, tools): they are copied into a
+    /// buffer of their own first.
     pub fn handle_input(&mut self, id: ConnId, data: &[u8], now: Instant) {
+        self.handle_read(id, &mut BytesMut::from(data), now);
+    }
+
+    /// Bytes read from the connection's socket into `buf`, in any amount; all of them are
+    /// used up (`buf` is empty on return). Every complete frame (line, message) is handled
+    /// at once. Binary frames whole in `buf` are forwarded as views into it, without a
+    /// copy, and copied out only if they must wait in a queue past this loop turn (see
+    /// [`OutQueue::unpin`]); so the driver may share `buf` between connections. The start
+    /// of an incomplete frame is kept in the session, in a buffer sized once from its
+    /// declared length, and must be complete within the frame timeout. A framing error
+    /// queues an ERROR and starts closing.
+    pub fn handle_read(&mut self, id: ConnId, buf: &mut BytesMut, now: Instant) {
         let Some(s) = self.sessions.get_mut(id.0) else {
+            buf.clear();
             return;
         };
-        if s.state == State::Closing || data.is_empty() {
+        if s.state == State::Closing || buf.is_empty() {
+            buf.clear();
             return;
         }
         s.last_rx = now;
         s.ping_sent = false;
+        if s.codec == Codec::Binary {
+            self.binary_read(id, buf, now);
+            self.after_input(id, now);
+            return;
+        }
+        let data: &[u8] = buf;
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            buf.clear();
+            return;
+        };
         match s.codec {
-            Codec::Binary => self.binary_input(id, data, now),
+            Codec::Binary => {}
             Codec::Undecided => self.undecided_input(id, data, now),
             Codec::Text => self.text_input(id, data, now),
             Codec::Http => self.http_input(id, data, now),
             Codec::WebSocket => {
-                let mut buf = BytesMut::from(data);
-                let completed = self.handle_ws(id, &mut buf, now);
+                let mut input = BytesMut::from(data);
+                let completed = self.handle_ws(id, &mut input, now);
                 if let Some(s) = self.sessions.get_mut(id.0) {
                     if completed {
                         s.partial_since = None;
@@ -372,6 +394,7 @@ impl Relay {
                 }
             }
         }
+        buf.clear();
         self.after_input(id, now);
     }
 
@@ -424,6 +447,43 @@ impl Relay {
             let due = now + self.config.frame_timeout;
             if due < s.deadline {
                 arm(&mut self.timers, s, id, due);
+            }
+        }
+    }
+
+    /// Binary input from a read buffer: whole frames are cut out of it and handled; a
+    /// partial one goes into the session's reader.
+    fn binary_read(&mut self, id: ConnId, buf: &mut BytesMut, now: Instant) {
+        let max_frame = self.config.max_frame;
+        while !buf.is_empty() {
+            let Some(s) = self.sessions.get_mut(id.0) else {
+                buf.clear();
+                return;
+            };
+            match s.reader.next_frame_buf(buf, max_frame) {
+                Ok(Some(frame)) => {
+                    self.handle_raw(id, frame, now);
+                    if self.state(id) != Some(State::Closing) {
+                        continue;
+                    }
+                    if let Some(s) = self.sessions.get_mut(id.0) {
+                        s.reader.clear();
+                    }
+                    buf.clear();
+                    return;
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    self.fail(
+                        id,
+                        MessageId(0),
+                        UserId::NONE,
+                        e.code(),
+                        &e.to_string(),
+                        now,
+                    );
+                    return;
+                }
             }
         }
     }
@@ -760,10 +820,12 @@ impl Relay {
         }
     }
 
-    /// The socket would block; output waits for [`Relay::handle_writable`].
+    /// The socket would block; output waits for [`Relay::handle_writable`]. What waits is
+    /// copied out of the shared read buffers it may point into ([`OutQueue::unpin`]).
     pub fn handle_write_blocked(&mut self, id: ConnId) {
         if let Some(s) = self.sessions.get_mut(id.0) {
             s.write_blocked = true;
+            s.out.unpin();
         }
     }
 
@@ -935,6 +997,24 @@ pub(crate) fn push_output(s: &mut Session, flush_list: &mut FlushList, id: ConnI
     if !s.in_flush_list && !s.write_blocked {
         s.in_flush_list = true;
         flush_list.push(id);
+    }
+}
+
+/// [`push_output`] for a frame that may be a view into a shared read buffer: to a socket
+/// that is blocked it goes as a copy (it will wait); otherwise as it is, marked so the
+/// queue copies it out if the socket blocks before it is written.
+pub(crate) fn push_output_view(
+    s: &mut Session,
+    flush_list: &mut FlushList,
+    id: ConnId,
+    frame: Bytes,
+) {
+    if s.write_blocked {
+        push_output(s, flush_list, id, Bytes::copy_from_slice(&frame));
+    } else {
+        let at = s.out.next_position();
+        push_output(s, flush_list, id, frame);
+        s.out.mark_views_from(at);
     }
 }
 

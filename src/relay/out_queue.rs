@@ -12,10 +12,29 @@ use crate::ConnId;
 /// payload queued to many connections exists once in memory. An empty queue owns no heap
 /// memory until first used, and a large deque is given back when drained), which keeps idle
 /// connections small.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct OutQueue {
     frames: VecDeque<Bytes>,
     bytes: usize,
+    /// `bytes` plus [`FRAME_OVERHEAD`] per frame, kept up to date (read on every SEND).
+    held: usize,
+    /// Frames taken off the front since the queue was made (positions are counted from it).
+    popped: u64,
+    /// Position of the first frame that may be a view into a shared read buffer
+    /// (`u64::MAX`: none). See [`OutQueue::unpin`].
+    first_view: u64,
+}
+
+impl Default for OutQueue {
+    fn default() -> OutQueue {
+        OutQueue {
+            frames: VecDeque::new(),
+            bytes: 0,
+            held: 0,
+            popped: 0,
+            first_view: u64::MAX,
+        }
+    }
 }
 
 /// What one queued frame costs besides its bytes: its `Bytes` slot in the deque and the
@@ -33,6 +52,7 @@ impl OutQueue {
     pub fn push(&mut self, frame: Bytes) -> usize {
         let len = frame.len();
         self.bytes += len;
+        self.held += len + FRAME_OVERHEAD;
         self.frames.push_back(frame);
         len + FRAME_OVERHEAD
     }
@@ -42,10 +62,40 @@ impl OutQueue {
         self.bytes
     }
 
+    /// The position the next pushed frame will have (for [`OutQueue::mark_views_from`]).
+    pub fn next_position(&self) -> u64 {
+        self.popped + self.frames.len() as u64
+    }
+
+    /// Marks the frames pushed from `position` on as possibly views into a shared read
+    /// buffer: they are written this loop turn, or copied out by [`OutQueue::unpin`].
+    pub fn mark_views_from(&mut self, position: u64) {
+        // Positions only grow, so the first mark since the last unpin is the smallest.
+        if self.first_view == u64::MAX && position < self.next_position() {
+            self.first_view = position;
+        }
+    }
+
+    /// Replaces every frame that may be a view into a shared read buffer with a copy of
+    /// its own size. Called when the socket blocks: a frame that waits no longer keeps a
+    /// whole read buffer alive, only its own bytes (which the caps count). Frames are
+    /// forwarded without a copy when they are written in the turn they arrived, the
+    /// common case; only a queue that backs up pays for the copy, once per frame.
+    pub fn unpin(&mut self) {
+        if self.first_view == u64::MAX {
+            return;
+        }
+        let start = usize::try_from(self.first_view.saturating_sub(self.popped)).unwrap_or(0);
+        for frame in self.frames.range_mut(start.min(self.frames.len())..) {
+            *frame = Bytes::copy_from_slice(frame);
+        }
+        self.first_view = u64::MAX;
+    }
+
     /// Memory the queue holds, as every output limit counts it: the waiting bytes plus
     /// [`FRAME_OVERHEAD`] per frame.
     pub fn held(&self) -> usize {
-        self.bytes + self.frames.len() * FRAME_OVERHEAD
+        self.held
     }
 
     /// What a frame of `len` bytes would add to [`OutQueue::held`].
@@ -72,8 +122,10 @@ impl OutQueue {
     /// Drops the first `n` bytes, which the socket accepted; returns what that took off
     /// [`OutQueue::held`].
     pub fn advance(&mut self, mut n: usize) -> usize {
+        let written = n;
         debug_assert!(n <= self.bytes, "advanced past the queued bytes");
-        let before = self.held();
+        let before = self.held;
+        let popped_before = self.popped;
         self.bytes -= n.min(self.bytes);
         while n > 0 {
             let Some(front) = self.frames.front_mut() else {
@@ -82,23 +134,33 @@ impl OutQueue {
             if n >= front.len() {
                 n -= front.len();
                 self.frames.pop_front();
+                self.popped += 1;
             } else {
                 front.advance(n);
                 n = 0;
             }
         }
-        if self.frames.is_empty() && self.frames.capacity() > RELEASE_CAPACITY_OVER {
-            self.frames = VecDeque::new();
+        if self.frames.is_empty() {
+            self.first_view = u64::MAX;
+            if self.frames.capacity() > RELEASE_CAPACITY_OVER {
+                self.frames = VecDeque::new();
+            }
         }
-        before - self.held()
+        let frames_done = usize::try_from(self.popped - popped_before).unwrap_or(usize::MAX);
+        self.held = self.bytes + self.frames.len() * FRAME_OVERHEAD;
+        debug_assert_eq!(before - self.held, written + frames_done * FRAME_OVERHEAD);
+        before - self.held
     }
 
     /// Drops everything (the connection is gone); returns (bytes discarded, what that took
     /// off [`OutQueue::held`]).
     pub fn clear(&mut self) -> (usize, usize) {
         let dropped = (self.bytes, self.held());
+        self.popped += self.frames.len() as u64;
         self.frames = VecDeque::new();
         self.bytes = 0;
+        self.held = 0;
+        self.first_view = u64::MAX;
         dropped
     }
 }
@@ -147,6 +209,27 @@ mod tests {
         q.advance(3);
         assert!(q.is_empty());
         assert_eq!(q.chunks(&mut [IoSlice::new(&[]); 4]), 0);
+    }
+
+    #[test]
+    fn unpin_copies_the_marked_frames_and_frees_the_buffer_they_came_from() {
+        let mut read = bytes::BytesMut::with_capacity(64 * 1024);
+        read.extend_from_slice(&[7u8; 300]);
+        let mut q = OutQueue::default();
+        q.push(Bytes::from_static(b"owned before"));
+        let at = q.next_position();
+        q.push(read.split_to(100).freeze());
+        q.push(read.split_to(100).freeze());
+        q.mark_views_from(at);
+        q.advance(12 + 50); // the first frame and half of the second are written
+        let whole = read.capacity() + 1; // only the whole allocation, reclaimed, has room
+        assert!(!read.try_reclaim(whole), "the views pin the read buffer");
+        q.unpin();
+        assert!(read.try_reclaim(whole), "nothing points into it any more");
+        let mut slices = [IoSlice::new(&[]); 4];
+        assert_eq!(q.chunks(&mut slices), 2);
+        assert_eq!((slices[0].len(), slices[1].len()), (50, 100));
+        assert!(slices.iter().take(2).all(|s| s.iter().all(|&b| b == 7)));
     }
 
     #[test]

@@ -109,7 +109,9 @@ impl Relay {
             self.reply_error(id, h.msg_id, h.target, ErrorCode::RateLimited, &reason);
             return;
         }
-        let deliver = frame.rewrite(Opcode::RoomDeliver, h.target, sender);
+        // One copy of its own for all members: a view into the read buffer would be pinned
+        // by every member that does not keep up.
+        let deliver = Bytes::copy_from_slice(&frame.rewrite(Opcode::RoomDeliver, h.target, sender));
         let budget = self.config.max_memory.saturating_sub(self.memory_held());
         let fanout = Fanout {
             sessions: &mut self.sessions,
@@ -148,7 +150,8 @@ impl Relay {
         if !self.take_room_token(id, &h, now) {
             return;
         }
-        let deliver = frame.rewrite(Opcode::RoomDeliver, UserId::NONE, sender);
+        let deliver =
+            Bytes::copy_from_slice(&frame.rewrite(Opcode::RoomDeliver, UserId::NONE, sender));
         let everyone: Vec<ConnId> = self
             .sessions
             .iter()

@@ -1,9 +1,10 @@
 //! The mio driver: the only code in the crate that touches sockets.
 //!
 //! One thread, one `Poll`. Each loop turn: poll; accept until WouldBlock; read every
-//! readable connection until WouldBlock (or its read or work budget) into one reused
-//! buffer and hand the bytes to the [`Relay`], which copies out what it keeps; run due
-//! timers; then write each connection the core named, once, with `write_vectored`.
+//! readable connection until WouldBlock (or its read or work budget) into one shared
+//! buffer and hand the bytes to the [`Relay`] (frames go out as views into it; what must
+//! wait in a blocked queue is copied out); run due timers; then write each connection the
+//! core named, once, with `write_vectored`.
 //! WRITABLE interest is registered only while a connection's output is blocked. The
 //! driver makes no routing decision of its own; it supplies the clock and the entropy the
 //! core is created with.
@@ -46,9 +47,12 @@ const READ_BUDGET: usize = 256 * 1024;
 /// Most work (see [`Relay::take_work`]: frames handled, deliveries queued) one
 /// connection's reads may cause per loop turn before the others get theirs.
 const WORK_BUDGET: usize = 64 * 1024;
-/// The one read buffer, reused for every read of every connection: the core copies out
-/// what it keeps, so nothing points into it after `handle_input` returns.
+/// The read buffer grows in chunks of this size. Frames forwarded from it are views into a
+/// chunk until they are written (or copied out when their queue blocks), so a chunk lives
+/// at most a loop turn longer than its reads.
 const READ_CHUNK: usize = 64 * 1024;
+/// Below this much free space the read buffer reserves a new chunk before reading.
+const MIN_READ_SPACE: usize = 4 * 1024;
 /// How soon a failed accept (other than running out of descriptors) is tried again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// Most slices handed to one `write_vectored` call.
@@ -131,7 +135,7 @@ impl Server {
                 crate::rand::Rng::from_entropy().next_u64(),
             ),
             conns: Vec::new(),
-            read_buf: BytesMut::with_capacity(READ_CHUNK),
+            read_buf: BytesMut::new(),
             reserve_fd: open_reserve(),
             accept_retry: None,
             deferred_reads: Vec::new(),
@@ -465,14 +469,16 @@ impl Server {
         let mut failed = None;
         self.relay.take_work();
         loop {
-            self.read_buf.clear();
+            if self.read_buf.capacity() - self.read_buf.len() < MIN_READ_SPACE {
+                self.read_buf.reserve(READ_CHUNK);
+            }
             match io::read_into(fd, &mut self.read_buf) {
                 Ok(0) => {
                     self.relay.handle_eof(id, now);
                     return;
                 }
                 Ok(n) => {
-                    self.relay.handle_input(id, &self.read_buf, now);
+                    self.relay.handle_read(id, &mut self.read_buf, now);
                     if !self.relay.wants_read(id) {
                         break;
                     }

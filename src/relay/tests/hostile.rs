@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::*;
 
@@ -182,24 +182,41 @@ fn the_memory_budget_refuses_sends_and_partial_frames_past_it() {
 }
 
 #[test]
-fn queued_frames_own_their_bytes() {
+fn frames_waiting_in_a_blocked_queue_do_not_pin_the_read_buffer() {
     let mut h = Harness::new(Config::default());
     let alice = h.login(1);
     let bob = h.login(2);
+    let carol = h.login(3);
     h.take_output(bob);
-    // One read holding a small SEND followed by a large one to nobody: the DELIVER
-    // queued for bob must not keep the whole read alive.
-    let mut read = send(1, 2, b"hello").to_bytes().to_vec();
-    read.extend_from_slice(&send(2, 99, &[0u8; 1]).to_bytes());
-    read.extend(vec![0u8; 0]);
-    h.feed(alice, &read);
-    let out = h.relay.output(bob).unwrap();
-    let mut slices = [std::io::IoSlice::new(&[]); 4];
-    assert_eq!(out.chunks(&mut slices), 1);
-    assert_eq!(slices[0].len(), 37);
+    h.relay.handle_write_blocked(carol);
+    // One read holding a small SEND to bob, one to carol (whose socket is blocked), and a
+    // large SEND to nobody: the DELIVERs must not keep the whole read buffer alive.
+    let mut read = BytesMut::with_capacity(64 * 1024);
+    read.extend_from_slice(&send(1, 2, b"hello").to_bytes());
+    read.extend_from_slice(&send(2, 3, b"hello").to_bytes());
+    read.extend_from_slice(
+        &Frame::send(MessageId(3), UserId(99), Bytes::from(vec![0u8; 30_000])).to_bytes(),
+    );
+    let mut buf = read.split();
+    h.relay.handle_read(alice, &mut buf, h.now);
+    assert!(buf.is_empty(), "the read is used up");
+    drop(buf);
+    let before = read.capacity();
+    assert!(
+        !read.try_reclaim(before + 1),
+        "bob's DELIVER is a view: no copy on the fast path"
+    );
+    // Bob's socket blocks before the DELIVER is written: it is copied out.
+    h.relay.handle_write_blocked(bob);
+    assert!(
+        read.try_reclaim(before + 1),
+        "nothing points into the read buffer any more"
+    );
+    assert_eq!(h.take_frames(bob)[0].payload, Bytes::from_static(b"hello"));
+    h.relay.handle_writable(carol);
     assert_eq!(
-        h.relay.memory_held(),
-        out.held() + h.relay.output(alice).unwrap().held()
+        h.take_frames(carol)[0].payload,
+        Bytes::from_static(b"hello")
     );
 }
 

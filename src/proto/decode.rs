@@ -8,9 +8,10 @@ use byteorder::{BigEndian, ByteOrder};
 use bytes::{Bytes, BytesMut};
 
 use super::error::DecodeError;
-use super::frame::{offset, Frame, Header, HEADER_LEN, VERSION};
+use super::frame::{offset, Frame, Header, HEADER_LEN};
 use super::ids::UserId;
 use super::opcode::{Flags, Opcode};
+use super::reader::{check_length, check_version};
 
 /// One complete frame cut from the input buffer, header parsed, bytes untouched. The relay
 /// forwards it without copying: [`RawFrame::into_deliver`] rewrites the header in place.
@@ -91,26 +92,13 @@ pub fn decode_raw(buf: &mut BytesMut, max_frame: u32) -> Result<Option<RawFrame>
     if buf.len() < 4 {
         return Ok(None);
     }
-    let declared = BigEndian::read_u32(&buf[offset::LENGTH..]);
-    if (declared as usize) < HEADER_LEN {
-        return Err(DecodeError::LengthTooSmall { declared });
-    }
-    if declared > max_frame {
-        return Err(DecodeError::TooLarge {
-            declared,
-            max: max_frame,
-        });
-    }
-    if buf.len() > offset::VERSION && buf[offset::VERSION] != VERSION {
-        return Err(DecodeError::BadVersion {
-            version: buf[offset::VERSION],
-        });
-    }
-    if buf.len() < declared as usize {
+    let declared = check_length(BigEndian::read_u32(&buf[offset::LENGTH..]), max_frame)?;
+    check_version(buf)?;
+    if buf.len() < declared {
         return Ok(None);
     }
     let header = Header::read(buf);
-    let bytes = buf.split_to(declared as usize);
+    let bytes = buf.split_to(declared);
     Ok(Some(RawFrame { header, bytes }))
 }
 

@@ -181,7 +181,7 @@ impl FrameReader {
 }
 
 /// The declared length, if it is a legal frame length.
-fn check_length(declared: u32, max_frame: u32) -> Result<usize, DecodeError> {
+pub(crate) fn check_length(declared: u32, max_frame: u32) -> Result<usize, DecodeError> {
     if (declared as usize) < HEADER_LEN {
         return Err(DecodeError::LengthTooSmall { declared });
     }
@@ -195,7 +195,7 @@ fn check_length(declared: u32, max_frame: u32) -> Result<usize, DecodeError> {
 }
 
 /// Checks the version byte once it is in.
-fn check_version(frame_start: &[u8]) -> Result<(), DecodeError> {
+pub(crate) fn check_version(frame_start: &[u8]) -> Result<(), DecodeError> {
     match frame_start.get(offset::VERSION) {
         Some(&version) if version != VERSION => Err(DecodeError::BadVersion { version }),
         _ => Ok(()),

@@ -488,41 +488,6 @@ impl Relay {
         }
     }
 
-    /// Binary input: whole frames are copied out of `data` and handled; a partial one
-    /// goes into the session's reader.
-    fn binary_input(&mut self, id: ConnId, mut data: &[u8], now: Instant) {
-        let max_frame = self.config.max_frame;
-        while !data.is_empty() {
-            let Some(s) = self.sessions.get_mut(id.0) else {
-                return;
-            };
-            match s.reader.next_frame(&mut data, max_frame) {
-                Ok(Some(frame)) => {
-                    self.handle_raw(id, frame, now);
-                    if self.state(id) != Some(State::Closing) {
-                        continue;
-                    }
-                    if let Some(s) = self.sessions.get_mut(id.0) {
-                        s.reader.clear();
-                    }
-                    return;
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    self.fail(
-                        id,
-                        MessageId(0),
-                        UserId::NONE,
-                        e.code(),
-                        &e.to_string(),
-                        now,
-                    );
-                    return;
-                }
-            }
-        }
-    }
-
     /// One decoded frame from any codec: counted, then handled.
     fn handle_raw(&mut self, id: ConnId, frame: RawFrame, now: Instant) {
         self.metrics.frames_in += 1;
@@ -560,7 +525,7 @@ impl Relay {
             return;
         };
         match s.codec {
-            Codec::Binary => self.binary_input(id, data, now),
+            Codec::Binary => self.binary_read(id, &mut BytesMut::from(data), now),
             Codec::Text => self.text_input(id, data, now),
             Codec::Http => self.http_input(id, data, now),
             Codec::WebSocket | Codec::Undecided => {}

@@ -5,10 +5,13 @@
 //!   --pairs 100 --size 64 --window 64 --messages 200000 --compare-floor`
 //!
 //! Modes: `pairs`, `pingpong`, `fanout`, `floor`, `conns`, `stored` (pairs with stored
-//! delivery to a durable store). Against `--addr HOST:PORT` or a relay it starts itself (`--spawn`), in
-//! which case it also reports the relay's CPU time per million messages and its memory.
+//! delivery to a durable store), `attack` (one hostile workload beside a pingpong bystander:
+//! the relay's peak memory against its bound, and the bystander's latency). Against
+//! `--addr HOST:PORT` or a relay it starts itself (`--spawn`), in which case it also reports
+//! the relay's CPU time per million messages and its memory.
 //! Progress on stderr, a summary on stderr, one JSON line on stdout.
 
+mod attack;
 mod engine;
 mod relay_proc;
 mod report;
@@ -50,6 +53,9 @@ enum Mode {
     /// The pairs workload with stored delivery: every SEND is STORED, receivers sync their
     /// inbox and ack it; reports delivery latency and the ACK ("stored") latency.
     Stored(StoredArgs),
+    /// One attack (--kind pin, trickle, partial, flood, fuzz or none) for --seconds while a
+    /// pingpong bystander measures latency; reports the relay's peak RSS against its bound.
+    Attack(Box<attack::AttackArgs>),
 }
 
 #[derive(Args, Clone)]
@@ -191,6 +197,7 @@ fn main() -> ExitCode {
         Mode::Fanout(a) => fanout(a),
         Mode::Conns(a) => conns(a),
         Mode::Stored(a) => stored(a),
+        Mode::Attack(a) => return attack::main(*a),
     };
     match result {
         Ok(report) => {

@@ -712,8 +712,9 @@ fn paused_reads_resume_when_the_reader_drains() {
 fn twenty_thousand_chosen_user_ids_do_not_degrade_the_relay() {
     let mut flags = SMALL_CAPS.to_vec();
     flags.extend([
+        // 20,000 one-message inboxes: 20,000 x (119 + 320) bytes as the store counts them.
         "--store-max-bytes",
-        "4194304",
+        "16777216",
         "--store-max-users",
         "100000",
     ]);

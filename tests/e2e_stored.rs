@@ -217,12 +217,13 @@ fn a_recipient_whose_link_drops_mid_stream_sees_every_message_once_in_order() {
 
 #[test]
 fn each_stored_delivery_limit_answers_inbox_full_naming_it() {
-    // Each message counts its INBOX_DELIVER frame (48 bytes + payload) plus 64 bytes.
+    // Each message counts its INBOX_DELIVER frame (48 bytes + payload) plus 64 bytes, and
+    // each user's inbox 320 bytes (the store's limit: 544 for messages, 640 for 2 inboxes).
     let relay = TestRelay::start(Config {
         inbox_max_messages: 2,
         inbox_max_bytes: 300,
         store_max_users: 2,
-        store_max_bytes: 544,
+        store_max_bytes: 544 + 2 * 320,
         ..Config::default()
     });
     let mut alice = relay.login(1);

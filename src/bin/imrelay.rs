@@ -124,6 +124,10 @@ struct Args {
     /// ROOM_SEND frames per second into one room from all its members (0 = unlimited).
     #[arg(long, default_value_t = 1000)]
     room_total_rate: u32,
+    /// Kernel send buffer (SO_SNDBUF) of each client socket in bytes; 0 = the kernel's
+    /// autotuning (which lets a client that does not read hold megabytes).
+    #[arg(long, default_value_t = imrelay::server::DEFAULT_SEND_BUFFER)]
+    socket_send_buffer: usize,
     /// ROOM_SEND frames one room takes at once before its total rate applies.
     #[arg(long, default_value_t = 2000)]
     room_total_burst: u32,
@@ -234,6 +238,7 @@ fn main() -> ExitCode {
         }
     }
     server.set_busy_poll(args.busy_poll);
+    server.set_send_buffer((args.socket_send_buffer > 0).then_some(args.socket_send_buffer));
     server.set_stats_interval(Some(Duration::from_secs(args.stats_interval)));
     info!(
         "imrelay listening on {} (fd limit {fd_limit}: up to {max_connections} connections)",

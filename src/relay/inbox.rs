@@ -59,6 +59,11 @@ pub const INBOX_PREFIX: usize = 16;
 /// the `Bytes` handle and the allocation's own header), charged against the byte limits.
 pub const MESSAGE_OVERHEAD: usize = 64;
 
+/// What one user's inbox (or tombstone) costs beside its messages, in bytes (its map entry,
+/// its first queue allocation, its place in the expiry schedule): charged against the
+/// store's byte limit, so many single-message inboxes are counted for what they hold.
+pub const INBOX_OVERHEAD: usize = 320;
+
 /// What a stored message with `payload_len` bytes of message counts against the byte
 /// limits: its INBOX_DELIVER frame (header, seq, stored-at, message) plus
 /// [`MESSAGE_OVERHEAD`].
@@ -362,7 +367,8 @@ impl Inboxes {
                 l.max_bytes
             )));
         }
-        if self.total_bytes + cost > l.max_total_bytes {
+        let inboxes = self.users.len() + usize::from(inbox.is_none());
+        if self.total_bytes + inboxes * INBOX_OVERHEAD + cost > l.max_total_bytes {
             return Err(InboxFull(format!(
                 "the store would pass {} bytes (max store bytes)",
                 l.max_total_bytes
@@ -677,7 +683,8 @@ mod tests {
             max_bytes: c(0) + c(100),
             ttl: Duration::from_secs(60),
             max_users: 2,
-            max_total_bytes: c(0) * 2 + c(150),
+            // Two inboxes' fixed cost, then room for messages.
+            max_total_bytes: 2 * INBOX_OVERHEAD + c(0) * 2 + c(150),
         }
     }
 

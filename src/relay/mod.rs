@@ -462,6 +462,8 @@ impl Relay {
             };
             match s.reader.next_frame_buf(buf, max_frame) {
                 Ok(Some(frame)) => {
+                    // A frame completed: the frame timeout starts again with the next one.
+                    s.partial_since = None;
                     self.handle_raw(id, frame, now);
                     if self.state(id) != Some(State::Closing) {
                         continue;
@@ -575,6 +577,10 @@ impl Relay {
             }
         };
         let pending_complete = pending.last() == Some(&b'\n');
+        if pending_complete || !complete.is_empty() {
+            // A line completed: the frame timeout starts again with the next one.
+            s.partial_since = None;
+        }
         if pending_complete {
             let lines = pending.split().freeze();
             self.handle_lines(id, &lines, now);
@@ -649,9 +655,15 @@ impl Relay {
                         self.handle_frame(id, raw, now);
                     }
                 }
-                Ok(text::Line::Help) => self.queue(id, Bytes::from_static(text::HELP.as_bytes())),
+                Ok(text::Line::Help) => {
+                    self.work += FRAME_WORK;
+                    self.queue(id, Bytes::from_static(text::HELP.as_bytes()));
+                }
                 Ok(text::Line::Blank) => {}
-                Err(usage) => self.queue(id, text::render_usage(&usage)),
+                Err(usage) => {
+                    self.work += FRAME_WORK;
+                    self.queue(id, text::render_usage(&usage));
+                }
             }
         }
     }

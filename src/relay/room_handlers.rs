@@ -112,7 +112,7 @@ impl Relay {
         // One copy of its own for all members: a view into the read buffer would be pinned
         // by every member that does not keep up.
         let deliver = Bytes::copy_from_slice(&frame.rewrite(Opcode::RoomDeliver, h.target, sender));
-        let budget = self.config.max_memory.saturating_sub(self.memory_held());
+        let budget = self.room_budget();
         let fanout = Fanout {
             sessions: &mut self.sessions,
             flush_list: &mut self.flush_list,
@@ -158,7 +158,7 @@ impl Relay {
             .filter(|(_, s)| matches!(s.state, State::Active(_)))
             .map(|(key, _)| ConnId(key))
             .collect();
-        let budget = self.config.max_memory.saturating_sub(self.memory_held());
+        let budget = self.room_budget();
         let fanout = Fanout {
             sessions: &mut self.sessions,
             flush_list: &mut self.flush_list,
@@ -205,6 +205,13 @@ impl Relay {
         let reason = format!("over {rate} room messages per second");
         self.reply_error(id, h.msg_id, h.target, ErrorCode::RateLimited, &reason);
         false
+    }
+
+    /// What room traffic may still add to the relay's memory: it stops at half the memory
+    /// budget, as it stops at half each member's output cap, so a room flood never makes a
+    /// direct message fail.
+    fn room_budget(&self) -> usize {
+        (self.config.max_memory / 2).saturating_sub(self.memory_held())
     }
 
     fn finish_fanout(&mut self, id: ConnId, h: &Header, queued: u64, dropped: u64) {

@@ -42,17 +42,21 @@ const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
 
 /// Most bytes read from one connection per readiness event before the others get a turn;
-/// the rest is read next turn. Bounds latency, not memory.
-const READ_BUDGET: usize = 256 * 1024;
+/// the rest is read next turn. Bounds latency, not memory: a loop turn lasts about the
+/// number of busy connections times this much work, which is what a bystander waits.
+const READ_BUDGET: usize = 64 * 1024;
 /// Most work (see [`Relay::take_work`]: frames handled, deliveries queued) one
 /// connection's reads may cause per loop turn before the others get theirs.
-const WORK_BUDGET: usize = 64 * 1024;
+const WORK_BUDGET: usize = 8 * 1024;
 /// The read buffer grows in chunks of this size. Frames forwarded from it are views into a
 /// chunk until they are written (or copied out when their queue blocks), so a chunk lives
 /// at most a loop turn longer than its reads.
 const READ_CHUNK: usize = 64 * 1024;
 /// Below this much free space the read buffer reserves a new chunk before reading.
 const MIN_READ_SPACE: usize = 4 * 1024;
+/// SO_SNDBUF of accepted sockets unless [`Server::set_send_buffer`] says otherwise (Linux
+/// doubles it for its bookkeeping).
+pub const DEFAULT_SEND_BUFFER: usize = 128 * 1024;
 /// How soon a failed accept (other than running out of descriptors) is tried again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// Most slices handed to one `write_vectored` call.
@@ -98,6 +102,8 @@ pub struct Server {
     reserve_fd: Option<std::fs::File>,
     /// A failed accept is tried again at this time.
     accept_retry: Option<Instant>,
+    /// SO_SNDBUF of every accepted socket (None: the kernel's autotuning).
+    send_buffer: Option<usize>,
     deferred_reads: Vec<ConnId>,
     shutdown: ShutdownHandle,
     shutdown_deadline: Option<Instant>,
@@ -138,6 +144,7 @@ impl Server {
             read_buf: BytesMut::new(),
             reserve_fd: open_reserve(),
             accept_retry: None,
+            send_buffer: Some(DEFAULT_SEND_BUFFER),
             deferred_reads: Vec::new(),
             shutdown: ShutdownHandle {
                 requested: Arc::new(AtomicBool::new(false)),
@@ -159,6 +166,13 @@ impl Server {
     pub fn set_stats_interval(&mut self, interval: Option<Duration>) {
         self.stats_interval = interval.filter(|d| !d.is_zero());
         self.next_stats = self.stats_interval.map(|d| Instant::now() + d);
+    }
+
+    /// The kernel send buffer of each accepted socket (`None`: the kernel's autotuning,
+    /// which grows it to megabytes for a client that does not read). Outside the relay's
+    /// own memory budget, so it is fixed by default.
+    pub fn set_send_buffer(&mut self, size: Option<usize>) {
+        self.send_buffer = size;
     }
 
     /// Never sleep in the poller: spin on it with a zero timeout. Burns the relay's core
@@ -423,6 +437,13 @@ impl Server {
             };
             if let Err(e) = stream.set_nodelay(true) {
                 debug!("{id}: set_nodelay failed: {e}");
+            }
+            if let Some(size) = self.send_buffer {
+                // A fixed send buffer: the kernel's autotuning would let every client that
+                // stops reading hold megabytes of the machine's memory in its socket.
+                if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(size) {
+                    debug!("{id}: setting SO_SNDBUF failed: {e}");
+                }
             }
             if let Err(e) =
                 self.poll

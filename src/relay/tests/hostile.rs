@@ -274,3 +274,34 @@ fn a_room_over_its_total_rate_refuses_more() {
         "a burst of 5 for the whole room, whoever sends"
     );
 }
+
+#[test]
+fn reads_that_always_end_mid_frame_are_not_a_slow_frame() {
+    let config = Config {
+        frame_timeout: Duration::from_secs(10),
+        ..Config::default()
+    };
+    let mut h = Harness::new(config);
+    let alice = h.login(1);
+    let telnet = h.open();
+    h.feed(telnet, b"login 5\n");
+    h.take_output(telnet);
+    // Every read finishes one frame (line) and starts the next; each frame takes 8 s,
+    // within the 10 s timeout, although some frame is always partial.
+    let ping = |i| Frame::ping(MessageId(i), Bytes::new()).to_bytes();
+    h.feed(alice, &ping(0)[..10]);
+    h.feed(telnet, b"pi");
+    for i in 0..5u64 {
+        h.advance(Duration::from_secs(8));
+        let mut read = ping(i)[10..].to_vec();
+        read.extend_from_slice(&ping(i + 1)[..10]);
+        h.feed(alice, &read);
+        h.feed(telnet, b"ng\npi");
+        assert_eq!(h.take_frames(alice)[0].opcode, Opcode::Pong, "frame {i}");
+        assert!(String::from_utf8(h.take_output(telnet))
+            .unwrap()
+            .starts_with("PONG"));
+    }
+    assert_eq!(h.relay.state(alice), Some(State::Active(UserId(1))));
+    assert_eq!(h.relay.state(telnet), Some(State::Active(UserId(5))));
+}

@@ -14,12 +14,6 @@ use imrelay::proto::{UserId, DEFAULT_MAX_FRAME};
 use imrelay::relay::Config;
 use imrelay::server::{raise_fd_limit, Server, RESERVED_FDS};
 
-/// Every forwarded frame is copied into an allocation of its own size (so a slow queue pins
-/// nothing else): one small allocation and free per message, which mimalloc serves from
-/// thread-local free lists far faster than the system allocator.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// A fast single-threaded IM relay. Protocol: protocol.md.
 #[derive(Parser, Debug)]
 #[command(version, about)]

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub bytes_out: u64,
     /// Bytes still queued when a connection died (reset or error before the flush).
     pub bytes_lost_on_reset: u64,
+    /// ERROR frames sent, all codes together.
+    pub errors_total: u64,
     /// ERROR frames sent, by code (index = code - 1).
     pub errors_sent: [u64; ErrorCode::ALL.len()],
     /// ROOM_SEND and BROADCAST frames fanned out.
@@ -49,6 +51,7 @@ impl Metrics {
     /// Counts one ERROR frame.
     pub fn count_error(&mut self, code: ErrorCode) {
         self.errors_sent[code as usize - 1] += 1;
+        self.errors_total += 1;
     }
 
     /// ERROR frames sent with `code`.

@@ -86,6 +86,11 @@ const SCRATCH_CHUNK: usize = 1024;
 /// Each frame handled counts this much work; each delivery it queues counts one.
 const FRAME_WORK: usize = 8;
 
+/// A connection whose last this many frames (or text lines) were all refused with an error
+/// is closed with LIMIT_REACHED: no working client does that, and answering a flood of
+/// refused frames one by one would hold up everyone else.
+pub const MAX_REFUSED_IN_A_ROW: u32 = 1024;
+
 /// A connection the relay will not take, and the ERROR frame to send it before closing.
 #[derive(Debug)]
 pub struct Refused {
@@ -495,7 +500,35 @@ impl Relay {
         self.metrics.frames_in += 1;
         self.metrics.bytes_in += frame.as_bytes().len() as u64;
         self.work += FRAME_WORK;
+        let errors = self.metrics.errors_total;
         self.handle_frame(id, frame, now);
+        let refused = self.metrics.errors_total != errors;
+        self.count_refusal(id, refused, now);
+    }
+
+    /// Counts a refused (or accepted) frame toward [`MAX_REFUSED_IN_A_ROW`].
+    fn count_refusal(&mut self, id: ConnId, refused: bool, now: Instant) {
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            return;
+        };
+        if !refused {
+            s.refused_in_a_row = 0;
+            return;
+        }
+        s.refused_in_a_row += 1;
+        if s.refused_in_a_row >= MAX_REFUSED_IN_A_ROW && s.state != State::Closing {
+            let reason = format!(
+                "{MAX_REFUSED_IN_A_ROW} frames in a row were refused (max refused in a row)"
+            );
+            self.fail(
+                id,
+                MessageId(0),
+                UserId::NONE,
+                ErrorCode::LimitReached,
+                &reason,
+                now,
+            );
+        }
     }
 
     /// The first bytes: they choose the codec (a proper prefix of `GET ` waits for more).
@@ -652,7 +685,10 @@ impl Relay {
                         self.metrics.frames_in += 1;
                         self.metrics.bytes_in += line.len() as u64;
                         self.work += FRAME_WORK;
+                        let errors = self.metrics.errors_total;
                         self.handle_frame(id, raw, now);
+                        let refused = self.metrics.errors_total != errors;
+                        self.count_refusal(id, refused, now);
                     }
                 }
                 Ok(text::Line::Help) => {
@@ -663,6 +699,7 @@ impl Relay {
                 Err(usage) => {
                     self.work += FRAME_WORK;
                     self.queue(id, text::render_usage(&usage));
+                    self.count_refusal(id, true, now);
                 }
             }
         }

@@ -111,6 +111,9 @@ pub struct Session {
     /// closing connection is not closed before they are sent: a sender gets the answer to
     /// every frame it sent.
     pub acks_held: u32,
+    /// Frames (or lines) in a row that were refused with an error; see
+    /// [`super::MAX_REFUSED_IN_A_ROW`].
+    pub refused_in_a_row: u32,
 }
 
 /// The part of a session that binary connections do not need.
@@ -189,6 +192,7 @@ impl Session {
             inbox_synced: false,
             inbox_pushed: 0,
             acks_held: 0,
+            refused_in_a_row: 0,
         }
     }
 

@@ -5,7 +5,7 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use mio::net::TcpStream;
 
-pub use crate::net::read_into;
+pub use crate::net::{read_at_most, read_into};
 
 /// The socket's raw descriptor.
 pub fn fd(stream: &TcpStream) -> RawFd {

@@ -305,3 +305,28 @@ fn reads_that_always_end_mid_frame_are_not_a_slow_frame() {
     assert_eq!(h.relay.state(alice), Some(State::Active(UserId(1))));
     assert_eq!(h.relay.state(telnet), Some(State::Active(UserId(5))));
 }
+
+#[test]
+fn a_connection_whose_frames_are_all_refused_is_closed_after_a_limit() {
+    let mut h = Harness::new(Config::default());
+    let alice = h.login(1);
+    // One short of the limit, then an accepted frame: the count starts again.
+    let refused = send(1, 99, b"to nobody").to_bytes(); // RECIPIENT_OFFLINE
+    for _ in 1..MAX_REFUSED_IN_A_ROW {
+        h.feed(alice, &refused);
+    }
+    h.feed(alice, &Frame::ping(MessageId(2), Bytes::new()).to_bytes());
+    h.take_output(alice);
+    for _ in 1..MAX_REFUSED_IN_A_ROW {
+        h.feed(alice, &refused);
+    }
+    assert_eq!(h.relay.state(alice), Some(State::Active(UserId(1))));
+    h.take_output(alice);
+    h.feed(alice, &refused);
+    let frames = h.take_frames(alice);
+    assert_eq!(frames[0].error_code(), Some(ErrorCode::RecipientOffline));
+    let last = frames.last().unwrap();
+    assert_eq!(last.error_code(), Some(ErrorCode::LimitReached), "{last:?}");
+    assert!(last.error().unwrap().1.contains("in a row"));
+    assert!(h.relay.is_finished(alice));
+}

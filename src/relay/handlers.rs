@@ -394,12 +394,12 @@ impl Relay {
         &mut self.scratch
     }
 
-    /// Queues what was just encoded into the scratch buffer to `id`, as an allocation of
-    /// its own size: a control frame in a slow queue pins nothing else.
+    /// Queues what was just encoded into the scratch buffer to `id`: a view into the
+    /// scratch chunk (no allocation per ACK), copied out if it has to wait in a blocked
+    /// queue, like a forwarded frame ([`super::OutQueue::unpin`]).
     pub(super) fn queue_scratch(&mut self, id: ConnId) {
-        let frame = Bytes::copy_from_slice(&self.scratch);
-        self.scratch.clear();
-        self.queue(id, frame);
+        let frame = self.scratch.split().freeze();
+        self.queue_view(id, frame);
     }
 
     /// [`Relay::queue`] for a frame that may be a view into the read buffer.

@@ -78,10 +78,11 @@ use timers::Timers;
 /// How long a closing connection may take to drain its output before it is closed anyway.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(5);
 
-/// Control frames (ACK, ERROR, LOGIN_OK, PONG) are encoded into a reused scratch buffer
-/// of this initial size, then copied into an allocation of their own size for the queue
-/// (a view into a shared chunk would pin the whole chunk in a slow queue).
-const SCRATCH_CHUNK: usize = 1024;
+/// Control frames (ACK, ERROR, LOGIN_OK, PONG) are encoded into a shared scratch buffer
+/// that is reserved in chunks of this size and split into `Bytes`, so encoding one costs
+/// no allocation of its own; a frame that must wait in a blocked queue is copied out of
+/// the chunk then ([`OutQueue::unpin`]), so no slow queue pins a chunk.
+const SCRATCH_CHUNK: usize = 16 * 1024;
 
 /// Each frame handled counts this much work; each delivery it queues counts one.
 const FRAME_WORK: usize = 8;

@@ -173,7 +173,10 @@ impl OutQueue {
 /// goes through the relay's `push_output`/`push_raw`, which keep `held` exact.
 #[derive(Debug, Default)]
 pub struct FlushList {
-    ids: Vec<ConnId>,
+    /// In the order output was queued: a recipient's DELIVER is handed to the kernel before
+    /// the sender's ACK for it, so an ACK the sender saw means the DELIVER left the relay
+    /// process, even if the relay dies a moment later.
+    ids: VecDeque<ConnId>,
     /// Sum of [`OutQueue::held`] over every session.
     pub held: usize,
 }
@@ -181,12 +184,12 @@ pub struct FlushList {
 impl FlushList {
     /// Names a connection for writing (the caller keeps it from being named twice).
     pub fn push(&mut self, id: ConnId) {
-        self.ids.push(id);
+        self.ids.push_back(id);
     }
 
-    /// The next connection to write.
+    /// The next connection to write, oldest first.
     pub fn pop(&mut self) -> Option<ConnId> {
-        self.ids.pop()
+        self.ids.pop_front()
     }
 }
 

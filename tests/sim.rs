@@ -38,9 +38,10 @@ use std::time::Instant;
 
 use world::{World, CONTEXT};
 
-/// Seeds a plain `cargo test --test sim` runs: about 25 s in a debug build on the 2-core
-/// development VM (release: about 3 ms a seed).
-const DEFAULT_SEEDS: u64 = 1000;
+/// Seeds a plain `cargo test --test sim` runs: about 30 s on the 2-core development VM
+/// (the crate is built at opt-level 1 in test builds, see Cargo.toml; release: about 3 ms
+/// a seed).
+const DEFAULT_SEEDS: u64 = 4000;
 
 fn env_u64(name: &str) -> Option<u64> {
     let v = std::env::var(name).ok()?;

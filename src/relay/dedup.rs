@@ -15,7 +15,24 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::hashing::{id_map, IdMap};
-use crate::proto::{MessageId, UserId};
+use crate::proto::{ErrorCode, MessageId, UserId};
+
+/// An ACK count with this bit set records a refusal instead: the low 16 bits are the
+/// ERROR code the first copy got (see [`refused`], [`refusal`]).
+const REFUSED: u32 = 0x8000_0000;
+
+/// The value [`Dedup::record`] keeps for a SEND refused with `code`.
+pub fn refused(code: ErrorCode) -> u32 {
+    REFUSED | code as u32
+}
+
+/// The code of a remembered refusal, if `count` is one.
+pub fn refusal(count: u32) -> Option<ErrorCode> {
+    if count & REFUSED == 0 {
+        return None;
+    }
+    ErrorCode::from_u16(u16::try_from(count & 0xffff).ok()?)
+}
 
 /// The ids one sender sent recently, oldest first, each with the ACK count it got.
 #[derive(Debug)]

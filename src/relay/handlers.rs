@@ -171,7 +171,12 @@ impl Relay {
                     h.msg_id
                 );
                 self.metrics.duplicates_dropped += 1;
-                if h.flags.contains(Flags::STORED) {
+                if let Some(code) = super::dedup::refusal(count) {
+                    // Refused the first time: the same answer, so a message stored since
+                    // is never overtaken by this one (protocol.md, section 13).
+                    let reason = format!("{} was refused when first sent", h.msg_id);
+                    self.reply_error(id, h.msg_id, h.target, code, &reason);
+                } else if h.flags.contains(Flags::STORED) {
                     // Its first ACK may still wait for the disk: this one waits too.
                     if !h.flags.contains(Flags::NO_ACK) {
                         self.ack_stored(id, h.msg_id, h.target, count);

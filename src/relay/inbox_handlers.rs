@@ -79,6 +79,12 @@ impl Relay {
         let now_ms = self.unix_ms(now);
         if let Err(full) = self.inboxes.check_room(h.target, frame.payload().len()) {
             self.reply_error(id, h.msg_id, h.target, ErrorCode::InboxFull, &full.0);
+            if h.flags.contains(Flags::DEDUP) {
+                // A resend (the ERROR may be lost with the link) gets INBOX_FULL again
+                // rather than being stored after messages sent later.
+                let refused = super::dedup::refused(ErrorCode::InboxFull);
+                self.dedup.record(sender, h.msg_id, refused, now);
+            }
             return;
         }
         let (seq, deliver) =

@@ -588,3 +588,33 @@ fn a_stored_dedup_resend_after_a_restart_is_not_stored_twice() {
         );
     }
 }
+
+/// Found by the simulation (seed 1287 of 4,000): an INBOX_FULL lost with the link, the
+/// SDK's resend accepted after a later message had been stored, and the two shown out of
+/// order. A DEDUP stored SEND refused with INBOX_FULL is remembered: its resend gets the
+/// same answer, and only new messages are stored.
+#[test]
+fn a_refused_stored_resend_gets_the_same_refusal_and_is_never_stored_late() {
+    let mut h = Harness::new(Config {
+        inbox_max_messages: 1,
+        ..Config::default()
+    });
+    let alice = h.login(ALICE);
+    let dedup = Flags::STORED.union(Flags::DEDUP);
+    h.send_frame(alice, stored(1, BOB, b"first").with_flags(dedup));
+    assert_eq!(h.take_frames(alice)[0].opcode, Opcode::Ack);
+    h.send_frame(alice, stored(2, BOB, b"second").with_flags(dedup));
+    h.expect_error(alice, ErrorCode::InboxFull);
+    // Bob takes the first: there is room again. The resend of #2 is still refused, a new
+    // message is stored.
+    let (_bob, seqs) = sync_and_ack_all(&mut h, BOB);
+    assert_eq!(seqs, [1]);
+    h.send_frame(alice, stored(2, BOB, b"second").with_flags(dedup));
+    let again = h.expect_error(alice, ErrorCode::InboxFull);
+    assert!(
+        again.error().unwrap().1.contains("refused when first sent"),
+        "{again:?}"
+    );
+    h.send_frame(alice, stored(3, BOB, b"third").with_flags(dedup));
+    assert_eq!(h.take_frames(alice)[0].opcode, Opcode::Ack);
+}

@@ -122,6 +122,9 @@ pub struct ClientCore {
     rooms: Vec<RoomId>,
 }
 
+/// Bytes an INBOX_DELIVER adds before a stored message (its sequence number and time).
+const STORED_PREFIX: usize = 16;
+
 impl ClientCore {
     /// A client that will connect at `now` (when the driver first polls for an action).
     ///
@@ -232,6 +235,11 @@ impl ClientCore {
         payload: Bytes,
         now: Instant,
     ) -> Result<MessageId, SendError> {
+        // The INBOX_DELIVER the relay stores it as is 16 bytes longer than the SEND, and
+        // must fit the max frame too (protocol.md, section 15).
+        if payload.len() + STORED_PREFIX > self.max_payload {
+            return Err(SendError::TooLarge);
+        }
         let id = self.enqueue(to, payload, now)?;
         self.outbox.mark_stored(id);
         self.pump(now);

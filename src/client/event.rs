@@ -192,7 +192,7 @@ impl fmt::Display for SendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             SendError::OutboxFull => "outbox full",
-            SendError::TooLarge => "payload larger than the relay's max frame",
+            SendError::TooLarge => "payload larger than the relay's max frame allows (16 bytes less for a stored message)",
             SendError::InvalidRecipient => "user id 0 is reserved",
             SendError::NotConnected => "not connected",
             SendError::Closed => "client closed",

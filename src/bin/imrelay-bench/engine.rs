@@ -193,7 +193,9 @@ pub fn run(
     let mut reported = 0;
     let payload_len = job.size.max(MIN_PAYLOAD);
     let mut scratch_payload = vec![0u8; payload_len];
-    while out.received < expected {
+    // Stored mode ends when every message is both delivered and ACKed: the relay writes
+    // a recipient's delivery before the sender's ACK, so the last ACKs come after it.
+    while out.received < expected || (job.stored && out.acks < expected) {
         let now = Instant::now();
         if now >= deadline {
             break;

@@ -12,7 +12,7 @@ use std::time::Instant;
 use imrelay::client::{Client, Event};
 use imrelay::proto::{UserId, HEADER_LEN};
 use support::process::RelayProcess;
-use support::SAFETY_TIMEOUT;
+use support::{run_until, SAFETY_TIMEOUT};
 
 const ALICE: UserId = UserId(1);
 const BOB: UserId = UserId(2);
@@ -33,18 +33,6 @@ fn data_dir(name: &str) -> PathBuf {
 /// The number a test message carries as its payload.
 fn number(payload: &[u8]) -> usize {
     std::str::from_utf8(payload).unwrap().parse().unwrap()
-}
-
-/// Runs `client` until `on_event` says so; fails after three times the safety timeout.
-fn run_until(client: &mut Client, mut on_event: impl FnMut(Event) -> bool) {
-    let deadline = Instant::now() + 3 * SAFETY_TIMEOUT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let event = client.recv(left).expect("event before the safety timeout");
-        if on_event(event) {
-            return;
-        }
-    }
 }
 
 /// Each record of the log: (offset, body length). Record: u32 length, u32 CRC, body.

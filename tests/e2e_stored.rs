@@ -13,7 +13,7 @@ use imrelay::client::{Client, ClientConfig, Event};
 use imrelay::proto::{ErrorCode, Flags, Frame, MessageId, Opcode, UserId};
 use imrelay::relay::Config;
 use support::process::RelayProcess;
-use support::{TestRelay, SAFETY_TIMEOUT};
+use support::{run_until, TestRelay, SAFETY_TIMEOUT};
 
 const ALICE: UserId = UserId(1);
 const BOB: UserId = UserId(2);
@@ -50,19 +50,6 @@ fn data_dir(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("store-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
     dir
-}
-
-/// Runs `client` until `done` says so, handing it every event; fails after the safety
-/// timeout (times three: these tests move thousands of messages).
-fn run_until(client: &mut Client, mut on_event: impl FnMut(Event) -> bool) {
-    let deadline = Instant::now() + 3 * SAFETY_TIMEOUT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let event = client.recv(left).expect("event before the safety timeout");
-        if on_event(event) {
-            return;
-        }
-    }
 }
 
 /// Bob's view: the numbered payloads he was shown, in order.

@@ -50,24 +50,6 @@ impl FrameReader {
         self.partial.capacity()
     }
 
-    /// The number of bytes this reader would reserve for the frame whose first bytes are
-    /// `data` if it had to keep them: the declared length once the length prefix is in.
-    /// `Ok(None)` while the prefix is incomplete. Lets the caller check a memory budget
-    /// before [`FrameReader::next_frame`] reserves it.
-    pub fn would_reserve(&self, data: &[u8], max_frame: u32) -> Result<Option<usize>, DecodeError> {
-        if self.declared != 0 {
-            return Ok(None); // already reserved
-        }
-        let have = self.partial.len();
-        if have + data.len() < LENGTH_PREFIX {
-            return Ok(None);
-        }
-        let mut prefix = [0u8; LENGTH_PREFIX];
-        prefix[..have].copy_from_slice(&self.partial);
-        prefix[have..].copy_from_slice(&data[..LENGTH_PREFIX - have]);
-        check_length(BigEndian::read_u32(&prefix), max_frame).map(Some)
-    }
-
     /// Takes the next complete frame from the partial buffer and `data`, advancing `data`
     /// past what it used. `Ok(None)`: `data` is used up and the rest of a frame (if any) is
     /// buffered. An error means the stream has lost its framing; the reader is then reset
@@ -315,13 +297,6 @@ mod tests {
         let mut reader = FrameReader::default();
         let mut data: &[u8] = &[0, 0, 0x10];
         assert!(reader.next_frame(&mut data, 1024).unwrap().is_none());
-        assert_eq!(
-            reader.would_reserve(&[0], 1024),
-            Err(DecodeError::TooLarge {
-                declared: 4096,
-                max: 1024
-            })
-        );
         let mut data: &[u8] = &[0];
         assert!(matches!(
             reader.next_frame(&mut data, 1024),

@@ -348,22 +348,15 @@ impl Relay {
         self.queue_scratch(id);
     }
 
-    /// Queues an ERROR and closes the connection after it is flushed. One log line.
-    pub(super) fn fail(
-        &mut self,
-        id: ConnId,
-        msg_id: MessageId,
-        target: UserId,
-        code: ErrorCode,
-        reason: &str,
-        now: Instant,
-    ) {
+    /// Queues an ERROR (answering no frame: msg_id and target 0) and closes the connection
+    /// after it is flushed. One log line.
+    pub(super) fn fail(&mut self, id: ConnId, code: ErrorCode, reason: &str, now: Instant) {
         let who = match self.sessions.get(id.0).and_then(Session::user) {
             Some(user) => format!(" ({user})"),
             None => String::new(),
         };
         info!("{id}{who}: closing: {code}: {reason}");
-        self.queue_error(id, msg_id, target, code, reason);
+        self.queue_error(id, MessageId(0), UserId::NONE, code, reason);
         self.ws_close(id, Some((code, reason)));
         self.begin_close(id, now);
     }

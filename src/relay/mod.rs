@@ -12,10 +12,10 @@
 //! Calling order for one connection:
 //! 1. [`Relay::handle_open`] when a socket is accepted (it may be refused with a frame to
 //!    write before dropping the socket).
-//! 2. When readable and [`Relay::wants_read`]: read into any buffer, hand what was read to
-//!    [`Relay::handle_input`] (the core keeps a partial frame itself, in a buffer of its
-//!    own, so the driver's buffer is free again at once); [`Relay::handle_eof`] on end of
-//!    stream. [`Relay::take_work`] says how much work the reads caused, for fairness.
+//! 2. When readable and [`Relay::wants_read`]: read into a buffer and hand it to
+//!    [`Relay::handle_read`], which uses it up (a partial frame is kept in the session, in
+//!    a buffer of its own); [`Relay::handle_eof`] on end of stream. [`Relay::take_work`]
+//!    says how much work the reads caused, for fairness.
 //! 3. Each loop turn: [`Relay::poll_transmit`] names connections with output; write from
 //!    [`Relay::output`], report with [`Relay::handle_written`] or
 //!    [`Relay::handle_write_blocked`]; when [`Relay::is_finished`], close the socket.
@@ -26,9 +26,10 @@
 //!
 //! Memory: every byte held for a connection counts against it (its output queue against
 //! the output cap, as [`OutQueue::held`]) and against the relay's memory budget
-//! ([`Config::max_memory`]), together with its partial input. Frames are copied out of the
-//! driver's read buffer into allocations of their own size, so nothing queued pins memory
-//! it is not charged for.
+//! ([`Config::max_memory`]), together with its partial input. Frames are forwarded as
+//! views into the driver's read buffer and copied out only when they must wait in a
+//! blocked queue ([`OutQueue::unpin`]), so nothing queued pins memory it is not charged
+//! for past the loop turn it was read in.
 
 mod config;
 mod dedup;
@@ -316,7 +317,7 @@ impl Relay {
 
     /// The LIMIT_REACHED frame for a connection the driver could only accept to refuse
     /// (the process is out of file descriptors). Counted as a refusal.
-    pub fn refuse_for_descriptors(&mut self, _now: Instant) -> Bytes {
+    pub fn refuse_for_descriptors(&mut self) -> Bytes {
         self.metrics.connections_refused += 1;
         self.metrics.count_error(ErrorCode::LimitReached);
         let mut buf = BytesMut::new();
@@ -373,23 +374,13 @@ impl Relay {
         }
         s.last_rx = now;
         s.ping_sent = false;
-        if s.codec == Codec::Binary {
-            self.binary_read(id, buf, now);
-            self.after_input(id, now);
-            return;
-        }
-        let data: &[u8] = buf;
-        let Some(s) = self.sessions.get_mut(id.0) else {
-            buf.clear();
-            return;
-        };
         match s.codec {
-            Codec::Binary => {}
-            Codec::Undecided => self.undecided_input(id, data, now),
-            Codec::Text => self.text_input(id, data, now),
-            Codec::Http => self.http_input(id, data, now),
+            Codec::Binary => self.binary_read(id, buf, now),
+            Codec::Undecided => self.undecided_input(id, buf, now),
+            Codec::Text => self.text_input(id, buf, now),
+            Codec::Http => self.http_input(id, buf, now),
             Codec::WebSocket => {
-                let mut input = BytesMut::from(data);
+                let mut input = std::mem::take(buf);
                 let completed = self.handle_ws(id, &mut input, now);
                 if let Some(s) = self.sessions.get_mut(id.0) {
                     if completed {
@@ -430,14 +421,7 @@ impl Relay {
                 "the relay's memory budget ({} bytes) has no room for this connection's input",
                 self.config.max_memory
             );
-            self.fail(
-                id,
-                MessageId(0),
-                UserId::NONE,
-                ErrorCode::LimitReached,
-                &reason,
-                now,
-            );
+            self.fail(id, ErrorCode::LimitReached, &reason, now);
             return;
         }
         let Some(s) = self.sessions.get_mut(id.0) else {
@@ -482,14 +466,7 @@ impl Relay {
                 }
                 Ok(None) => return,
                 Err(e) => {
-                    self.fail(
-                        id,
-                        MessageId(0),
-                        UserId::NONE,
-                        e.code(),
-                        &e.to_string(),
-                        now,
-                    );
+                    self.fail(id, e.code(), &e.to_string(), now);
                     return;
                 }
             }
@@ -521,14 +498,7 @@ impl Relay {
             let reason = format!(
                 "{MAX_REFUSED_IN_A_ROW} frames in a row were refused (max refused in a row)"
             );
-            self.fail(
-                id,
-                MessageId(0),
-                UserId::NONE,
-                ErrorCode::LimitReached,
-                &reason,
-                now,
-            );
+            self.fail(id, ErrorCode::LimitReached, &reason, now);
         }
     }
 
@@ -591,36 +561,21 @@ impl Relay {
         let Some(s) = self.sessions.get_mut(id.0) else {
             return;
         };
-        let extra = s.extra_mut();
-        let mut pending = std::mem::take(&mut extra.pending);
-        let (complete, rest): (&[u8], &[u8]) = if pending.is_empty() {
-            match data.iter().rposition(|&b| b == b'\n') {
-                Some(end) => data.split_at(end + 1),
-                None => (&[], data),
-            }
-        } else {
-            match data.iter().rposition(|&b| b == b'\n') {
-                Some(end) => {
-                    pending.extend_from_slice(&data[..=end]);
-                    (&[], &data[end + 1..])
-                }
-                None => {
-                    pending.extend_from_slice(data);
-                    (&[], &[])
-                }
-            }
+        let mut pending = std::mem::take(&mut s.extra_mut().pending);
+        let (lines, rest) = match data.iter().rposition(|&b| b == b'\n') {
+            Some(end) => data.split_at(end + 1),
+            None => (&data[..0], data),
         };
-        let pending_complete = pending.last() == Some(&b'\n');
-        if pending_complete || !complete.is_empty() {
+        if !lines.is_empty() {
             // A line completed: the frame timeout starts again with the next one.
             s.partial_since = None;
-        }
-        if pending_complete {
-            let lines = pending.split().freeze();
-            self.handle_lines(id, &lines, now);
-        }
-        if !complete.is_empty() {
-            self.handle_lines(id, complete, now);
+            if pending.is_empty() {
+                self.handle_lines(id, lines, now);
+            } else {
+                pending.extend_from_slice(lines);
+                let lines = std::mem::take(&mut pending).freeze();
+                self.handle_lines(id, &lines, now);
+            }
         }
         let Some(s) = self.sessions.get_mut(id.0) else {
             return;
@@ -628,29 +583,22 @@ impl Relay {
         if s.state == State::Closing {
             return;
         }
-        if !pending_complete && !pending.is_empty() {
-            // Still no line end: nothing was handled, `data` went into `pending`.
-            if pending.len() > max_line {
-                return self.line_too_long(id, now);
-            }
-            s.extra_mut().pending = pending;
-            return;
+        if pending.is_empty() {
+            pending = BytesMut::from(rest);
+        } else {
+            pending.extend_from_slice(rest);
         }
-        if rest.len() > max_line {
+        if pending.len() > max_line {
             return self.line_too_long(id, now);
         }
-        if !rest.is_empty() {
-            let extra = s.extra_mut();
-            extra.pending = BytesMut::with_capacity(rest.len().max(64));
-            extra.pending.extend_from_slice(rest);
-        }
+        s.extra_mut().pending = pending;
     }
 
     fn line_too_long(&mut self, id: ConnId, now: Instant) {
         let max_frame = self.config.max_frame;
         let reason = format!("line longer than the max frame ({max_frame} bytes)");
         let code = ErrorCode::FrameTooLarge;
-        self.fail(id, MessageId(0), UserId::NONE, code, &reason, now);
+        self.fail(id, code, &reason, now);
     }
 
     /// Text mode: each complete line in `lines` (which ends with a line end) becomes the
@@ -677,7 +625,7 @@ impl Relay {
                             frame.encoded_len()
                         );
                         let code = ErrorCode::FrameTooLarge;
-                        self.fail(id, MessageId(0), UserId::NONE, code, &reason, now);
+                        self.fail(id, code, &reason, now);
                         return;
                     }
                     let mut encoded = BytesMut::with_capacity(frame.encoded_len());
@@ -729,14 +677,7 @@ impl Relay {
             let len = s.reader.partial_len() + s.extra.as_ref().map_or(0, |e| e.pending.len());
             let reason =
                 format!("connection closed in the middle of a frame ({len} bytes discarded)");
-            self.fail(
-                id,
-                MessageId(0),
-                UserId::NONE,
-                ErrorCode::Malformed,
-                &reason,
-                now,
-            );
+            self.fail(id, ErrorCode::Malformed, &reason, now);
         }
     }
 
@@ -787,8 +728,6 @@ impl Relay {
         for id in open {
             self.fail(
                 id,
-                MessageId(0),
-                UserId::NONE,
                 ErrorCode::ShuttingDown,
                 "the relay is shutting down",
                 now,
@@ -908,7 +847,7 @@ impl Relay {
                     frame_timeout.as_millis()
                 );
                 let code = ErrorCode::FrameTimeout;
-                self.fail(id, MessageId(0), UserId::NONE, code, &reason, now);
+                self.fail(id, code, &reason, now);
                 continue;
             }
             let next = |at: Instant| frame_due.map_or(at, |due| due.min(at));
@@ -927,14 +866,7 @@ impl Relay {
                             "no LOGIN within {} ms",
                             self.config.login_timeout.as_millis()
                         );
-                        self.fail(
-                            id,
-                            MessageId(0),
-                            UserId::NONE,
-                            ErrorCode::LoginTimeout,
-                            &reason,
-                            now,
-                        );
+                        self.fail(id, ErrorCode::LoginTimeout, &reason, now);
                     } else {
                         arm(&mut self.timers, s, id, next(deadline));
                     }
@@ -946,14 +878,7 @@ impl Relay {
                             "nothing received for {} ms",
                             self.config.idle_timeout.as_millis()
                         );
-                        self.fail(
-                            id,
-                            MessageId(0),
-                            UserId::NONE,
-                            ErrorCode::IdleTimeout,
-                            &reason,
-                            now,
-                        );
+                        self.fail(id, ErrorCode::IdleTimeout, &reason, now);
                     } else if silence >= self.config.ping_interval || s.ping_sent {
                         let idle_at = s.last_rx + self.config.idle_timeout;
                         arm(&mut self.timers, s, id, next(idle_at));

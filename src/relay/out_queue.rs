@@ -16,8 +16,6 @@ use crate::ConnId;
 pub struct OutQueue {
     frames: VecDeque<Bytes>,
     bytes: usize,
-    /// `bytes` plus [`FRAME_OVERHEAD`] per frame, kept up to date (read on every SEND).
-    held: usize,
     /// Frames taken off the front since the queue was made (positions are counted from it).
     popped: u64,
     /// Position of the first frame that may be a view into a shared read buffer
@@ -30,7 +28,6 @@ impl Default for OutQueue {
         OutQueue {
             frames: VecDeque::new(),
             bytes: 0,
-            held: 0,
             popped: 0,
             first_view: u64::MAX,
         }
@@ -55,7 +52,6 @@ impl OutQueue {
     pub fn push(&mut self, frame: Bytes) -> usize {
         let len = frame.len();
         self.bytes += len;
-        self.held += len + FRAME_OVERHEAD;
         self.frames.push_back(frame);
         len + FRAME_OVERHEAD
     }
@@ -98,7 +94,7 @@ impl OutQueue {
     /// Memory the queue holds, as every output limit counts it: the waiting bytes plus
     /// [`FRAME_OVERHEAD`] per frame.
     pub fn held(&self) -> usize {
-        self.held
+        self.bytes + self.frames.len() * FRAME_OVERHEAD
     }
 
     /// What a frame of `len` bytes would add to [`OutQueue::held`].
@@ -125,10 +121,8 @@ impl OutQueue {
     /// Drops the first `n` bytes, which the socket accepted; returns what that took off
     /// [`OutQueue::held`].
     pub fn advance(&mut self, mut n: usize) -> usize {
-        let written = n;
         debug_assert!(n <= self.bytes, "advanced past the queued bytes");
-        let before = self.held;
-        let popped_before = self.popped;
+        let before = self.held();
         self.bytes -= n.min(self.bytes);
         while n > 0 {
             let Some(front) = self.frames.front_mut() else {
@@ -149,10 +143,7 @@ impl OutQueue {
                 self.frames = VecDeque::new();
             }
         }
-        let frames_done = usize::try_from(self.popped - popped_before).unwrap_or(usize::MAX);
-        self.held = self.bytes + self.frames.len() * FRAME_OVERHEAD;
-        debug_assert_eq!(before - self.held, written + frames_done * FRAME_OVERHEAD);
-        before - self.held
+        before - self.held()
     }
 
     /// Drops everything (the connection is gone); returns (bytes discarded, what that took
@@ -162,7 +153,6 @@ impl OutQueue {
         self.popped += self.frames.len() as u64;
         self.frames = VecDeque::new();
         self.bytes = 0;
-        self.held = 0;
         self.first_view = u64::MAX;
         dropped
     }

@@ -15,7 +15,7 @@ use super::http::{self, Request};
 use super::session::{Codec, State};
 use super::ws::{close_code, WsEvent, WsSession};
 use super::{demo, push_raw, Relay};
-use crate::proto::{decode_raw, ErrorCode, MessageId, UserId};
+use crate::proto::{decode_raw, ErrorCode};
 use crate::ConnId;
 
 impl Relay {
@@ -130,7 +130,7 @@ impl Relay {
                 Ok(WsEvent::Idle) => return completed,
                 Err(failure) => {
                     let (code, reason) = (failure.code(), failure.reason().to_string());
-                    self.fail(id, MessageId(0), UserId::NONE, code, &reason, now);
+                    self.fail(id, code, &reason, now);
                 }
             }
         }
@@ -155,18 +155,11 @@ impl Relay {
                         frames.len()
                     );
                     let code = ErrorCode::Malformed;
-                    self.fail(id, MessageId(0), UserId::NONE, code, &reason, now);
+                    self.fail(id, code, &reason, now);
                     return;
                 }
                 Err(e) => {
-                    self.fail(
-                        id,
-                        MessageId(0),
-                        UserId::NONE,
-                        e.code(),
-                        &e.to_string(),
-                        now,
-                    );
+                    self.fail(id, e.code(), &e.to_string(), now);
                     return;
                 }
             }

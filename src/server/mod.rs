@@ -419,7 +419,7 @@ impl Server {
                     // keeps the backlog moving, then take the reserve back.
                     warn!("accept failed: {e}; refusing one waiting connection");
                     self.reserve_fd = None;
-                    self.refuse_one(now);
+                    self.refuse_one();
                     self.reserve_fd = open_reserve();
                     continue;
                 }
@@ -470,12 +470,12 @@ impl Server {
 
     /// Accepts one connection with the reserve descriptor free, tells it LIMIT_REACHED and
     /// closes it.
-    fn refuse_one(&mut self, now: Instant) {
+    fn refuse_one(&mut self) {
         let Some(listener) = self.listener.as_ref() else {
             return;
         };
         if let Ok((mut stream, peer)) = listener.accept() {
-            let frame = self.relay.refuse_for_descriptors(now);
+            let frame = self.relay.refuse_for_descriptors();
             info!("refused {peer}: out of file descriptors");
             let _ = stream.write(&frame);
         }

@@ -258,3 +258,19 @@ impl Bystanders {
         assert_eq!(self.b.recv().opcode, Opcode::Ack);
     }
 }
+
+/// Runs an SDK `client` until `on_event` says so, handing it every event; fails after
+/// three times the safety timeout (the stored-delivery tests move thousands of messages).
+pub fn run_until(
+    client: &mut imrelay::client::Client,
+    mut on_event: impl FnMut(imrelay::client::Event) -> bool,
+) {
+    let deadline = std::time::Instant::now() + 3 * SAFETY_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let event = client.recv(left).expect("event before the safety timeout");
+        if on_event(event) {
+            return;
+        }
+    }
+}

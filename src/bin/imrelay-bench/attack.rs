@@ -1148,7 +1148,9 @@ impl Attacker {
         let user = plan.user_base + i as u64;
         let big = plan.max_frame;
         match plan.kind {
-            Kind::Trickle => {
+            Kind::Trickle | Kind::Partial => {
+                // A max-size SEND: its header now, then one byte at a time (trickle) or
+                // all of it but the last byte (partial).
                 frame(&mut slot.out, Opcode::Login, 0, 1, user, 0);
                 header(
                     &mut slot.out,
@@ -1159,20 +1161,11 @@ impl Attacker {
                     plan.offline,
                 );
                 self.stats.frames += 1;
-                slot.next_at = now + plan.trickle;
-            }
-            Kind::Partial => {
-                frame(&mut slot.out, Opcode::Login, 0, 1, user, 0);
-                header(
-                    &mut slot.out,
-                    big,
-                    Opcode::Send as u8,
-                    NO_ACK,
-                    2,
-                    plan.offline,
-                );
-                slot.out.resize(slot.out.len() + big - HEADER - 1, 0x5a);
-                self.stats.frames += 1;
+                if plan.kind == Kind::Partial {
+                    slot.out.resize(slot.out.len() + big - HEADER - 1, 0x5a);
+                } else {
+                    slot.next_at = now + plan.trickle;
+                }
             }
             Kind::Fuzz => {
                 slot.mode = match slot.rng.next_u64() % 4 {

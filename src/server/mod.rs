@@ -419,9 +419,20 @@ impl Server {
                     // keeps the backlog moving, then take the reserve back.
                     warn!("accept failed: {e}; refusing one waiting connection");
                     self.reserve_fd = None;
-                    self.refuse_one();
+                    let refused = self.refuse_one();
                     self.reserve_fd = open_reserve();
-                    continue;
+                    match refused {
+                        Ok(()) => continue,
+                        // accept4 reports EMFILE before it looks at the backlog: with no
+                        // descriptor left it fails even when nobody waits. The reserve
+                        // showed that nobody does: done until the listener is readable.
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                        Err(e) => {
+                            warn!("accept failed: {e}; trying again in {ACCEPT_RETRY:?}");
+                            self.accept_retry = Some(now + ACCEPT_RETRY);
+                            return;
+                        }
+                    }
                 }
                 Err(e) => {
                     warn!("accept failed: {e}; trying again in {ACCEPT_RETRY:?}");
@@ -469,16 +480,16 @@ impl Server {
     }
 
     /// Accepts one connection with the reserve descriptor free, tells it LIMIT_REACHED and
-    /// closes it.
-    fn refuse_one(&mut self) {
+    /// closes it. The error is accept's: `WouldBlock` when nobody was waiting.
+    fn refuse_one(&mut self) -> std::io::Result<()> {
         let Some(listener) = self.listener.as_ref() else {
-            return;
+            return Err(ErrorKind::WouldBlock.into());
         };
-        if let Ok((mut stream, peer)) = listener.accept() {
-            let frame = self.relay.refuse_for_descriptors();
-            info!("refused {peer}: out of file descriptors");
-            let _ = stream.write(&frame);
-        }
+        let (mut stream, peer) = listener.accept()?;
+        let frame = self.relay.refuse_for_descriptors();
+        info!("refused {peer}: out of file descriptors");
+        let _ = stream.write(&frame);
+        Ok(())
     }
 
     fn read_conn(&mut self, id: ConnId, now: Instant) {

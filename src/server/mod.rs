@@ -18,6 +18,7 @@ mod limits;
 mod store;
 pub mod store_fs;
 mod store_writer;
+pub mod tls;
 
 pub use limits::{raise_fd_limit, RESERVED_FDS};
 pub use store::{Damage, LogStore, RepairReport, StoreError};

@@ -121,7 +121,30 @@ impl FrameReader {
     /// off its front without a copy (a view into the buffer's allocation); a frame begun
     /// in an earlier read, or cut off by the end of this one, goes through the partial
     /// buffer. Everything `buf` held is used up when this returns `Ok(None)` or an error.
+    #[inline]
     pub fn next_frame_buf(
+        &mut self,
+        buf: &mut BytesMut,
+        max_frame: u32,
+    ) -> Result<Option<RawFrame>, DecodeError> {
+        // The common case, inline: a whole, valid frame at the front of the buffer.
+        if self.partial.is_empty() && buf.len() >= LENGTH_PREFIX {
+            let declared = BigEndian::read_u32(buf) as usize;
+            if declared >= HEADER_LEN
+                && declared <= max_frame as usize
+                && buf.len() >= declared
+                && buf[offset::VERSION] == VERSION
+            {
+                return Ok(Some(RawFrame::from_owned(buf.split_to(declared))));
+            }
+        }
+        self.next_frame_buf_slow(buf, max_frame)
+    }
+
+    /// [`FrameReader::next_frame_buf`] for everything but a whole valid frame: a partial
+    /// frame, or a length or version to refuse.
+    #[inline(never)]
+    fn next_frame_buf_slow(
         &mut self,
         buf: &mut BytesMut,
         max_frame: u32,

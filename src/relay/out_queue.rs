@@ -61,17 +61,14 @@ impl OutQueue {
         self.bytes
     }
 
-    /// The position the next pushed frame will have (for [`OutQueue::mark_views_from`]).
-    pub fn next_position(&self) -> u64 {
-        self.popped + self.frames.len() as u64
-    }
-
-    /// Marks the frames pushed from `position` on as possibly views into a shared read
-    /// buffer: they are written this loop turn, or copied out by [`OutQueue::unpin`].
-    pub fn mark_views_from(&mut self, position: u64) {
+    /// Marks the frame pushed next, and every one after it, as possibly a view into a
+    /// shared read buffer: they are written this loop turn, or copied out by
+    /// [`OutQueue::unpin`].
+    #[inline]
+    pub fn mark_next_as_view(&mut self) {
         // Positions only grow, so the first mark since the last unpin is the smallest.
-        if self.first_view == u64::MAX && position < self.next_position() {
-            self.first_view = position;
+        if self.first_view == u64::MAX {
+            self.first_view = self.popped + self.frames.len() as u64;
         }
     }
 
@@ -122,8 +119,9 @@ impl OutQueue {
     /// [`OutQueue::held`].
     pub fn advance(&mut self, mut n: usize) -> usize {
         debug_assert!(n <= self.bytes, "advanced past the queued bytes");
-        let before = self.held();
-        self.bytes -= n.min(self.bytes);
+        let written = n.min(self.bytes);
+        self.bytes -= written;
+        let frames_before = self.frames.len();
         while n > 0 {
             let Some(front) = self.frames.front_mut() else {
                 break;
@@ -131,19 +129,20 @@ impl OutQueue {
             if n >= front.len() {
                 n -= front.len();
                 self.frames.pop_front();
-                self.popped += 1;
             } else {
                 front.advance(n);
                 n = 0;
             }
         }
+        let popped = frames_before - self.frames.len();
+        self.popped += popped as u64;
         if self.frames.is_empty() {
             self.first_view = u64::MAX;
             if self.frames.capacity() > RELEASE_CAPACITY_OVER {
                 self.frames = VecDeque::new();
             }
         }
-        before - self.held()
+        written + popped * FRAME_OVERHEAD
     }
 
     /// Drops everything (the connection is gone); returns (bytes discarded, what that took
@@ -166,20 +165,36 @@ pub struct FlushList {
     /// In the order output was queued: a recipient's DELIVER is handed to the kernel before
     /// the sender's ACK for it, so an ACK the sender saw means the DELIVER left the relay
     /// process, even if the relay dies a moment later.
-    ids: VecDeque<ConnId>,
+    ids: Vec<ConnId>,
+    /// How many of `ids` were popped: a cursor, not a ring buffer, because the loop pops
+    /// them all every turn (then the vector is cleared), and a vector's push and read are
+    /// the cheapest there are on this path (once per connection per frame queued).
+    next: usize,
     /// Sum of [`OutQueue::held`] over every session.
     pub held: usize,
 }
 
 impl FlushList {
     /// Names a connection for writing (the caller keeps it from being named twice).
+    #[inline]
     pub fn push(&mut self, id: ConnId) {
-        self.ids.push_back(id);
+        self.ids.push(id);
     }
 
     /// The next connection to write, oldest first.
+    #[inline]
     pub fn pop(&mut self) -> Option<ConnId> {
-        self.ids.pop_front()
+        match self.ids.get(self.next) {
+            Some(&id) => {
+                self.next += 1;
+                Some(id)
+            }
+            None => {
+                self.ids.clear();
+                self.next = 0;
+                None
+            }
+        }
     }
 }
 
@@ -213,10 +228,9 @@ mod tests {
         read.extend_from_slice(&[7u8; 300]);
         let mut q = OutQueue::default();
         q.push(Bytes::from_static(b"owned before"));
-        let at = q.next_position();
+        q.mark_next_as_view();
         q.push(read.split_to(100).freeze());
         q.push(read.split_to(100).freeze());
-        q.mark_views_from(at);
         q.advance(12 + 50); // the first frame and half of the second are written
         let whole = read.capacity() + 1; // only the whole allocation, reclaimed, has room
         assert!(!read.try_reclaim(whole), "the views pin the read buffer");

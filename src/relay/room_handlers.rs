@@ -14,7 +14,7 @@ use slab::Slab;
 
 use super::out_queue::FlushList;
 use super::session::{Session, State};
-use super::{push_output, OutQueue, Relay};
+use super::{push_output, shared_copy, OutQueue, Relay};
 use crate::proto::frame::{write_ack, write_frame};
 use crate::proto::{
     ErrorCode, Flags, Header, MessageId, Opcode, RawFrame, RoomId, RoomState, UserId,
@@ -111,7 +111,7 @@ impl Relay {
         }
         // One copy of its own for all members: a view into the read buffer would be pinned
         // by every member that does not keep up.
-        let deliver = Bytes::copy_from_slice(&frame.rewrite(Opcode::RoomDeliver, h.target, sender));
+        let deliver = shared_copy(&frame.rewrite(Opcode::RoomDeliver, h.target, sender));
         let budget = self.room_budget();
         let fanout = Fanout {
             sessions: &mut self.sessions,
@@ -150,8 +150,7 @@ impl Relay {
         if !self.take_room_token(id, &h, now) {
             return;
         }
-        let deliver =
-            Bytes::copy_from_slice(&frame.rewrite(Opcode::RoomDeliver, UserId::NONE, sender));
+        let deliver = shared_copy(&frame.rewrite(Opcode::RoomDeliver, UserId::NONE, sender));
         let everyone: Vec<ConnId> = self
             .sessions
             .iter()

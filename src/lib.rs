@@ -38,6 +38,8 @@
 
 #![deny(missing_docs)]
 
+#[cfg(feature = "server")]
+pub mod auth;
 pub mod client;
 pub mod ffi;
 pub mod net;

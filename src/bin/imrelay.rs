@@ -7,17 +7,42 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
-use log::{error, info};
+use clap::{Parser, Subcommand, ValueEnum};
+use log::{error, info, warn};
 
+use imrelay::auth::{parse_ttl, Algorithm, Mint, RoomGrant, Verifier};
 use imrelay::proto::{UserId, DEFAULT_MAX_FRAME};
-use imrelay::relay::Config;
+use imrelay::relay::{AuthConfig, Config};
 use imrelay::server::{raise_fd_limit, Server, RESERVED_FDS};
 
 /// A fast single-threaded IM relay. Protocol: protocol.md.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Login tokens: `jwt` checks a signed token at every LOGIN (protocol.md section 16);
+    /// `off` accepts any LOGIN (development: only on a loopback address unless
+    /// --insecure-no-auth). Default: `jwt` when a key file is given, else `off`.
+    #[arg(long, value_enum)]
+    auth: Option<AuthMode>,
+    /// HS256: a file holding the shared secret (at least 32 bytes; one trailing newline is
+    /// ignored).
+    #[arg(long, conflicts_with = "auth_public_key_file")]
+    auth_secret_file: Option<std::path::PathBuf>,
+    /// RS256 or ES256 (--auth-algorithm): the token issuer's public key, PEM.
+    #[arg(long)]
+    auth_public_key_file: Option<std::path::PathBuf>,
+    /// The algorithm of --auth-public-key-file tokens: RS256 or ES256.
+    #[arg(long, default_value = "RS256")]
+    auth_algorithm: Algorithm,
+    /// Seconds before a token expires that the relay sends TOKEN_EXPIRING.
+    #[arg(long, default_value_t = 60)]
+    token_notice: u64,
+    /// Allow --auth off on an address other than loopback: anyone who can connect can log
+    /// in as anyone.
+    #[arg(long)]
+    insecure_no_auth: bool,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
@@ -127,6 +152,140 @@ struct Args {
     room_total_burst: u32,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum AuthMode {
+    Off,
+    Jwt,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Mints an HS256 login token for development and tests (the app's backend issues
+    /// tokens in production). Prints the token.
+    Token {
+        /// The shared secret's file, as given to the relay's --auth-secret-file.
+        #[arg(long)]
+        secret_file: std::path::PathBuf,
+        /// The user id the token is for.
+        #[arg(long)]
+        user: u64,
+        /// Lifetime: a number and a unit, s, m, h or d (`90s`, `30m`, `1h`, `7d`).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// A room the user may JOIN and ROOM_SEND to (repeat for several).
+        #[arg(long)]
+        room: Vec<u64>,
+        /// Every room.
+        #[arg(long, conflicts_with = "room")]
+        all_rooms: bool,
+        /// The user may BROADCAST.
+        #[arg(long)]
+        admin: bool,
+        /// A device name to pin in the token.
+        #[arg(long)]
+        device: Option<String>,
+    },
+}
+
+/// `imrelay token`: prints a token, or says why not.
+fn mint_token(command: &Command) -> ExitCode {
+    let Command::Token {
+        secret_file,
+        user,
+        ttl,
+        room,
+        all_rooms,
+        admin,
+        device,
+    } = command;
+    let ttl = match parse_ttl(ttl) {
+        Ok(ttl) => ttl,
+        Err(e) => {
+            eprintln!("--ttl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // The same reading (and the same minimum length) as the relay's --auth-secret-file.
+    if let Err(e) = Verifier::from_secret_file(secret_file) {
+        eprintln!("{}: {e}", secret_file.display());
+        return ExitCode::from(2);
+    }
+    let secret = match std::fs::read(secret_file) {
+        Ok(mut secret) => {
+            if secret.last() == Some(&b'\n') {
+                secret.pop();
+            }
+            secret
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", secret_file.display());
+            return ExitCode::from(2);
+        }
+    };
+    let rooms = if *all_rooms {
+        RoomGrant::All
+    } else {
+        RoomGrant::only(room.iter().copied())
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mint = Mint {
+        rooms,
+        admin: *admin,
+        device: device.clone(),
+        ..Mint::new(*user, now, ttl)
+    };
+    match mint.sign(Algorithm::Hs256, &secret) {
+        Ok(token) => println!("{token}"),
+        Err(e) => {
+            eprintln!("cannot sign: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// The token check the flags ask for; `Err` says why the relay must not start.
+fn auth_config(args: &Args) -> Result<Option<AuthConfig>, String> {
+    let has_key = args.auth_secret_file.is_some() || args.auth_public_key_file.is_some();
+    let mode = args.auth.unwrap_or(if has_key {
+        AuthMode::Jwt
+    } else {
+        AuthMode::Off
+    });
+    if mode == AuthMode::Off {
+        if has_key {
+            return Err("--auth off with a key file: drop one of them".into());
+        }
+        if !args.listen.ip().is_loopback() && !args.insecure_no_auth {
+            return Err(format!(
+                "--auth off on {}: anyone could log in as anyone; give a key \
+                 (--auth-secret-file or --auth-public-key-file) or --insecure-no-auth",
+                args.listen
+            ));
+        }
+        warn!("--auth off: any LOGIN is accepted as the user it names (development only)");
+        return Ok(None);
+    }
+    let verifier = match (&args.auth_secret_file, &args.auth_public_key_file) {
+        (Some(path), _) => Verifier::from_secret_file(path)
+            .map_err(|e| format!("--auth-secret-file {}: {e}", path.display()))?,
+        (None, Some(path)) => Verifier::from_public_key_file(path, args.auth_algorithm)
+            .map_err(|e| format!("--auth-public-key-file {}: {e}", path.display()))?,
+        (None, None) => {
+            return Err("--auth jwt needs --auth-secret-file or --auth-public-key-file".into())
+        }
+    };
+    info!(
+        "login tokens: {} (protocol.md section 16)",
+        verifier.algorithm()
+    );
+    let mut auth = AuthConfig::new(verifier);
+    auth.notice = Duration::from_secs(args.token_notice);
+    Ok(Some(auth))
+}
+
 /// Half the machine's physical memory (1 GiB if it cannot be read).
 fn default_max_memory() -> usize {
     // SAFETY: sysconf only reads system configuration.
@@ -145,6 +304,16 @@ fn default_max_memory() -> usize {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
+    if let Some(command) = &args.command {
+        return mint_token(command);
+    }
+    let auth = match auth_config(&args) {
+        Ok(auth) => auth,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
 
     let fd_limit = raise_fd_limit();
     let fd_capacity = usize::try_from(fd_limit.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX);
@@ -211,6 +380,7 @@ fn main() -> ExitCode {
         limit_loopback: args.limit_loopback,
         room_total_rate: args.room_total_rate,
         room_total_burst: args.room_total_burst,
+        auth,
     };
     if let Err(e) = config.validate() {
         error!("invalid limits: {e}");

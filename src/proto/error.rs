@@ -55,6 +55,11 @@ pub enum ErrorCode {
     /// A frame (or text line, HTTP request head or WebSocket message) that was started was
     /// not complete within the frame timeout, however slowly its bytes kept coming. Closes.
     FrameTimeout = 19,
+    /// A LOGIN or REFRESH token was refused (the reason says which check failed). Stays
+    /// open for a retry; the fifth refusal in a row closes.
+    AuthFailed = 20,
+    /// The login token expired and no REFRESH replaced it. Closes.
+    TokenExpired = 21,
 }
 
 impl ErrorCode {
@@ -81,6 +86,8 @@ impl ErrorCode {
             17 => InboxFull,
             18 => StoreFailed,
             19 => FrameTimeout,
+            20 => AuthFailed,
+            21 => TokenExpired,
             _ => return None,
         })
     }
@@ -108,11 +115,13 @@ impl ErrorCode {
             InboxFull => "INBOX_FULL",
             StoreFailed => "STORE_FAILED",
             FrameTimeout => "FRAME_TIMEOUT",
+            AuthFailed => "AUTH_FAILED",
+            TokenExpired => "TOKEN_EXPIRED",
         }
     }
 
     /// Every code, in numeric order (used by metrics and tests).
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownOpcode,
         ErrorCode::FrameTooLarge,
@@ -132,6 +141,8 @@ impl ErrorCode {
         ErrorCode::InboxFull,
         ErrorCode::StoreFailed,
         ErrorCode::FrameTimeout,
+        ErrorCode::AuthFailed,
+        ErrorCode::TokenExpired,
     ];
 }
 

@@ -374,6 +374,26 @@ impl Frame {
         )
     }
 
+    /// REFRESH: a new login token for the same user (section 16).
+    pub fn refresh(msg_id: MessageId, token: &[u8]) -> Frame {
+        Frame::new(
+            Opcode::Refresh,
+            msg_id,
+            UserId::NONE,
+            Bytes::copy_from_slice(token),
+        )
+    }
+
+    /// The `exp` (Unix seconds) a TOKEN_EXPIRING or REFRESH_OK carries.
+    pub fn token_exp(&self) -> Option<u64> {
+        match (self.opcode, &self.payload[..]) {
+            (Opcode::TokenExpiring | Opcode::RefreshOk, &[a, b, c, d, e, f, g, h]) => {
+                Some(u64::from_be_bytes([a, b, c, d, e, f, g, h]))
+            }
+            _ => None,
+        }
+    }
+
     /// INBOX_ACK: every stored message up to `upto` was received.
     pub fn inbox_ack(msg_id: MessageId, upto: u64) -> Frame {
         Frame::new(

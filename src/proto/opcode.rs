@@ -49,6 +49,14 @@ pub enum Opcode {
     InboxDeliver = 0x22,
     /// Client → relay: every stored message up to this sequence number was received.
     InboxAck = 0x23,
+    /// Relay → client: the login token expires soon (payload: its `exp`, u64 Unix
+    /// seconds); send REFRESH with a new one before then.
+    TokenExpiring = 0x30,
+    /// Client → relay: a new token for the same user (payload: the token); answered with
+    /// REFRESH_OK or ERROR AUTH_FAILED.
+    Refresh = 0x31,
+    /// Relay → client: the REFRESH was accepted (payload: the new `exp`, u64 Unix seconds).
+    RefreshOk = 0x32,
 }
 
 impl Opcode {
@@ -76,6 +84,9 @@ impl Opcode {
             0x21 => Opcode::InboxState,
             0x22 => Opcode::InboxDeliver,
             0x23 => Opcode::InboxAck,
+            0x30 => Opcode::TokenExpiring,
+            0x31 => Opcode::Refresh,
+            0x32 => Opcode::RefreshOk,
             _ => return None,
         })
     }
@@ -104,6 +115,9 @@ impl Opcode {
             Opcode::InboxState => "INBOX_STATE",
             Opcode::InboxDeliver => "INBOX_DELIVER",
             Opcode::InboxAck => "INBOX_ACK",
+            Opcode::TokenExpiring => "TOKEN_EXPIRING",
+            Opcode::Refresh => "REFRESH",
+            Opcode::RefreshOk => "REFRESH_OK",
         }
     }
 }
@@ -144,7 +158,7 @@ impl Flags {
 
 impl Opcode {
     /// Every opcode, in numeric order (used by tests and docs checks).
-    pub const ALL: [Opcode; 21] = [
+    pub const ALL: [Opcode; 24] = [
         Opcode::Login,
         Opcode::LoginOk,
         Opcode::Send,
@@ -166,5 +180,8 @@ impl Opcode {
         Opcode::InboxState,
         Opcode::InboxDeliver,
         Opcode::InboxAck,
+        Opcode::TokenExpiring,
+        Opcode::Refresh,
+        Opcode::RefreshOk,
     ];
 }

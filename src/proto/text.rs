@@ -32,7 +32,8 @@ pub struct UsageError(pub String);
 /// The answer to HELP.
 pub const HELP: &str = "\
 HELP  commands (case does not matter; ids are numbers):\r
-HELP    LOGIN <user> [credential]   log in as user id <user>\r
+HELP    LOGIN <user> [token]        log in as user id <user> (with a token if the relay asks)\r
+HELP    REFRESH <token>             a new token before the current one expires\r
 HELP    SEND <user> <text>          message another user (all of its connections)\r
 HELP    JOIN <room> | LEAVE <room> | INFO <room>\r
 HELP    ROOM <room> <text>          message everyone in a room you joined\r
@@ -43,7 +44,8 @@ HELP    SACK <seq>                  acknowledge your stored messages up to <seq>
 HELP    PING [text] | PONG [text] | QUIT | HELP\r
 HELP  you see: OK LOGIN, MSG <from> <id> <text>, ROOM <room> <from> <text>, ACK <id> <n>,\r
 HELP           INFO <room> <online> <member 0|1>, MISSED <room> <n>, ERR <CODE> <id> <why>,\r
-HELP           INBOX <first> <last> <expired> <epoch>, STORED <from> <seq> <text>\r
+HELP           INBOX <first> <last> <expired> <epoch>, STORED <from> <seq> <text>,\r
+HELP           EXPIRING <exp>, OK REFRESH <exp>\r
 ";
 
 /// True when a connection's first byte says it speaks text mode (an ASCII letter).
@@ -100,6 +102,7 @@ pub fn parse_line(line: &[u8], next_id: &mut u64) -> Result<Line, UsageError> {
                 Frame::inbox_sync(id(), number(epoch, form)?, number(last, form)?)
             }
         }
+        "REFRESH" => Frame::refresh(id(), rest.as_bytes()),
         "SACK" => Frame::inbox_ack(id(), number(rest, "SACK <seq>")?),
         "PING" => Frame::ping(id(), Bytes::copy_from_slice(rest.as_bytes())),
         "PONG" => Frame::pong(id(), Bytes::copy_from_slice(rest.as_bytes())),
@@ -164,8 +167,10 @@ pub fn render(frame: &[u8]) -> Option<Bytes> {
             let body = payload.get(16..).unwrap_or_default();
             write!(out, "STORED {} {seq} {}", h.source.0, shown(body))
         }
+        Opcode::TokenExpiring => write!(out, "EXPIRING {}", u64_at(payload)),
+        Opcode::RefreshOk => write!(out, "OK REFRESH {}", u64_at(payload)),
         // Requests never travel relay → client.
-        Opcode::InboxSync | Opcode::InboxAck => return None,
+        Opcode::InboxSync | Opcode::InboxAck | Opcode::Refresh => return None,
         Opcode::Login
         | Opcode::Send
         | Opcode::Join
@@ -176,6 +181,15 @@ pub fn render(frame: &[u8]) -> Option<Bytes> {
     };
     out.push_str("\r\n");
     Some(Bytes::from(out))
+}
+
+/// The u64 a payload of exactly 8 bytes holds, else 0.
+fn u64_at(payload: &[u8]) -> u64 {
+    if payload.len() == 8 {
+        BigEndian::read_u64(payload)
+    } else {
+        0
+    }
 }
 
 /// An `ERR USAGE` line for a line that did not parse.

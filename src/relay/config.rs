@@ -1,7 +1,10 @@
 //! Relay limits and their defaults (protocol.md, "Limits").
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::auth::Verifier;
 
 use crate::proto::{UserId, DEFAULT_MAX_FRAME, HEADER_LEN, MAX_FRAME_CEILING};
 
@@ -65,6 +68,9 @@ pub struct Config {
     /// arrive whole, however slowly its bytes trickle in (default 30 s). Past it the
     /// connection is closed with FRAME_TIMEOUT.
     pub frame_timeout: Duration,
+    /// Login tokens (protocol.md section 16). `None`: any LOGIN is accepted as the user it
+    /// names (development only; the binary refuses it on a public address).
+    pub auth: Option<AuthConfig>,
     /// Most connections open at once from one IP address (default 256; 0: no limit).
     pub max_connections_per_ip: usize,
     /// The per-address limit applies to loopback addresses too (default off, so local
@@ -97,6 +103,37 @@ impl Config {
     }
 }
 
+/// How login tokens are checked.
+#[derive(Clone)]
+pub struct AuthConfig {
+    /// The key and the pinned algorithm.
+    pub verifier: Arc<Verifier>,
+    /// How long before a token's `exp` the relay sends TOKEN_EXPIRING (default 60 s).
+    pub notice: Duration,
+}
+
+impl AuthConfig {
+    /// Tokens checked by `verifier`, with the default notice.
+    pub fn new(verifier: Verifier) -> AuthConfig {
+        AuthConfig {
+            verifier: Arc::new(verifier),
+            notice: DEFAULT_TOKEN_NOTICE,
+        }
+    }
+}
+
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("algorithm", &self.verifier.algorithm())
+            .field("notice", &self.notice)
+            .finish()
+    }
+}
+
+/// Default of [`AuthConfig::notice`].
+pub const DEFAULT_TOKEN_NOTICE: Duration = Duration::from_secs(60);
+
 impl Default for Config {
     fn default() -> Config {
         Config {
@@ -123,6 +160,7 @@ impl Default for Config {
             store_max_bytes: 1024 * 1024 * 1024,
             max_memory: 1024 * 1024 * 1024,
             frame_timeout: Duration::from_secs(30),
+            auth: None,
             max_connections_per_ip: 256,
             limit_loopback: false,
             room_total_rate: 1000,

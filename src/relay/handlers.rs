@@ -43,6 +43,7 @@ impl Relay {
             Some(Opcode::Broadcast) => self.on_broadcast(id, frame, now),
             Some(Opcode::InboxSync) => self.on_inbox_sync(id, &frame, now),
             Some(Opcode::InboxAck) => self.on_inbox_ack(id, &frame),
+            Some(Opcode::Refresh) => self.on_refresh(id, &frame, now),
             Some(Opcode::Bye) => {
                 // A BYE that fails its checks is answered with the ERROR and does not close.
                 if !self.check_control(id, &frame) {
@@ -68,7 +69,9 @@ impl Relay {
                 | Opcode::RoomState
                 | Opcode::RoomMissed
                 | Opcode::InboxState
-                | Opcode::InboxDeliver),
+                | Opcode::InboxDeliver
+                | Opcode::TokenExpiring
+                | Opcode::RefreshOk),
             ) => {
                 let reason = format!("opcode {} is sent only by the relay", op.name());
                 self.reply_error(
@@ -97,11 +100,11 @@ impl Relay {
 
     pub(super) fn on_login(&mut self, id: ConnId, frame: &RawFrame, now: Instant) {
         let h = *frame.header();
-        let Some(s) = self.sessions.get_mut(id.0) else {
+        let Some(s) = self.sessions.get(id.0) else {
             return;
         };
         // The order of checks of protocol.md section 6.1: login state, source, flags, ids,
-        // limits (the credential may have any size).
+        // the token, limits (the credential may have any size).
         let problem = if let State::Active(user) = s.state {
             Some((
                 ErrorCode::AlreadyLoggedIn,
@@ -111,14 +114,6 @@ impl Relay {
             Some((ErrorCode::InvalidField, reason))
         } else if h.target.is_none() {
             Some((ErrorCode::InvalidField, "user id 0 is reserved".to_string()))
-        } else if self.directory.devices(h.target).len() >= self.config.max_devices_per_user {
-            Some((
-                ErrorCode::LimitReached,
-                format!(
-                    "{} already has {} connections (max devices per user)",
-                    h.target, self.config.max_devices_per_user
-                ),
-            ))
         } else {
             None
         };
@@ -126,9 +121,27 @@ impl Relay {
             self.reply_error(id, h.msg_id, h.target, code, &reason);
             return;
         }
+        let Ok(grants) = self.login_grants(id, &h, frame.payload(), now) else {
+            return;
+        };
+        if self.directory.devices(h.target).len() >= self.config.max_devices_per_user {
+            let reason = format!(
+                "{} already has {} connections (max devices per user)",
+                h.target, self.config.max_devices_per_user
+            );
+            self.reply_error(id, h.msg_id, h.target, ErrorCode::LimitReached, &reason);
+            return;
+        }
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            return;
+        };
         s.state = State::Active(h.target);
+        s.grants = grants;
+        s.auth_failures = 0;
+        s.expiry_noticed = false;
         // From now on the ping/idle clock runs (the login deadline goes stale).
         arm(&mut self.timers, s, id, now + self.config.ping_interval);
+        self.arm_token_due(id);
         self.directory.insert(h.target, id);
         debug!("{id}: logged in as {}", h.target);
         let limits = LoginOk {

@@ -45,6 +45,12 @@ pub struct Metrics {
     pub http_served: u64,
     /// HTTP requests answered with an error status (400, 404, 431).
     pub http_refused: u64,
+    /// LOGIN and REFRESH tokens refused.
+    pub auth_failures: u64,
+    /// REFRESH frames accepted.
+    pub refreshes: u64,
+    /// Connections closed because their token expired unrefreshed.
+    pub tokens_expired: u64,
 }
 
 impl Metrics {

@@ -31,6 +31,7 @@
 //! blocked queue ([`OutQueue::unpin`]), so nothing queued pins memory it is not charged
 //! for past the loop turn it was read in.
 
+mod auth_handlers;
 mod config;
 mod dedup;
 mod demo;
@@ -50,7 +51,8 @@ mod timers;
 mod web;
 mod ws;
 
-pub use config::{Config, ConfigError};
+pub use auth_handlers::MAX_AUTH_FAILURES;
+pub use config::{AuthConfig, Config, ConfigError, DEFAULT_TOKEN_NOTICE};
 pub use inbox::{InboxLimits, StoreOp};
 pub use metrics::Metrics;
 pub use out_queue::{OutQueue, FRAME_OVERHEAD};
@@ -896,6 +898,14 @@ impl Relay {
                     }
                 }
                 State::Active(_) => {
+                    if self.token_timer(id, now) {
+                        continue;
+                    }
+                    let token_due = self.sessions.get(id.0).and_then(|s| self.token_due(s));
+                    let Some(s) = self.sessions.get_mut(id.0) else {
+                        continue;
+                    };
+                    let next = |at: Instant| token_due.map_or(next(at), |due| due.min(next(at)));
                     let silence = now.saturating_duration_since(s.last_rx);
                     if silence >= self.config.idle_timeout {
                         let reason = format!(

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use log::debug;
 use slab::Slab;
 
+use super::auth_handlers::Permission;
 use super::out_queue::FlushList;
 use super::session::{Session, State};
 use super::{push_output, shared_copy, OutQueue, Relay};
@@ -30,6 +31,11 @@ impl Relay {
             return;
         }
         let room = RoomId(h.target.0);
+        if !self.permits(id, Permission::Join(room.0)) {
+            let reason = format!("the login token does not grant {room}");
+            self.reply_error(id, h.msg_id, h.target, ErrorCode::Forbidden, &reason);
+            return;
+        }
         let Some(s) = self.sessions.get_mut(id.0) else {
             return;
         };
@@ -100,6 +106,11 @@ impl Relay {
             self.reply_error(id, h.msg_id, h.target, ErrorCode::NotInRoom, &reason);
             return;
         }
+        if !self.permits(id, Permission::SendToRoom(room.0)) {
+            let reason = format!("the login token does not grant sending to {room}");
+            self.reply_error(id, h.msg_id, h.target, ErrorCode::Forbidden, &reason);
+            return;
+        }
         if !self.take_room_token(id, &h, now) {
             return;
         }
@@ -142,7 +153,7 @@ impl Relay {
             self.reply_error(id, h.msg_id, h.target, ErrorCode::InvalidField, reason);
             return;
         }
-        if !self.config.admins.contains(&sender) {
+        if !self.permits(id, Permission::Broadcast) {
             let reason = format!("{sender} is not an admin");
             self.reply_error(id, h.msg_id, h.target, ErrorCode::Forbidden, &reason);
             return;

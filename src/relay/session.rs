@@ -114,6 +114,13 @@ pub struct Session {
     /// Frames (or lines) in a row that were refused with an error; see
     /// [`super::MAX_REFUSED_IN_A_ROW`].
     pub refused_in_a_row: u32,
+    /// What the login token grants (only when the relay checks tokens); boxed, so a
+    /// session without one pays a null pointer.
+    pub grants: Option<Box<crate::auth::Grants>>,
+    /// TOKEN_EXPIRING was sent for the current token.
+    pub expiry_noticed: bool,
+    /// LOGIN or REFRESH tokens refused in a row (see `super::MAX_AUTH_FAILURES`).
+    pub auth_failures: u8,
 }
 
 /// The part of a session that binary connections do not need.
@@ -193,6 +200,9 @@ impl Session {
             inbox_pushed: 0,
             acks_held: 0,
             refused_in_a_row: 0,
+            grants: None,
+            expiry_noticed: false,
+            auth_failures: 0,
         }
     }
 

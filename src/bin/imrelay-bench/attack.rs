@@ -1173,7 +1173,7 @@ impl Attacker {
                     3 => 2,
                     _ => 1,
                 };
-                let login = slot.rng.next_u64() % 2 == 0;
+                let login = slot.rng.next_u64().is_multiple_of(2);
                 match slot.mode {
                     1 if login => {
                         frame(&mut slot.out, Opcode::Login, 0, 1, user, 0);
@@ -1421,7 +1421,7 @@ fn fuzz_fill(slot: &mut Slot, max_frame: usize, stats: &mut Stats) {
             0 => random_bytes(rng, &mut slot.out, 4096),
             1 => {
                 let r = rng.next_u64();
-                let payload = if r % 16 == 0 {
+                let payload = if r.is_multiple_of(16) {
                     (rng.next_u64() % max_frame as u64) as usize
                 } else {
                     ((r >> 4) % 64) as usize
@@ -1433,12 +1433,12 @@ fn fuzz_fill(slot: &mut Slot, max_frame: usize, stats: &mut Stats) {
                     1 => ((r >> 20) % 32) as usize,
                     _ => HEADER + payload,
                 };
-                let opcode = if (r >> 30) % 8 == 0 {
+                let opcode = if (r >> 30).is_multiple_of(8) {
                     (r >> 33) as u8
                 } else {
                     FUZZ_OPCODES[((r >> 33) % FUZZ_OPCODES.len() as u64) as usize]
                 };
-                let flags = if (r >> 41) % 4 == 0 {
+                let flags = if (r >> 41).is_multiple_of(4) {
                     ((r >> 43) & 0x0f) as u16
                 } else {
                     0
@@ -1447,10 +1447,10 @@ fn fuzz_fill(slot: &mut Slot, max_frame: usize, stats: &mut Stats) {
                 let target = rng.next_u64() % 8;
                 let start = slot.out.len();
                 header(&mut slot.out, len, opcode, flags, msg_id, target);
-                if (r >> 18) % 32 == 0 {
+                if (r >> 18).is_multiple_of(32) {
                     slot.out[start + 4] = (r >> 24) as u8; // version
                 }
-                if (r >> 47) % 16 == 0 {
+                if (r >> 47).is_multiple_of(16) {
                     let source = rng.next_u64().to_be_bytes();
                     slot.out[start + 24..start + 32].copy_from_slice(&source);
                 }
@@ -1468,7 +1468,7 @@ fn fuzz_fill(slot: &mut Slot, max_frame: usize, stats: &mut Stats) {
                 };
                 slot.out.extend_from_slice(arg.as_bytes());
                 let text_len = ((r >> 24) % 48) as usize;
-                if (r >> 32) % 16 == 0 {
+                if (r >> 32).is_multiple_of(16) {
                     slot.out.push(b' ');
                     random_bytes(rng, &mut slot.out, text_len);
                     // A random byte may be a line end: fine, that is a shorter line.
@@ -1479,7 +1479,7 @@ fn fuzz_fill(slot: &mut Slot, max_frame: usize, stats: &mut Stats) {
                     }
                 }
                 slot.out
-                    .extend_from_slice(if (r >> 40) % 2 == 0 { b"\n" } else { b"\r\n" });
+                    .extend_from_slice(if (r >> 40).is_multiple_of(2) { b"\n" } else { b"\r\n" });
             }
         }
         stats.frames += 1;

@@ -250,6 +250,40 @@ fn expected_frames() -> Vec<(&'static str, Vec<u8>)> {
             Frame::inbox_ack(MessageId(8), 7).to_bytes().to_vec(),
         ),
         (
+            "REFRESH",
+            Frame::refresh(MessageId(21), b"a.b.c").to_bytes().to_vec(),
+        ),
+        (
+            "TOKEN_EXPIRING",
+            encode(|b| {
+                let p = 1_700_003_600u64.to_be_bytes();
+                write_frame(
+                    b,
+                    Opcode::TokenExpiring,
+                    Flags::EMPTY,
+                    MessageId(0),
+                    UserId(1001),
+                    none,
+                    &p,
+                )
+            }),
+        ),
+        (
+            "REFRESH_OK",
+            encode(|b| {
+                let p = 1_700_007_200u64.to_be_bytes();
+                write_frame(
+                    b,
+                    Opcode::RefreshOk,
+                    Flags::EMPTY,
+                    MessageId(21),
+                    UserId(1001),
+                    none,
+                    &p,
+                )
+            }),
+        ),
+        (
             "ROOM_MISSED",
             encode(|b| {
                 let p = 17u64.to_be_bytes();

@@ -34,7 +34,7 @@
 //! Keys are checked at startup: HS256 secrets of at least [`MIN_SECRET_LEN`] bytes, RSA
 //! keys of at least [`MIN_RSA_BITS`] bits, EC keys on P-256.
 //!
-//! `src/auth/PROTOCOL_DRAFT.md` is the draft of the protocol.md section.
+//! protocol.md section 16 is the contract this module implements.
 
 mod claims;
 mod error;

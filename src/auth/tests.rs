@@ -1062,9 +1062,10 @@ fn unknown_claims_are_ignored() {
 }
 
 #[test]
-fn protocol_draft_example_verifies() {
-    // The example token of PROTOCOL_DRAFT.md (signed by an independent implementation).
-    let draft = include_str!("PROTOCOL_DRAFT.md");
+fn protocol_md_example_token_verifies() {
+    // The example token of protocol.md section 16.6 (signed by an independent
+    // implementation, Python's hmac).
+    let draft = include_str!("../../protocol.md");
     let token = draft.lines().find(|l| l.starts_with("eyJ")).unwrap();
     let v = Verifier::hs256_secret(b"imrelay-example-secret-do-not-use").unwrap();
     let (iat, exp) = (1_700_000_000, 1_700_003_600);

@@ -216,7 +216,7 @@ impl Verifier {
     ///    `send_rooms`, `admin`, `device` → else `Malformed`;
     /// 8. time: `Expired`, then `NotYetValid`, then `IssuedInFuture`.
     ///
-    /// The same order, with the reason strings, is in `src/auth/PROTOCOL_DRAFT.md`.
+    /// The same order, with the reason strings, is in protocol.md section 16.3.
     ///
     /// Leeway ([`LEEWAY_SECS`](super::LEEWAY_SECS) = 30): the token is accepted while
     /// `now_unix < exp + 30`, so with `exp == now_unix - 30` it is `Expired` and with

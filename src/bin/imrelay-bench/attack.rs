@@ -1478,8 +1478,11 @@ fn fuzz_fill(slot: &mut Slot, max_frame: usize, stats: &mut Stats) {
                         slot.out.push(b' ' + (rng.next_u64() % 95) as u8);
                     }
                 }
-                slot.out
-                    .extend_from_slice(if (r >> 40).is_multiple_of(2) { b"\n" } else { b"\r\n" });
+                slot.out.extend_from_slice(if (r >> 40).is_multiple_of(2) {
+                    b"\n"
+                } else {
+                    b"\r\n"
+                });
             }
         }
         stats.frames += 1;

@@ -540,6 +540,7 @@ fn each_connection_is_flushed_once_per_round() {
     assert_eq!(h.flushed(), vec![bob]);
 }
 
+mod auth;
 mod hostile;
 mod order;
 mod rooms;

@@ -30,6 +30,7 @@ export const Op = Object.freeze({
   LOGIN: 0x01, LOGIN_OK: 0x02, SEND: 0x03, DELIVER: 0x04, ACK: 0x05, ERROR: 0x06,
   PING: 0x07, PONG: 0x08, BYE: 0x09, JOIN: 0x10, LEAVE: 0x11, ROOM_SEND: 0x12,
   ROOM_DELIVER: 0x13, ROOM_INFO: 0x14, ROOM_STATE: 0x15, BROADCAST: 0x16, ROOM_MISSED: 0x17,
+  TOKEN_EXPIRING: 0x30, REFRESH: 0x31, REFRESH_OK: 0x32,
 });
 
 /** Flag bits (protocol.md, section 4). */
@@ -41,6 +42,8 @@ export const ERROR_NAMES = Object.freeze({
   5: "ALREADY_LOGGED_IN", 6: "RECIPIENT_OFFLINE", 7: "RECIPIENT_SLOW", 8: "LIMIT_REACHED",
   9: "SHUTTING_DOWN", 10: "LOGIN_TIMEOUT", 11: "IDLE_TIMEOUT", 12: "INVALID_FIELD",
   13: "UNSUPPORTED_VERSION", 14: "NOT_IN_ROOM", 15: "FORBIDDEN", 16: "RATE_LIMITED",
+  17: "INBOX_FULL", 18: "STORE_FAILED", 19: "FRAME_TIMEOUT", 20: "AUTH_FAILED",
+  21: "TOKEN_EXPIRED",
 });
 
 const OP_NAMES = Object.fromEntries(Object.entries(Op).map(([name, code]) => [code, name]));
@@ -151,6 +154,10 @@ function describe(f) {
     case Op.ROOM_MISSED:
       f.missed = p.byteLength >= 8 ? p.getBigUint64(0) : 0n;
       break;
+    case Op.TOKEN_EXPIRING:
+    case Op.REFRESH_OK:
+      f.exp = p.byteLength >= 8 ? p.getBigUint64(0) : 0n;
+      break;
     case Op.DELIVER:
     case Op.ROOM_DELIVER:
     case Op.PING:
@@ -238,6 +245,15 @@ export class ImRelayClient {
       case Op.ROOM_MISSED:
         this.emit("missed", f);
         return;
+      case Op.TOKEN_EXPIRING:
+        // protocol.md section 16.8: fetch a new token and REFRESH before `exp`.
+        this.emit("expiring", f);
+        if (this.tokenProvider) {
+          Promise.resolve(this.tokenProvider(this.user))
+            .then((token) => this.refresh(token))
+            .catch((e) => this.emit("error", { codeName: "REFRESH", reason: String(e) }));
+        }
+        return;
       default:
         break;
     }
@@ -273,12 +289,26 @@ export class ImRelayClient {
     });
   }
 
-  /** LOGIN; resolves with the relay's limits. */
+  /**
+   * LOGIN; resolves with the relay's limits. `credential` is the login token where the
+   * relay checks tokens (protocol.md section 16), or a function `(user) => token` (may
+   * return a promise) that is also called to REFRESH when the relay says the token
+   * expires soon.
+   */
   async login(user, credential = "") {
+    if (typeof credential === "function") {
+      this.tokenProvider = credential;
+      credential = await credential(user);
+    }
     const ok = await this.request(Op.LOGIN, user, credential);
     this.user = ok.target;
     this.limits = ok.limits;
     return ok.limits;
+  }
+
+  /** REFRESH with a new token; resolves with its `exp` (Unix seconds, BigInt). */
+  async refresh(token) {
+    return (await this.request(Op.REFRESH, 0, token)).exp;
   }
 
   /** SEND to a user; resolves with the number of its connections that got it. */

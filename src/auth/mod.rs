@@ -47,7 +47,7 @@ mod tests;
 pub use claims::{Grants, RoomGrant, RoomSet};
 pub use error::{AuthError, KeyError, TtlError};
 pub use mint::{mint_hs256, parse_ttl, Mint};
-pub use verify::{Algorithm, Verifier};
+pub use verify::{read_secret_file, Algorithm, Verifier};
 
 /// Clock slack, in seconds, allowed each way on `exp`, `nbf` and `iat`.
 pub const LEEWAY_SECS: u64 = 30;

@@ -1337,3 +1337,27 @@ fn ttl_parsing() {
         assert!(!e.to_string().is_empty());
     }
 }
+
+#[test]
+fn a_secret_file_loses_one_line_end_of_either_kind_and_nothing_else() {
+    let dir = std::env::temp_dir().join(format!("imrelay-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = b"0123456789abcdef0123456789abcdef";
+    for (name, tail, kept) in [
+        ("lf", &b"\n"[..], &b""[..]),
+        ("crlf", b"\r\n", b""),
+        ("none", b"", b""),
+        ("two", b"\n\n", b"\n"),
+        ("space", b" \n", b" "),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, [&secret[..], tail].concat()).unwrap();
+        let read = read_secret_file(&path).unwrap();
+        assert_eq!(read, [&secret[..], kept].concat(), "{name}");
+        // The relay's verifier reads the same bytes: a token signed with them verifies.
+        let token = mint_hs256(&read, 7, 1000, 60, &RoomGrant::None, false, None);
+        let v = Verifier::from_secret_file(&path).unwrap();
+        assert!(v.verify(token.as_bytes(), 7, 1000).is_ok(), "{name}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

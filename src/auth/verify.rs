@@ -81,6 +81,20 @@ impl fmt::Debug for Verifier {
     }
 }
 
+/// The HS256 secret in a file, as the relay reads it: one trailing newline (`\n` or
+/// `\r\n`) is removed, nothing else (a secret may contain any bytes). `imrelay token`
+/// signs with exactly this.
+pub fn read_secret_file(path: impl AsRef<Path>) -> Result<Vec<u8>, KeyError> {
+    let mut secret = read(path.as_ref())?;
+    if secret.last() == Some(&b'\n') {
+        secret.pop();
+        if secret.last() == Some(&b'\r') {
+            secret.pop();
+        }
+    }
+    Ok(secret)
+}
+
 impl Verifier {
     /// HS256 with a shared secret of at least [`MIN_SECRET_LEN`] bytes (RFC 7518, 3.2: the
     /// key must be at least as long as the hash).
@@ -101,14 +115,7 @@ impl Verifier {
     /// HS256 with the secret in a file; one trailing newline (`\n` or `\r\n`) is removed,
     /// nothing else (a secret may contain any bytes).
     pub fn from_secret_file(path: impl AsRef<Path>) -> Result<Verifier, KeyError> {
-        let mut secret = read(path.as_ref())?;
-        if secret.last() == Some(&b'\n') {
-            secret.pop();
-            if secret.last() == Some(&b'\r') {
-                secret.pop();
-            }
-        }
-        Verifier::hs256_secret(&secret)
+        Verifier::hs256_secret(read_secret_file(path)?)
     }
 
     /// RS256 with the issuer's RSA public key, PEM: `PUBLIC KEY` (SPKI, what

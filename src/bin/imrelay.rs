@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use log::{error, info, warn};
 
-use imrelay::auth::{parse_ttl, Algorithm, Mint, RoomGrant, Verifier};
+use imrelay::auth::{parse_ttl, read_secret_file, Algorithm, Mint, RoomGrant, Verifier};
 use imrelay::proto::{UserId, DEFAULT_MAX_FRAME};
 use imrelay::relay::{AuthConfig, Config};
 use imrelay::server::{raise_fd_limit, Server, RESERVED_FDS};
@@ -33,9 +33,10 @@ struct Args {
     /// RS256 or ES256 (--auth-algorithm): the token issuer's public key, PEM.
     #[arg(long)]
     auth_public_key_file: Option<std::path::PathBuf>,
-    /// The algorithm of --auth-public-key-file tokens: RS256 or ES256.
-    #[arg(long, default_value = "RS256")]
-    auth_algorithm: Algorithm,
+    /// The algorithm of the tokens: HS256 with --auth-secret-file (the default there),
+    /// RS256 (the default) or ES256 with --auth-public-key-file.
+    #[arg(long)]
+    auth_algorithm: Option<Algorithm>,
     /// Seconds before a token expires that the relay sends TOKEN_EXPIRING.
     #[arg(long, default_value_t = 60)]
     token_notice: u64,
@@ -206,17 +207,10 @@ fn mint_token(command: &Command) -> ExitCode {
         }
     };
     // The same reading (and the same minimum length) as the relay's --auth-secret-file.
-    if let Err(e) = Verifier::from_secret_file(secret_file) {
-        eprintln!("{}: {e}", secret_file.display());
-        return ExitCode::from(2);
-    }
-    let secret = match std::fs::read(secret_file) {
-        Ok(mut secret) => {
-            if secret.last() == Some(&b'\n') {
-                secret.pop();
-            }
-            secret
-        }
+    let secret = match read_secret_file(secret_file)
+        .and_then(|secret| Verifier::hs256_secret(&secret).map(|_| secret))
+    {
+        Ok(secret) => secret,
         Err(e) => {
             eprintln!("{}: {e}", secret_file.display());
             return ExitCode::from(2);
@@ -269,10 +263,20 @@ fn auth_config(args: &Args) -> Result<Option<AuthConfig>, String> {
         return Ok(None);
     }
     let verifier = match (&args.auth_secret_file, &args.auth_public_key_file) {
-        (Some(path), _) => Verifier::from_secret_file(path)
-            .map_err(|e| format!("--auth-secret-file {}: {e}", path.display()))?,
-        (None, Some(path)) => Verifier::from_public_key_file(path, args.auth_algorithm)
-            .map_err(|e| format!("--auth-public-key-file {}: {e}", path.display()))?,
+        (Some(path), _) => {
+            if let Some(alg) = args.auth_algorithm.filter(|&alg| alg != Algorithm::Hs256) {
+                return Err(format!(
+                    "--auth-algorithm {alg} needs --auth-public-key-file; a secret file is HS256"
+                ));
+            }
+            Verifier::from_secret_file(path)
+                .map_err(|e| format!("--auth-secret-file {}: {e}", path.display()))?
+        }
+        (None, Some(path)) => {
+            let alg = args.auth_algorithm.unwrap_or(Algorithm::Rs256);
+            Verifier::from_public_key_file(path, alg)
+                .map_err(|e| format!("--auth-public-key-file {}: {e}", path.display()))?
+        }
         (None, None) => {
             return Err("--auth jwt needs --auth-secret-file or --auth-public-key-file".into())
         }

@@ -49,6 +49,15 @@ const WAKER: Token = Token(usize::MAX - 2);
 /// `imrelay-bench attack --kind flood` (50 flooders): 64 KiB gave the bystander a p50 of
 /// 88 ms.
 const READ_BUDGET: usize = 16 * 1024;
+/// The read budget of a heavy connection (one that used up its budget last time): smaller,
+/// so that the time a turn spends on heavy connections is cut finely among them.
+const HEAVY_READ_BUDGET: usize = 2 * 1024;
+/// Time a loop turn gives heavy connections, after every light one was read: the turn
+/// ends when it runs out and the rest of the heavy connections are read in the turns
+/// after, in order. A connection that reads what it has within its budget (a bystander)
+/// is light and is read at the start of every turn, so it waits at most about this long
+/// (plus one heavy read) behind any number of connections that keep their sockets full.
+const HEAVY_TURN_TIME: Duration = Duration::from_micros(200);
 /// Most work (see [`Relay::take_work`]: frames handled, deliveries queued) one
 /// connection's reads may cause per loop turn before the others get theirs.
 const WORK_BUDGET: usize = 8 * 1024;
@@ -91,6 +100,12 @@ struct Conn {
     stream: TcpStream,
     /// WRITABLE is registered (only while output is blocked).
     writable: bool,
+    /// Its last read ended on the budget, with input left in the socket: its reads wait
+    /// for the heavy part of the turn ([`HEAVY_TURN_TIME`]). Cleared when a read drains
+    /// the socket.
+    heavy: bool,
+    /// In [`Server::heavy_reads`].
+    queued: bool,
 }
 
 /// The relay server: a listener, the relay core, and the sockets.
@@ -108,7 +123,9 @@ pub struct Server {
     accept_retry: Option<Instant>,
     /// SO_SNDBUF of every accepted socket (None: the kernel's autotuning).
     send_buffer: Option<usize>,
-    deferred_reads: Vec<ConnId>,
+    /// Heavy connections with input left, in the order they get their next read (round
+    /// robin across turns).
+    heavy_reads: std::collections::VecDeque<ConnId>,
     shutdown: ShutdownHandle,
     shutdown_deadline: Option<Instant>,
     busy_poll: bool,
@@ -149,7 +166,7 @@ impl Server {
             reserve_fd: open_reserve(),
             accept_retry: None,
             send_buffer: Some(DEFAULT_SEND_BUFFER),
-            deferred_reads: Vec::new(),
+            heavy_reads: std::collections::VecDeque::new(),
             shutdown: ShutdownHandle {
                 requested: Arc::new(AtomicBool::new(false)),
                 waker,
@@ -215,7 +232,6 @@ impl Server {
                 return Err(e);
             }
             let now = Instant::now();
-            let deferred = std::mem::take(&mut self.deferred_reads);
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(now),
@@ -230,14 +246,12 @@ impl Server {
                             self.relay.handle_writable(id);
                         }
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.read_conn(id, now);
+                            self.read_or_queue(id, now);
                         }
                     }
                 }
             }
-            for id in deferred {
-                self.read_conn(id, now);
-            }
+            self.read_heavy(now);
             if self.accept_retry.is_some_and(|at| at <= now) {
                 self.accept_retry = None;
                 self.accept_all(now);
@@ -340,7 +354,7 @@ impl Server {
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        if self.busy_poll || !self.deferred_reads.is_empty() || self.relay.has_resumes() {
+        if self.busy_poll || !self.heavy_reads.is_empty() || self.relay.has_resumes() {
             return Some(Duration::ZERO);
         }
         let next = [
@@ -476,6 +490,8 @@ impl Server {
             self.conns[id.0] = Some(Conn {
                 stream,
                 writable: false,
+                heavy: false,
+                queued: false,
             });
         }
     }
@@ -501,7 +517,11 @@ impl Server {
             return;
         }
         let fd = io::fd(&conn.stream);
-        let mut budget = READ_BUDGET;
+        let mut budget = if conn.heavy {
+            HEAVY_READ_BUDGET
+        } else {
+            READ_BUDGET
+        };
         let mut failed = None;
         self.relay.take_work();
         loop {
@@ -520,11 +540,14 @@ impl Server {
                     }
                     budget = budget.saturating_sub(n);
                     if budget == 0 || self.relay.take_work() >= WORK_BUDGET {
-                        self.deferred_reads.push(id);
+                        self.mark_heavy(id, true);
                         break;
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.mark_heavy(id, false);
+                    break;
+                }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
                     failed = Some(e);
@@ -536,6 +559,48 @@ impl Server {
         if let Some(e) = failed {
             info!("{id}: read failed: {e}");
             self.close_conn(id);
+        }
+    }
+
+    /// A readable event: a light connection is read now; a heavy one waits for its turn
+    /// in [`Server::read_heavy`].
+    fn read_or_queue(&mut self, id: ConnId, now: Instant) {
+        match self.conns.get(id.0).and_then(Option::as_ref) {
+            Some(conn) if conn.heavy => self.mark_heavy(id, true),
+            Some(_) => self.read_conn(id, now),
+            None => {}
+        }
+    }
+
+    /// Records whether a connection's last read left input behind; a heavy one is queued
+    /// for a read in a later heavy part of a turn (once).
+    fn mark_heavy(&mut self, id: ConnId, heavy: bool) {
+        let Some(conn) = self.conns.get_mut(id.0).and_then(Option::as_mut) else {
+            return;
+        };
+        conn.heavy = heavy;
+        if heavy && !conn.queued {
+            conn.queued = true;
+            self.heavy_reads.push_back(id);
+        }
+    }
+
+    /// The heavy part of a turn: heavy connections read in order, one read each at most,
+    /// until [`HEAVY_TURN_TIME`] is used; the others keep their place for the next turn.
+    fn read_heavy(&mut self, now: Instant) {
+        let until = Instant::now() + HEAVY_TURN_TIME;
+        for _ in 0..self.heavy_reads.len() {
+            let Some(id) = self.heavy_reads.pop_front() else {
+                break;
+            };
+            let Some(conn) = self.conns.get_mut(id.0).and_then(Option::as_mut) else {
+                continue;
+            };
+            conn.queued = false;
+            self.read_conn(id, now);
+            if Instant::now() >= until {
+                break;
+            }
         }
     }
 

@@ -58,6 +58,11 @@
 #define IMRELAY_ERR_PANIC -8
 
 /**
+ * This build of the library lacks the feature asked for (TLS: built without "tls").
+ */
+#define IMRELAY_ERR_UNSUPPORTED -9
+
+/**
  * Logged in (again). `peer` = own user id, `count` = the relay's max frame.
  */
 #define IMRELAY_EVENT_CONNECTED 1
@@ -122,6 +127,27 @@
 #define IMRELAY_EVENT_GAP 12
 
 /**
+ * The relay says the login token expires soon: `count` = its `exp` (Unix seconds). With
+ * a token provider the client has already asked it for a new token and sent REFRESH
+ * (`TOKEN_REFRESHED` or `REFRESH_FAILED` follows); without one, call
+ * `imrelay_refresh_token`, or let the relay close the link at expiry (the client then
+ * logs in again).
+ */
+#define IMRELAY_EVENT_TOKEN_EXPIRING 13
+
+/**
+ * The relay accepted a REFRESH: `count` = the new `exp` (Unix seconds; 0 from a relay
+ * that checks no tokens).
+ */
+#define IMRELAY_EVENT_TOKEN_REFRESHED 14
+
+/**
+ * The relay refused a REFRESH: `code` = its error code (AUTH_FAILED, 20), `text` = why.
+ * The link stays up on the old token until it expires.
+ */
+#define IMRELAY_EVENT_REFRESH_FAILED 15
+
+/**
  * Failed: the relay refused the message (`code` says why).
  */
 #define IMRELAY_FAIL_REJECTED 1
@@ -147,6 +173,37 @@
  * An opaque client. Use one handle from one thread at a time.
  */
 typedef struct ImrelayClient ImrelayClient;
+
+/**
+ * Connection options for `imrelay_connect_with`: credential or token provider, and TLS.
+ * Made by `imrelay_options_new`, freed by `imrelay_options_free`; a client copies what
+ * it needs at connect, so the options may be freed (or reused) right after.
+ */
+typedef struct ImrelayOptions ImrelayOptions;
+
+/**
+ * Gives the library a login token for `user`, e.g. a JWT the app's backend issued.
+ *
+ * The library passes a buffer `out` of `cap` bytes (4096 at first, the relay's largest
+ * token). Write the token there (no NUL needed) and return its length. If the token is
+ * longer than `cap`, return its length without writing: the library calls again at once
+ * with a buffer that large (up to 65536 bytes). Return a negative value for "no token
+ * now": the LOGIN goes out with an empty credential (a relay checking tokens refuses it
+ * and the client tries again after its backoff), and no REFRESH is sent.
+ *
+ * When: at every connect and reconnect, just before the LOGIN, and when the relay sends
+ * TOKEN_EXPIRING (for the REFRESH). Which thread: the one inside an `imrelay_*` call on
+ * the client (`imrelay_connect_with` and `imrelay_poll_event` chiefly), never two at
+ * once for one client, never after `imrelay_close` returned. Clients on different
+ * threads that share a callback and `ctx` may run it concurrently: it must then be
+ * thread-safe. It should return quickly (a cached token), must not call `imrelay_*`
+ * functions on the same client, and must not unwind (throw) into the library.
+ *
+ * Ownership: `out` belongs to the library and is valid only during the call. `ctx` is
+ * the app's: the library passes it back unchanged, never reads or frees it; it must stay
+ * valid until `imrelay_close` returned for every client connected with it.
+ */
+typedef ptrdiff_t (*ImrelayTokenProvider)(uint64_t user, void *ctx, uint8_t *out, size_t cap);
 
 /**
  * One event. Owned by the library: read it, then pass it to `imrelay_event_free`.
@@ -209,6 +266,101 @@ struct ImrelayClient *imrelay_connect(const char *addr,
                                       const uint8_t *credential,
                                       size_t credential_len,
                                       int32_t timeout_ms);
+
+/**
+ * New connection options: no credential, no token provider, plain TCP. Never NULL
+ * (except on allocation failure, which aborts). Free with `imrelay_options_free`.
+ */
+struct ImrelayOptions *imrelay_options_new(void);
+
+/**
+ * Frees options from `imrelay_options_new`. NULL is ignored. Clients connected with them
+ * are not affected.
+ *
+ * # Safety
+ * `options` must come from `imrelay_options_new` and not be freed twice.
+ */
+void imrelay_options_free(struct ImrelayOptions *options);
+
+/**
+ * Sets the static LOGIN credential (copied; `data` may be NULL when `len` is 0). A token
+ * provider, if set, takes its place.
+ *
+ * # Safety
+ * `options` must come from `imrelay_options_new`; `data` must point to `len` bytes.
+ */
+int32_t imrelay_options_set_credential(struct ImrelayOptions *options,
+                                       const uint8_t *data,
+                                       size_t len);
+
+/**
+ * Sets (or, with a NULL `provider`, clears) the token provider: see
+ * `ImrelayTokenProvider` for when it is called, on which thread, and who owns what.
+ *
+ * # Safety
+ * `options` must come from `imrelay_options_new`; `provider` and `ctx` must keep the
+ * `ImrelayTokenProvider` contract for every client connected with these options.
+ */
+int32_t imrelay_options_set_token_provider(struct ImrelayOptions *options,
+                                           ImrelayTokenProvider provider,
+                                           void *ctx);
+
+/**
+ * Connects over TLS: the relay's certificate must be valid for `server_name` (a DNS name
+ * or an IP address, NUL-terminated) and chain to the CA certificates in the PEM file
+ * `ca_file`, or, when `ca_file` is NULL, to the system's trust store. The file is read
+ * now: a missing file, a PEM without a certificate or an empty system store is
+ * `IMRELAY_ERR_INVALID` here, not a connect failure later. A certificate that does not
+ * verify is a `DISCONNECTED` event (or `imrelay_connect_with` failing), text
+ * "TLS handshake failed: ...". `IMRELAY_ERR_UNSUPPORTED` from a library built without
+ * TLS.
+ *
+ * # Safety
+ * `options` must come from `imrelay_options_new`; `server_name` must be NUL-terminated;
+ * `ca_file` must be NULL or NUL-terminated.
+ */
+int32_t imrelay_options_set_tls(struct ImrelayOptions *options,
+                                const char *server_name,
+                                const char *ca_file);
+
+/**
+ * Connects over TLS, trusting the CA certificates in `pem` (`len` bytes of PEM, one or
+ * more CERTIFICATE blocks; copied): for a CA bundled with the app. As
+ * `imrelay_options_set_tls` otherwise.
+ *
+ * # Safety
+ * `options` must come from `imrelay_options_new`; `server_name` must be NUL-terminated;
+ * `pem` must point to `len` bytes.
+ */
+int32_t imrelay_options_set_tls_ca_pem(struct ImrelayOptions *options,
+                                       const char *server_name,
+                                       const uint8_t *pem,
+                                       size_t len);
+
+/**
+ * Connects to the relay at `addr` ("host:port") as `user` with `options` (NULL: the
+ * defaults, plain TCP and an empty credential) and waits up to `timeout_ms` for the
+ * relay's answer; as `imrelay_connect` otherwise. The options are copied: free them
+ * whenever convenient. A failed TLS handshake or a refused token is
+ * `IMRELAY_ERR_CONNECT`, the message saying why.
+ *
+ * # Safety
+ * `addr` must be NUL-terminated; `options` must be NULL or from `imrelay_options_new`.
+ */
+struct ImrelayClient *imrelay_connect_with(const char *addr,
+                                           uint64_t user,
+                                           const struct ImrelayOptions *options,
+                                           int32_t timeout_ms);
+
+/**
+ * Sends REFRESH with a new login token (copied) if the link is up, and uses it for later
+ * LOGINs unless a token provider is set. A `TOKEN_REFRESHED` or `REFRESH_FAILED` event
+ * answers.
+ *
+ * # Safety
+ * `client` must come from `imrelay_connect*`; `token` must point to `len` bytes.
+ */
+int32_t imrelay_refresh_token(struct ImrelayClient *client, const uint8_t *token, size_t len);
 
 /**
  * Queues a direct message to `to`. On success writes its id to `*msg_id` (if not NULL)

@@ -9,11 +9,15 @@
 //! `catch_unwind` and a panic becomes `IMRELAY_ERR_PANIC`); every pointer from C is checked
 //! for NULL, and a data pointer is read only for the length given with it; strings from C
 //! must be NUL-terminated UTF-8.
+//!
+//! TLS and login tokens are set on an options object (`imrelay_options_new`, the
+//! `imrelay_options_set_*` calls) given to `imrelay_connect_with`.
 
 use std::cell::RefCell;
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::net::ToSocketAddrs;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -41,6 +45,8 @@ pub const IMRELAY_ERR_NOT_CONNECTED: i32 = -6;
 pub const IMRELAY_ERR_CLOSED: i32 = -7;
 /// A bug inside the library was caught before it could cross into C.
 pub const IMRELAY_ERR_PANIC: i32 = -8;
+/// This build of the library lacks the feature asked for (TLS: built without "tls").
+pub const IMRELAY_ERR_UNSUPPORTED: i32 = -9;
 
 /// Logged in (again). `peer` = own user id, `count` = the relay's max frame.
 pub const IMRELAY_EVENT_CONNECTED: i32 = 1;
@@ -70,6 +76,18 @@ pub const IMRELAY_EVENT_STORED: i32 = 11;
 /// Stored messages expired before this client got them: sequence numbers `room` (from)
 /// to `count` (to), both included.
 pub const IMRELAY_EVENT_GAP: i32 = 12;
+/// The relay says the login token expires soon: `count` = its `exp` (Unix seconds). With
+/// a token provider the client has already asked it for a new token and sent REFRESH
+/// (`TOKEN_REFRESHED` or `REFRESH_FAILED` follows); without one, call
+/// `imrelay_refresh_token`, or let the relay close the link at expiry (the client then
+/// logs in again).
+pub const IMRELAY_EVENT_TOKEN_EXPIRING: i32 = 13;
+/// The relay accepted a REFRESH: `count` = the new `exp` (Unix seconds; 0 from a relay
+/// that checks no tokens).
+pub const IMRELAY_EVENT_TOKEN_REFRESHED: i32 = 14;
+/// The relay refused a REFRESH: `code` = its error code (AUTH_FAILED, 20), `text` = why.
+/// The link stays up on the old token until it expires.
+pub const IMRELAY_EVENT_REFRESH_FAILED: i32 = 15;
 
 /// Failed: the relay refused the message (`code` says why).
 pub const IMRELAY_FAIL_REJECTED: i32 = 1;
@@ -85,6 +103,81 @@ pub const IMRELAY_FAIL_CLOSED: i32 = 4;
 /// An opaque client. Use one handle from one thread at a time.
 pub struct ImrelayClient {
     client: Client,
+}
+
+/// Gives the library a login token for `user`, e.g. a JWT the app's backend issued.
+///
+/// The library passes a buffer `out` of `cap` bytes (4096 at first, the relay's largest
+/// token). Write the token there (no NUL needed) and return its length. If the token is
+/// longer than `cap`, return its length without writing: the library calls again at once
+/// with a buffer that large (up to 65536 bytes). Return a negative value for "no token
+/// now": the LOGIN goes out with an empty credential (a relay checking tokens refuses it
+/// and the client tries again after its backoff), and no REFRESH is sent.
+///
+/// When: at every connect and reconnect, just before the LOGIN, and when the relay sends
+/// TOKEN_EXPIRING (for the REFRESH). Which thread: the one inside an `imrelay_*` call on
+/// the client (`imrelay_connect_with` and `imrelay_poll_event` chiefly), never two at
+/// once for one client, never after `imrelay_close` returned. Clients on different
+/// threads that share a callback and `ctx` may run it concurrently: it must then be
+/// thread-safe. It should return quickly (a cached token), must not call `imrelay_*`
+/// functions on the same client, and must not unwind (throw) into the library.
+///
+/// Ownership: `out` belongs to the library and is valid only during the call. `ctx` is
+/// the app's: the library passes it back unchanged, never reads or frees it; it must stay
+/// valid until `imrelay_close` returned for every client connected with it.
+pub type ImrelayTokenProvider =
+    Option<unsafe extern "C" fn(user: u64, ctx: *mut c_void, out: *mut u8, cap: usize) -> isize>;
+
+/// Connection options for `imrelay_connect_with`: credential or token provider, and TLS.
+/// Made by `imrelay_options_new`, freed by `imrelay_options_free`; a client copies what
+/// it needs at connect, so the options may be freed (or reused) right after.
+pub struct ImrelayOptions {
+    credential: Vec<u8>,
+    provider: Option<crate::client::TokenProvider>,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::client::TlsClientOptions>,
+}
+
+/// The app's `ctx` pointer, handed to its callback from whichever thread drives the
+/// client: the callback's contract (see `ImrelayTokenProvider`) makes that sound.
+struct CallbackCtx(*mut c_void);
+// SAFETY: the library never dereferences the pointer; the app promises (in the
+// `ImrelayTokenProvider` contract) that its callback may be called with it from any
+// thread that drives a client.
+unsafe impl Send for CallbackCtx {}
+// SAFETY: as above.
+unsafe impl Sync for CallbackCtx {}
+
+/// The first buffer a token provider gets, and the largest one it may ask for.
+const TOKEN_FIRST_CAP: usize = 4096;
+const TOKEN_MAX_CAP: usize = 64 * 1024;
+
+/// Calls a C token provider as [`ImrelayTokenProvider`] describes.
+fn call_provider(
+    callback: unsafe extern "C" fn(u64, *mut c_void, *mut u8, usize) -> isize,
+    ctx: &CallbackCtx,
+    user: UserId,
+) -> Vec<u8> {
+    let mut buf = vec![0u8; TOKEN_FIRST_CAP];
+    for _ in 0..2 {
+        // SAFETY: `buf` has `buf.len()` writable bytes for the duration of the call; the
+        // app promised a callback that writes at most `cap` bytes.
+        let n = unsafe { callback(user.0, ctx.0, buf.as_mut_ptr(), buf.len()) };
+        let Ok(n) = usize::try_from(n) else {
+            return Vec::new(); // negative: no token now
+        };
+        if n <= buf.len() {
+            buf.truncate(n);
+            return buf;
+        }
+        if n > TOKEN_MAX_CAP {
+            log::warn!("token provider asked for {n} bytes, more than {TOKEN_MAX_CAP}");
+            return Vec::new();
+        }
+        buf = vec![0u8; n];
+    }
+    log::warn!("token provider asked for a larger buffer twice");
+    Vec::new()
 }
 
 /// One event. Owned by the library: read it, then pass it to `imrelay_event_free`.
@@ -222,20 +315,328 @@ pub unsafe extern "C" fn imrelay_connect(
         };
         let mut config = ClientConfig::new(UserId(user));
         config.credential = credential.to_vec();
-        let addr = match addr.to_socket_addrs().map(|mut a| a.next()) {
-            Ok(Some(a)) => a,
-            _ => return set_error(IMRELAY_ERR_INVALID, format!("cannot resolve {addr}")),
-        };
-        match Client::connect(addr, config, timeout_from_ms(timeout_ms)) {
-            Ok((client, _)) => {
-                out = Box::into_raw(Box::new(ImrelayClient { client }));
-                set_error(IMRELAY_OK, "")
+        match connect_config(addr, config, timeout_ms) {
+            Ok(client) => {
+                out = client;
+                IMRELAY_OK
             }
-            Err(e @ ConnectError::Resolve(_)) => set_error(IMRELAY_ERR_INVALID, e.to_string()),
-            Err(e) => set_error(IMRELAY_ERR_CONNECT, e.to_string()),
+            Err(code) => code,
         }
     });
     out
+}
+
+/// The rest of `imrelay_connect` and `imrelay_connect_with`, under their guard.
+fn connect_config(
+    addr: &str,
+    config: ClientConfig,
+    timeout_ms: i32,
+) -> Result<*mut ImrelayClient, i32> {
+    let addr = match addr.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(a)) => a,
+        _ => {
+            return Err(set_error(
+                IMRELAY_ERR_INVALID,
+                format!("cannot resolve {addr}"),
+            ))
+        }
+    };
+    match Client::connect(addr, config, timeout_from_ms(timeout_ms)) {
+        Ok((client, _)) => {
+            set_error(IMRELAY_OK, "");
+            Ok(Box::into_raw(Box::new(ImrelayClient { client })))
+        }
+        Err(e @ ConnectError::Resolve(_)) => Err(set_error(IMRELAY_ERR_INVALID, e.to_string())),
+        Err(e) => Err(set_error(IMRELAY_ERR_CONNECT, e.to_string())),
+    }
+}
+
+/// New connection options: no credential, no token provider, plain TCP. Never NULL
+/// (except on allocation failure, which aborts). Free with `imrelay_options_free`.
+#[no_mangle]
+pub extern "C" fn imrelay_options_new() -> *mut ImrelayOptions {
+    Box::into_raw(Box::new(ImrelayOptions {
+        credential: Vec::new(),
+        provider: None,
+        #[cfg(feature = "tls")]
+        tls: None,
+    }))
+}
+
+/// Frees options from `imrelay_options_new`. NULL is ignored. Clients connected with them
+/// are not affected.
+///
+/// # Safety
+/// `options` must come from `imrelay_options_new` and not be freed twice.
+#[no_mangle]
+pub unsafe extern "C" fn imrelay_options_free(options: *mut ImrelayOptions) {
+    if options.is_null() {
+        return;
+    }
+    // SAFETY: a pointer from imrelay_options_new, given back once.
+    let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(options) })));
+}
+
+/// Runs `body` on the options behind `options` under [`guard`]; NULL is `IMRELAY_ERR_NULL`.
+///
+/// # Safety
+/// `options` must be NULL or live options from `imrelay_options_new`.
+unsafe fn with_options(
+    options: *mut ImrelayOptions,
+    body: impl FnOnce(&mut ImrelayOptions) -> i32,
+) -> i32 {
+    guard(|| {
+        // SAFETY: the caller passes live options or NULL.
+        match unsafe { options.as_mut() } {
+            Some(o) => body(o),
+            None => set_error(IMRELAY_ERR_NULL, "options is NULL"),
+        }
+    })
+}
+
+/// Sets the static LOGIN credential (copied; `data` may be NULL when `len` is 0). A token
+/// provider, if set, takes its place.
+///
+/// # Safety
+/// `options` must come from `imrelay_options_new`; `data` must point to `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn imrelay_options_set_credential(
+    options: *mut ImrelayOptions,
+    data: *const u8,
+    len: usize,
+) -> i32 {
+    let body = |o: &mut ImrelayOptions| {
+        // SAFETY: forwarded from the caller's guarantee.
+        match unsafe { bytes_from_c(data, len) } {
+            Ok(c) => {
+                o.credential = c.to_vec();
+                IMRELAY_OK
+            }
+            Err(code) => code,
+        }
+    };
+    // SAFETY: forwarded from the caller's guarantee.
+    unsafe { with_options(options, body) }
+}
+
+/// Sets (or, with a NULL `provider`, clears) the token provider: see
+/// `ImrelayTokenProvider` for when it is called, on which thread, and who owns what.
+///
+/// # Safety
+/// `options` must come from `imrelay_options_new`; `provider` and `ctx` must keep the
+/// `ImrelayTokenProvider` contract for every client connected with these options.
+#[no_mangle]
+pub unsafe extern "C" fn imrelay_options_set_token_provider(
+    options: *mut ImrelayOptions,
+    provider: ImrelayTokenProvider,
+    ctx: *mut c_void,
+) -> i32 {
+    let body = |o: &mut ImrelayOptions| {
+        o.provider = provider.map(|callback| {
+            let ctx = CallbackCtx(ctx);
+            let provider: crate::client::TokenProvider =
+                Arc::new(move |user| call_provider(callback, &ctx, user));
+            provider
+        });
+        IMRELAY_OK
+    };
+    // SAFETY: forwarded from the caller's guarantee.
+    unsafe { with_options(options, body) }
+}
+
+/// Connects over TLS: the relay's certificate must be valid for `server_name` (a DNS name
+/// or an IP address, NUL-terminated) and chain to the CA certificates in the PEM file
+/// `ca_file`, or, when `ca_file` is NULL, to the system's trust store. The file is read
+/// now: a missing file, a PEM without a certificate or an empty system store is
+/// `IMRELAY_ERR_INVALID` here, not a connect failure later. A certificate that does not
+/// verify is a `DISCONNECTED` event (or `imrelay_connect_with` failing), text
+/// "TLS handshake failed: ...". `IMRELAY_ERR_UNSUPPORTED` from a library built without
+/// TLS.
+///
+/// # Safety
+/// `options` must come from `imrelay_options_new`; `server_name` must be NUL-terminated;
+/// `ca_file` must be NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn imrelay_options_set_tls(
+    options: *mut ImrelayOptions,
+    server_name: *const c_char,
+    ca_file: *const c_char,
+) -> i32 {
+    let body = |o: &mut ImrelayOptions| {
+        // SAFETY: forwarded from the caller's guarantees.
+        let (name, file) = match unsafe {
+            (
+                str_from_c(server_name, "server_name"),
+                opt_str_from_c(ca_file, "ca_file"),
+            )
+        } {
+            (Ok(name), Ok(file)) => (name, file),
+            (Err(code), _) | (_, Err(code)) => return code,
+        };
+        set_tls(o, name, file.map(|f| TlsCa::File(f.to_owned())))
+    };
+    // SAFETY: forwarded from the caller's guarantee.
+    unsafe { with_options(options, body) }
+}
+
+/// Connects over TLS, trusting the CA certificates in `pem` (`len` bytes of PEM, one or
+/// more CERTIFICATE blocks; copied): for a CA bundled with the app. As
+/// `imrelay_options_set_tls` otherwise.
+///
+/// # Safety
+/// `options` must come from `imrelay_options_new`; `server_name` must be NUL-terminated;
+/// `pem` must point to `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn imrelay_options_set_tls_ca_pem(
+    options: *mut ImrelayOptions,
+    server_name: *const c_char,
+    pem: *const u8,
+    len: usize,
+) -> i32 {
+    let body = |o: &mut ImrelayOptions| {
+        // SAFETY: forwarded from the caller's guarantees.
+        let name = match unsafe { str_from_c(server_name, "server_name") } {
+            Ok(name) => name,
+            Err(code) => return code,
+        };
+        // SAFETY: forwarded from the caller's guarantees.
+        let pem = match unsafe { bytes_from_c(pem, len) } {
+            Ok(pem) => pem,
+            Err(code) => return code,
+        };
+        set_tls(o, name, Some(TlsCa::Pem(pem.to_vec())))
+    };
+    // SAFETY: forwarded from the caller's guarantee.
+    unsafe { with_options(options, body) }
+}
+
+/// Where the CA of `imrelay_options_set_tls*` comes from (None: the system's store).
+#[cfg_attr(not(feature = "tls"), allow(dead_code))]
+enum TlsCa {
+    File(String),
+    Pem(Vec<u8>),
+}
+
+#[cfg(feature = "tls")]
+fn set_tls(o: &mut ImrelayOptions, server_name: &str, ca: Option<TlsCa>) -> i32 {
+    use crate::client::{TlsClientOptions, TlsTrust};
+    let trust = match ca {
+        None => TlsTrust::SystemRoots,
+        Some(TlsCa::File(path)) => TlsTrust::CaFile(path.into()),
+        Some(TlsCa::Pem(pem)) => TlsTrust::CaPem(pem),
+    };
+    match TlsClientOptions::new(server_name, trust) {
+        Ok(tls) => {
+            o.tls = Some(tls);
+            IMRELAY_OK
+        }
+        Err(e) => set_error(IMRELAY_ERR_INVALID, e.to_string()),
+    }
+}
+
+#[cfg(not(feature = "tls"))]
+fn set_tls(_: &mut ImrelayOptions, _: &str, _: Option<TlsCa>) -> i32 {
+    set_error(
+        IMRELAY_ERR_UNSUPPORTED,
+        "this library was built without TLS (feature \"tls\")",
+    )
+}
+
+/// A NUL-terminated UTF-8 string from C; `what` names it in the error.
+///
+/// # Safety
+/// `s` must be NULL or NUL-terminated.
+unsafe fn str_from_c<'a>(s: *const c_char, what: &str) -> Result<&'a str, i32> {
+    if s.is_null() {
+        return Err(set_error(IMRELAY_ERR_NULL, format!("{what} is NULL")));
+    }
+    // SAFETY: checked non-NULL; the caller guarantees NUL termination.
+    unsafe { CStr::from_ptr(s) }
+        .to_str()
+        .map_err(|_| set_error(IMRELAY_ERR_INVALID, format!("{what} is not UTF-8")))
+}
+
+/// As [`str_from_c`], NULL being `None`.
+///
+/// # Safety
+/// As [`str_from_c`].
+unsafe fn opt_str_from_c<'a>(s: *const c_char, what: &str) -> Result<Option<&'a str>, i32> {
+    if s.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: forwarded.
+    unsafe { str_from_c(s, what) }.map(Some)
+}
+
+/// Connects to the relay at `addr` ("host:port") as `user` with `options` (NULL: the
+/// defaults, plain TCP and an empty credential) and waits up to `timeout_ms` for the
+/// relay's answer; as `imrelay_connect` otherwise. The options are copied: free them
+/// whenever convenient. A failed TLS handshake or a refused token is
+/// `IMRELAY_ERR_CONNECT`, the message saying why.
+///
+/// # Safety
+/// `addr` must be NUL-terminated; `options` must be NULL or from `imrelay_options_new`.
+#[no_mangle]
+pub unsafe extern "C" fn imrelay_connect_with(
+    addr: *const c_char,
+    user: u64,
+    options: *const ImrelayOptions,
+    timeout_ms: i32,
+) -> *mut ImrelayClient {
+    let mut out = std::ptr::null_mut();
+    guard(|| {
+        // SAFETY: the caller guarantees NUL termination.
+        let addr = match unsafe { str_from_c(addr, "addr") } {
+            Ok(addr) => addr,
+            Err(code) => return code,
+        };
+        if user == 0 {
+            return set_error(IMRELAY_ERR_INVALID, "user id 0 is reserved");
+        }
+        let mut config = ClientConfig::new(UserId(user));
+        // SAFETY: NULL or live options, per the contract.
+        if let Some(o) = unsafe { options.as_ref() } {
+            config.credential = o.credential.clone();
+            config.token_provider = o.provider.clone();
+            #[cfg(feature = "tls")]
+            {
+                config.tls = o.tls.clone();
+            }
+        }
+        match connect_config(addr, config, timeout_ms) {
+            Ok(client) => {
+                out = client;
+                IMRELAY_OK
+            }
+            Err(code) => code,
+        }
+    });
+    out
+}
+
+/// Sends REFRESH with a new login token (copied) if the link is up, and uses it for later
+/// LOGINs unless a token provider is set. A `TOKEN_REFRESHED` or `REFRESH_FAILED` event
+/// answers.
+///
+/// # Safety
+/// `client` must come from `imrelay_connect*`; `token` must point to `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn imrelay_refresh_token(
+    client: *mut ImrelayClient,
+    token: *const u8,
+    len: usize,
+) -> i32 {
+    let body = |c: &mut Client| {
+        // SAFETY: forwarded from the caller's guarantee on `token` and `len`.
+        match unsafe { bytes_from_c(token, len) } {
+            Ok(token) => c
+                .refresh_token(token.to_vec())
+                .map_or_else(send_status, |()| IMRELAY_OK),
+            Err(code) => code,
+        }
+    };
+    // SAFETY: forwarded from the caller's guarantee on `client`.
+    unsafe { with_client(client, body) }
 }
 
 /// Queues a direct message to `to`. On success writes its id to `*msg_id` (if not NULL)
@@ -555,6 +956,20 @@ fn to_c(event: Event) -> EventBox {
             e.room = from;
             e.count = to;
             text = format!("stored messages {from} to {to} expired before delivery");
+        }
+        Event::TokenExpiring { exp } => {
+            e.kind = IMRELAY_EVENT_TOKEN_EXPIRING;
+            e.count = exp;
+            text = format!("the login token expires at {exp}");
+        }
+        Event::TokenRefreshed { exp } => {
+            e.kind = IMRELAY_EVENT_TOKEN_REFRESHED;
+            e.count = exp;
+        }
+        Event::RefreshFailed { code, reason } => {
+            e.kind = IMRELAY_EVENT_REFRESH_FAILED;
+            e.code = code;
+            text = reason;
         }
         Event::Closed => e.kind = IMRELAY_EVENT_CLOSED,
     }

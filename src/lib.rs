@@ -16,9 +16,12 @@
 //! - [`ffi`]: the C ABI over the blocking client, for iOS and Android (`include/imrelay.h`).
 //!
 //! # Features
-//! `server` (default) builds the relay, its driver and the binaries. An app that only needs
-//! the SDK depends on imrelay with `default-features = false`: `proto`, `client` and `ffi`
-//! then need only `bytes`, `byteorder`, `log`, `libc` and `socket2`.
+//! `server` (default) builds the relay, its driver and the binaries. `tls` (default, and
+//! part of `server`) lets the SDK connect over TLS (rustls with ring, and the system's
+//! trust store). An app that only needs the SDK depends on imrelay with
+//! `default-features = false, features = ["tls"]`, or with no features at all for plain
+//! TCP: `proto`, `client` and `ffi` then need only `bytes`, `byteorder`, `log`, `libc`
+//! and `socket2`.
 //!
 //! # Layout
 //! - `src/proto/`: `frame.rs` (header, `Frame`, encoders), `decode.rs` (incremental
@@ -27,7 +30,9 @@
 //!   `directory.rs` (user → connections), `out_queue.rs`, `timers.rs`, `config.rs`,
 //!   `metrics.rs`; `http.rs`, `ws.rs`, `web.rs` and `demo.rs` for HTTP and WebSocket
 //!   connections and the H5 demo page; `dedup.rs`, `inbox.rs` and `inbox_handlers.rs`
-//!   for resends and stored delivery.
+//!   for resends and stored delivery; `auth_handlers.rs` for login tokens.
+//! - `src/auth/`: login tokens (JWT): verification with the algorithm pinned by
+//!   configuration, the grants they carry, minting for development.
 //! - `src/server/`: `mod.rs` (event loop), `io.rs` (reads), `limits.rs` (fd limits),
 //!   `store.rs` (the durable log of stored delivery), `store_writer.rs` (its thread).
 //! - `src/client/`: `core.rs` (the sans-IO client), `outbox.rs`, `seen.rs`, `backoff.rs`,

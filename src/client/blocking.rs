@@ -114,6 +114,13 @@ impl Client {
         self.conn.room_info(room, Instant::now())
     }
 
+    /// Sends REFRESH with a new login token; see [`ClientCore::refresh_token`].
+    ///
+    /// [`ClientCore::refresh_token`]: super::ClientCore::refresh_token
+    pub fn refresh_token(&mut self, token: Vec<u8>) -> Result<(), SendError> {
+        self.conn.refresh_token(token, Instant::now())
+    }
+
     /// Drops the link and connects again (see [`Connection::reconnect`]).
     pub fn reconnect(&mut self) {
         self.conn.reconnect(Instant::now());

@@ -1,21 +1,44 @@
-//! What an app chooses about its connection: who it is, and the clocks of the link.
+//! What an app chooses about its connection: who it is, how it proves it, TLS, and the
+//! clocks of the link.
 
+use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "tls")]
+use super::tls::TlsClientOptions;
 use crate::proto::UserId;
 
+/// Gives the client a login token for a user: called at every connect and reconnect (for
+/// the LOGIN) and when the relay announces that the token expires soon (for the REFRESH).
+///
+/// It runs on the thread that drives the client (inside `Connection`'s or `Client`'s
+/// calls), so it should return quickly: a token cached by the app, refreshed in the
+/// background, is the usual shape. An empty token means "none available now": a LOGIN
+/// goes out with it anyway (a relay without token checks accepts it), a REFRESH is not
+/// sent.
+pub type TokenProvider = Arc<dyn Fn(UserId) -> Vec<u8> + Send + Sync>;
+
 /// Settings of one client. [`ClientConfig::new`] gives the defaults a phone app wants.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ClientConfig {
     /// The user this client logs in as (not 0).
     pub user: UserId,
-    /// The opaque credential sent in LOGIN.
+    /// The opaque credential sent in LOGIN when there is no `token_provider` (a static
+    /// token, or none for a relay that checks none).
     pub credential: Vec<u8>,
+    /// Where login tokens come from when they expire (JWTs, protocol.md section 16):
+    /// asked at every (re)connect and at each TOKEN_EXPIRING. Takes the place of
+    /// `credential` when set (default none).
+    pub token_provider: Option<TokenProvider>,
+    /// Connect over TLS (default none: plain TCP).
+    #[cfg(feature = "tls")]
+    pub tls: Option<TlsClientOptions>,
     /// Send a PING after this much silence from the relay (default 20 s).
     pub heartbeat_interval: Duration,
     /// Declare the link dead when nothing arrives this long after a PING (default 10 s).
     pub heartbeat_timeout: Duration,
-    /// Give up on a TCP connect after this long (default 10 s).
+    /// Give up on a TCP connect, TLS handshake included, after this long (default 10 s).
     pub connect_timeout: Duration,
     /// Give up on a LOGIN that gets no answer after this long (default 10 s).
     pub login_timeout: Duration,
@@ -51,6 +74,9 @@ impl ClientConfig {
         ClientConfig {
             user,
             credential: Vec::new(),
+            token_provider: None,
+            #[cfg(feature = "tls")]
+            tls: None,
             heartbeat_interval: Duration::from_secs(20),
             heartbeat_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
@@ -66,5 +92,41 @@ impl ClientConfig {
             inbox_ack_batch: 32,
             inbox_ack_delay: Duration::from_millis(100),
         }
+    }
+}
+
+impl fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("ClientConfig");
+        d.field("user", &self.user)
+            // A credential is a secret: its length only.
+            .field(
+                "credential",
+                &format_args!("[{} bytes]", self.credential.len()),
+            )
+            .field(
+                "token_provider",
+                &self
+                    .token_provider
+                    .as_ref()
+                    .map(|_| "Fn(UserId) -> Vec<u8>"),
+            );
+        #[cfg(feature = "tls")]
+        d.field("tls", &self.tls);
+        d.field("heartbeat_interval", &self.heartbeat_interval)
+            .field("heartbeat_timeout", &self.heartbeat_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("login_timeout", &self.login_timeout)
+            .field("backoff_initial", &self.backoff_initial)
+            .field("backoff_max", &self.backoff_max)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_outbox", &self.max_outbox)
+            .field("retry_interval", &self.retry_interval)
+            .field("send_timeout", &self.send_timeout)
+            .field("seen_window", &self.seen_window)
+            .field("stored_inbox", &self.stored_inbox)
+            .field("inbox_ack_batch", &self.inbox_ack_batch)
+            .field("inbox_ack_delay", &self.inbox_ack_delay)
+            .finish()
     }
 }

@@ -6,6 +6,12 @@
 //! [`Connection::handle_timeout`] at [`Connection::poll_timeout`]. The socket changes on every
 //! reconnect: [`Connection::socket_generation`] tells when to register the new one. Then
 //! drain [`Connection::poll_event`]. Nothing here blocks, connect included.
+//!
+//! With `ClientConfig.tls` set (feature "tls") a rustls session sits between the socket and
+//! the core, under the same readiness model: the socket is watched for writability while
+//! handshake records or data wait (`wants_write`), and the core learns the link is up only
+//! when the handshake is done. A failed handshake is a failed connect
+//! ([`DisconnectReason::Tls`]), followed by the usual backoff.
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -18,6 +24,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use super::config::ClientConfig;
 use super::core::{ClientCore, LinkAction, Phase};
 use super::event::{DisconnectReason, Event, SendError};
+use super::tls::{Secure, TlsRead};
 use crate::proto::{MessageId, RoomId, UserId};
 use crate::rand::Rng;
 
@@ -27,7 +34,22 @@ const READ_CHUNK: usize = 16 * 1024;
 #[derive(Debug)]
 struct Link {
     stream: TcpStream,
+    /// The TCP connect is under way.
     connecting: bool,
+    /// The TLS session over the stream, if the config asks for TLS.
+    tls: Option<Box<Secure>>,
+    /// The core was told the link is up (TCP connected, TLS handshake done).
+    up: bool,
+}
+
+impl Link {
+    /// True while bytes wait for the socket: the connect, TLS records, or the core's
+    /// output (which a TLS session takes only after its handshake).
+    fn wants_write(&self, core_output: bool) -> bool {
+        self.connecting
+            || self.tls.as_ref().is_some_and(|t| t.wants_write())
+            || (self.up && core_output)
+    }
 }
 
 /// A client session over non-blocking TCP, driven by the app's event loop.
@@ -76,7 +98,7 @@ impl Connection {
     pub fn wants_write(&self) -> bool {
         self.link
             .as_ref()
-            .is_some_and(|l| l.connecting || !self.core.output().is_empty())
+            .is_some_and(|l| l.wants_write(!self.core.output().is_empty()))
     }
 
     /// When to call [`handle_timeout`](Self::handle_timeout).
@@ -104,7 +126,7 @@ impl Connection {
                         if let Some(l) = self.link.as_mut() {
                             l.connecting = false;
                         }
-                        self.core.handle_connected(now);
+                        self.tcp_connected(now);
                     }
                     Ok(false) => return,
                     Err(e) => {
@@ -182,11 +204,18 @@ impl Connection {
         Ok(())
     }
 
+    /// Sends REFRESH with a new login token; see [`ClientCore::refresh_token`].
+    pub fn refresh_token(&mut self, token: Vec<u8>, now: Instant) -> Result<(), SendError> {
+        self.core.refresh_token(token)?;
+        self.drive(now);
+        Ok(())
+    }
+
     /// Drops the link and connects again at once (after the usual backoff step), for when
     /// the app knows the network changed (Wi-Fi to cellular). Nothing is lost: unanswered
     /// messages are resent, stored ones replayed.
     pub fn reconnect(&mut self, now: Instant) {
-        self.link = None;
+        self.drop_link();
         self.core.handle_link_error(
             DisconnectReason::Io("reconnect requested by the app".to_string()),
             now,
@@ -206,7 +235,7 @@ impl Connection {
             while let Some(action) = self.core.poll_action(now) {
                 match action {
                     LinkAction::Connect => self.start_connect(now),
-                    LinkAction::Disconnect => self.link = None,
+                    LinkAction::Disconnect => self.drop_link(),
                 }
             }
             if !self.flush(now) {
@@ -222,6 +251,9 @@ impl Connection {
         };
         if link.connecting {
             return false;
+        }
+        if let Some(tls) = link.tls.as_mut() {
+            return flush_tls(&mut self.core, &mut link.stream, tls, link.up, now);
         }
         while !self.core.output().is_empty() {
             match link.stream.write(self.core.output()) {
@@ -250,6 +282,57 @@ impl Connection {
             };
             if link.connecting {
                 return;
+            }
+            if let Some(tls) = link.tls.as_mut() {
+                let outcome = tls.read(&mut link.stream, &mut self.rx);
+                let handshaking = tls.is_handshaking();
+                let finished_handshake = !link.up && !handshaking;
+                match outcome {
+                    TlsRead::WouldBlock | TlsRead::Progress => {
+                        if finished_handshake {
+                            link.up = true;
+                            self.core.handle_connected(now);
+                        }
+                        if !self.rx.is_empty() {
+                            self.core.handle_input(&mut self.rx, now);
+                            if matches!(self.core.phase(), Phase::Waiting { .. } | Phase::Closed) {
+                                self.rx.clear();
+                                return;
+                            }
+                        }
+                        if matches!(outcome, TlsRead::WouldBlock) {
+                            return;
+                        }
+                    }
+                    TlsRead::Eof => {
+                        let up = link.up;
+                        self.link = None;
+                        let reason = if up {
+                            self.core.handle_input(&mut self.rx, now);
+                            DisconnectReason::ClosedByRelay
+                        } else {
+                            DisconnectReason::Tls(
+                                "handshake failed: the relay closed the connection".to_string(),
+                            )
+                        };
+                        self.rx.clear();
+                        self.core.handle_link_error(reason, now);
+                        return;
+                    }
+                    TlsRead::Failed(e) => {
+                        let up = link.up;
+                        self.link = None;
+                        self.rx.clear();
+                        let reason = if up {
+                            DisconnectReason::Tls(format!("error: {e}"))
+                        } else {
+                            DisconnectReason::Tls(format!("handshake failed: {e}"))
+                        };
+                        self.core.handle_link_error(reason, now);
+                        return;
+                    }
+                }
+                continue;
             }
             self.rx.reserve(READ_CHUNK);
             match crate::net::read_into(link.stream.as_raw_fd(), &mut self.rx) {
@@ -289,15 +372,104 @@ impl Connection {
                 self.link = Some(Link {
                     stream,
                     connecting: !connected,
+                    tls: None,
+                    up: false,
                 });
                 if connected {
-                    self.core.handle_connected(now);
+                    self.tcp_connected(now);
                 }
             }
             Err(e) => {
                 self.link = None;
                 self.core
                     .handle_link_error(DisconnectReason::ConnectFailed(e.to_string()), now);
+            }
+        }
+    }
+}
+
+impl Connection {
+    /// The TCP connect finished: the core is told at once, or once the TLS handshake (which
+    /// starts now: the ClientHello goes out with the next flush) is done.
+    fn tcp_connected(&mut self, now: Instant) {
+        let session = self.new_session();
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        match session {
+            Ok(None) => {
+                link.up = true;
+                self.core.handle_connected(now);
+            }
+            Ok(Some(tls)) => link.tls = Some(Box::new(tls)),
+            Err(e) => {
+                self.link = None;
+                let reason = DisconnectReason::Tls(format!("cannot start a session: {e}"));
+                self.core.handle_link_error(reason, now);
+            }
+        }
+    }
+
+    /// A TLS session for a new link, if the config asks for TLS.
+    #[cfg(feature = "tls")]
+    fn new_session(&self) -> Result<Option<Secure>, String> {
+        self.core.config().tls.as_ref().map(Secure::new).transpose()
+    }
+
+    /// This build has no TLS.
+    #[cfg(not(feature = "tls"))]
+    fn new_session(&self) -> Result<Option<Secure>, String> {
+        Ok(None)
+    }
+
+    /// Closes the link, with a TLS close_notify first (best effort, never blocking).
+    fn drop_link(&mut self) {
+        if let Some(mut link) = self.link.take() {
+            if let Some(tls) = link.tls.as_mut() {
+                if link.up {
+                    tls.close(&mut link.stream);
+                }
+            }
+        }
+    }
+}
+
+/// Moves the core's output into the TLS session (once the handshake is done) and writes
+/// the session's records to the socket until it would block. Returns true if the link
+/// failed (the core was told).
+fn flush_tls(
+    core: &mut ClientCore,
+    stream: &mut TcpStream,
+    tls: &mut Secure,
+    up: bool,
+    now: Instant,
+) -> bool {
+    loop {
+        if up && !core.output().is_empty() {
+            match tls.send(core.output()) {
+                Ok(n) => core.consume_output(n),
+                Err(e) => {
+                    core.handle_link_error(DisconnectReason::Tls(format!("error: {e}")), now);
+                    return true;
+                }
+            }
+        }
+        if !tls.wants_write() {
+            // Everything taken was written, and the session took all it could: it holds
+            // up to 64 KiB, so a non-empty output here means the handshake is not done.
+            return false;
+        }
+        match tls.write_to(stream) {
+            Ok(0) => {
+                core.handle_link_error(DisconnectReason::Io("wrote 0 bytes".to_string()), now);
+                return true;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                core.handle_link_error(DisconnectReason::Io(e.to_string()), now);
+                return true;
             }
         }
     }

@@ -14,6 +14,15 @@
 //! answered is written (again) with the DEDUP flag and its original id, so neither the
 //! relay (section 13 of protocol.md) nor the receiving SDK (`seen.rs`) shows it twice.
 //!
+//! Login tokens (protocol.md section 16): each LOGIN carries the `token_provider`'s answer
+//! (asked again at every connect) or the static `credential`. A TOKEN_EXPIRING from the
+//! relay is reported (`Event::TokenExpiring`) and, with a provider, answered with a
+//! REFRESH carrying its new token; REFRESH_OK and a refusal become `TokenRefreshed` and
+//! `RefreshFailed`. A LOGIN refused (AUTH_FAILED included) brings the link down into the
+//! backoff like any failed attempt; a TOKEN_EXPIRED close is a link drop like any other,
+//! and the next LOGIN asks the provider again. The transport (plain TCP or TLS) is the
+//! driver's business: the core only hears `handle_connected` once the link carries frames.
+//!
 //! The core is deterministic: it reads no clock (every `now` comes from the caller) and no
 //! entropy (its randomness, reconnect jitter and the message-id tag, comes from the `seed`
 //! given to [`ClientCore::new`]). The same config, seed and sequence of calls give the same
@@ -120,6 +129,12 @@ pub struct ClientCore {
     last_rx: Instant,
     ping_deadline: Option<Instant>,
     rooms: Vec<RoomId>,
+    /// The REFRESH in flight on this link, if any.
+    refresh_id: Option<MessageId>,
+    /// The latest `exp` a TOKEN_EXPIRING announced on this link: a notice for a token no
+    /// later than that one means the last REFRESH did not help (the provider gave the same
+    /// token), and is not answered with another REFRESH, so the two cannot loop.
+    noticed_exp: Option<u64>,
 }
 
 /// Bytes an INBOX_DELIVER adds before a stored message (its sequence number and time).
@@ -160,6 +175,8 @@ impl ClientCore {
             last_rx: now,
             ping_deadline: None,
             rooms: Vec::new(),
+            refresh_id: None,
+            noticed_exp: None,
         };
         if core.config.user.is_none() {
             core.phase = Phase::Closed;
@@ -320,6 +337,19 @@ impl ClientCore {
         }
     }
 
+    /// Sends REFRESH with `token` now if the link is up (a `TokenRefreshed` or
+    /// `RefreshFailed` event answers), and keeps it as the `credential` of later LOGINs
+    /// (unless a `token_provider` is set: that is asked at each connect). For an app with
+    /// static credentials that learned of a new token, e.g. after `TokenExpiring`.
+    pub fn refresh_token(&mut self, token: Vec<u8>) -> Result<(), SendError> {
+        self.check_open()?;
+        if self.phase == Phase::Ready {
+            self.send_refresh(&token);
+        }
+        self.config.credential = token;
+        Ok(())
+    }
+
     // ---- the driver's calls ----------------------------------------------------------
 
     /// What to do with the link now, if anything. Call until `None` after every other call.
@@ -346,8 +376,15 @@ impl ClientCore {
         }
         self.out.clear();
         self.login_id = self.next_id();
-        Frame::login(self.login_id, self.config.user, &self.config.credential)
-            .encode(&mut self.out);
+        self.refresh_id = None;
+        self.noticed_exp = None;
+        // A fresh token for every LOGIN: the one of the last link may have expired (that
+        // may be why the relay closed it).
+        let token = match &self.config.token_provider {
+            Some(provider) => provider(self.config.user),
+            None => self.config.credential.clone(),
+        };
+        Frame::login(self.login_id, self.config.user, &token).encode(&mut self.out);
         self.phase = Phase::LoggingIn {
             deadline: now + self.config.login_timeout,
         };
@@ -577,6 +614,18 @@ impl ClientCore {
                 }
             }
             Opcode::Ping => Frame::pong(frame.msg_id, frame.payload).encode(&mut self.out),
+            Opcode::TokenExpiring => {
+                if let Some(exp) = frame.token_exp() {
+                    self.on_token_expiring(exp);
+                }
+            }
+            Opcode::RefreshOk => {
+                if self.refresh_id == Some(frame.msg_id) {
+                    self.refresh_id = None;
+                    let exp = frame.token_exp().unwrap_or(0);
+                    self.emit(Event::TokenRefreshed { exp });
+                }
+            }
             Opcode::Bye => {
                 if matches!(self.phase, Phase::Closing { .. }) {
                     self.finish_close();
@@ -680,10 +729,47 @@ impl ClientCore {
         self.events.push_back((event, seq));
     }
 
+    /// TOKEN_EXPIRING: tells the app, and sends REFRESH with the provider's token (once
+    /// per notice, and not again for a token that is no newer than the last one noticed).
+    fn on_token_expiring(&mut self, exp: u64) {
+        self.emit(Event::TokenExpiring { exp });
+        if self.phase != Phase::Ready || self.refresh_id.is_some() {
+            return;
+        }
+        if self.noticed_exp.is_some_and(|seen| exp <= seen) {
+            debug!("TOKEN_EXPIRING for exp {exp} again: the last REFRESH did not extend it");
+            return;
+        }
+        self.noticed_exp = Some(exp);
+        let Some(provider) = &self.config.token_provider else {
+            return;
+        };
+        let token = provider(self.config.user);
+        if token.is_empty() {
+            debug!("the token provider has no token for a REFRESH");
+            return;
+        }
+        self.send_refresh(&token);
+    }
+
+    fn send_refresh(&mut self, token: &[u8]) {
+        let id = self.next_id();
+        self.refresh_id = Some(id);
+        Frame::refresh(id, token).encode(&mut self.out);
+    }
+
     fn on_error(&mut self, frame: &Frame, now: Instant) {
         let (code, reason) = frame.error().unwrap_or((0, String::new()));
         if matches!(self.phase, Phase::LoggingIn { .. }) && frame.msg_id == self.login_id {
+            // AUTH_FAILED included: the link goes down and the next attempt waits for the
+            // backoff (which grows with each refusal, and resets only at a LOGIN_OK), so
+            // a bad token does not hammer the relay; that attempt asks the provider again.
             self.link_down(DisconnectReason::LoginRejected { code, reason }, now);
+            return;
+        }
+        if self.refresh_id.is_some() && self.refresh_id == Some(frame.msg_id) {
+            self.refresh_id = None;
+            self.emit(Event::RefreshFailed { code, reason });
             return;
         }
         if let Some(m) = self.outbox.get(frame.msg_id) {

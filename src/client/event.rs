@@ -95,6 +95,29 @@ pub enum Event {
         /// The relay's reason text.
         reason: String,
     },
+    /// The relay says this link's login token expires at `exp` (Unix seconds). With a
+    /// `token_provider` the client has already asked it for a new token and sent REFRESH
+    /// (a `TokenRefreshed` or `RefreshFailed` follows); without one, the app may call
+    /// `refresh_token`, or let the relay close the link at expiry and log in again.
+    TokenExpiring {
+        /// When the token expires, Unix seconds.
+        exp: u64,
+    },
+    /// The relay accepted a REFRESH: the link's token now expires at `exp` (Unix seconds;
+    /// 0 from a relay that checks no tokens).
+    TokenRefreshed {
+        /// The new expiry.
+        exp: u64,
+    },
+    /// The relay refused a REFRESH (`AUTH_FAILED`, with its reason). The link stays up on
+    /// the old token until it expires; then the relay closes it and the client logs in
+    /// again with whatever the provider gives then.
+    RefreshFailed {
+        /// The relay's error code ([`ErrorCode`] as u16).
+        code: u16,
+        /// The relay's reason text.
+        reason: String,
+    },
     /// `close` finished (or the config cannot work): no more events follow.
     Closed,
 }
@@ -155,6 +178,9 @@ pub enum DisconnectReason {
     Io(String),
     /// The relay sent bytes that are not valid frames.
     Protocol(String),
+    /// TLS failed: the handshake (an untrusted certificate, a name that does not match,
+    /// no common protocol version) or a later record. The string is rustls's reason.
+    Tls(String),
 }
 
 impl fmt::Display for DisconnectReason {
@@ -169,6 +195,7 @@ impl fmt::Display for DisconnectReason {
             DisconnectReason::ClosedByRelay => write!(f, "closed by the relay"),
             DisconnectReason::Io(e) => write!(f, "i/o error: {e}"),
             DisconnectReason::Protocol(e) => write!(f, "protocol error: {e}"),
+            DisconnectReason::Tls(e) => write!(f, "TLS {e}"),
         }
     }
 }

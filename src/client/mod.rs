@@ -6,10 +6,15 @@
 //!   un-ACKed message after a reconnect (with the DEDUP flag, protocol.md section 13), and
 //!   receiver-side de-duplication. Bytes in, bytes and events out, `now` and a random seed
 //!   passed in: it reads no clock and no entropy, so it is deterministic.
-//! - [`Connection`] (`conn.rs`): the core plus a non-blocking TCP socket, for an app's own
-//!   event loop.
+//! - [`Connection`] (`conn.rs`): the core plus a non-blocking TCP socket, and the TLS
+//!   session over it when `ClientConfig.tls` is set (`tls.rs`, feature "tls"), for an
+//!   app's own event loop.
 //! - [`Client`] (`blocking.rs`): the same, blocking in `recv(timeout)`, for simple programs
 //!   and the C ABI (`src/ffi.rs`).
+//!
+//! Login tokens: a static `credential`, or a [`TokenProvider`] the core asks at every
+//! (re)connect and when the relay sends TOKEN_EXPIRING (it then sends REFRESH and reports
+//! `TokenRefreshed` or `RefreshFailed`).
 //!
 //! The rest: `config.rs` (settings), `event.rs` (what the app is told), `outbox.rs`,
 //! `seen.rs` (de-duplication of deliveries), `backoff.rs` (its random source is
@@ -41,14 +46,21 @@ mod core;
 mod event;
 mod outbox;
 mod seen;
+#[cfg(feature = "tls")]
+mod tls;
+#[cfg(not(feature = "tls"))]
+#[path = "tls_off.rs"]
+mod tls;
 
 pub use crate::rand::Rng;
 pub use backoff::Backoff;
 pub use blocking::{Client, ConnectError};
-pub use config::ClientConfig;
+pub use config::{ClientConfig, TokenProvider};
 pub use conn::Connection;
 pub use core::{ClientCore, LinkAction, Phase};
 pub use event::{code_name, DisconnectReason, Event, FailReason, SendError};
+#[cfg(feature = "tls")]
+pub use tls::{TlsClientOptions, TlsSetupError, TlsTrust};
 
 #[cfg(test)]
 mod tests;

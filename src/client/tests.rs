@@ -945,3 +945,329 @@ fn a_stored_message_must_leave_room_for_what_the_inbox_adds() {
         .send_stored(UserId(2), Bytes::from(vec![0u8; max - 16]), now)
         .is_ok());
 }
+
+mod tokens {
+    //! Login tokens: the provider at every LOGIN, TOKEN_EXPIRING → REFRESH, and the
+    //! answers to it (protocol.md section 16).
+
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// A provider that counts its calls and hands out "token-1", "token-2", …
+    fn counting_provider() -> (TokenProvider, Arc<AtomicU64>) {
+        let calls = Arc::new(AtomicU64::new(0));
+        let counter = calls.clone();
+        let provider: TokenProvider = Arc::new(move |user: UserId| {
+            assert_eq!(user, ME);
+            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            format!("token-{n}").into_bytes()
+        });
+        (provider, calls)
+    }
+
+    fn with_provider(provider: TokenProvider) -> ClientConfig {
+        let mut c = config();
+        c.credential = b"static".to_vec();
+        c.token_provider = Some(provider);
+        c
+    }
+
+    /// Connects and logs in; returns the LOGIN frame.
+    fn login(core: &mut ClientCore, now: Instant) -> Frame {
+        assert_eq!(core.poll_action(now), Some(LinkAction::Connect));
+        core.handle_connected(now);
+        let out = written(core);
+        assert_eq!(out[0].opcode, Opcode::Login);
+        feed(core, &login_ok(out[0].msg_id), now);
+        assert!(matches!(events(core)[0], Event::Connected { .. }));
+        out[0].clone()
+    }
+
+    fn token_expiring(exp: u64) -> Bytes {
+        Frame::new(
+            Opcode::TokenExpiring,
+            MessageId(0),
+            ME,
+            Bytes::copy_from_slice(&exp.to_be_bytes()),
+        )
+        .to_bytes()
+    }
+
+    fn refresh_ok(id: MessageId, exp: u64) -> Bytes {
+        Frame::new(
+            Opcode::RefreshOk,
+            id,
+            ME,
+            Bytes::copy_from_slice(&exp.to_be_bytes()),
+        )
+        .to_bytes()
+    }
+
+    fn error(id: MessageId, code: ErrorCode, reason: &str) -> Bytes {
+        let mut buf = BytesMut::new();
+        write_error(&mut buf, id, ME, code, reason);
+        buf.freeze()
+    }
+
+    #[test]
+    fn the_provider_gives_the_token_of_every_login() {
+        let t0 = Instant::now();
+        let (provider, calls) = counting_provider();
+        let mut core = ClientCore::new(with_provider(provider), t0, 1);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            0,
+            "not asked before a connect"
+        );
+        let first = login(&mut core, t0);
+        assert_eq!(
+            &first.payload[..],
+            b"token-1",
+            "the provider wins over `credential`"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+        core.handle_link_error(DisconnectReason::ClosedByRelay, t0);
+        let Phase::Waiting { at } = core.phase() else {
+            panic!("{:?}", core.phase());
+        };
+        assert_eq!(core.poll_action(t0), Some(LinkAction::Disconnect));
+        events(&mut core);
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "not asked while waiting");
+        let second = login(&mut core, at);
+        assert_eq!(&second.payload[..], b"token-2", "a fresh token per LOGIN");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn without_a_provider_the_static_credential_is_sent() {
+        let t0 = Instant::now();
+        let mut c = config();
+        c.credential = b"static".to_vec();
+        let mut core = ClientCore::new(c, t0, 1);
+        assert_eq!(&login(&mut core, t0).payload[..], b"static");
+    }
+
+    #[test]
+    fn token_expiring_sends_refresh_with_a_new_token_and_refresh_ok_is_reported() {
+        let t0 = Instant::now();
+        let (provider, calls) = counting_provider();
+        let mut core = ClientCore::new(with_provider(provider), t0, 1);
+        login(&mut core, t0);
+        written(&mut core);
+
+        feed(&mut core, &token_expiring(1_700_000_000), t0);
+        let out = written(&mut core);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].opcode, Opcode::Refresh);
+        assert_eq!(out[0].target, UserId::NONE, "REFRESH takes target 0");
+        assert_eq!(&out[0].payload[..], b"token-2");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            events(&mut core),
+            vec![Event::TokenExpiring { exp: 1_700_000_000 }]
+        );
+
+        feed(&mut core, &refresh_ok(MessageId(12345), 9), t0);
+        assert!(events(&mut core).is_empty(), "an answer to another id");
+        feed(&mut core, &refresh_ok(out[0].msg_id, 1_700_003_600), t0);
+        assert_eq!(
+            events(&mut core),
+            vec![Event::TokenRefreshed { exp: 1_700_003_600 }]
+        );
+        assert_eq!(core.phase(), Phase::Ready);
+
+        // The new token's own notice, later: refreshed again.
+        feed(&mut core, &token_expiring(1_700_003_600), t0);
+        let out = written(&mut core);
+        assert_eq!(out[0].opcode, Opcode::Refresh);
+        assert_eq!(&out[0].payload[..], b"token-3");
+    }
+
+    #[test]
+    fn a_refused_refresh_is_reported_and_the_link_stays_up() {
+        let t0 = Instant::now();
+        let (provider, _) = counting_provider();
+        let mut core = ClientCore::new(with_provider(provider), t0, 1);
+        login(&mut core, t0);
+        written(&mut core);
+        feed(&mut core, &token_expiring(100), t0);
+        let refresh = written(&mut core).remove(0);
+        events(&mut core);
+        feed(
+            &mut core,
+            &error(
+                refresh.msg_id,
+                ErrorCode::AuthFailed,
+                "REFRESH: bad signature",
+            ),
+            t0,
+        );
+        assert_eq!(
+            events(&mut core),
+            vec![Event::RefreshFailed {
+                code: ErrorCode::AuthFailed as u16,
+                reason: "REFRESH: bad signature".to_string(),
+            }]
+        );
+        assert_eq!(core.phase(), Phase::Ready);
+        assert_eq!(core.poll_action(t0), None);
+    }
+
+    #[test]
+    fn a_notice_for_a_token_no_newer_than_the_last_is_not_refreshed_again() {
+        let t0 = Instant::now();
+        // A provider that keeps giving the same (nearly expired) token.
+        let calls = Arc::new(AtomicU64::new(0));
+        let counter = calls.clone();
+        let provider: TokenProvider = Arc::new(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            b"same".to_vec()
+        });
+        let mut core = ClientCore::new(with_provider(provider), t0, 1);
+        login(&mut core, t0);
+        written(&mut core);
+        feed(&mut core, &token_expiring(100), t0);
+        let refresh = written(&mut core).remove(0);
+        feed(&mut core, &refresh_ok(refresh.msg_id, 100), t0);
+        // The relay notices the "new" token at once: same exp, no second REFRESH.
+        feed(&mut core, &token_expiring(100), t0);
+        assert!(written(&mut core).is_empty(), "no REFRESH loop");
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "LOGIN and one REFRESH");
+        assert_eq!(
+            events(&mut core),
+            vec![
+                Event::TokenExpiring { exp: 100 },
+                Event::TokenRefreshed { exp: 100 },
+                Event::TokenExpiring { exp: 100 },
+            ]
+        );
+    }
+
+    #[test]
+    fn an_empty_token_from_the_provider_sends_no_refresh() {
+        let t0 = Instant::now();
+        let provider: TokenProvider = Arc::new(|_| Vec::new());
+        let mut core = ClientCore::new(with_provider(provider), t0, 1);
+        assert!(login(&mut core, t0).payload.is_empty());
+        written(&mut core);
+        feed(&mut core, &token_expiring(100), t0);
+        assert!(written(&mut core).is_empty());
+        assert_eq!(events(&mut core), vec![Event::TokenExpiring { exp: 100 }]);
+    }
+
+    #[test]
+    fn without_a_provider_the_app_refreshes_by_hand_and_the_new_token_logs_in_next() {
+        let t0 = Instant::now();
+        let mut c = config();
+        c.credential = b"old".to_vec();
+        let mut core = ClientCore::new(c, t0, 1);
+        login(&mut core, t0);
+        written(&mut core);
+        feed(&mut core, &token_expiring(100), t0);
+        assert!(written(&mut core).is_empty(), "nothing to refresh with");
+        assert_eq!(events(&mut core), vec![Event::TokenExpiring { exp: 100 }]);
+
+        core.refresh_token(b"new".to_vec()).unwrap();
+        let refresh = written(&mut core).remove(0);
+        assert_eq!(
+            (refresh.opcode, &refresh.payload[..]),
+            (Opcode::Refresh, &b"new"[..])
+        );
+        feed(&mut core, &refresh_ok(refresh.msg_id, 200), t0);
+        assert_eq!(events(&mut core), vec![Event::TokenRefreshed { exp: 200 }]);
+
+        core.handle_link_error(DisconnectReason::ClosedByRelay, t0);
+        let Phase::Waiting { at } = core.phase() else {
+            panic!("{:?}", core.phase());
+        };
+        core.poll_action(t0);
+        events(&mut core);
+        assert_eq!(&login(&mut core, at).payload[..], b"new");
+    }
+
+    #[test]
+    fn token_expired_closes_and_the_next_login_asks_the_provider_again() {
+        let t0 = Instant::now();
+        let (provider, calls) = counting_provider();
+        let mut core = ClientCore::new(with_provider(provider), t0, 1);
+        login(&mut core, t0);
+        written(&mut core);
+        feed(
+            &mut core,
+            &error(
+                MessageId(0),
+                ErrorCode::TokenExpired,
+                "the login token expired at 100 and was not refreshed",
+            ),
+            t0,
+        );
+        // The relay closes after its ERROR: the driver sees EOF.
+        core.handle_link_error(DisconnectReason::ClosedByRelay, t0);
+        let got = events(&mut core);
+        assert!(
+            matches!(
+                got.as_slice(),
+                [
+                    Event::Error { code: 21, .. },
+                    Event::Disconnected {
+                        reason: DisconnectReason::ClosedByRelay,
+                        ..
+                    }
+                ]
+            ),
+            "{got:?}"
+        );
+        let Phase::Waiting { at } = core.phase() else {
+            panic!("{:?}", core.phase());
+        };
+        core.poll_action(t0);
+        assert_eq!(&login(&mut core, at).payload[..], b"token-2");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_login_refused_for_its_token_backs_off_longer_each_time() {
+        let t0 = Instant::now();
+        let (provider, calls) = counting_provider();
+        let mut c = with_provider(provider);
+        c.backoff_initial = Duration::from_millis(500);
+        c.backoff_max = Duration::from_secs(30);
+        let mut core = ClientCore::new(c, t0, 1);
+        let mut now = t0;
+        let mut waits = Vec::new();
+        for attempt in 1..=5u64 {
+            assert_eq!(core.poll_action(now), Some(LinkAction::Connect));
+            core.handle_connected(now);
+            let login = written(&mut core).remove(0);
+            assert_eq!(login.payload, format!("token-{attempt}").into_bytes());
+            feed(
+                &mut core,
+                &error(login.msg_id, ErrorCode::AuthFailed, "LOGIN: token expired"),
+                now,
+            );
+            assert_eq!(core.poll_action(now), Some(LinkAction::Disconnect));
+            let got = events(&mut core);
+            let [Event::Disconnected {
+                reason: DisconnectReason::LoginRejected { code: 20, reason },
+                retry_in,
+            }] = got.as_slice()
+            else {
+                panic!("{got:?}");
+            };
+            assert_eq!(reason, "LOGIN: token expired");
+            assert_eq!(core.poll_action(now), None, "no attempt before the backoff");
+            waits.push(*retry_in);
+            now += *retry_in;
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 5, "one token per attempt");
+        // Jittered within the upper half of a doubling step: each step's floor is the
+        // previous step's ceiling, so the waits never shrink.
+        for pair in waits.windows(2) {
+            assert!(pair[1] >= pair[0], "{waits:?}");
+        }
+        assert!(waits[4] >= Duration::from_secs(4), "{waits:?}");
+    }
+}

@@ -151,6 +151,22 @@ struct Args {
     /// ROOM_SEND frames one room takes at once before its total rate applies.
     #[arg(long, default_value_t = 2000)]
     room_total_burst: u32,
+    /// TLS on the listening port, beside plaintext: the server's certificate chain, PEM,
+    /// leaf first (with --tls-key). Clients that start with a TLS handshake get TLS,
+    /// WebSocket (wss://) included.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert, PEM (PKCS#8, PKCS#1 RSA or SEC1 EC; may be the same
+    /// file).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Mutual TLS: every TLS client must present a certificate that chains to a CA in this
+    /// PEM file.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<std::path::PathBuf>,
+    /// Refuse plaintext: a connection that does not start with a TLS handshake is closed.
+    #[arg(long, requires = "tls_cert")]
+    tls_required: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -398,6 +414,35 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let loaded = match &args.tls_client_ca {
+            Some(ca) => imrelay::server::tls::load_server_config_with_client_ca(cert, key, ca),
+            None => imrelay::server::tls::load_server_config(cert, key),
+        };
+        match loaded {
+            Ok(tls) => server.set_tls(Some(tls), args.tls_required),
+            Err(e) => {
+                error!("TLS: {e}");
+                return ExitCode::from(2);
+            }
+        }
+        info!(
+            "TLS on {} with {}{}; plaintext {}",
+            server.local_addr(),
+            cert.display(),
+            args.tls_client_ca
+                .as_ref()
+                .map_or(String::new(), |ca| format!(
+                    ", client certificates from {}",
+                    ca.display()
+                )),
+            if args.tls_required {
+                "refused"
+            } else {
+                "on the same port"
+            }
+        );
+    }
     if args.store != "memory" {
         let dir = std::path::Path::new(&args.store);
         if let Err(e) = server.open_store_with(dir, args.store_compact_at, args.store_repair) {

@@ -132,6 +132,8 @@ pub struct Relay {
     scratch: BytesMut,
     /// Heap bytes held for partial input over all sessions.
     input_held: usize,
+    /// What the driver holds for connections ([`Relay::set_driver_held`]).
+    driver_held: usize,
     /// Work done since the driver last asked ([`Relay::take_work`]).
     work: usize,
     /// Open connections per peer address (addresses the per-address limit applies to).
@@ -181,6 +183,7 @@ impl Relay {
             resume_list: Vec::new(),
             scratch: BytesMut::new(),
             input_held: 0,
+            driver_held: 0,
             work: 0,
             per_ip: id_map(rng.next_u64()),
             conn_ip: Vec::new(),
@@ -246,7 +249,13 @@ impl Relay {
     /// Bytes all connections hold now (output queues and partial input), which
     /// [`Config::max_memory`] bounds.
     pub fn memory_held(&self) -> usize {
-        self.flush_list.held + self.input_held
+        self.flush_list.held + self.input_held + self.driver_held
+    }
+
+    /// What the driver holds for connections besides the core's buffers (TLS sessions'
+    /// records), counted in [`Relay::memory_held`] from now on.
+    pub fn set_driver_held(&mut self, bytes: usize) {
+        self.driver_held = bytes;
     }
 
     /// True when `extra` more bytes would take the connections past the memory budget.

@@ -12,6 +12,11 @@
 //! Out of descriptors (EMFILE/ENFILE), the accept loop gives up a reserve descriptor to
 //! take the waiting connection, tells it LIMIT_REACHED and closes it, so the backlog never
 //! stalls; other accept failures (ENOBUFS, ENOMEM) retry on a short timer.
+//!
+//! TLS ([`Server::set_tls`]) shares the port: a connection whose first byte starts a TLS
+//! record gets a [`tls::TlsSession`] between its socket and the core (`tls_conn.rs`); the
+//! core sees only plaintext and chooses its codec from that. A plaintext connection pays
+//! one `None` check per read and per flush.
 
 pub mod io;
 mod limits;
@@ -19,6 +24,7 @@ mod store;
 pub mod store_fs;
 mod store_writer;
 pub mod tls;
+mod tls_conn;
 
 pub use limits::{raise_fd_limit, RESERVED_FDS};
 pub use store::{Damage, LogStore, RepairReport, StoreError};
@@ -106,6 +112,9 @@ struct Conn {
     heavy: bool,
     /// In [`Server::heavy_reads`].
     queued: bool,
+    /// None: plaintext (always, when TLS is off). Otherwise its first byte is still to
+    /// come, or its TLS session.
+    layer: Option<tls_conn::Layer>,
 }
 
 /// The relay server: a listener, the relay core, and the sockets.
@@ -140,6 +149,12 @@ pub struct Server {
     compact_at: u64,
     /// A compaction is queued or running.
     compacting: bool,
+    /// TLS on the listening port (None: plaintext only).
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// Connections whose first byte does not start a TLS record are closed.
+    tls_required: bool,
+    /// The driver's TLS state: totals, a ciphertext buffer, closing sessions.
+    tls_state: tls_conn::TlsState,
 }
 
 impl Server {
@@ -179,6 +194,9 @@ impl Server {
             store_done: Vec::new(),
             compact_at: u64::MAX,
             compacting: false,
+            tls: None,
+            tls_required: false,
+            tls_state: tls_conn::TlsState::default(),
         })
     }
 
@@ -194,6 +212,18 @@ impl Server {
     /// own memory budget, so it is fixed by default.
     pub fn set_send_buffer(&mut self, size: Option<usize>) {
         self.send_buffer = size;
+    }
+
+    /// TLS on the listening port, beside plaintext: a connection whose first byte starts
+    /// a TLS record (a ClientHello) is served through a session of `config`; the core
+    /// sees its plaintext and chooses binary, text, HTTP or WebSocket from that, so
+    /// `wss://` works on the same port. With `required`, a connection whose first byte
+    /// does not start a TLS record is closed, with nothing sent. `None` (the default):
+    /// plaintext only. Call before [`Server::run`]. Memory the sessions hold is counted
+    /// apart from the core's ([`Server::tls_memory_held`]).
+    pub fn set_tls(&mut self, config: Option<Arc<rustls::ServerConfig>>, required: bool) {
+        self.tls_required = required && config.is_some();
+        self.tls = config;
     }
 
     /// Never sleep in the poller: spin on it with a zero timeout. Burns the relay's core
@@ -244,6 +274,9 @@ impl Server {
                         let id = ConnId(token.0);
                         if event.is_writable() {
                             self.relay.handle_writable(id);
+                            if self.tls.is_some() {
+                                self.tls_writable(id);
+                            }
                         }
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
                             self.read_or_queue(id, now);
@@ -252,6 +285,11 @@ impl Server {
                 }
             }
             self.read_heavy(now);
+            if self.tls.is_some() {
+                // TLS records count against the memory budget (per turn: a session holds
+                // at most about 140 KiB, see tls.rs).
+                self.relay.set_driver_held(self.tls_memory_held());
+            }
             if self.accept_retry.is_some_and(|at| at <= now) {
                 self.accept_retry = None;
                 self.accept_all(now);
@@ -262,6 +300,7 @@ impl Server {
             if self.relay.poll_timeout().is_some_and(|at| at <= now) {
                 self.relay.handle_timeout(now);
             }
+            self.expire_tls_closes(now);
             if self.relay.wants_commit() || self.relay.commits_in_flight() > 0 {
                 self.commit_store();
             }
@@ -362,6 +401,7 @@ impl Server {
             self.shutdown_deadline,
             self.next_stats,
             self.accept_retry,
+            self.tls_state.next_close_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -378,7 +418,7 @@ impl Server {
              frames in {} ({} B); routed {} -> {} deliveries; room messages {} -> {} \
              deliveries, {} dropped for slow members; out {} B; lost on reset {} B; \
              errors sent {errors}; read pauses {}; stored {} (held {} for {} users); \
-             connection memory {} B of {} B",
+             connection memory {} B of {} B{}",
             self.relay.session_count(),
             self.relay.user_count(),
             self.relay.room_count(),
@@ -400,6 +440,7 @@ impl Server {
             self.relay.inbox_users(),
             self.relay.memory_held(),
             self.relay.config().max_memory,
+            self.tls_stats(),
         );
     }
 
@@ -492,6 +533,7 @@ impl Server {
                 writable: false,
                 heavy: false,
                 queued: false,
+                layer: self.tls.as_ref().map(|_| tls_conn::Layer::Undecided),
             });
         }
     }
@@ -514,6 +556,10 @@ impl Server {
             return;
         };
         if !self.relay.wants_read(id) {
+            return;
+        }
+        if conn.layer.is_some() {
+            self.read_layered(id, now);
             return;
         }
         let fd = io::fd(&conn.stream);
@@ -608,6 +654,10 @@ impl Server {
         let Some(conn) = self.conns.get_mut(id.0).and_then(Option::as_mut) else {
             return;
         };
+        if conn.layer.is_some() {
+            self.flush_layered(id);
+            return;
+        }
         let mut blocked = false;
         loop {
             let result = {
@@ -687,6 +737,9 @@ impl Server {
         let Some(mut conn) = self.conns.get_mut(id.0).and_then(Option::take) else {
             return;
         };
+        if let Some(layer) = conn.layer.take() {
+            self.tls_state.goodbye(layer, &mut conn.stream);
+        }
         let _ = self.poll.registry().deregister(&mut conn.stream);
         drop(conn);
         self.relay.handle_closed(id);

@@ -8,6 +8,14 @@
 //! `Relay::handle_written`); and it writes what [`TlsSession::write_to`] has pending
 //! (handshake flights, alerts, records) to the socket.
 //!
+//! # Configuration
+//!
+//! [`load_server_config`] reads `--tls-cert` and `--tls-key`; with `--tls-client-ca`,
+//! [`load_server_config_with_client_ca`] also requires every client to present a
+//! certificate chaining to that CA (mutual TLS, rustls's `WebPkiClientVerifier`): a client
+//! without one fails the handshake ([`TlsError::reason`] says "no client certificate" or
+//! "client certificate refused").
+//!
 //! # What a session holds
 //!
 //! A hostile peer cannot make a session hold more than fixed amounts, whatever it sends:
@@ -133,6 +141,13 @@ pub enum TlsConfigError {
     /// rustls refused the chain or key (a key type it does not support, a certificate it
     /// cannot parse).
     Rejected(rustls::Error),
+    /// `--tls-client-ca`: a certificate in the file is not a usable trust anchor.
+    ClientCa {
+        /// The CA file.
+        path: PathBuf,
+        /// Why it was refused.
+        reason: String,
+    },
 }
 
 impl fmt::Display for TlsConfigError {
@@ -159,6 +174,9 @@ impl fmt::Display for TlsConfigError {
                 cert.display()
             ),
             TlsConfigError::Rejected(e) => write!(f, "certificate or key refused: {e}"),
+            TlsConfigError::ClientCa { path, reason } => {
+                write!(f, "client CA {} refused: {reason}", path.display())
+            }
         }
     }
 }
@@ -181,6 +199,45 @@ pub fn load_server_config(
     cert_path: &Path,
     key_path: &Path,
 ) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    let (certs, key) = load_identity(cert_path, key_path)?;
+    server_config(certs, key).map_err(|e| name_paths(e, cert_path, key_path))
+}
+
+/// [`load_server_config`] for mutual TLS (`--tls-client-ca`): every client must present a
+/// certificate that chains to one of the CERTIFICATEs in `client_ca_path` (PEM) and is fit
+/// for client authentication; a client without one fails the handshake.
+pub fn load_server_config_with_client_ca(
+    cert_path: &Path,
+    key_path: &Path,
+    client_ca_path: &Path,
+) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    let (certs, key) = load_identity(cert_path, key_path)?;
+    let ca_pem = read_file(client_ca_path)?;
+    let roots = CertificateDer::pem_slice_iter(&ca_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsConfigError::Pem {
+            path: client_ca_path.to_owned(),
+            source,
+        })?;
+    if roots.is_empty() {
+        return Err(TlsConfigError::NoCertificate {
+            path: client_ca_path.to_owned(),
+        });
+    }
+    server_config_with_client_ca(certs, key, roots).map_err(|e| match e {
+        TlsConfigError::ClientCa { reason, .. } => TlsConfigError::ClientCa {
+            path: client_ca_path.to_owned(),
+            reason,
+        },
+        e => name_paths(e, cert_path, key_path),
+    })
+}
+
+/// The chain and key of [`load_server_config`], read and decoded.
+fn load_identity(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsConfigError> {
     let cert_pem = read_file(cert_path)?;
     let certs = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<Vec<_>, _>>()
@@ -212,13 +269,18 @@ pub fn load_server_config(
             })
         }
     };
-    server_config(certs, key).map_err(|e| match e {
+    Ok((certs, key))
+}
+
+/// Puts the file names into a [`TlsConfigError::KeyMismatch`] from [`server_config`].
+fn name_paths(e: TlsConfigError, cert_path: &Path, key_path: &Path) -> TlsConfigError {
+    match e {
         TlsConfigError::KeyMismatch { .. } => TlsConfigError::KeyMismatch {
             cert: cert_path.to_owned(),
             key: key_path.to_owned(),
         },
         e => e,
-    })
+    }
 }
 
 /// [`load_server_config`] for a chain and key already in memory (DER). A
@@ -227,23 +289,59 @@ pub fn server_config(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<Arc<ServerConfig>, TlsConfigError> {
-    // The provider is named rather than taken from the process default, which rustls
-    // cannot choose (and panics over) if another crate in the build enables aws-lc-rs too.
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ServerConfig::builder_with_provider(provider)
+    build_config(certs, key, None)
+}
+
+/// [`load_server_config_with_client_ca`] for certificates already in memory (DER): clients
+/// must present a certificate chaining to one of `client_roots`. Errors name no paths.
+pub fn server_config_with_client_ca(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_roots: Vec<CertificateDer<'static>>,
+) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    let client_ca = |reason: String| TlsConfigError::ClientCa {
+        path: PathBuf::new(),
+        reason,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for root in client_roots {
+        roots.add(root).map_err(|e| client_ca(e.to_string()))?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| client_ca(e.to_string()))?;
+    build_config(certs, key, Some(verifier))
+}
+
+/// The crypto provider of every config. Named rather than taken from the process default,
+/// which rustls cannot choose (and panics over) if another crate in the build enables
+/// aws-lc-rs too.
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn build_config(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(TlsConfigError::Rejected)?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| match e {
-            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
-                TlsConfigError::KeyMismatch {
-                    cert: PathBuf::new(),
-                    key: PathBuf::new(),
-                }
+        .map_err(TlsConfigError::Rejected)?;
+    let builder = match client_verifier {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder.with_single_cert(certs, key).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            TlsConfigError::KeyMismatch {
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
             }
-            e => TlsConfigError::Rejected(e),
-        })?;
+        }
+        e => TlsConfigError::Rejected(e),
+    })?;
     Ok(Arc::new(config))
 }
 
@@ -309,6 +407,8 @@ fn rustls_reason(e: &rustls::Error) -> &'static str {
         }
         Error::PeerIncompatible(_) => "no common protocol version, cipher suite or group",
         Error::PeerMisbehaved(_) => "peer misbehaved",
+        Error::NoCertificatesPresented => "no client certificate",
+        Error::InvalidCertificate(_) => "client certificate refused",
         Error::AlertReceived(
             AlertDescription::BadCertificate
             | AlertDescription::UnsupportedCertificate

@@ -746,3 +746,151 @@ fn load_server_config_refuses_bad_files_with_the_right_error() {
     let err = load_server_config(&missing, &key).unwrap_err();
     assert!(err.to_string().contains("missing.pem"), "{err}");
 }
+
+// ---- mutual TLS ----------------------------------------------------------------------------
+
+/// A CA (its certificate) and a client certificate it signed (chain, key), made once.
+struct ClientPki {
+    ca_der: CertificateDer<'static>,
+    ca_pem: String,
+    client_der: CertificateDer<'static>,
+    client_key_der: Vec<u8>,
+}
+
+fn client_pki() -> &'static ClientPki {
+    static PKI: OnceLock<ClientPki> = OnceLock::new();
+    PKI.get_or_init(|| {
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let mut params = rcgen::CertificateParams::new(vec!["client.test".to_owned()]).unwrap();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let client = params.signed_by(&key, &issuer).unwrap();
+        ClientPki {
+            ca_der: ca.der().clone(),
+            ca_pem: ca.pem(),
+            client_der: client.der().clone(),
+            client_key_der: key.serialize_der(),
+        }
+    })
+}
+
+fn mtls_server_config() -> Arc<ServerConfig> {
+    let id = identity();
+    server_config_with_client_ca(
+        vec![id.cert_der.clone()],
+        PrivateKeyDer::Pkcs8(id.key_der.clone().into()),
+        vec![client_pki().ca_der.clone()],
+    )
+    .unwrap()
+}
+
+/// A client trusting the test identity, presenting `cert` and `key` (PKCS#8).
+fn client_config_with_cert(
+    versions: &[&'static SupportedProtocolVersion],
+    cert: CertificateDer<'static>,
+    key: Vec<u8>,
+) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots.add(identity().cert_der.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![cert], PrivateKeyDer::Pkcs8(key.into()))
+            .unwrap(),
+    )
+}
+
+/// Runs the handshake until the server fails; returns its error.
+fn server_refuses(pair: &mut Pair) -> TlsError {
+    for _ in 0..10 {
+        if let Err(e) = pair.client_to_server(usize::MAX) {
+            return e;
+        }
+        if pair.server_to_client().is_err() {
+            panic!("the client failed first: {:?}", pair.server);
+        }
+    }
+    panic!("the server accepted the client: {:?}", pair.server);
+}
+
+#[test]
+fn mutual_tls_accepts_a_certificate_from_the_ca() {
+    let pki = client_pki();
+    for versions in [&[&TLS13][..], &[&TLS12][..]] {
+        let client =
+            client_config_with_cert(versions, pki.client_der.clone(), pki.client_key_der.clone());
+        let mut pair = Pair::with(mtls_server_config(), client);
+        pair.handshake(usize::MAX);
+        assert!(!pair.server.is_handshaking());
+    }
+}
+
+#[test]
+fn mutual_tls_refuses_clients_without_a_certificate_from_the_ca() {
+    for versions in [&[&TLS13][..], &[&TLS12][..]] {
+        let anonymous = client_config(versions, std::slice::from_ref(&identity().cert_der));
+        let mut pair = Pair::with(mtls_server_config(), anonymous);
+        let err = server_refuses(&mut pair);
+        assert!(matches!(err, TlsError::Handshake(_)), "{err:?}");
+        assert_eq!(err.reason(), "no client certificate");
+
+        // A self-signed certificate the CA did not sign.
+        let stranger = new_identity();
+        let client = client_config_with_cert(versions, stranger.cert_der, stranger.key_der);
+        let mut pair = Pair::with(mtls_server_config(), client);
+        let err = server_refuses(&mut pair);
+        assert_eq!(err.reason(), "client certificate refused", "{err:?}");
+    }
+}
+
+#[test]
+fn load_server_config_with_client_ca_reads_and_refuses_ca_files() {
+    let dir = TempDir::new("client-ca");
+    let id = identity();
+    let cert = dir.file("cert.pem", &id.cert_pem);
+    let key = dir.file("key.pem", &id.key_pem);
+    let ca = dir.file("ca.pem", &client_pki().ca_pem);
+    let config = load_server_config_with_client_ca(&cert, &key, &ca).unwrap();
+    let pki = client_pki();
+    let client = client_config_with_cert(BOTH, pki.client_der.clone(), pki.client_key_der.clone());
+    Pair::with(config, client).handshake(usize::MAX);
+
+    let text = dir.file("text.pem", "no certificate here\n");
+    match load_server_config_with_client_ca(&cert, &key, &text) {
+        Err(TlsConfigError::NoCertificate { path }) => assert_eq!(path, text),
+        other => panic!("{other:?}"),
+    }
+    let missing = dir.0.join("missing.pem");
+    match load_server_config_with_client_ca(&cert, &key, &missing) {
+        Err(TlsConfigError::Read { path, .. }) => assert_eq!(path, missing),
+        other => panic!("{other:?}"),
+    }
+    // Not a certificate rustls can use as a trust anchor.
+    let garbage = dir.file(
+        "garbage-ca.pem",
+        "-----BEGIN CERTIFICATE-----\nAAECAwQFBgcICQ==\n-----END CERTIFICATE-----\n",
+    );
+    match load_server_config_with_client_ca(&cert, &key, &garbage) {
+        Err(e @ TlsConfigError::ClientCa { .. }) => {
+            assert!(e.to_string().contains("garbage-ca.pem"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // The server's own files are still checked first, with their names.
+    let other_key = dir.file("other.pem", &new_identity().key_pem);
+    assert!(matches!(
+        load_server_config_with_client_ca(&cert, &other_key, &ca),
+        Err(TlsConfigError::KeyMismatch { .. })
+    ));
+}

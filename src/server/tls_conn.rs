@@ -379,8 +379,8 @@ impl Server {
             {
                 // Over the memory budget, a session that still has ciphertext to write
                 // takes no more: the rest waits in the core's queue, where it is counted.
-                let tight = t.session.pending_ciphertext_len() > 0
-                    && self.relay.memory_held() > max_memory;
+                let tight =
+                    t.session.pending_ciphertext_len() > 0 && self.relay.memory_held() > max_memory;
                 if !tight {
                     let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
                     let n = out.chunks(&mut slices);

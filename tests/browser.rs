@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 
 use bytes::Bytes;
-use imrelay::proto::{Frame, Opcode, RoomId, UserId};
+use imrelay::proto::{ErrorCode, Frame, Opcode, RoomId, UserId};
 use imrelay::relay::Config;
 use support::{Client, TestRelay};
 
@@ -92,16 +92,135 @@ fn two_pages_and_a_native_client_share_a_live_room() {
         demo: true,
         ..Config::default()
     });
-    let mut native = relay.login(NATIVE);
-    let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("h5.png");
+    let native = relay.login(NATIVE);
+    let url = format!("http://{}", relay.addr);
+    live_room(native, &url, &[], "h5.png");
+}
+
+/// The same live room with the pages on `https://` and `wss://` (TLS on the relay's one
+/// port) and every user logging in with a signed token. Chromium trusts the relay's
+/// self-signed certificate by its public key (`--ignore-certificate-errors-spki-list`),
+/// made by this test with openssl; nothing else is trusted that way.
+#[test]
+fn the_live_room_over_wss_with_login_tokens() {
+    setup();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-wss");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        path(&key),
+        "-out",
+        path(&cert),
+        "-days",
+        "1",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1",
+    ]);
+    let spki = spki_sha256(&cert);
+    let tls = imrelay::server::tls::load_server_config(&cert, &key).expect("test certificate");
+
+    const SECRET: &[u8] = b"browser test secret, 32 bytes or more";
+    let verifier = imrelay::auth::Verifier::hs256_secret(SECRET).expect("secret");
+    let relay = TestRelay::start_with(
+        Config {
+            demo: true,
+            auth: Some(imrelay::relay::AuthConfig::new(verifier)),
+            ..Config::default()
+        },
+        |server| server.set_tls(Some(tls), false),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let rooms = imrelay::auth::RoomGrant::only([ROOM]);
+    let token = |user| imrelay::auth::mint_hs256(SECRET, user, now, 600, &rooms, false, None);
+    // Without its token a page's user is refused: the tokens below are what lets them in.
+    let mut stranger = relay.connect();
+    let id = stranger.next_id();
+    stranger.send_frame(&Frame::login(id, UserId(1), b""));
+    assert_eq!(stranger.recv().error_code(), Some(ErrorCode::AuthFailed));
+
+    let mut native = relay.connect();
+    native.login_with(NATIVE, token(NATIVE).as_bytes());
+    let tokens = format!(r#"{{"1":"{}","2":"{}"}}"#, token(1), token(2));
+    let url = format!("https://localhost:{}", relay.addr.port());
+    live_room(
+        native,
+        &url,
+        &[("SPKI", spki), ("TOKENS", tokens)],
+        "h5-wss.png",
+    );
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// Runs openssl (Debian's `openssl`, installed by .ci/run) and returns its stdout.
+fn openssl(args: &[&str]) -> Vec<u8> {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("run openssl (Debian package openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Base64 of the SHA-256 of the certificate's SubjectPublicKeyInfo (Chromium's pin form).
+fn spki_sha256(cert: &Path) -> String {
+    let public = openssl(&["x509", "-in", path(cert), "-pubkey", "-noout"]);
+    let pubkey = cert.with_file_name("pubkey.pem");
+    std::fs::write(&pubkey, public).expect("write the public key");
+    let der = cert.with_file_name("pubkey.der");
+    openssl(&[
+        "pkey",
+        "-pubin",
+        "-in",
+        path(&pubkey),
+        "-outform",
+        "der",
+        "-out",
+        path(&der),
+    ]);
+    let digest = openssl(&["dgst", "-sha256", "-binary", path(&der)]);
+    let b64 = cert.with_file_name("digest.bin");
+    std::fs::write(&b64, digest).expect("write the digest");
+    let encoded = openssl(&["base64", "-A", "-in", path(&b64)]);
+    String::from_utf8(encoded)
+        .expect("base64")
+        .trim()
+        .to_string()
+}
+
+/// Two pages of the H5 demo at `url` and the native client (user 3, logged in already)
+/// share room 7; each side checks what the others did. `env` goes to e2e.mjs.
+fn live_room(mut native: Client, url: &str, env: &[(&str, String)], png: &str) {
+    let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join(png);
     let _ = std::fs::remove_file(&screenshot);
 
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
     let mut child = Command::new("node")
         .arg(dir.join("e2e.mjs"))
         .current_dir(&dir)
-        .env("RELAY_URL", format!("http://{}", relay.addr))
+        .env("RELAY_URL", url)
         .env("SCREENSHOT", &screenshot)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

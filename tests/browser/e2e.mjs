@@ -3,6 +3,9 @@
 //
 // Usage (the Rust test does this): RELAY_URL=http://127.0.0.1:PORT SCREENSHOT=out.png \
 //   node tests/browser/e2e.mjs
+// Over TLS: RELAY_URL=https://localhost:PORT, SPKI=<base64 SHA-256 of the relay
+// certificate's public key>, which Chromium is told to trust (and nothing else), and
+// TOKENS={"1":"<jwt>","2":"<jwt>"}, the pages' login tokens.
 // The two processes take turns over a line protocol: this script prints `STEP <name>` on
 // stdout when the native client has something to check or do, and waits for the Rust test
 // to answer one line on stdin (`ok`, or `fail <why>`). Waits on the pages are conditions on
@@ -14,6 +17,8 @@ import { chromium } from "playwright-core";
 const RELAY_URL = process.env.RELAY_URL;
 const SCREENSHOT = process.env.SCREENSHOT;
 const SAFETY_MS = 15_000;
+const SPKI = process.env.SPKI;
+const TOKENS = JSON.parse(process.env.TOKENS ?? "{}");
 if (!RELAY_URL || !SCREENSHOT) {
   console.error("RELAY_URL and SCREENSHOT must be set");
   process.exit(2);
@@ -67,14 +72,15 @@ async function openPage(browser, user) {
   page.errors = [];
   page.on("pageerror", (e) => page.errors.push(String(e)));
   page.on("console", (m) => { if (m.type() === "error") page.errors.push(m.text()); });
-  await page.goto(`${RELAY_URL}/?user=${user}&room=7`, { timeout: SAFETY_MS });
+  const token = TOKENS[user] ? `&token=${encodeURIComponent(TOKENS[user])}` : "";
+  await page.goto(`${RELAY_URL}/?user=${user}&room=7${token}`, { timeout: SAFETY_MS });
   return page;
 }
 
 const browser = await chromium.launch({
   executablePath: "/usr/bin/chromium",
   headless: true,
-  args: ["--no-sandbox"],
+  args: ["--no-sandbox", ...(SPKI ? [`--ignore-certificate-errors-spki-list=${SPKI}`] : [])],
 });
 let failed = null;
 try {

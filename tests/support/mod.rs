@@ -41,8 +41,15 @@ pub struct TestRelay {
 impl TestRelay {
     /// Starts a relay with `config` on 127.0.0.1 and a free port.
     pub fn start(config: Config) -> TestRelay {
+        TestRelay::start_with(config, |_| {})
+    }
+
+    /// [`TestRelay::start`], with `setup` run on the server before its loop starts (TLS,
+    /// say).
+    pub fn start_with(config: Config, setup: impl FnOnce(&mut Server)) -> TestRelay {
         config.validate().expect("valid test config");
         let mut server = Server::bind("127.0.0.1:0".parse().unwrap(), config).expect("bind");
+        setup(&mut server);
         let addr = server.local_addr();
         let shutdown = server.shutdown_handle();
         let thread = std::thread::spawn(move || server.run().expect("event loop"));
@@ -122,8 +129,13 @@ impl Client {
 
     /// Logs in and returns the LOGIN_OK.
     pub fn login(&mut self, user: u64) -> Frame {
+        self.login_with(user, b"")
+    }
+
+    /// Logs in with a credential (a token) and returns the LOGIN_OK.
+    pub fn login_with(&mut self, user: u64, credential: &[u8]) -> Frame {
         let id = self.next_id();
-        self.send_frame(&Frame::login(id, UserId(user), b""));
+        self.send_frame(&Frame::login(id, UserId(user), credential));
         let reply = self.recv();
         assert_eq!(reply.opcode, Opcode::LoginOk, "login as {user}: {reply:?}");
         assert_eq!(reply.msg_id, id);

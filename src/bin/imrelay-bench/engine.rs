@@ -6,6 +6,11 @@
 //! index, sequence number and send time, so receivers measure one-way latency and check
 //! order, loss and duplication. Frames are encoded into a per-socket buffer and written
 //! once per turn; reads go until WouldBlock into a reused buffer.
+//!
+//! A TLS connection (`--tls`) arrives from setup with its handshake done: writes go through
+//! rustls into the socket ([`tls::write_plain`]), reads take the socket's ciphertext in
+//! large chunks and decrypt it into the same buffer ([`tls::read_plain`]). A plaintext
+//! connection pays one branch per read and per write for it.
 
 use std::io::{ErrorKind, Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +22,9 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 use imrelay::proto::Opcode;
+use rustls::{ClientConnection, StreamOwned};
+
+use crate::tls::{self, CipherIn, Sock};
 
 /// Header of every frame (protocol.md section 3).
 const HEADER: usize = 32;
@@ -29,6 +37,9 @@ const READ_BUF: usize = 256 * 1024;
 /// One connection of the engine.
 pub struct Conn {
     sock: TcpStream,
+    /// A TLS connection's session (its handshake done in setup) and the ciphertext read
+    /// ahead of it; `None` for plaintext, whose path is a single branch longer for it.
+    tls: Option<Box<Tls>>,
     out: Vec<u8>,
     out_pos: usize,
     inbuf: Vec<u8>,
@@ -47,9 +58,31 @@ pub struct Conn {
 impl Conn {
     /// Wraps a connected blocking socket.
     pub fn new(sock: std::net::TcpStream) -> Conn {
+        Conn::with_tls(sock, None)
+    }
+
+    /// Wraps a socket of the setup phase, plaintext or TLS.
+    pub fn from_sock(sock: Sock) -> Conn {
+        match sock {
+            Sock::Plain(sock) => Conn::new(sock),
+            Sock::Tls(stream) => {
+                let StreamOwned { conn, sock } = *stream;
+                Conn::with_tls(
+                    sock,
+                    Some(Box::new(Tls {
+                        session: conn,
+                        cipher: CipherIn::new(READ_BUF),
+                    })),
+                )
+            }
+        }
+    }
+
+    fn with_tls(sock: std::net::TcpStream, tls: Option<Box<Tls>>) -> Conn {
         sock.set_nonblocking(true).expect("nonblocking");
         Conn {
             sock: TcpStream::from_std(sock),
+            tls,
             out: Vec::new(),
             out_pos: 0,
             inbuf: vec![0; READ_BUF],
@@ -62,6 +95,12 @@ impl Conn {
             inbox_unacked: 0,
         }
     }
+}
+
+/// The TLS state of a connection.
+pub struct Tls {
+    session: ClientConnection,
+    cipher: CipherIn,
 }
 
 /// One sender's messages to a group of receivers.
@@ -295,6 +334,17 @@ fn fill(job: &mut Job, s: usize, epoch: Instant, payload: &mut [u8], flush_ready
 
 fn flush(conn: &mut Conn) {
     conn.queued_for_send = false;
+    if let Some(t) = conn.tls.as_deref_mut() {
+        match tls::write_plain(&mut t.session, &mut conn.sock, &conn.out, &mut conn.out_pos) {
+            Ok(true) => {
+                conn.out.clear();
+                conn.out_pos = 0;
+            }
+            Ok(false) => {}
+            Err(e) => panic!("TLS write: {e}"),
+        }
+        return;
+    }
     while conn.out_pos < conn.out.len() {
         match conn.sock.write(&conn.out[conn.out_pos..]) {
             Ok(0) => panic!("socket closed while writing"),
@@ -311,10 +361,26 @@ fn flush(conn: &mut Conn) {
 fn read(job: &mut Job, c: usize, now_ns: u64, out: &mut Outcome, send_ready: &mut Vec<usize>) {
     loop {
         let conn = &mut job.conns[c];
-        let n = match conn.sock.read(&mut conn.inbuf[conn.in_len..]) {
+        let got = match conn.tls.as_deref_mut() {
+            None => conn.sock.read(&mut conn.inbuf[conn.in_len..]),
+            Some(t) => tls::read_plain(
+                &mut t.session,
+                &mut conn.sock,
+                &mut t.cipher,
+                &mut conn.inbuf[conn.in_len..],
+            ),
+        };
+        let n = match got {
             Ok(0) => panic!("connection {c} closed by the peer"),
             Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                // What rustls wants to answer (a key update, an alert) goes out with the
+                // next write, or now if nothing else is queued.
+                if conn.tls.as_ref().is_some_and(|t| t.session.wants_write()) {
+                    flush(conn);
+                }
+                return;
+            }
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => panic!("read: {e}"),
         };

@@ -6,16 +6,22 @@
 //!
 //! Modes: `pairs`, `pingpong`, `fanout`, `floor`, `conns`, `stored` (pairs with stored
 //! delivery to a durable store), `attack` (one hostile workload beside a pingpong bystander:
-//! the relay's peak memory against its bound, and the bystander's latency). Against
-//! `--addr HOST:PORT` or a relay it starts itself (`--spawn`), in which case it also reports
-//! the relay's CPU time per million messages and its memory.
+//! the relay's peak memory against its bound, and the bystander's latency), `logins`
+//! (connect, LOGIN, LOGIN_OK, close: logins per second, optionally with signed tokens).
+//! Against `--addr HOST:PORT` or a relay it starts itself (`--spawn`), in which case it
+//! also reports the relay's CPU time per million messages and its memory. `pairs`,
+//! `pingpong`, `fanout` and `logins` speak TLS with `--tls`.
 //! Progress on stderr, a summary on stderr, one JSON line on stdout.
 
 mod attack;
 mod engine;
+mod logins;
 mod relay_proc;
 mod report;
 mod setup;
+mod tls;
+#[cfg(test)]
+mod tls_tests;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,6 +36,7 @@ use imrelay::proto::Opcode;
 use engine::{Conn, Job, Stream};
 use relay_proc::SpawnedRelay;
 use report::Report;
+use tls::{Sock, TempDir, TlsArgs, TlsClient};
 
 #[derive(Parser)]
 #[command(version, about = "Load generator for imrelay")]
@@ -56,6 +63,9 @@ enum Mode {
     /// One attack (--kind pin, trickle, partial, flood, fuzz or none) for --seconds while a
     /// pingpong bystander measures latency; reports the relay's peak RSS against its bound.
     Attack(Box<attack::AttackArgs>),
+    /// N connections, at most --batch at a time, each connects, logs in (with a signed
+    /// token with --token), reads LOGIN_OK and closes: logins per second and their latency.
+    Logins(logins::LoginsArgs),
 }
 
 #[derive(Args, Clone)]
@@ -127,11 +137,14 @@ struct PairsArgs {
     /// Ask for ACKs (default: NO_ACK, like a pub/sub publish).
     #[arg(long)]
     acks: bool,
-    /// Also run the floor with the same parameters and print relay/floor.
+    /// Also run the floor with the same parameters and print relay/floor (the floor is
+    /// plaintext even with --tls).
     #[arg(long)]
     compare_floor: bool,
     #[command(flatten)]
     target: Target,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Args, Clone)]
@@ -142,6 +155,8 @@ struct PingpongArgs {
     messages: u64,
     #[command(flatten)]
     target: Target,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Args, Clone)]
@@ -157,11 +172,14 @@ struct FanoutArgs {
     messages: u64,
     #[arg(long, default_value_t = 16)]
     window: usize,
-    /// Also run the fan-out floor (the generator writes each message to K sockets itself).
+    /// Also run the fan-out floor (the generator writes each message to K sockets itself;
+    /// plaintext even with --tls).
     #[arg(long)]
     compare_floor: bool,
     #[command(flatten)]
     target: Target,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Args, Clone)]
@@ -191,6 +209,7 @@ fn main() -> ExitCode {
                 acks: false,
                 compare_floor: false,
                 target: a.target,
+                tls: a.tls,
             },
             false,
         ),
@@ -198,6 +217,7 @@ fn main() -> ExitCode {
         Mode::Conns(a) => conns(a),
         Mode::Stored(a) => stored(a),
         Mode::Attack(a) => return attack::main(*a),
+        Mode::Logins(a) => logins::main(a),
     };
     match result {
         Ok(report) => {
@@ -219,10 +239,53 @@ fn main() -> ExitCode {
 struct Relay {
     addr: SocketAddr,
     pid: Option<u32>,
+    /// How to speak TLS to it, with --tls.
+    tls: Option<TlsClient>,
     _spawned: Option<SpawnedRelay>,
+    /// Files named by a spawned relay's flags (certificate, key, secret); dropped after it.
+    _files: Option<TempDir>,
 }
 
 fn relay(target: &Target, flags: &[&str]) -> Result<Relay, String> {
+    relay_with(target, flags, &TlsArgs::default(), None)
+}
+
+/// Like [`relay`], with TLS when `tls` asks for it (with --spawn: a self-signed certificate
+/// written into `files`, or into a new temp dir), keeping `files` (whose paths `flags` may
+/// name) as long as the relay.
+fn relay_with(
+    target: &Target,
+    flags: &[&str],
+    tls: &TlsArgs,
+    mut files: Option<TempDir>,
+) -> Result<Relay, String> {
+    let mut flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+    let mut client = None;
+    if tls.tls {
+        if target.spawn {
+            let dir = match files.take() {
+                Some(dir) => dir,
+                None => TempDir::new("tls")?,
+            };
+            let made = tls::self_signed(&dir, &tls.tls_server_name)?;
+            flags.extend([
+                "--tls-cert".to_string(),
+                made.cert.to_string_lossy().into_owned(),
+                "--tls-key".to_string(),
+                made.key.to_string_lossy().into_owned(),
+            ]);
+            client = Some(made.client);
+            files = Some(dir);
+        } else {
+            let ca = tls
+                .tls_ca
+                .as_ref()
+                .ok_or("--tls with --addr needs --tls-ca FILE (the certificate to trust)")?;
+            client = Some(TlsClient::from_ca_file(ca, &tls.tls_server_name)?);
+        }
+    } else if tls.tls_ca.is_some() {
+        return Err("--tls-ca without --tls".into());
+    }
     if target.spawn {
         let bin = match &target.relay_bin {
             Some(bin) => bin.clone(),
@@ -230,7 +293,6 @@ fn relay(target: &Target, flags: &[&str]) -> Result<Relay, String> {
                 .map_err(|e| e.to_string())?
                 .with_file_name("imrelay"),
         };
-        let mut flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
         if !flags.iter().any(|f| f == "--store") {
             flags.extend(["--store".to_string(), "memory".to_string()]);
         }
@@ -241,14 +303,18 @@ fn relay(target: &Target, flags: &[&str]) -> Result<Relay, String> {
         Ok(Relay {
             addr: spawned.addr,
             pid: Some(spawned.pid()),
+            tls: client,
             _spawned: Some(spawned),
+            _files: files,
         })
     } else {
         let addr = target.addr.ok_or("give --addr HOST:PORT or --spawn")?;
         Ok(Relay {
             addr,
             pid: target.relay_pid,
+            tls: client,
             _spawned: None,
+            _files: files,
         })
     }
 }
@@ -260,9 +326,12 @@ fn user_base() -> u64 {
 
 fn pairs(a: PairsArgs, floor: bool) -> Result<Report, String> {
     let mut report = if floor {
+        if a.tls.tls {
+            return Err("floor has no relay to speak TLS to".into());
+        }
         run_pairs(&a, None)?
     } else {
-        let relay = relay(&a.target, &[])?;
+        let relay = relay_with(&a.target, &[], &a.tls, None)?;
         run_pairs(&a, Some(&relay))?
     };
     if a.compare_floor && !floor {
@@ -290,6 +359,7 @@ fn stored(a: StoredArgs) -> Result<Report, String> {
         acks: true,
         compare_floor: false,
         target: a.target.clone(),
+        tls: TlsArgs::default(),
     };
     let mut report = run_pairs_with(&pairs, Some(&relay), true);
     drop(relay);
@@ -312,13 +382,13 @@ fn run_pairs_with(a: &PairsArgs, relay: Option<&Relay>, stored: bool) -> Result<
     let base = user_base();
     for t in 0..threads {
         let pairs: Vec<usize> = (0..a.pairs).filter(|p| p % threads == t).collect();
-        let socks: Vec<(std::net::TcpStream, std::net::TcpStream)> = match relay {
+        let socks: Vec<(Sock, Sock)> = match relay {
             Some(r) => {
                 let users: Vec<u64> = pairs
                     .iter()
                     .flat_map(|&p| [base + 2 * p as u64 + 1, base + 2 * p as u64 + 2])
                     .collect();
-                let mut socks = setup::login_all(r.addr, &users)?;
+                let mut socks = setup::login_all_with(r.addr, &users, 1, r.tls.as_ref())?;
                 if stored {
                     setup::sync_all(&mut socks)?;
                 }
@@ -329,15 +399,18 @@ fn run_pairs_with(a: &PairsArgs, relay: Option<&Relay>, stored: bool) -> Result<
                 }
                 out
             }
-            None => setup::socket_pairs(pairs.len())?,
+            None => setup::socket_pairs(pairs.len())?
+                .into_iter()
+                .map(|(x, y)| (Sock::Plain(x), Sock::Plain(y)))
+                .collect(),
         };
         let mut job = Job::new(a.messages, a.window, a.size);
         job.stored = stored;
         for (i, (x, y)) in socks.into_iter().enumerate() {
             let p = pairs[i] as u64;
             let (ux, uy) = (base + 2 * p + 1, base + 2 * p + 2);
-            job.conns.push(Conn::new(x));
-            job.conns.push(Conn::new(y));
+            job.conns.push(Conn::from_sock(x));
+            job.conns.push(Conn::from_sock(y));
             let (cx, cy) = (2 * i, 2 * i + 1);
             let header = |to| {
                 let h = setup::header_for(Opcode::Send, to, a.acks);
@@ -367,18 +440,28 @@ fn run_pairs_with(a: &PairsArgs, relay: Option<&Relay>, stored: bool) -> Result<
         "pairs": a.pairs, "size": a.size, "messages": a.messages, "window": a.window,
         "acks": a.acks, "threads": threads,
     });
-    execute(
+    let mut report = execute(
         mode,
         params,
         jobs,
         &a.target,
         relay.and_then(|r| r.pid),
         a.size,
-    )
+    )?;
+    report.extra(
+        "tls",
+        serde_json::json!(relay.is_some_and(|r| r.tls.is_some())),
+    );
+    Ok(report)
 }
 
 fn fanout(a: FanoutArgs) -> Result<Report, String> {
-    let relay = relay(&a.target, &["--room-rate", "0", "--room-total-rate", "0"])?;
+    let relay = relay_with(
+        &a.target,
+        &["--room-rate", "0", "--room-total-rate", "0"],
+        &a.tls,
+        None,
+    )?;
     let mut report = run_fanout(&a, Some(&relay))?;
     if a.compare_floor {
         let floor = run_fanout(&a, None)?;
@@ -400,14 +483,14 @@ fn run_fanout(a: &FanoutArgs, relay: Option<&Relay>) -> Result<Report, String> {
                 Some(r) => {
                     let first = base + (room * (a.members + 1)) as u64 + 1;
                     let users: Vec<u64> = (0..=a.members as u64).map(|i| first + i).collect();
-                    let mut socks = setup::login_all(r.addr, &users)?;
+                    let mut socks = setup::login_all_with(r.addr, &users, 1, r.tls.as_ref())?;
                     setup::join_all(&mut socks, room_id)?;
                     let sender = job.conns.len();
                     let header = setup::header_for(Opcode::RoomSend, room_id, false).to_bytes();
                     job.streams
                         .push(Stream::new(vec![sender], &header, a.members, a.window));
                     for (i, sock) in socks.into_iter().enumerate() {
-                        job.conns.push(Conn::new(sock));
+                        job.conns.push(Conn::from_sock(sock));
                         if i == 0 {
                             job.send(sender, s);
                         } else {
@@ -443,14 +526,19 @@ fn run_fanout(a: &FanoutArgs, relay: Option<&Relay>) -> Result<Report, String> {
         "rooms": a.rooms, "members": a.members, "size": a.size, "messages": a.messages,
         "window": a.window, "threads": threads,
     });
-    execute(
+    let mut report = execute(
         mode,
         params,
         jobs,
         &a.target,
         relay.and_then(|r| r.pid),
         a.size,
-    )
+    )?;
+    report.extra(
+        "tls",
+        serde_json::json!(relay.is_some_and(|r| r.tls.is_some())),
+    );
+    Ok(report)
 }
 
 fn conns(a: ConnsArgs) -> Result<Report, String> {
@@ -483,6 +571,7 @@ fn conns(a: ConnsArgs) -> Result<Report, String> {
                 relay_pid: Some(pid),
                 ..a.target.clone()
             },
+            tls: TlsArgs::default(),
         },
         false,
     )?;
@@ -529,7 +618,8 @@ fn execute(
                         eprintln!("imrelay-bench: {e}");
                     }
                 }
-                engine::run(job, epoch, deadline, busy, progress)
+                let outcome = engine::run(job, epoch, deadline, busy, progress);
+                (outcome, Instant::now())
             })
         })
         .collect();
@@ -538,14 +628,17 @@ fn execute(
         std::thread::sleep(Duration::from_millis(100));
     }
     bar.finish_and_clear();
-    let outcomes: Vec<_> = handles
+    let (outcomes, ends): (Vec<_>, Vec<_>) = handles
         .into_iter()
         .map(|h| {
             h.join()
                 .map_err(|_| "a generator thread panicked".to_string())
         })
-        .collect::<Result<_, _>>()?;
-    let elapsed = epoch.elapsed();
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .unzip();
+    // When the last thread finished, not when this loop, which sleeps, noticed it.
+    let elapsed = ends.into_iter().max().unwrap_or(epoch) - epoch;
     let cpu = match (cpu_before, pid.and_then(relay_proc::cpu_seconds)) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,

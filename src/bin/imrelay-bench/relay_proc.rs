@@ -41,11 +41,24 @@ impl SpawnedRelay {
         }
         let mut log = BufReader::new(child.stderr.take().ok_or("no relay stderr")?);
         let mut line = String::new();
+        // Why it might exit: the first error line it writes (clap's "unexpected argument"
+        // from a relay older than a flag, a bad key file), else its last line.
+        let (mut first_error, mut last) = (None, String::new());
         loop {
             line.clear();
             if log.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
                 let _ = child.wait();
-                return Err("the relay exited before listening".into());
+                return Err(format!(
+                    "the relay exited before listening: {}",
+                    first_error.unwrap_or(last)
+                ));
+            }
+            let text = line.trim();
+            if !text.is_empty() {
+                last = text.to_string();
+                if first_error.is_none() && text.to_ascii_lowercase().contains("error") {
+                    first_error = Some(last.clone());
+                }
             }
             if line.contains("listening on") {
                 break;

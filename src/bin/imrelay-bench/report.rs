@@ -10,10 +10,15 @@ use crate::engine::Outcome;
 
 /// A progress bar on stderr (drawn only when stderr is a terminal).
 pub fn progress_bar(total: u64, mode: &str) -> ProgressBar {
+    progress_bar_of(total, mode, "deliveries")
+}
+
+/// A progress bar counting `unit`.
+pub fn progress_bar_of(total: u64, mode: &str, unit: &str) -> ProgressBar {
     let bar = ProgressBar::new(total);
-    if let Ok(style) = ProgressStyle::with_template(
-        "{prefix} [{bar:40}] {pos}/{len} deliveries {per_sec} eta {eta}",
-    ) {
+    if let Ok(style) = ProgressStyle::with_template(&format!(
+        "{{prefix}} [{{bar:40}}] {{pos}}/{{len}} {unit} {{per_sec}} eta {{eta}}"
+    )) {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_prefix(mode.to_string());
@@ -126,6 +131,20 @@ impl Report {
             reordered: reord,
             errors,
             msgs_per_sec,
+            summary,
+        }
+    }
+
+    /// A report built by a mode of its own (`logins`): its JSON line, its summary, how
+    /// many operations did not finish (`lost`) and how many the relay refused (`errors`).
+    pub fn from_parts(json: Map<String, Value>, summary: String, lost: u64, errors: u64) -> Report {
+        Report {
+            json,
+            lost,
+            duplicated: 0,
+            reordered: 0,
+            errors,
+            msgs_per_sec: 0.0,
             summary,
         }
     }

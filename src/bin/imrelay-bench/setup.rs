@@ -10,6 +10,8 @@ use bytes::{Bytes, BytesMut};
 use imrelay::proto::decode::decode_frame;
 use imrelay::proto::{Frame, MessageId, Opcode, RoomId, UserId};
 
+use crate::tls::{self, Sock, TlsClient};
+
 /// Connects `users.len()` sockets to the relay and logs each in as its user, pipelined.
 pub fn login_all(addr: SocketAddr, users: &[u64]) -> Result<Vec<TcpStream>, String> {
     login_all_from(addr, users, 1)
@@ -22,14 +24,36 @@ pub fn login_all_from(
     users: &[u64],
     sources: usize,
 ) -> Result<Vec<TcpStream>, String> {
+    Ok(login_all_with(addr, users, sources, None)?
+        .into_iter()
+        .map(|s| match s {
+            Sock::Plain(s) => s,
+            Sock::Tls(_) => unreachable!("no TLS asked for"),
+        })
+        .collect())
+}
+
+/// Like [`login_all_from`], over TLS when `tls` is given: every socket's ClientHello (with
+/// its LOGIN queued behind the handshake) goes out before any answer is waited for.
+pub fn login_all_with(
+    addr: SocketAddr,
+    users: &[u64],
+    sources: usize,
+    tls: Option<&TlsClient>,
+) -> Result<Vec<Sock>, String> {
     let mut socks = Vec::with_capacity(users.len());
     for (i, &user) in users.iter().enumerate() {
         let source = Ipv4Addr::new(127, 0, 0, (1 + i % sources.clamp(1, 254)) as u8);
         let mut s = connect_from(source, addr)?;
         s.set_nodelay(true).map_err(|e| e.to_string())?;
-        s.write_all(&Frame::login(MessageId(1), UserId(user), b"").to_bytes())
-            .map_err(|e| e.to_string())?;
-        socks.push(s);
+        let login = Frame::login(MessageId(1), UserId(user), b"").to_bytes();
+        socks.push(match tls {
+            None => {
+                s.write_all(&login).map_err(|e| e.to_string())?;
+                Sock::Plain(s)
+            }
+            Some(tls) => tls::start(tls, s, &login)?,
+        });
     }
     for s in &mut socks {
         expect(s, Opcode::LoginOk)?;
@@ -38,7 +62,7 @@ pub fn login_all_from(
 }
 
 /// A TCP connection to `addr` from `source` (any free port).
-fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> Result<TcpStream, String> {
+pub fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> Result<TcpStream, String> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).map_err(|e| e.to_string())?;
     let from: SocketAddr = (source, 0).into();
     socket
@@ -52,7 +76,7 @@ fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> Result<TcpStream, String>
 
 /// Starts stored delivery on every socket (INBOX_SYNC, pipelined) and waits for the
 /// INBOX_STATE answers.
-pub fn sync_all(socks: &mut [TcpStream]) -> Result<(), String> {
+pub fn sync_all<S: Read + Write>(socks: &mut [S]) -> Result<(), String> {
     let sync = Frame::inbox_sync(MessageId(3), 0, 0).to_bytes();
     for s in socks.iter_mut() {
         s.write_all(&sync).map_err(|e| e.to_string())?;
@@ -64,7 +88,7 @@ pub fn sync_all(socks: &mut [TcpStream]) -> Result<(), String> {
 }
 
 /// Makes every socket JOIN `room` (pipelined) and waits for the answers.
-pub fn join_all(socks: &mut [TcpStream], room: u64) -> Result<(), String> {
+pub fn join_all<S: Read + Write>(socks: &mut [S], room: u64) -> Result<(), String> {
     let join = Frame::join(MessageId(2), RoomId(room)).to_bytes();
     for s in socks.iter_mut() {
         s.write_all(&join).map_err(|e| e.to_string())?;
@@ -76,7 +100,7 @@ pub fn join_all(socks: &mut [TcpStream], room: u64) -> Result<(), String> {
 }
 
 /// Reads one frame (byte by byte up to its length) and checks its opcode.
-fn expect(s: &mut TcpStream, opcode: Opcode) -> Result<Frame, String> {
+pub fn expect(s: &mut impl Read, opcode: Opcode) -> Result<Frame, String> {
     let mut header = [0u8; 4];
     s.read_exact(&mut header)
         .map_err(|e| format!("relay closed: {e}"))?;

@@ -233,9 +233,16 @@ impl Relay {
         }
         let deliver = frame.into_deliver(sender);
         let count = devices.len();
-        for &device in devices {
-            if let Some(s) = self.sessions.get_mut(device.0) {
-                push_output_view(s, &mut self.flush_list, device, deliver.clone());
+        // The last device takes the frame itself: no reference count change for the
+        // common single-device case (an atomic add and subtract per message otherwise).
+        if let Some((&last, others)) = devices.split_last() {
+            for &device in others {
+                if let Some(s) = self.sessions.get_mut(device.0) {
+                    push_output_view(s, &mut self.flush_list, device, deliver.clone());
+                }
+            }
+            if let Some(s) = self.sessions.get_mut(last.0) {
+                push_output_view(s, &mut self.flush_list, last, deliver);
             }
         }
         self.metrics.messages_routed += 1;

@@ -12,8 +12,8 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -22,6 +22,7 @@ use bytes::Bytes;
 use imrelay::auth::{Algorithm, Mint, RoomGrant};
 use imrelay::proto::{ErrorCode, Frame, MessageId, Opcode, RoomId, UserId};
 use support::process::RelayProcess;
+use support::telnet::Telnet;
 use support::Client;
 
 /// The HS256 secret of the test relays (at least 32 bytes).
@@ -249,39 +250,6 @@ fn base64url(bytes: &[u8]) -> String {
         }
     }
     out
-}
-
-/// A line-oriented text-mode client.
-struct Telnet {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl Telnet {
-    fn connect(addr: SocketAddr) -> Telnet {
-        let stream = TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(support::SAFETY_TIMEOUT))
-            .unwrap();
-        Telnet {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-        }
-    }
-
-    fn type_line(&mut self, line: &str) {
-        self.writer
-            .write_all(format!("{line}\r\n").as_bytes())
-            .unwrap();
-    }
-
-    fn read_line(&mut self) -> String {
-        let mut line = String::new();
-        self.reader
-            .read_line(&mut line)
-            .expect("a line from the relay");
-        line.trim_end().to_string()
-    }
 }
 
 // ---- LOGIN ---------------------------------------------------------------------------------

@@ -3,49 +3,14 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
-
 use imrelay::proto::{ErrorCode, Opcode, UserId};
+use support::telnet::Telnet;
 use support::TestRelay;
-
-/// A line-oriented client, like a person at a telnet prompt.
-struct Telnet {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl Telnet {
-    fn connect(relay: &TestRelay) -> Telnet {
-        let stream = TcpStream::connect(relay.addr).unwrap();
-        stream
-            .set_read_timeout(Some(support::SAFETY_TIMEOUT))
-            .unwrap();
-        Telnet {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-        }
-    }
-
-    fn type_line(&mut self, line: &str) {
-        self.writer
-            .write_all(format!("{line}\r\n").as_bytes())
-            .unwrap();
-    }
-
-    fn read_line(&mut self) -> String {
-        let mut line = String::new();
-        self.reader
-            .read_line(&mut line)
-            .expect("a line from the relay");
-        line.trim_end().to_string()
-    }
-}
 
 #[test]
 fn text_and_binary_users_chat_both_ways() {
     let relay = TestRelay::default_config();
-    let mut alice = Telnet::connect(&relay);
+    let mut alice = Telnet::connect(relay.addr);
     alice.type_line("LOGIN 1001");
     assert_eq!(alice.read_line(), "OK LOGIN 1001");
     let mut bob = relay.login(1002);
@@ -74,7 +39,7 @@ fn text_and_binary_users_chat_both_ways() {
 #[test]
 fn text_users_share_rooms_with_binary_users() {
     let relay = TestRelay::default_config();
-    let mut viewer = Telnet::connect(&relay);
+    let mut viewer = Telnet::connect(relay.addr);
     viewer.type_line("login 5");
     viewer.read_line();
     viewer.type_line("join 42");
@@ -94,7 +59,7 @@ fn text_users_share_rooms_with_binary_users() {
 #[test]
 fn text_mistakes_get_usage_errors_and_the_session_goes_on() {
     let relay = TestRelay::default_config();
-    let mut t = Telnet::connect(&relay);
+    let mut t = Telnet::connect(relay.addr);
     t.type_line("SEND 2 before login");
     assert!(t.read_line().starts_with("ERR NOT_LOGGED_IN"));
     t.type_line("LOGIN bob");
@@ -111,7 +76,7 @@ fn text_mistakes_get_usage_errors_and_the_session_goes_on() {
 #[test]
 fn text_users_store_messages_for_offline_users_and_read_their_inbox() {
     let relay = TestRelay::default_config();
-    let mut alice = Telnet::connect(&relay);
+    let mut alice = Telnet::connect(relay.addr);
     alice.type_line("login 1001");
     assert_eq!(alice.read_line(), "OK LOGIN 1001");
     alice.type_line("store 1002 see you tomorrow");
@@ -119,7 +84,7 @@ fn text_users_store_messages_for_offline_users_and_read_their_inbox() {
     assert_eq!(alice.read_line(), "ACK 2 0", "stored; bob is offline");
     assert_eq!(alice.read_line(), "ACK 3 0");
 
-    let mut bob = Telnet::connect(&relay);
+    let mut bob = Telnet::connect(relay.addr);
     bob.type_line("login 1002");
     assert_eq!(bob.read_line(), "OK LOGIN 1002");
     bob.type_line("sync");

@@ -650,6 +650,33 @@ impl Server {
         }
     }
 
+    /// Registers WRITABLE interest while `blocked` (output waits for the socket), and only
+    /// then; a failed registration closes the connection.
+    fn want_writable(&mut self, id: ConnId, blocked: bool) {
+        let Some(conn) = self.conns.get_mut(id.0).and_then(Option::as_mut) else {
+            return;
+        };
+        if blocked == conn.writable {
+            return;
+        }
+        let interest = if blocked {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        match self
+            .poll
+            .registry()
+            .reregister(&mut conn.stream, Token(id.0), interest)
+        {
+            Ok(()) => conn.writable = blocked,
+            Err(e) => {
+                warn!("{id}: reregister failed: {e}");
+                self.close_conn(id);
+            }
+        }
+    }
+
     fn flush_conn(&mut self, id: ConnId) {
         let Some(conn) = self.conns.get_mut(id.0).and_then(Option::as_mut) else {
             return;
@@ -708,24 +735,7 @@ impl Server {
         if blocked {
             self.relay.handle_write_blocked(id);
         }
-        if blocked != conn.writable {
-            let interest = if blocked {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            match self
-                .poll
-                .registry()
-                .reregister(&mut conn.stream, Token(id.0), interest)
-            {
-                Ok(()) => conn.writable = blocked,
-                Err(e) => {
-                    warn!("{id}: reregister failed: {e}");
-                    self.close_conn(id);
-                }
-            }
-        }
+        self.want_writable(id, blocked);
     }
 
     /// The relay's core: for tests and tools that inspect its state.

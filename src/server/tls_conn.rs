@@ -35,7 +35,6 @@ use std::time::Instant;
 use bytes::BytesMut;
 use log::{debug, info, warn};
 use mio::net::TcpStream;
-use mio::{Interest, Token};
 
 use super::tls::{self, TlsSession, MAX_RECORD_WIRE};
 use super::{
@@ -464,23 +463,6 @@ impl Server {
             t.core_blocked = false;
             self.relay.handle_writable(id);
         }
-        if blocked != conn.writable {
-            let interest = if blocked {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            match self
-                .poll
-                .registry()
-                .reregister(&mut conn.stream, Token(id.0), interest)
-            {
-                Ok(()) => conn.writable = blocked,
-                Err(e) => {
-                    warn!("{id}: reregister failed: {e}");
-                    self.close_conn(id);
-                }
-            }
-        }
+        self.want_writable(id, blocked);
     }
 }

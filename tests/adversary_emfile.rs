@@ -28,7 +28,7 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, ErrorKind, Read};
+use std::io::{ErrorKind, Read};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -84,19 +84,8 @@ impl StarvedRelay {
         unsafe { command.pre_exec(hold_descriptors_and_lower_the_limit) };
         let mut child = command.spawn().expect("start imrelay");
 
-        // "imrelay listening on 127.0.0.1:PORT (fd limit L: up to N connections)": wait for
-        // it, then keep draining the log on a thread so the relay never blocks on the pipe.
-        let mut log = BufReader::new(child.stderr.take().expect("piped stderr"));
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let n = log.read_line(&mut line).expect("read relay log");
-            assert!(n > 0, "imrelay exited before listening");
-            if line.contains("listening on") {
-                break;
-            }
-        }
-        std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
+        // "imrelay listening on 127.0.0.1:PORT (fd limit L: up to N connections)".
+        let line = process::wait_until_listening(&mut child);
         let field = |before: &str, after: &str| -> String {
             let start = line.find(before).map(|i| i + before.len());
             let start = start.unwrap_or_else(|| panic!("no {before:?} in {line:?}"));

@@ -41,19 +41,7 @@ impl RelayProcess {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start imrelay");
-        // The relay logs "listening on" once its socket is bound: wait for that line, then
-        // keep draining its log on a thread so it never blocks on a full pipe.
-        let mut log = BufReader::new(child.stderr.take().expect("piped stderr"));
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let n = log.read_line(&mut line).expect("read relay log");
-            assert!(n > 0, "imrelay exited before listening");
-            if line.contains("listening on") {
-                break;
-            }
-        }
-        std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
+        wait_until_listening(&mut child);
         RelayProcess { child, addr }
     }
 
@@ -157,4 +145,22 @@ pub fn bystanders_at(
         a_user,
         b_user,
     }
+}
+
+/// Waits for the "listening on" line a relay started with its stderr piped logs once its
+/// socket is bound, returns it, and keeps draining the log on a thread so the relay never
+/// blocks on a full pipe.
+pub fn wait_until_listening(child: &mut std::process::Child) -> String {
+    let mut log = BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = log.read_line(&mut line).expect("read relay log");
+        assert!(n > 0, "imrelay exited before listening");
+        if line.contains("listening on") {
+            break;
+        }
+    }
+    std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
+    line
 }

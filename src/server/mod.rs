@@ -141,6 +141,8 @@ pub struct Server {
     /// Log a metrics line this often (None: never).
     stats_interval: Option<Duration>,
     next_stats: Option<Instant>,
+    /// The last stats line logged: the same line is not logged again.
+    last_stats: String,
     /// The durable store's writer thread (None: memory only).
     store: Option<store_writer::StoreWriter>,
     /// Reports from the writer, drained each turn.
@@ -190,6 +192,7 @@ impl Server {
             busy_poll: false,
             stats_interval: None,
             next_stats: None,
+            last_stats: String::new(),
             store: None,
             store_done: Vec::new(),
             compact_at: u64::MAX,
@@ -410,38 +413,43 @@ impl Server {
         next.map(|at| at.saturating_duration_since(Instant::now()) + Duration::from_millis(1))
     }
 
-    fn log_stats(&self) {
+    /// Logs the counters, unless nothing changed since the last line (an idle relay stays
+    /// quiet).
+    fn log_stats(&mut self) {
         let m = self.relay.metrics();
         let errors: u64 = m.errors_sent.iter().sum();
-        info!(
-            "stats: {} connections ({} users, {} rooms); opened {} refused {} closed {}; \
-             frames in {} ({} B); routed {} -> {} deliveries; room messages {} -> {} \
-             deliveries, {} dropped for slow members; out {} B; lost on reset {} B; \
-             errors sent {errors}; read pauses {}; stored {} (held {} for {} users); \
-             connection memory {} B of {} B{}",
-            self.relay.session_count(),
-            self.relay.user_count(),
-            self.relay.room_count(),
+        let line = format!(
+            "stats: {} ({}, {}); opened {} refused {} closed {}; frames in {} ({} B); \
+             routed {} -> {}; room messages {} -> {}, {} dropped for slow members; \
+             out {} B; lost on reset {} B; errors sent {errors}; read pauses {}; \
+             stored {} (held {} for {}); connection memory {} B of {} B{}",
+            counted(self.relay.session_count(), "connection", "connections"),
+            counted(self.relay.user_count(), "user", "users"),
+            counted(self.relay.room_count(), "room", "rooms"),
             m.connections_opened,
             m.connections_refused,
             m.connections_closed,
             m.frames_in,
             m.bytes_in,
             m.messages_routed,
-            m.deliveries_queued,
+            counted(m.deliveries_queued, "delivery", "deliveries"),
             m.room_messages,
-            m.room_deliveries_queued,
+            counted(m.room_deliveries_queued, "delivery", "deliveries"),
             m.room_deliveries_dropped,
             m.bytes_out,
             m.bytes_lost_on_reset,
             m.read_pauses,
             m.messages_stored,
             self.relay.stored_messages(),
-            self.relay.inbox_users(),
+            counted(self.relay.inbox_users(), "user", "users"),
             self.relay.memory_held(),
             self.relay.config().max_memory,
             self.tls_stats(),
         );
+        if line != self.last_stats {
+            info!("{line}");
+            self.last_stats = line;
+        }
     }
 
     fn begin_shutdown(&mut self, now: Instant) {
@@ -758,6 +766,12 @@ impl Server {
 }
 
 /// Wall-clock milliseconds since the Unix epoch, handed to the core with `now`.
+/// `n` and the noun in the right number: "1 room", "2 rooms".
+fn counted(n: impl TryInto<u64>, one: &str, many: &str) -> String {
+    let n = n.try_into().unwrap_or(u64::MAX);
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 fn unix_ms_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -778,4 +792,16 @@ fn open_reserve() -> Option<std::fs::File> {
 /// EMFILE or ENFILE: the process (or the system) has no descriptor left.
 fn is_out_of_descriptors(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::counted;
+
+    #[test]
+    fn counts_read_in_the_right_number() {
+        assert_eq!(counted(1u64, "room", "rooms"), "1 room");
+        assert_eq!(counted(0usize, "room", "rooms"), "0 rooms");
+        assert_eq!(counted(2usize, "delivery", "deliveries"), "2 deliveries");
+    }
 }

@@ -474,16 +474,7 @@ fn the_provider_is_asked_at_connect_and_again_after_the_relay_side_closes() {
 
     proxy.cut_all();
     let seen = wait_for(&mut alice, "a new login", is_connected);
-    assert!(
-        matches!(
-            seen.first(),
-            Some(Event::Disconnected {
-                reason: DisconnectReason::ClosedByRelay,
-                ..
-            })
-        ),
-        "{seen:?}"
-    );
+    assert_closed_by_relay_first(&seen);
     assert_eq!(
         calls.load(Ordering::SeqCst),
         2,
@@ -570,16 +561,7 @@ fn an_unrefreshed_token_is_closed_by_the_relay_and_the_next_login_gets_a_fresh_o
         "{seen:?}"
     );
     let seen = wait_for(&mut alice, "a new login", is_connected);
-    assert!(
-        matches!(
-            seen.first(),
-            Some(Event::Disconnected {
-                reason: DisconnectReason::ClosedByRelay,
-                ..
-            })
-        ),
-        "{seen:?}"
-    );
+    assert_closed_by_relay_first(&seen);
     assert_eq!(calls.load(Ordering::SeqCst), 3, "LOGIN, REFRESH, LOGIN");
 }
 
@@ -759,4 +741,18 @@ fn tls_for_the_sdk_pulls_in_no_server_dependency() {
         );
     }
     assert!(tree.lines().any(|l| l.starts_with("rustls ")), "{tree}");
+}
+
+/// The first of `seen` is the relay closing the link.
+fn assert_closed_by_relay_first(seen: &[Event]) {
+    assert!(
+        matches!(
+            seen.first(),
+            Some(Event::Disconnected {
+                reason: DisconnectReason::ClosedByRelay,
+                ..
+            })
+        ),
+        "{seen:?}"
+    );
 }

@@ -484,7 +484,10 @@ fn main() -> ExitCode {
 
     match server.run() {
         Ok(()) => {
-            let m = server.metrics();
+            let m = server.metrics().clone();
+            // Stops the store writer (it writes what is queued and says so) before the
+            // last line.
+            drop(server);
             info!(
                 "exiting: {} connections served, {} messages routed, {} deliveries",
                 m.connections_opened, m.messages_routed, m.deliveries_queued

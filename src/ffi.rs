@@ -296,25 +296,41 @@ pub unsafe extern "C" fn imrelay_connect(
     credential_len: usize,
     timeout_ms: i32,
 ) -> *mut ImrelayClient {
+    // SAFETY: forwarded from the caller's guarantees.
+    unsafe {
+        connect_guarded(addr, user, timeout_ms, |config| {
+            let credential = bytes_from_c(credential, credential_len)?;
+            config.credential = credential.to_vec();
+            Ok(())
+        })
+    }
+}
+
+/// `imrelay_connect` and `imrelay_connect_with` under their guard: checks `addr` and
+/// `user`, lets `configure` fill in the rest of the settings, connects.
+///
+/// # Safety
+/// `addr` must be NULL or NUL-terminated; `configure` upholds its callers' contracts.
+unsafe fn connect_guarded(
+    addr: *const c_char,
+    user: u64,
+    timeout_ms: i32,
+    configure: impl FnOnce(&mut ClientConfig) -> Result<(), i32>,
+) -> *mut ImrelayClient {
     let mut out = std::ptr::null_mut();
     guard(|| {
-        if addr.is_null() {
-            return set_error(IMRELAY_ERR_NULL, "addr is NULL");
-        }
-        // SAFETY: checked non-NULL; the caller guarantees NUL termination.
-        let Ok(addr) = unsafe { CStr::from_ptr(addr) }.to_str() else {
-            return set_error(IMRELAY_ERR_INVALID, "addr is not UTF-8");
+        // SAFETY: the caller guarantees NUL termination.
+        let addr = match unsafe { str_from_c(addr, "addr") } {
+            Ok(addr) => addr,
+            Err(code) => return code,
         };
         if user == 0 {
             return set_error(IMRELAY_ERR_INVALID, "user id 0 is reserved");
         }
-        // SAFETY: forwarded from the caller's guarantee.
-        let credential = match unsafe { bytes_from_c(credential, credential_len) } {
-            Ok(c) => c,
-            Err(code) => return code,
-        };
         let mut config = ClientConfig::new(UserId(user));
-        config.credential = credential.to_vec();
+        if let Err(code) = configure(&mut config) {
+            return code;
+        }
         match connect_config(addr, config, timeout_ms) {
             Ok(client) => {
                 out = client;
@@ -583,35 +599,21 @@ pub unsafe extern "C" fn imrelay_connect_with(
     options: *const ImrelayOptions,
     timeout_ms: i32,
 ) -> *mut ImrelayClient {
-    let mut out = std::ptr::null_mut();
-    guard(|| {
-        // SAFETY: the caller guarantees NUL termination.
-        let addr = match unsafe { str_from_c(addr, "addr") } {
-            Ok(addr) => addr,
-            Err(code) => return code,
-        };
-        if user == 0 {
-            return set_error(IMRELAY_ERR_INVALID, "user id 0 is reserved");
-        }
-        let mut config = ClientConfig::new(UserId(user));
-        // SAFETY: NULL or live options, per the contract.
-        if let Some(o) = unsafe { options.as_ref() } {
-            config.credential = o.credential.clone();
-            config.token_provider = o.provider.clone();
-            #[cfg(feature = "tls")]
-            {
-                config.tls = o.tls.clone();
+    // SAFETY: forwarded from the caller's guarantees.
+    unsafe {
+        connect_guarded(addr, user, timeout_ms, |config| {
+            // SAFETY: NULL or live options, per the contract.
+            if let Some(o) = options.as_ref() {
+                config.credential = o.credential.clone();
+                config.token_provider = o.provider.clone();
+                #[cfg(feature = "tls")]
+                {
+                    config.tls = o.tls.clone();
+                }
             }
-        }
-        match connect_config(addr, config, timeout_ms) {
-            Ok(client) => {
-                out = client;
-                IMRELAY_OK
-            }
-            Err(code) => code,
-        }
-    });
-    out
+            Ok(())
+        })
+    }
 }
 
 /// Sends REFRESH with a new login token (copied) if the link is up, and uses it for later

@@ -12,7 +12,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -21,7 +20,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use imrelay::auth::{Algorithm, Mint, RoomGrant};
 use imrelay::proto::{ErrorCode, Frame, MessageId, Opcode, RoomId, UserId};
-use support::process::RelayProcess;
+use support::process::{self, RelayProcess};
 use support::telnet::Telnet;
 use support::Client;
 
@@ -689,36 +688,14 @@ fn imrelay_token_subcommand_mints_a_token_the_relay_accepts() {
 
 #[test]
 fn auth_off_on_a_public_address_needs_insecure_no_auth() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imrelay"))
-        .args([
-            "--auth",
-            "off",
-            "--listen",
-            "0.0.0.0:0",
-            "--store",
-            "memory",
-        ])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start imrelay");
-    // Read its log to the end: a relay that refuses to start closes it by exiting; one
-    // that starts anyway says "listening on" (and is killed, failing the test).
-    let mut log = BufReader::new(child.stderr.take().expect("piped stderr"));
-    let mut stderr = String::new();
-    let mut line = String::new();
-    while log.read_line(&mut line).expect("read the relay's log") > 0 {
-        if line.contains("listening on") {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("--auth off started on 0.0.0.0 without --insecure-no-auth: {stderr}{line}");
-        }
-        stderr.push_str(&line);
-        line.clear();
-    }
-    let status = child.wait().expect("wait for imrelay");
+    let (status, stderr) = process::run_to_exit(&[
+        "--auth",
+        "off",
+        "--listen",
+        "0.0.0.0:0",
+        "--store",
+        "memory",
+    ]);
     assert!(!status.success(), "{status}: {stderr}");
     assert!(
         status.code().is_some_and(|code| code != 0),

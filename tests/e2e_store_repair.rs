@@ -4,14 +4,12 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use imrelay::client::{Client, Event};
 use imrelay::proto::{UserId, HEADER_LEN};
-use support::process::RelayProcess;
+use support::process::{self, RelayProcess};
 use support::{run_until, SAFETY_TIMEOUT};
 
 const ALICE: UserId = UserId(1);
@@ -48,32 +46,6 @@ fn records(log: &[u8]) -> Vec<(usize, usize)> {
     out
 }
 
-/// Runs the binary on `args` until it exits; fails if it starts listening. Returns whether
-/// it succeeded and its log.
-fn run_to_exit(args: &[&str]) -> (bool, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imrelay"))
-        .args(["--listen", "127.0.0.1:0"])
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start imrelay");
-    let mut log = String::new();
-    for line in BufReader::new(child.stderr.take().expect("piped stderr")).lines() {
-        let line = line.expect("read relay log");
-        if line.contains("listening on") {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the relay started on a damaged log:\n{log}");
-        }
-        log.push_str(&line);
-        log.push('\n');
-    }
-    (child.wait().expect("wait").success(), log)
-}
-
 #[test]
 fn a_damaged_log_stops_the_relay_and_a_repair_keeps_every_other_message() {
     let dir = data_dir("repair");
@@ -107,7 +79,8 @@ fn a_damaged_log_stops_the_relay_and_a_repair_keeps_every_other_message() {
     log[at + 8 + len - 1] ^= 0x40;
     std::fs::write(&path, &log).unwrap();
 
-    let (ok, stderr) = run_to_exit(&["--store", &dir_arg]);
+    let (status, stderr) = process::run_to_exit(&["--listen", "127.0.0.1:0", "--store", &dir_arg]);
+    let ok = status.success();
     assert!(!ok, "the relay must exit with an error:\n{stderr}");
     assert!(
         stderr.contains(&format!("byte offset {at}")),

@@ -119,6 +119,17 @@ struct Conn {
     layer: Option<tls_conn::Layer>,
 }
 
+impl Conn {
+    /// Bytes one read pass may take from the socket: less for a heavy connection.
+    fn read_budget(&self) -> usize {
+        if self.heavy {
+            HEAVY_READ_BUDGET
+        } else {
+            READ_BUDGET
+        }
+    }
+}
+
 /// The relay server: a listener, the relay core, and the sockets.
 pub struct Server {
     poll: Poll,
@@ -573,11 +584,7 @@ impl Server {
             return;
         }
         let fd = io::fd(&conn.stream);
-        let mut budget = if conn.heavy {
-            HEAVY_READ_BUDGET
-        } else {
-            READ_BUDGET
-        };
+        let mut budget = conn.read_budget();
         let mut failed = None;
         self.relay.take_work();
         loop {

@@ -37,9 +37,7 @@ use log::{debug, info, warn};
 use mio::net::TcpStream;
 
 use super::tls::{self, TlsSession, MAX_RECORD_WIRE};
-use super::{
-    io, Conn, Server, HEAVY_READ_BUDGET, MAX_IOVECS, READ_BUDGET, READ_CHUNK, WORK_BUDGET,
-};
+use super::{io, Conn, Server, MAX_IOVECS, READ_BUDGET, READ_CHUNK, WORK_BUDGET};
 use crate::relay::{State, CLOSE_LINGER};
 use crate::ConnId;
 
@@ -214,15 +212,12 @@ impl Server {
         let Some(conn) = self.conns.get_mut(id.0).and_then(Option::as_mut) else {
             return;
         };
+        let mut budget = conn.read_budget();
         let Some(Layer::Tls(t)) = conn.layer.as_mut() else {
             return;
         };
         let fd = io::fd(&conn.stream);
-        let mut budget = if conn.heavy {
-            HEAVY_READ_BUDGET
-        } else {
-            READ_BUDGET
-        };
+        let mut heavy = None;
         let mut failed: Option<String> = None;
         self.relay.take_work();
         loop {
@@ -262,17 +257,12 @@ impl Server {
                     }
                     budget = budget.saturating_sub(n);
                     if budget == 0 || self.relay.take_work() >= WORK_BUDGET {
-                        // Heavy (see Server::mark_heavy): queued for a later read.
-                        conn.heavy = true;
-                        if !conn.queued {
-                            conn.queued = true;
-                            self.heavy_reads.push_back(id);
-                        }
+                        heavy = Some(true);
                         break;
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    conn.heavy = false;
+                    heavy = Some(false);
                     break;
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -290,7 +280,11 @@ impl Server {
             self.close_conn(id);
             return;
         }
-        if t.session.wants_write() || (t.core_blocked && !conn.writable) {
+        let flush = t.session.wants_write() || (t.core_blocked && !conn.writable);
+        if let Some(heavy) = heavy {
+            self.mark_heavy(id, heavy);
+        }
+        if flush {
             self.flush_tls(id);
         }
     }

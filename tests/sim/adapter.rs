@@ -229,23 +229,6 @@ impl SimRelay {
     }
 }
 
-/// SDK settings the simulation chooses per client.
-#[derive(Clone, Debug)]
-pub struct ClientTuning {
-    pub heartbeat_interval: Duration,
-    pub heartbeat_timeout: Duration,
-    pub connect_timeout: Duration,
-    pub login_timeout: Duration,
-    pub backoff_initial: Duration,
-    pub backoff_max: Duration,
-    pub max_in_flight: usize,
-    pub max_outbox: usize,
-    pub retry_interval: Duration,
-    pub send_timeout: Duration,
-    pub inbox_ack_batch: u64,
-    pub inbox_ack_delay: Duration,
-}
-
 /// What the core asks of the link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -303,20 +286,8 @@ pub struct SimClient {
 }
 
 impl SimClient {
-    pub fn new(t: &ClientTuning, user: u64, seed: u64, now: Instant) -> SimClient {
-        let mut c = ClientConfig::new(UserId(user));
-        c.heartbeat_interval = t.heartbeat_interval;
-        c.heartbeat_timeout = t.heartbeat_timeout;
-        c.connect_timeout = t.connect_timeout;
-        c.login_timeout = t.login_timeout;
-        c.backoff_initial = t.backoff_initial;
-        c.backoff_max = t.backoff_max;
-        c.max_in_flight = t.max_in_flight;
-        c.max_outbox = t.max_outbox;
-        c.retry_interval = t.retry_interval;
-        c.send_timeout = t.send_timeout;
-        c.inbox_ack_batch = t.inbox_ack_batch;
-        c.inbox_ack_delay = t.inbox_ack_delay;
+    /// A client with the settings the simulation chose for it, with stored delivery on.
+    pub fn new(mut c: ClientConfig, seed: u64, now: Instant) -> SimClient {
         c.stored_inbox = true;
         SimClient {
             core: ClientCore::new(c, now, seed),

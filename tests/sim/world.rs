@@ -22,10 +22,12 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use imrelay::client::ClientConfig;
+use imrelay::proto::UserId;
 
 use super::adapter::{
-    epoch_op, parse_append, Action, ClientTuning, ConnId, LinkFailure, Op, RelayTuning, SimClient,
-    SimRelay, Sniffer, WALL_CLOCK_IS_SIMULATED,
+    epoch_op, parse_append, Action, ConnId, LinkFailure, Op, RelayTuning, SimClient, SimRelay,
+    Sniffer, WALL_CLOCK_IS_SIMULATED,
 };
 use super::ledger::Ledger;
 use super::rng::SimRng;
@@ -327,7 +329,7 @@ impl World {
         };
         let mut slots = Vec::new();
         for &user in &client_user {
-            let t = ClientTuning {
+            let config = ClientConfig {
                 heartbeat_interval: rng.ms(2_000, 20_000),
                 heartbeat_timeout: rng.ms(1_000, 10_000),
                 connect_timeout: rng.ms(500, 10_000),
@@ -344,11 +346,12 @@ impl World {
                 send_timeout: rng.ms(5_000, 60_000),
                 inbox_ack_batch: rng.range(1, 32),
                 inbox_ack_delay: rng.ms(1, 200),
+                ..ClientConfig::new(UserId(user))
             };
             let client_seed = rng.next_u64();
             slots.push(Slot {
                 user,
-                sim: SimClient::new(&t, user, client_seed, base),
+                sim: SimClient::new(config, client_seed, base),
                 link: None,
                 attempt: 0,
                 connecting: false,

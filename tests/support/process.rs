@@ -150,7 +150,7 @@ pub fn bystanders_at(
 /// Waits for the "listening on" line a relay started with its stderr piped logs once its
 /// socket is bound, returns it, and keeps draining the log on a thread so the relay never
 /// blocks on a full pipe.
-pub fn wait_until_listening(child: &mut std::process::Child) -> String {
+pub fn wait_until_listening(child: &mut Child) -> String {
     let mut log = BufReader::new(child.stderr.take().expect("piped stderr"));
     let mut line = String::new();
     loop {
@@ -163,4 +163,29 @@ pub fn wait_until_listening(child: &mut std::process::Child) -> String {
     }
     std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
     line
+}
+
+/// Runs the binary with `args` until it exits, failing the test if it starts listening
+/// instead (the relay was expected to refuse to start). Returns its exit status and log.
+pub fn run_to_exit(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_imrelay"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start imrelay");
+    let mut log = String::new();
+    for line in BufReader::new(child.stderr.take().expect("piped stderr")).lines() {
+        let line = line.expect("read relay log");
+        if line.contains("listening on") {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the relay started when it should have refused:\n{log}{line}");
+        }
+        log.push_str(&line);
+        log.push('\n');
+    }
+    (child.wait().expect("wait for imrelay"), log)
 }

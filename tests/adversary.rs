@@ -904,20 +904,6 @@ fn a_room_flood_is_rate_limited_for_the_room() {
 
 // ---- 9. garbage ----------------------------------------------------------------------------
 
-/// What the relay answered a connection, read until it closed it.
-fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        match stream.read(&mut chunk) {
-            Ok(0) => return got,
-            Ok(n) => got.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => return got,
-            Err(e) => panic!("read failed (the relay did not close?): {e}"),
-        }
-    }
-}
-
 /// True when `answer` holds an error in the codec the first byte chose (protocol.md,
 /// section 2): an ERROR frame (binary), an `ERR` line (text), a 4xx status (HTTP). Also
 /// checks that what the relay sent is well formed in that codec.
@@ -1026,7 +1012,7 @@ fn random_garbage_gets_errors_and_closes() {
     }
     t.bystanders_served();
     for (i, stream, garbage) in &mut victims {
-        let answer = read_until_closed(stream);
+        let answer = support::read_until_closed(stream, true);
         let words = *i % 5 == 3;
         assert!(
             answer_has_error(garbage, &answer) || words,

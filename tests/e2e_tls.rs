@@ -461,25 +461,6 @@ fn raw_connect(addr: SocketAddr) -> TcpStream {
     stream
 }
 
-/// Reads until the relay closes the connection; returns what came. A reset counts as a
-/// close too only when `reset_ok`.
-fn read_until_closed(stream: &mut TcpStream, reset_ok: bool) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        match stream.read(&mut chunk) {
-            Ok(0) => return got,
-            Ok(n) => got.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == ErrorKind::ConnectionReset && reset_ok => return got,
-            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
-                panic!("the relay did not close the connection (safety timeout)")
-            }
-            Err(e) => panic!("read failed: {e}"),
-        }
-    }
-}
-
 // ---- tests -----------------------------------------------------------------------------
 
 #[test]
@@ -598,11 +579,11 @@ fn tls_required_closes_plaintext_with_nothing_sent_and_serves_tls() {
     plain
         .write_all(&Frame::login(MessageId(1), UserId(5), b"").to_bytes())
         .unwrap();
-    assert_eq!(read_until_closed(&mut plain, false), b"");
+    assert_eq!(support::read_until_closed(&mut plain, false), b"");
     // A text LOGIN in the clear: the same.
     let mut text = raw_connect(relay.addr);
     text.write_all(b"LOGIN 6\r\n").unwrap();
-    assert_eq!(read_until_closed(&mut text, false), b"");
+    assert_eq!(support::read_until_closed(&mut text, false), b"");
 
     // TLS clients are served.
     let mut s_client = SClient::connect(relay.addr, &pki, &[]);
@@ -623,7 +604,7 @@ fn truncated_client_hello_is_closed_by_the_login_timeout() {
     let mut stream = raw_connect(relay.addr);
     // Record header and the start of the handshake message, then nothing.
     stream.write_all(&hello[..10]).unwrap();
-    read_until_closed(&mut stream, false);
+    support::read_until_closed(&mut stream, false);
 
     let mut bystander = Client::connect(relay.addr);
     bystander.login(1);
@@ -638,7 +619,7 @@ fn handshake_stalled_after_the_client_hello_is_closed_by_the_login_timeout() {
     stream.write_all(&client_hello()).unwrap();
     // The relay answers with its handshake flight, then waits for a Finished that never
     // comes, until the login timeout.
-    let got = read_until_closed(&mut stream, false);
+    let got = support::read_until_closed(&mut stream, false);
     assert_eq!(got.first(), Some(&0x16), "a ServerHello first: {got:02x?}");
 
     let mut bystander = Client::connect(relay.addr);
@@ -666,7 +647,7 @@ fn garbage_after_a_tls_first_byte_is_closed_and_bystanders_are_served() {
     for attack in attacks {
         let mut stream = raw_connect(relay.addr);
         stream.write_all(attack).unwrap();
-        read_until_closed(&mut stream, true);
+        support::read_until_closed(&mut stream, true);
     }
 
     let id = a.send(2, b"still here");
@@ -830,5 +811,5 @@ fn tls_required_sends_a_silent_connection_nothing_at_the_login_timeout() {
     // Without --tls-required this would get a binary LOGIN_TIMEOUT ERROR; with it, not a
     // byte goes out in the clear.
     let mut silent = raw_connect(relay.addr);
-    assert_eq!(read_until_closed(&mut silent, false), b"");
+    assert_eq!(support::read_until_closed(&mut silent, false), b"");
 }

@@ -914,7 +914,9 @@ impl Relay {
                     let Some(s) = self.sessions.get_mut(id.0) else {
                         continue;
                     };
-                    let next = |at: Instant| token_due.map_or(next(at), |due| due.min(next(at)));
+                    // The earliest of the frame deadline, the token's, and `at`.
+                    let due = token_due.into_iter().chain(frame_due).min();
+                    let next = |at: Instant| due.map_or(at, |due| due.min(at));
                     let silence = now.saturating_duration_since(s.last_rx);
                     if silence >= self.config.idle_timeout {
                         let reason = format!(

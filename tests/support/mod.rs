@@ -287,3 +287,22 @@ pub fn run_until(
         }
     }
 }
+
+/// Reads until the relay closes the connection; returns what came. A reset counts as a
+/// close too only when `reset_ok`.
+pub fn read_until_closed(stream: &mut TcpStream, reset_ok: bool) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset && reset_ok => return got,
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
+                panic!("the relay did not close the connection (safety timeout)")
+            }
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+}

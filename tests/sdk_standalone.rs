@@ -9,19 +9,16 @@ fn cargo() -> Command {
     cmd
 }
 
-#[test]
-fn the_sdk_builds_without_the_server_and_its_dependencies() {
-    let tree = cargo()
-        .args([
-            "tree",
-            "--no-default-features",
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-        ])
-        .output()
-        .expect("cargo tree");
+/// The crates the library depends on (imrelay itself left out) with `features` on top of
+/// `--no-default-features`, sorted, once each.
+fn sdk_deps(features: &[&str]) -> Vec<String> {
+    let mut args = vec!["tree", "--no-default-features"];
+    if !features.is_empty() {
+        args.push("--features");
+        args.extend(features);
+    }
+    args.extend(["-e", "normal", "--prefix", "none"]);
+    let tree = cargo().args(&args).output().expect("cargo tree");
     assert!(
         tree.status.success(),
         "{}",
@@ -34,6 +31,12 @@ fn the_sdk_builds_without_the_server_and_its_dependencies() {
         .collect();
     deps.sort();
     deps.dedup();
+    deps
+}
+
+#[test]
+fn the_sdk_builds_without_the_server_and_its_dependencies() {
+    let deps = sdk_deps(&[]);
     assert_eq!(deps, ["byteorder", "bytes", "libc", "log", "socket2"]);
 
     // Its own target dir: the outer `cargo test` holds the lock on the default one.
@@ -48,4 +51,16 @@ fn the_sdk_builds_without_the_server_and_its_dependencies() {
         "the SDK alone does not build:\n{}",
         String::from_utf8_lossy(&check.stderr)
     );
+}
+
+#[test]
+fn tls_for_the_sdk_pulls_in_no_server_dependency() {
+    let deps = sdk_deps(&["tls"]);
+    for name in &deps {
+        assert!(
+            !["mio", "clap", "jsonwebtoken", "tungstenite", "env_logger"].contains(&name.as_str()),
+            "{name} in the SDK's tree with TLS"
+        );
+    }
+    assert!(deps.iter().any(|d| d == "rustls"), "{deps:?}");
 }

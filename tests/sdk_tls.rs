@@ -710,39 +710,6 @@ fn the_c_abi_reports_a_handshake_failure_at_connect() {
     }
 }
 
-// ---- building ------------------------------------------------------------------------
-
-#[test]
-fn tls_for_the_sdk_pulls_in_no_server_dependency() {
-    let tree = std::process::Command::new(env!("CARGO"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "tree",
-            "--no-default-features",
-            "--features",
-            "tls",
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-        ])
-        .output()
-        .expect("cargo tree");
-    assert!(
-        tree.status.success(),
-        "{}",
-        String::from_utf8_lossy(&tree.stderr)
-    );
-    let tree = String::from_utf8_lossy(&tree.stdout);
-    for name in tree.lines().filter_map(|l| l.split_whitespace().next()) {
-        assert!(
-            !["mio", "clap", "jsonwebtoken", "tungstenite", "env_logger"].contains(&name),
-            "{name} in the SDK's tree with TLS"
-        );
-    }
-    assert!(tree.lines().any(|l| l.starts_with("rustls ")), "{tree}");
-}
-
 /// The first of `seen` is the relay closing the link.
 fn assert_closed_by_relay_first(seen: &[Event]) {
     assert!(

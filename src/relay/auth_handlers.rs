@@ -103,19 +103,9 @@ impl Relay {
     /// expiry replace the old ones from now on.
     pub(super) fn on_refresh(&mut self, id: ConnId, frame: &RawFrame, now: Instant) {
         let h = *frame.header();
-        // REFRESH has no target: the common checks run with a stand-in non-zero target.
-        let checked = Header {
-            target: UserId(u64::MAX),
-            ..h
-        };
-        let Some(user) = self.check_request(id, &checked, Flags::EMPTY, "REFRESH") else {
+        let Some(user) = self.check_targetless_request(id, &h, Flags::EMPTY, "REFRESH") else {
             return;
         };
-        if !h.target.is_none() {
-            let reason = "REFRESH takes target 0";
-            self.reply_error(id, h.msg_id, h.target, ErrorCode::InvalidField, reason);
-            return;
-        }
         let exp = match self.config.auth.as_ref() {
             // Nothing expires: the answer says so with exp 0.
             None => 0,

@@ -287,6 +287,28 @@ impl Relay {
         None
     }
 
+    /// [`Relay::check_request`] for a request that takes target 0 (BROADCAST, REFRESH): the
+    /// common checks (run with a stand-in non-zero target), then target 0 itself.
+    pub(super) fn check_targetless_request(
+        &mut self,
+        id: ConnId,
+        h: &Header,
+        allowed: Flags,
+        what: &str,
+    ) -> Option<UserId> {
+        let checked = Header {
+            target: UserId(u64::MAX),
+            ..*h
+        };
+        let user = self.check_request(id, &checked, allowed, what)?;
+        if !h.target.is_none() {
+            let reason = format!("{what} takes target 0");
+            self.reply_error(id, h.msg_id, h.target, ErrorCode::InvalidField, &reason);
+            return None;
+        }
+        Some(user)
+    }
+
     /// [`Relay::check_request`] and then an empty payload, for JOIN, LEAVE and ROOM_INFO.
     pub(super) fn check_bare_request(
         &mut self,

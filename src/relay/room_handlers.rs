@@ -140,19 +140,9 @@ impl Relay {
 
     pub(super) fn on_broadcast(&mut self, id: ConnId, frame: RawFrame, now: Instant) {
         let h = *frame.header();
-        // BROADCAST has no target: check the common rules with a stand-in non-zero target.
-        let checked = Header {
-            target: UserId(u64::MAX),
-            ..h
-        };
-        let Some(sender) = self.check_request(id, &checked, Flags::NO_ACK, "BROADCAST") else {
+        let Some(sender) = self.check_targetless_request(id, &h, Flags::NO_ACK, "BROADCAST") else {
             return;
         };
-        if !h.target.is_none() {
-            let reason = "BROADCAST takes target 0";
-            self.reply_error(id, h.msg_id, h.target, ErrorCode::InvalidField, reason);
-            return;
-        }
         if !self.permits(id, Permission::Broadcast) {
             let reason = format!("{sender} is not an admin");
             self.reply_error(id, h.msg_id, h.target, ErrorCode::Forbidden, &reason);

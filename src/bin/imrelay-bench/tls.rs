@@ -6,12 +6,10 @@
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use clap::Args;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use imrelay::client::TlsClientOptions;
+use rustls::{ClientConnection, StreamOwned};
 
 /// The TLS flags of the modes that speak it.
 #[derive(Args, Clone, Debug)]
@@ -42,52 +40,22 @@ impl Default for TlsArgs {
 }
 
 /// A client configuration and the server name to connect with: one per run, cheap to
-/// clone into threads.
+/// clone into threads. The SDK's own TLS options (rustls with ring, TLS 1.3 and 1.2).
 #[derive(Clone)]
-pub struct TlsClient {
-    config: Arc<ClientConfig>,
-    name: ServerName<'static>,
-}
+pub struct TlsClient(TlsClientOptions);
 
 impl TlsClient {
-    /// Trusts exactly `certs` (CA or self-signed certificates) and expects `name`.
-    pub fn trusting(certs: Vec<CertificateDer<'static>>, name: &str) -> Result<TlsClient, String> {
-        let mut roots = RootCertStore::empty();
-        for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| format!("cannot trust the certificate: {e}"))?;
-        }
-        // The provider is named, as the relay does, rather than taken from the process
-        // default; TLS 1.3 and 1.2 like the relay, so the relay picks (1.3 with rustls).
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let name = ServerName::try_from(name.to_string())
-            .map_err(|e| format!("--tls-server-name {name}: {e}"))?;
-        Ok(TlsClient {
-            config: Arc::new(config),
-            name,
-        })
-    }
-
-    /// Trusts the PEM certificates in `path`.
+    /// Trusts the PEM certificates in `path` (CA or self-signed) and expects `name`.
     pub fn from_ca_file(path: &Path, name: &str) -> Result<TlsClient, String> {
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| format!("--tls-ca {}: {e}", path.display()))?;
-        if certs.is_empty() {
-            return Err(format!("--tls-ca {}: no certificate in it", path.display()));
-        }
-        TlsClient::trusting(certs, name)
+        TlsClientOptions::with_ca_file(name, path)
+            .map(TlsClient)
+            .map_err(|e| format!("--tls-ca {}: {e}", path.display()))
     }
 
     /// A new client session (nothing sent yet).
     pub fn session(&self) -> Result<ClientConnection, String> {
-        ClientConnection::new(self.config.clone(), self.name.clone()).map_err(|e| e.to_string())
+        let (config, name) = (self.0.rustls_config(), self.0.server_name());
+        ClientConnection::new(config.clone(), name.clone()).map_err(|e| e.to_string())
     }
 }
 
@@ -308,6 +276,6 @@ pub fn self_signed(dir: &TempDir, name: &str) -> Result<SelfSigned, String> {
         .map_err(|e| format!("cannot make a certificate: {e}"))?;
     let cert = dir.write("cert.pem", made.cert.pem().as_bytes())?;
     let key = dir.write("key.pem", made.signing_key.serialize_pem().as_bytes())?;
-    let client = TlsClient::trusting(vec![made.cert.der().clone()], name)?;
+    let client = TlsClient::from_ca_file(&cert, name)?;
     Ok(SelfSigned { cert, key, client })
 }

@@ -342,14 +342,14 @@ fn pairs(a: PairsArgs, floor: bool) -> Result<Report, String> {
 }
 
 fn stored(a: StoredArgs) -> Result<Report, String> {
-    let tmp = std::env::temp_dir().join(format!("imrelay-bench-store-{}", std::process::id()));
-    let dir = match a.store.as_str() {
-        "tmp" => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            tmp.to_string_lossy().into_owned()
-        }
-        other => other.to_string(),
+    // `tmp`: a fresh directory, removed when this returns (after the relay stopped).
+    let tmp = match a.store.as_str() {
+        "tmp" => Some(TempDir::new("store")?),
+        _ => None,
     };
+    let dir = tmp
+        .as_ref()
+        .map_or(a.store.clone(), |t| t.path().to_string_lossy().into_owned());
     let relay = relay(&a.target, &["--store", &dir])?;
     let pairs = PairsArgs {
         pairs: a.pairs,
@@ -363,9 +363,6 @@ fn stored(a: StoredArgs) -> Result<Report, String> {
     };
     let mut report = run_pairs_with(&pairs, Some(&relay), true);
     drop(relay);
-    if a.store == "tmp" {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
     if let Ok(r) = &mut report {
         r.extra("store", serde_json::json!(a.store));
     }

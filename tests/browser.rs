@@ -1,35 +1,73 @@
 //! End to end in a real browser: the H5 demo page in Debian's headless Chromium, driven by
-//! playwright-core (`tests/browser/e2e.mjs`), shares a live room with a native binary-TCP
+//! playwright-core (`tests/browser/*.mjs`), shares a live room with a native binary-TCP
 //! client run by this test. Two pages and the native client exchange room messages, likes
-//! and direct messages, and each side asserts what it shows or receives.
+//! and direct messages, and each side asserts what it shows or receives (`e2e.mjs`, over
+//! ws:// and over wss:// with tokens). A page outlives a relay restart on the same port:
+//! it reconnects by itself, rejoins its room and gets the room's messages again
+//! (`reconnect.mjs`). On a phone's viewport (390x844) the page fits and works by taps
+//! (`mobile.mjs`).
 //!
 //! `tests/browser/setup.sh` installs Chromium, Node.js and playwright-core when they are
-//! missing. A missing dependency fails this test: it never skips. The screenshot of page A
-//! is saved as `h5.png` in the tests' output directory (`target/tmp/`).
+//! missing. A missing dependency fails these tests: they never skip. Screenshots are saved
+//! in the tests' output directory (`target/tmp/`): `h5.png` (desktop), `h5-wss.png`,
+//! `h5-mobile.png` (390x844) and `h5-reconnect.png` (after the restart).
 
 mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use imrelay::proto::{ErrorCode, Frame, Opcode, RoomId, UserId};
 use imrelay::relay::Config;
+use imrelay::server::{Server, ShutdownHandle};
 use support::{Client, TestRelay};
 
 const ROOM: u64 = 7;
 const NATIVE: u64 = 3;
 
-/// The node script, and the line protocol it speaks with this test.
+/// The node script, and the line protocol it speaks with this test (common.mjs).
 struct Script {
     child: Child,
     stdin: ChildStdin,
     lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    /// Where the script saves its screenshot.
+    screenshot: PathBuf,
 }
 
 impl Script {
-    /// The next `STEP <name>` the script announces; on its failure, its error output.
+    /// Starts `tests/browser/<name>` on the demo at `url`, its screenshot to be saved as
+    /// `png` in the tests' output directory; `env` goes to the script.
+    fn start(name: &str, url: &str, env: &[(&str, String)], png: &str) -> Script {
+        let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join(png);
+        let _ = std::fs::remove_file(&screenshot);
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+        let mut child = Command::new("node")
+            .arg(dir.join(name))
+            .current_dir(&dir)
+            .env("RELAY_URL", url)
+            .env("SCREENSHOT", &screenshot)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start node (installed by tests/browser/setup.sh)");
+        let stdin = child.stdin.take().expect("piped stdin");
+        let lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        Script {
+            child,
+            stdin,
+            lines,
+            screenshot,
+        }
+    }
+
+    /// The next `STEP <name>` (or `STEP <name> <data>`) the script announces; on its
+    /// failure, its error output.
     fn next_step(&mut self) -> String {
         match self.lines.next() {
             Some(Ok(line)) if line.starts_with("STEP ") => line["STEP ".len()..].to_string(),
@@ -53,8 +91,74 @@ impl Script {
         );
     }
 
+    /// The next step must be `name` with data: returns the data.
+    fn expect_step_with(&mut self, name: &str) -> String {
+        let step = self.next_step();
+        match step
+            .strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(' '))
+        {
+            Some(data) => data.to_string(),
+            None => panic!("the browser script's steps are out of order: {step:?}, not {name}"),
+        }
+    }
+
     fn answer_ok(&mut self) {
-        writeln!(self.stdin, "ok").expect("write to e2e.mjs");
+        writeln!(self.stdin, "ok").expect("write to the browser script");
+    }
+
+    /// The script's last step, its exit, and its screenshot.
+    fn finish(mut self) {
+        self.expect_step("done");
+        drop(self.stdin);
+        let status = self.child.wait().expect("wait for node");
+        assert!(status.success(), "the browser script exited with {status}");
+        let png = std::fs::read(&self.screenshot).expect("the screenshot was saved");
+        assert!(
+            png.starts_with(b"\x89PNG"),
+            "a PNG at {}",
+            self.screenshot.display()
+        );
+        eprintln!("screenshot: {}", self.screenshot.display());
+    }
+}
+
+/// A relay on a given address: the restart of a [`TestRelay`] on the port it had. Stopped
+/// (and joined) on drop, like a `TestRelay`.
+struct RelayOn {
+    shutdown: ShutdownHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RelayOn {
+    fn start(addr: SocketAddr, config: Config) -> RelayOn {
+        config.validate().expect("valid test config");
+        // The listener sets SO_REUSEADDR (mio): the old relay's closed connections do not
+        // keep the port.
+        let mut server =
+            Server::bind(addr, config).unwrap_or_else(|e| panic!("bind {addr} again: {e}"));
+        let shutdown = server.shutdown_handle();
+        let thread = std::thread::spawn(move || server.run().expect("event loop"));
+        RelayOn {
+            shutdown,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for RelayOn {
+    fn drop(&mut self) {
+        self.shutdown.shutdown();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn demo_config() -> Config {
+    Config {
+        demo: true,
+        ..Config::default()
     }
 }
 
@@ -88,10 +192,7 @@ fn room_message(native: &mut Client) -> (UserId, Vec<u8>) {
 #[test]
 fn two_pages_and_a_native_client_share_a_live_room() {
     setup();
-    let relay = TestRelay::start(Config {
-        demo: true,
-        ..Config::default()
-    });
+    let relay = TestRelay::start(demo_config());
     let native = relay.login(NATIVE);
     let url = format!("http://{}", relay.addr);
     live_room(native, &url, &[], "h5.png");
@@ -164,6 +265,165 @@ fn the_live_room_over_wss_with_login_tokens() {
     );
 }
 
+/// A page in room 7 loses its relay: the relay stops (SHUTTING_DOWN, WebSocket close 1001)
+/// and, once the page has said it is reconnecting and one attempt has failed, a new relay
+/// starts on the same port. The page comes back by itself, logs in and rejoins room 7,
+/// counts the reconnect, and shows a room message the native client sends to the new relay.
+/// Every wait is on what the page shows, none on time.
+#[test]
+fn the_page_reconnects_after_a_relay_restart() {
+    setup();
+    let relay = TestRelay::start(demo_config());
+    let addr = relay.addr;
+    let url = format!("http://{addr}");
+    let mut script = Script::start("reconnect.mjs", &url, &[], "h5-reconnect.png");
+
+    script.expect_step("page-live");
+    drop(relay); // SHUTTING_DOWN to the page, every connection closed, the listener gone
+    script.answer_ok();
+
+    // The page saw the close and is retrying: the relay comes back on the same port.
+    script.expect_step("relay-down");
+    let _relay = RelayOn::start(addr, demo_config());
+    script.answer_ok();
+
+    let reconnects = script.expect_step_with("rejoined");
+    let reconnects: u32 = reconnects.parse().expect("a reconnect count");
+    assert!(reconnects >= 1, "the page counts {reconnects} reconnects");
+    let mut native = Client::connect(addr);
+    native.login(NATIVE);
+    let state = native.join(ROOM);
+    assert_eq!(
+        state.payload[..],
+        [0, 0, 0, 2, 1],
+        "the page is back in room 7 on the new relay, and me"
+    );
+    assert_eq!(room_send(&mut native, b"hello after the restart"), 1);
+    script.answer_ok();
+
+    script.finish();
+}
+
+/// The page at 390x844 (an iPhone 13, touch): the header, its pills, the stage and the
+/// controls are all inside the viewport with no horizontal scroll, before and after the
+/// page is used by taps (a like and a room message, checked by the native client).
+#[test]
+fn the_page_fits_a_phone() {
+    setup();
+    let relay = TestRelay::start(demo_config());
+    let url = format!("http://{}", relay.addr);
+    let mut script = Script::start("mobile.mjs", &url, &[], "h5-mobile.png");
+
+    script.expect_step("page-live");
+    let mut native = relay.login(NATIVE);
+    assert_eq!(
+        native.join(ROOM).payload[..],
+        [0, 0, 0, 2, 1],
+        "the page and me"
+    );
+    assert_eq!(room_send(&mut native, b"hello phone"), 1);
+    script.answer_ok();
+
+    assert_fits_phone(&script.expect_step_with("layout"));
+    script.answer_ok();
+
+    script.expect_step("phone-sent");
+    assert_eq!(room_message(&mut native), (UserId(1), b"/like".to_vec()));
+    assert_eq!(
+        room_message(&mut native),
+        (UserId(1), b"hi from my phone".to_vec())
+    );
+    script.answer_ok();
+
+    assert_fits_phone(&script.expect_step_with("layout"));
+    script.answer_ok();
+
+    script.finish();
+}
+
+/// ROOM_SENDs `text` to room 7 from the native client; returns the ACK's count.
+fn room_send(native: &mut Client, text: &'static [u8]) -> u32 {
+    let id = native.next_id();
+    native.send_frame(&Frame::room_send(
+        id,
+        RoomId(ROOM),
+        Bytes::from_static(text),
+    ));
+    let ack = native.recv();
+    assert_eq!((ack.opcode, ack.msg_id), (Opcode::Ack, id), "{ack:?}");
+    ack.ack_count().expect("an ACK count")
+}
+
+/// Judges mobile.mjs's measurements (`viewport=390x844 scroll=W,X name=l,t,w,h …`): the
+/// viewport is a phone's, nothing scrolls sideways, and every element it measured (the
+/// header and its pills, the stage and its LIVE badge, the message box and the Send and
+/// Like buttons) is fully inside the viewport; the buttons are thumb-sized.
+fn assert_fits_phone(layout: &str) {
+    const W: f64 = 390.0;
+    const H: f64 = 844.0;
+    const EPS: f64 = 0.05; // the script rounds to 0.1 px
+    let mut boxes = std::collections::BTreeMap::new();
+    for part in layout.split_whitespace() {
+        let (key, value) = part
+            .split_once('=')
+            .unwrap_or_else(|| panic!("bad layout item {part:?}"));
+        match key {
+            "viewport" => assert_eq!(value, "390x844", "the phone's viewport"),
+            "scroll" => {
+                let (width, x) = value.split_once(',').expect("scroll=W,X");
+                let width: f64 = width.parse().expect("scrollWidth");
+                assert!(
+                    width <= W,
+                    "the page scrolls sideways: scrollWidth {width} > {W}"
+                );
+                assert_eq!(x, "0", "the page is scrolled sideways");
+            }
+            name => {
+                let b: Vec<f64> = value
+                    .split(',')
+                    .map(|v| v.parse().expect("a number"))
+                    .collect();
+                assert_eq!(b.len(), 4, "{name}={value}");
+                boxes.insert(name.to_string(), (b[0], b[1], b[2], b[3]));
+            }
+        }
+    }
+    for name in [
+        "header",
+        "status",
+        "online",
+        "likes",
+        "stage",
+        "live-badge",
+        "msg-input",
+        "send",
+        "like",
+    ] {
+        assert!(
+            boxes.contains_key(name),
+            "{name} was not measured: {layout}"
+        );
+    }
+    for (name, &(left, top, width, height)) in &boxes {
+        assert!(
+            width > 0.0 && height > 0.0,
+            "{name} is not visible: {width}x{height}"
+        );
+        assert!(
+            left >= -EPS && top >= -EPS && left + width <= W + EPS && top + height <= H + EPS,
+            "{name} is not inside the 390x844 viewport: left {left}, top {top}, width {width}, \
+             height {height}\n{layout}"
+        );
+    }
+    for name in ["send", "like"] {
+        let height = boxes[name].3;
+        assert!(
+            height >= 44.0 - EPS,
+            "{name} is {height} px tall: too small for a thumb"
+        );
+    }
+}
+
 fn path(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
@@ -211,28 +471,7 @@ fn spki_sha256(cert: &Path) -> String {
 /// Two pages of the H5 demo at `url` and the native client (user 3, logged in already)
 /// share room 7; each side checks what the others did. `env` goes to e2e.mjs.
 fn live_room(mut native: Client, url: &str, env: &[(&str, String)], png: &str) {
-    let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join(png);
-    let _ = std::fs::remove_file(&screenshot);
-
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    let mut child = Command::new("node")
-        .arg(dir.join("e2e.mjs"))
-        .current_dir(&dir)
-        .env("RELAY_URL", url)
-        .env("SCREENSHOT", &screenshot)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start node (installed by tests/browser/setup.sh)");
-    let stdin = child.stdin.take().expect("piped stdin");
-    let lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-    let mut script = Script {
-        child,
-        stdin,
-        lines,
-    };
+    let mut script = Script::start("e2e.mjs", url, env, png);
 
     // Both pages are logged in and in the room: the native client joins as the third.
     script.expect_step("pages-live");
@@ -274,15 +513,5 @@ fn live_room(mut native: Client, url: &str, env: &[(&str, String)], png: &str) {
     assert_eq!(&dm.payload[..], b"hello native");
     script.answer_ok();
 
-    script.expect_step("done");
-    drop(script.stdin);
-    let status = script.child.wait().expect("wait for node");
-    assert!(status.success(), "e2e.mjs exited with {status}");
-    let png = std::fs::read(&screenshot).expect("the screenshot was saved");
-    assert!(
-        png.starts_with(b"\x89PNG"),
-        "a PNG at {}",
-        screenshot.display()
-    );
-    eprintln!("screenshot: {}", screenshot.display());
+    script.finish();
 }

@@ -13,6 +13,21 @@
 //   await relay.roomSend(7, "666");   // resolves with the ACK count
 //   await relay.send(1002, "hi bob"); // rejects with an ImRelayError (e.g. RECIPIENT_OFFLINE)
 //
+// Reconnecting is off unless asked for: `new ImRelayClient(url, { reconnect: true })`, or
+// `{ reconnect: { initialMs: 500, maxMs: 15000, maxAttempts: Infinity } }` (the defaults).
+// Once logged in, a connection that closes without close() or bye() (a relay restart's
+// SHUTTING_DOWN, a dropped network) is retried after a random wait in
+// [0, min(maxMs, initialMs * 2^(attempt-1))) ("full jitter": the clients of a restarted
+// relay do not all come back at once). Each attempt connects, logs in again as the same
+// user with the same credential (a token function is called again) and rejoins the rooms
+// joined before. Events: "reconnecting" { attempt, delayMs, error } before each wait;
+// "reconnected" { attempt, reconnects, rooms, failedRooms } once logged in and rejoined;
+// "reconnectfailed" { attempts, error } when it gives up: after maxAttempts, or when the
+// relay refuses a fixed (non-function) credential with AUTH_FAILED or TOKEN_EXPIRED.
+// Meanwhile requests reject with "not connected" (`relay.connected` tells); nothing is
+// resent, a request cut off by the close rejects and its caller decides. retryNow() skips
+// the current wait (say, on the browser's "online" event).
+//
 // Each WebSocket binary message carries whole frames of protocol.md (32-byte big-endian
 // header + payload); the relay sends one frame per message. User, room and message ids
 // are u64: this module takes numbers, strings or BigInts and hands out BigInts.
@@ -75,6 +90,20 @@ function bytesOf(payload) {
   if (payload instanceof ArrayBuffer) return new Uint8Array(payload);
   throw new TypeError("payload must be a string, Uint8Array or ArrayBuffer");
 }
+
+/** Reconnect settings used for `reconnect: true` (see the top of this file). */
+export const RECONNECT_DEFAULTS = Object.freeze({
+  initialMs: 500, maxMs: 15_000, maxAttempts: Infinity,
+});
+
+/** The wait before reconnect attempt `attempt` (1, 2, …), in ms: full jitter, capped. */
+export function backoffDelay(attempt, { initialMs, maxMs } = RECONNECT_DEFAULTS, random = Math.random) {
+  const cap = Math.min(maxMs, initialMs * 2 ** Math.min(attempt - 1, 30));
+  return Math.floor(random() * cap);
+}
+
+/** LOGIN refusals that the same fixed credential will meet again. */
+const FINAL_LOGIN_ERRORS = new Set(["AUTH_FAILED", "TOKEN_EXPIRED"]);
 
 /** Encodes one frame: { opcode, flags?, msgId?, target?, payload? } to bytes. */
 export function encodeFrame({ opcode, flags = 0, msgId = 0, target = 0, payload }) {
@@ -173,10 +202,12 @@ function describe(f) {
 /**
  * One connection to the relay. Requests return promises settled by the relay's answer
  * (matched by msg_id); pushed frames are events: "deliver", "room", "like", "missed",
- * "error" (ERROR frames answering nothing), "frame" (every frame), "open", "close".
+ * "error" (ERROR frames answering nothing), "frame" (every frame), "open", "close"
+ * ({ code, reason, willReconnect }). With `options.reconnect` (top of this file), also
+ * "reconnecting", "reconnected" and "reconnectfailed".
  */
 export class ImRelayClient {
-  constructor(url) {
+  constructor(url, options = {}) {
     this.url = url;
     this.ws = null;
     this.nextId = 0n;
@@ -184,6 +215,24 @@ export class ImRelayClient {
     this.handlers = new Map();
     this.user = null;
     this.limits = null;
+    const r = options.reconnect;
+    /** Reconnect settings, or null (no reconnecting). */
+    this.reconnectOptions = r ? { ...RECONNECT_DEFAULTS, ...(r === true ? {} : r) } : null;
+    /** Successful reconnects so far. */
+    this.reconnects = 0;
+    /** Rooms this client is in (BigInt ids), rejoined after a reconnect. */
+    this.rooms = new Set();
+    this.credential = "";
+    this.loggedIn = false;
+    this.stopped = false;      // close() or bye(): no more reconnecting
+    this.reconnecting = false; // the reconnect loop runs
+    this.retryTimer = null;
+    this.retryWake = null;
+  }
+
+  /** True while the connection is open and logged in: requests can go out. */
+  get connected() {
+    return this.loggedIn && this.ws?.readyState === WebSocket.OPEN;
   }
 
   /** Subscribes `fn` to event `type`; returns a function that unsubscribes. */
@@ -201,20 +250,117 @@ export class ImRelayClient {
 
   /** Opens the WebSocket; resolves once it is open. */
   connect() {
+    this.stopped = false;
     return new Promise((resolve, reject) => {
       const ws = new WebSocket(this.url);
       ws.binaryType = "arraybuffer";
       this.ws = ws;
-      ws.onopen = () => { this.emit("open"); resolve(this); };
+      // A socket this client has moved on from (a failed reconnect attempt) is ignored.
+      ws.onopen = () => {
+        if (this.ws !== ws) return;
+        this.emit("open");
+        resolve(this);
+      };
       ws.onerror = () => reject(new Error(`cannot connect to ${this.url}`));
-      ws.onmessage = (event) => this.onMessage(event.data);
+      ws.onmessage = (event) => { if (this.ws === ws) this.onMessage(event.data); };
       ws.onclose = (event) => {
         const closed = new Error(`closed: ${event.code} ${event.reason}`);
-        for (const { reject: fail } of this.pending.values()) fail(closed);
-        this.pending.clear();
-        this.emit("close", { code: event.code, reason: event.reason });
+        reject(closed); // if it never opened
+        if (this.ws === ws) this.onClose(event, closed);
       };
     });
+  }
+
+  onClose(event, closed) {
+    const wasLoggedIn = this.loggedIn;
+    this.loggedIn = false;
+    this.failPending(closed);
+    // A logged-in session that drops starts the loop; a failed attempt's close is the
+    // loop's business.
+    const willReconnect = Boolean(this.reconnectOptions) && !this.stopped
+      && (wasLoggedIn || this.reconnecting);
+    this.emit("close", { code: event.code, reason: event.reason, willReconnect });
+    if (willReconnect && !this.reconnecting) this.reconnectLoop(closed);
+  }
+
+  failPending(error) {
+    for (const { reject: fail } of this.pending.values()) fail(error);
+    this.pending.clear();
+  }
+
+  /** Retries until logged in and rejoined again, or until it gives up or is stopped. */
+  async reconnectLoop(cause) {
+    const options = this.reconnectOptions;
+    this.reconnecting = true;
+    let error = cause;
+    try {
+      for (let attempt = 1; !this.stopped; attempt += 1) {
+        if (attempt > options.maxAttempts) {
+          this.emit("reconnectfailed", { attempts: attempt - 1, error });
+          return;
+        }
+        const delayMs = backoffDelay(attempt, options);
+        this.emit("reconnecting", { attempt, delayMs, error });
+        await this.pause(delayMs);
+        if (this.stopped) return;
+        try {
+          await this.connect();
+          await this.login(this.user, this.credential);
+          const failedRooms = [];
+          for (const room of [...this.rooms]) {
+            try {
+              await this.join(room);
+            } catch (e) {
+              if (!(e instanceof ImRelayError)) throw e; // the connection went: retry all
+              this.rooms.delete(room);
+              failedRooms.push({ room, error: e });
+            }
+          }
+          this.reconnects += 1;
+          this.emit("reconnected", {
+            attempt, reconnects: this.reconnects, rooms: [...this.rooms], failedRooms,
+          });
+          return;
+        } catch (e) {
+          error = e;
+          const ws = this.ws;
+          this.ws = null; // its close, if still to come, is not news
+          this.loggedIn = false;
+          this.failPending(e);
+          if (ws && ws.readyState <= WebSocket.OPEN) ws.close();
+          if (e instanceof ImRelayError && FINAL_LOGIN_ERRORS.has(e.codeName)
+              && typeof this.credential !== "function") {
+            this.emit("reconnectfailed", { attempts: attempt, error: e });
+            return;
+          }
+        }
+      }
+    } finally {
+      this.reconnecting = false;
+      this.retryTimer = null;
+      this.retryWake = null;
+    }
+  }
+
+  pause(ms) {
+    return new Promise((resolve) => {
+      this.retryWake = resolve;
+      this.retryTimer = setTimeout(resolve, ms);
+    });
+  }
+
+  /** Skips the wait before the next reconnect attempt, if one is waiting. */
+  retryNow() {
+    if (!this.retryWake) return;
+    clearTimeout(this.retryTimer);
+    this.retryWake();
+  }
+
+  /** Closes the connection (WebSocket code 1000) and stops reconnecting. */
+  close() {
+    this.stopped = true;
+    this.retryNow();
+    if (this.ws && this.ws.readyState <= WebSocket.OPEN) this.ws.close(1000, "bye");
   }
 
   onMessage(data) {
@@ -296,6 +442,7 @@ export class ImRelayClient {
    * expires soon.
    */
   async login(user, credential = "") {
+    this.credential = credential; // for logging in again after a reconnect
     if (typeof credential === "function") {
       this.tokenProvider = credential;
       credential = await credential(user);
@@ -303,6 +450,7 @@ export class ImRelayClient {
     const ok = await this.request(Op.LOGIN, user, credential);
     this.user = ok.target;
     this.limits = ok.limits;
+    this.loggedIn = true;
     return ok.limits;
   }
 
@@ -319,12 +467,14 @@ export class ImRelayClient {
   /** JOIN a room; resolves with { members, isMember }. */
   async join(room) {
     const s = await this.request(Op.JOIN, room);
+    if (s.isMember) this.rooms.add(u64(room));
     return { members: s.members, isMember: s.isMember };
   }
 
   /** LEAVE a room; resolves with { members, isMember }. */
   async leave(room) {
     const s = await this.request(Op.LEAVE, room);
+    this.rooms.delete(u64(room));
     return { members: s.members, isMember: s.isMember };
   }
 
@@ -349,8 +499,10 @@ export class ImRelayClient {
     return (await this.request(Op.PING, 0, text)).text;
   }
 
-  /** BYE, then the relay closes the connection. */
+  /** BYE, then the relay closes the connection (and this client does not reconnect). */
   async bye() {
+    this.stopped = true;
+    this.retryNow();
     await this.request(Op.BYE, 0);
   }
 }

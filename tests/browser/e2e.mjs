@@ -6,84 +6,11 @@
 // Over TLS: RELAY_URL=https://localhost:PORT, SPKI=<base64 SHA-256 of the relay
 // certificate's public key>, which Chromium is told to trust (and nothing else), and
 // TOKENS={"1":"<jwt>","2":"<jwt>"}, the pages' login tokens.
-// The two processes take turns over a line protocol: this script prints `STEP <name>` on
-// stdout when the native client has something to check or do, and waits for the Rust test
-// to answer one line on stdin (`ok`, or `fail <why>`). Waits on the pages are conditions on
-// the DOM; their timeouts are only safety nets. Any failure exits non-zero with the reason.
+// The line protocol with the Rust test, and the helpers: common.mjs.
 
-import { createInterface } from "node:readline";
-import { chromium } from "playwright-core";
+import { SAFETY_MS, SCREENSHOT, itemFrom, noErrors, openPage, run, step, textIs } from "./common.mjs";
 
-const RELAY_URL = process.env.RELAY_URL;
-const SCREENSHOT = process.env.SCREENSHOT;
-const SAFETY_MS = 15_000;
-const SPKI = process.env.SPKI;
-const TOKENS = JSON.parse(process.env.TOKENS ?? "{}");
-if (!RELAY_URL || !SCREENSHOT) {
-  console.error("RELAY_URL and SCREENSHOT must be set");
-  process.exit(2);
-}
-
-// A safety net for a hung browser, not a synchronisation: every wait above has its own.
-setTimeout(() => {
-  console.error("browser e2e: gave up after 120 s");
-  process.exit(1);
-}, 120_000).unref();
-
-const answers = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
-
-/** Hands a step to the Rust test and waits for its answer. */
-async function step(name) {
-  console.log(`STEP ${name}`);
-  const { value, done } = await answers.next();
-  if (done) throw new Error(`the Rust test went away during ${name}`);
-  if (value.trim() !== "ok") throw new Error(`native client, ${name}: ${value}`);
-}
-
-/** Waits until `selector`'s text is exactly `expected`. */
-async function textIs(page, selector, expected) {
-  await page.waitForFunction(
-    ([sel, want]) => document.querySelector(sel)?.textContent === want,
-    [selector, expected],
-    { timeout: SAFETY_MS },
-  ).catch(async () => {
-    const got = await page.locator(selector).textContent().catch(() => "(missing)");
-    throw new Error(`${page.label}: ${selector} shows ${JSON.stringify(got)}, not ${JSON.stringify(expected)}`);
-  });
-}
-
-/** Waits for a list item in `list` from user `from` whose text contains `text`. */
-async function itemFrom(page, list, from, text, cls = "") {
-  await page.waitForFunction(
-    ([l, f, t, c]) => [...document.querySelectorAll(`#${l} li`)].some(
-      (li) => li.dataset.from === f && li.textContent.includes(t) && (!c || li.classList.contains(c)),
-    ),
-    [list, String(from), text, cls],
-    { timeout: SAFETY_MS },
-  ).catch(async () => {
-    const items = await page.locator(`#${list} li`).allTextContents();
-    throw new Error(`${page.label}: no #${list} item from ${from} with ${JSON.stringify(text)}; has ${JSON.stringify(items)}`);
-  });
-}
-
-async function openPage(browser, user) {
-  const page = await browser.newPage({ viewport: { width: 1200, height: 760 } });
-  page.label = `page of user ${user}`;
-  page.errors = [];
-  page.on("pageerror", (e) => page.errors.push(String(e)));
-  page.on("console", (m) => { if (m.type() === "error") page.errors.push(m.text()); });
-  const token = TOKENS[user] ? `&token=${encodeURIComponent(TOKENS[user])}` : "";
-  await page.goto(`${RELAY_URL}/?user=${user}&room=7${token}`, { timeout: SAFETY_MS });
-  return page;
-}
-
-const browser = await chromium.launch({
-  executablePath: "/usr/bin/chromium",
-  headless: true,
-  args: ["--no-sandbox", ...(SPKI ? [`--ignore-certificate-errors-spki-list=${SPKI}`] : [])],
-});
-let failed = null;
-try {
+await run("browser e2e", async (browser) => {
   const a = await openPage(browser, 1);
   const b = await openPage(browser, 2);
   for (const page of [a, b]) {
@@ -140,17 +67,5 @@ try {
   }, null, { timeout: SAFETY_MS });
   await a.screenshot({ path: SCREENSHOT });
 
-  for (const page of [a, b]) {
-    if (page.errors.length) throw new Error(`${page.label} logged errors: ${page.errors.join("; ")}`);
-  }
-  console.log("STEP done");
-} catch (e) {
-  failed = e;
-} finally {
-  await browser.close();
-}
-if (failed) {
-  console.error(`browser e2e failed: ${failed.stack ?? failed}`);
-  process.exit(1);
-}
-process.exit(0); // stdin is still open: do not wait for it
+  noErrors(a, b);
+});

@@ -63,6 +63,12 @@
 #define IMRELAY_ERR_UNSUPPORTED -9
 
 /**
+ * The system refused a resource the library needs (a thread, a pipe: out of file
+ * descriptors, say); the message says which.
+ */
+#define IMRELAY_ERR_SYSTEM -10
+
+/**
  * Logged in (again). `peer` = own user id, `count` = the relay's max frame.
  */
 #define IMRELAY_EVENT_CONNECTED 1
@@ -170,7 +176,10 @@
 #define IMRELAY_FAIL_CLOSED 4
 
 /**
- * An opaque client. Use one handle from one thread at a time.
+ * An opaque client, made by `imrelay_connect*` and freed by `imrelay_close` or
+ * `imrelay_free` (exactly one of them, once). Any thread may use it, several at once:
+ * typically one thread blocks in `imrelay_poll_event` while others call `imrelay_send`
+ * and the rest; only the two freeing calls must not overlap with any other call on it.
  */
 typedef struct ImrelayClient ImrelayClient;
 
@@ -192,22 +201,29 @@ typedef struct ImrelayOptions ImrelayOptions;
  * and the client tries again after its backoff), and no REFRESH is sent.
  *
  * When: at every connect and reconnect, just before the LOGIN, and when the relay sends
- * TOKEN_EXPIRING (for the REFRESH). Which thread: the one inside an `imrelay_*` call on
- * the client (`imrelay_connect_with` and `imrelay_poll_event` chiefly), never two at
- * once for one client, never after `imrelay_close` returned. Clients on different
- * threads that share a callback and `ctx` may run it concurrently: it must then be
- * thread-safe. It should return quickly (a cached token), must not call `imrelay_*`
- * functions on the same client, and must not unwind (throw) into the library.
+ * TOKEN_EXPIRING (for the REFRESH). Which thread: whichever thread is inside an
+ * `imrelay_*` call that runs the client (`imrelay_connect_with` and `imrelay_poll_event`
+ * chiefly, but a send or `imrelay_shutdown` on another thread may be the one), with the
+ * client's lock held: never two at once for one client, never after `imrelay_close` or
+ * `imrelay_free` returned. Clients that share a callback and `ctx` may run it
+ * concurrently: it must then be thread-safe. It should return quickly (a cached token),
+ * must not call `imrelay_*` functions on the same client (that would deadlock), and must
+ * not unwind (throw) into the library.
  *
  * Ownership: `out` belongs to the library and is valid only during the call. `ctx` is
  * the app's: the library passes it back unchanged, never reads or frees it; it must stay
- * valid until `imrelay_close` returned for every client connected with it.
+ * valid until `imrelay_close` or `imrelay_free` returned for every client connected
+ * with it.
  */
 typedef ptrdiff_t (*ImrelayTokenProvider)(uint64_t user, void *ctx, uint8_t *out, size_t cap);
 
 /**
- * One event. Owned by the library: read it, then pass it to `imrelay_event_free`.
- * Fields that do not apply to the kind are 0 (`data` NULL, `text` an empty string).
+ * One event. Allocated by the library and handed to the caller of `imrelay_poll_event`:
+ * read it, then pass it to `imrelay_event_free` (once, from any thread). It, its `data`
+ * and its `text` stay valid until then, whatever other threads do with the client (later
+ * polls, `imrelay_shutdown`, even freeing the client). Read-only: another thread may read
+ * it too if the app hands it over. Fields that do not apply to the kind are 0 (`data`
+ * NULL, `text` an empty string).
  */
 typedef struct ImrelayEvent {
   /**
@@ -248,6 +264,25 @@ typedef struct ImrelayEvent {
   const char *text;
 } ImrelayEvent;
 
+/**
+ * Called by the library with each event of a client, from the network thread that
+ * `imrelay_start_listener` started for it.
+ *
+ * Threads and order: always on that one thread (one per client), for one event at a time,
+ * in the order the client produced them; never concurrently with itself for one client
+ * (clients sharing a listener and `user_data` may call it concurrently). `CLOSED` is the
+ * last call for a client. The client's lock is not held: the listener may call
+ * `imrelay_send`, `imrelay_shutdown` and the rest on the client, but not
+ * `imrelay_poll_event` (refused) nor `imrelay_close`/`imrelay_free` (see there). While it
+ * runs the link is not read, so it should return quickly. It must not unwind (throw).
+ *
+ * Ownership: `event` belongs to the library and is valid only during the call (copy what
+ * you keep; do not pass it to `imrelay_event_free`). `user_data` is the app's, passed back
+ * unchanged; it must stay valid until the listener's last call (`CLOSED`, at the latest
+ * when `imrelay_close`/`imrelay_free` returns).
+ */
+typedef void (*ImrelayListener)(const struct ImrelayEvent *event, void *user_data);
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -257,6 +292,10 @@ extern "C" {
  * (may be NULL when `credential_len` is 0), and waits up to `timeout_ms` for the relay's
  * answer. Returns the client, or NULL (see `imrelay_last_error_code`). Once connected, the
  * client keeps the link up by itself: heartbeats, reconnects, resends.
+ *
+ * Threads: any thread; the client may then be used from any thread (see
+ * `ImrelayClient`). Ownership: `addr` and `credential` are the caller's (copied); the
+ * client belongs to the caller, who frees it with `imrelay_close` or `imrelay_free`.
  *
  * # Safety
  * `addr` must be NUL-terminated; `credential` must point to `credential_len` bytes.
@@ -270,6 +309,9 @@ struct ImrelayClient *imrelay_connect(const char *addr,
 /**
  * New connection options: no credential, no token provider, plain TCP. Never NULL
  * (except on allocation failure, which aborts). Free with `imrelay_options_free`.
+ *
+ * Threads: any thread. Options are not synchronised: one thread at a time per options
+ * object (set them up, then connect with them from anywhere).
  */
 struct ImrelayOptions *imrelay_options_new(void);
 
@@ -277,14 +319,18 @@ struct ImrelayOptions *imrelay_options_new(void);
  * Frees options from `imrelay_options_new`. NULL is ignored. Clients connected with them
  * are not affected.
  *
+ * Threads: any thread, but not while another call uses the same options.
+ *
  * # Safety
  * `options` must come from `imrelay_options_new` and not be freed twice.
  */
 void imrelay_options_free(struct ImrelayOptions *options);
 
 /**
- * Sets the static LOGIN credential (copied; `data` may be NULL when `len` is 0). A token
- * provider, if set, takes its place.
+ * Sets the static LOGIN credential (copied; `data` may be NULL when `len` is 0, and stays
+ * the caller's). A token provider, if set, takes its place.
+ *
+ * Threads: any thread, one at a time per options object.
  *
  * # Safety
  * `options` must come from `imrelay_options_new`; `data` must point to `len` bytes.
@@ -296,6 +342,8 @@ int32_t imrelay_options_set_credential(struct ImrelayOptions *options,
 /**
  * Sets (or, with a NULL `provider`, clears) the token provider: see
  * `ImrelayTokenProvider` for when it is called, on which thread, and who owns what.
+ *
+ * Threads: any thread, one at a time per options object.
  *
  * # Safety
  * `options` must come from `imrelay_options_new`; `provider` and `ctx` must keep the
@@ -313,7 +361,9 @@ int32_t imrelay_options_set_token_provider(struct ImrelayOptions *options,
  * `IMRELAY_ERR_INVALID` here, not a connect failure later. A certificate that does not
  * verify is a `DISCONNECTED` event (or `imrelay_connect_with` failing), text
  * "TLS handshake failed: ...". `IMRELAY_ERR_UNSUPPORTED` from a library built without
- * TLS.
+ * TLS. The strings stay the caller's (copied).
+ *
+ * Threads: any thread, one at a time per options object.
  *
  * # Safety
  * `options` must come from `imrelay_options_new`; `server_name` must be NUL-terminated;
@@ -327,6 +377,8 @@ int32_t imrelay_options_set_tls(struct ImrelayOptions *options,
  * Connects over TLS, trusting the CA certificates in `pem` (`len` bytes of PEM, one or
  * more CERTIFICATE blocks; copied): for a CA bundled with the app. As
  * `imrelay_options_set_tls` otherwise.
+ *
+ * Threads: any thread, one at a time per options object.
  *
  * # Safety
  * `options` must come from `imrelay_options_new`; `server_name` must be NUL-terminated;
@@ -344,6 +396,9 @@ int32_t imrelay_options_set_tls_ca_pem(struct ImrelayOptions *options,
  * whenever convenient. A failed TLS handshake or a refused token is
  * `IMRELAY_ERR_CONNECT`, the message saying why.
  *
+ * Threads: any thread (the options must not be changed meanwhile). Ownership: as
+ * `imrelay_connect`; the options stay the caller's.
+ *
  * # Safety
  * `addr` must be NUL-terminated; `options` must be NULL or from `imrelay_options_new`.
  */
@@ -355,19 +410,29 @@ struct ImrelayClient *imrelay_connect_with(const char *addr,
 /**
  * Sends REFRESH with a new login token (copied) if the link is up, and uses it for later
  * LOGINs unless a token provider is set. A `TOKEN_REFRESHED` or `REFRESH_FAILED` event
- * answers.
+ * answers. `token` stays the caller's.
+ *
+ * Threads: any thread, concurrently with `imrelay_poll_event` and the other calls on the
+ * client (except `imrelay_close`/`imrelay_free`, which must not overlap with any).
  *
  * # Safety
- * `client` must come from `imrelay_connect*`; `token` must point to `len` bytes.
+ * `client` must come from `imrelay_connect*` and not be being freed; `token` must point
+ * to `len` bytes.
  */
 int32_t imrelay_refresh_token(struct ImrelayClient *client, const uint8_t *token, size_t len);
 
 /**
  * Queues a direct message to `to`. On success writes its id to `*msg_id` (if not NULL)
- * and returns `IMRELAY_OK`; a `DELIVERED` or `FAILED` event with that id follows.
+ * and returns `IMRELAY_OK`; a `DELIVERED` or `FAILED` event with that id follows (it may
+ * reach a polling thread before this call returns). `data` is copied and stays the
+ * caller's.
+ *
+ * Threads: any thread, concurrently with `imrelay_poll_event` and the other calls on the
+ * client (except `imrelay_close`/`imrelay_free`, which must not overlap with any).
  *
  * # Safety
- * `client` must come from `imrelay_connect`; `data` must point to `len` bytes.
+ * `client` must come from `imrelay_connect` and not be being freed; `data` must point
+ * to `len` bytes.
  */
 int32_t imrelay_send(struct ImrelayClient *client,
                      uint64_t to,
@@ -378,10 +443,15 @@ int32_t imrelay_send(struct ImrelayClient *client,
 /**
  * Queues a stored message to `to`: the relay keeps it until the recipient's app has it,
  * even if the recipient is offline now. On success writes its id to `*msg_id` (if not
- * NULL); a `STORED` or `FAILED` event with that id follows.
+ * NULL); a `STORED` or `FAILED` event with that id follows. `data` is copied and stays
+ * the caller's.
+ *
+ * Threads: any thread, concurrently with `imrelay_poll_event` and the other calls on the
+ * client (except `imrelay_close`/`imrelay_free`, which must not overlap with any).
  *
  * # Safety
- * `client` must come from `imrelay_connect`; `data` must point to `len` bytes.
+ * `client` must come from `imrelay_connect` and not be being freed; `data` must point
+ * to `len` bytes.
  */
 int32_t imrelay_send_stored(struct ImrelayClient *client,
                             uint64_t to,
@@ -392,24 +462,35 @@ int32_t imrelay_send_stored(struct ImrelayClient *client,
 /**
  * Joins a room (kept across reconnects). A `ROOM_STATE` event answers.
  *
+ * Threads: any thread, concurrently with `imrelay_poll_event` and the other calls on the
+ * client (except `imrelay_close`/`imrelay_free`, which must not overlap with any).
+ *
  * # Safety
- * `client` must come from `imrelay_connect`.
+ * `client` must come from `imrelay_connect` and not be being freed.
  */
 int32_t imrelay_join(struct ImrelayClient *client, uint64_t room);
 
 /**
  * Leaves a room.
  *
+ * Threads: any thread, concurrently with `imrelay_poll_event` and the other calls on the
+ * client (except `imrelay_close`/`imrelay_free`, which must not overlap with any).
+ *
  * # Safety
- * `client` must come from `imrelay_connect`.
+ * `client` must come from `imrelay_connect` and not be being freed.
  */
 int32_t imrelay_leave(struct ImrelayClient *client, uint64_t room);
 
 /**
- * Sends a live room message (not kept while the link is down).
+ * Sends a live room message (not kept while the link is down). `data` is copied and
+ * stays the caller's.
+ *
+ * Threads: any thread, concurrently with `imrelay_poll_event` and the other calls on the
+ * client (except `imrelay_close`/`imrelay_free`, which must not overlap with any).
  *
  * # Safety
- * `client` must come from `imrelay_connect`; `data` must point to `len` bytes.
+ * `client` must come from `imrelay_connect` and not be being freed; `data` must point
+ * to `len` bytes.
  */
 int32_t imrelay_room_send(struct ImrelayClient *client,
                           uint64_t room,
@@ -418,18 +499,34 @@ int32_t imrelay_room_send(struct ImrelayClient *client,
 
 /**
  * Runs the client for up to `timeout_ms` (0 = just check) and returns `IMRELAY_OK` with
- * the next event in `*event`, or `IMRELAY_TIMEOUT` with `*event` set to NULL. Free each
- * event with `imrelay_event_free`.
+ * the next event in `*event`, `IMRELAY_TIMEOUT` with `*event` set to NULL, or, once the
+ * `CLOSED` event was taken (by this thread or another), `IMRELAY_ERR_CLOSED` at once with
+ * `*event` NULL. Returns as soon as another thread's call gives the client work or
+ * `imrelay_shutdown` is called.
+ *
+ * Threads: any thread, concurrently with every other call on the client except
+ * `imrelay_close`/`imrelay_free`. Several threads may poll at once; each event goes to
+ * exactly one of them. Not with a listener: once `imrelay_start_listener` succeeded this
+ * returns `IMRELAY_ERR_INVALID`.
+ *
+ * Ownership: the event belongs to the caller, independent of the client and of later
+ * polls: its `data` and `text` stay valid until the caller passes it to
+ * `imrelay_event_free` (from any thread, before or after the client is freed).
  *
  * # Safety
- * `client` must come from `imrelay_connect`; `event` must be a valid place for a pointer.
+ * `client` must come from `imrelay_connect` and not be being freed; `event` must be a
+ * valid place for a pointer.
  */
 int32_t imrelay_poll_event(struct ImrelayClient *client,
                            int32_t timeout_ms,
                            struct ImrelayEvent **event);
 
 /**
- * Frees an event from `imrelay_poll_event`. NULL is ignored.
+ * Frees an event from `imrelay_poll_event` (its `data` and `text` with it). NULL is
+ * ignored.
+ *
+ * Threads: any thread; the event need not be freed on the thread that polled it, nor
+ * before its client is freed.
  *
  * # Safety
  * `event` must come from `imrelay_poll_event` and not be freed twice.
@@ -437,16 +534,83 @@ int32_t imrelay_poll_event(struct ImrelayClient *client,
 void imrelay_event_free(struct ImrelayEvent *event);
 
 /**
- * Closes the session (BYE), waits up to `timeout_ms` for answers to messages in flight,
- * and frees the client. NULL is ignored. Events still pending are discarded.
+ * Starts closing the session (BYE) and returns at once: messages never written fail now,
+ * those in flight get their answers, then a `CLOSED` event ends the stream of events (a
+ * thread blocked in `imrelay_poll_event` returns with them promptly). Later sends fail
+ * with `IMRELAY_ERR_CLOSED`. Calling it again does nothing. The handle is not freed: do
+ * that with `imrelay_free` once no other thread uses it (after the polling thread saw
+ * `CLOSED` or `IMRELAY_ERR_CLOSED`, say).
+ *
+ * Threads: any thread, concurrently with `imrelay_poll_event` and the other calls
+ * (except `imrelay_close`/`imrelay_free`).
  *
  * # Safety
- * `client` must come from `imrelay_connect` and not be used afterwards.
+ * `client` must come from `imrelay_connect` and not be being freed.
+ */
+int32_t imrelay_shutdown(struct ImrelayClient *client);
+
+/**
+ * Frees the client at once. A session still open is ended with a BYE (best effort: not
+ * waited for), and events not taken yet are discarded, so call `imrelay_shutdown` and
+ * poll until `CLOSED` first to learn the fate of every message. NULL is ignored. Events
+ * already returned by `imrelay_poll_event` stay valid until their `imrelay_event_free`.
+ * With a listener: closes, then waits until the listener got its last call (`CLOSED`)
+ * before freeing; no listener call happens after this returns (unless called from inside
+ * the listener, which cannot be waited for: its remaining calls then follow).
+ *
+ * Threads: any thread, but no other call on this client may be running or start: join
+ * (or otherwise stop) the threads using it first.
+ *
+ * # Safety
+ * `client` must come from `imrelay_connect`, not be used afterwards, and not be in use
+ * by another thread.
+ */
+void imrelay_free(struct ImrelayClient *client);
+
+/**
+ * Closes the session (BYE), waits up to `timeout_ms` for answers to messages in flight,
+ * and frees the client: `imrelay_shutdown`, polling until `CLOSED`, and `imrelay_free` in
+ * one call, for a program where no other thread polls. NULL is ignored. Events still
+ * pending are discarded. With a listener it is `imrelay_free`: the listener gets the
+ * remaining events (`CLOSED` last) before this returns, within the client's own close
+ * deadline rather than `timeout_ms`.
+ *
+ * Threads: any thread, but no other call on this client may be running or start (it
+ * frees the handle): stop the threads using it first.
+ *
+ * # Safety
+ * `client` must come from `imrelay_connect`, not be used afterwards, and not be in use
+ * by another thread.
  */
 void imrelay_close(struct ImrelayClient *client, int32_t timeout_ms);
 
 /**
+ * The callback style: starts a network thread, owned by the library, that takes every
+ * event of the client and calls `listener` with it (see `ImrelayListener` for the thread
+ * and ordering guarantees). Returns `IMRELAY_OK`; `IMRELAY_ERR_NULL` for a NULL
+ * `listener`; `IMRELAY_ERR_INVALID` if a listener already runs for this client;
+ * `IMRELAY_ERR_SYSTEM` if no thread could be started. From then on
+ * `imrelay_poll_event` on this client is refused. The thread ends after the `CLOSED`
+ * call; `imrelay_shutdown` gets there from any thread, `imrelay_close`/`imrelay_free`
+ * get there and wait for it.
+ *
+ * Threads: any thread, concurrently with the other calls on the client (except
+ * `imrelay_close`/`imrelay_free`). A poll already blocked in another thread may still
+ * return one event.
+ *
+ * # Safety
+ * `client` must come from `imrelay_connect` and not be being freed; `listener` and
+ * `user_data` must keep the `ImrelayListener` contract.
+ */
+int32_t imrelay_start_listener(struct ImrelayClient *client,
+                               ImrelayListener listener,
+                               void *user_data);
+
+/**
  * The code of the last failed call on this thread (`IMRELAY_OK` if it succeeded).
+ *
+ * Threads: any thread; each thread has its own last error, so a send failing on one
+ * thread never shows up on another.
  */
 int32_t imrelay_last_error_code(void);
 
@@ -454,6 +618,8 @@ int32_t imrelay_last_error_code(void);
  * Copies the last error's message on this thread into `buf` (NUL-terminated, truncated to
  * `len` bytes) and returns the message's full length without the NUL. `buf` may be NULL
  * to ask for the length.
+ *
+ * Threads: any thread (its own last error). `buf` is the caller's.
  *
  * # Safety
  * `buf` must be NULL or point to `len` writable bytes.

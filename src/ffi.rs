@@ -1,6 +1,12 @@
-//! The C ABI for iOS and Android apps: an opaque client handle over the blocking
-//! [`Client`], events as C structs the app frees, and a per-thread
-//! last error.
+//! The C ABI for iOS and Android apps: an opaque client handle over the thread-safe
+//! [`SharedClient`], events as C structs the app frees, and a per-thread last error.
+//!
+//! Threads: every function taking a client may be called from any thread, concurrently
+//! with `imrelay_poll_event` blocked on another (the usual shape: one thread polls, others
+//! send). The exceptions are the two that free the handle, `imrelay_close` and
+//! `imrelay_free`: no other call on that client may run or start once they are called.
+//! `imrelay_shutdown` is the close any thread may call: the poll returns with the last
+//! events, `CLOSED` last; free the handle after the polling thread has stopped.
 //!
 //! `include/imrelay.h` is generated from this file by cbindgen (`tests/c_abi.rs` fails when
 //! the committed header is stale; run it with `IMRELAY_UPDATE_HEADER=1` to rewrite it).
@@ -17,12 +23,14 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::net::ToSocketAddrs;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::client::{Client, ClientConfig, ConnectError, Event, FailReason, SendError};
+use crate::client::{
+    ClientConfig, ConnectError, Event, FailReason, Listener, Polled, SendError, SharedClient,
+};
 use crate::proto::{RoomId, UserId};
 
 /// Success.
@@ -47,6 +55,9 @@ pub const IMRELAY_ERR_CLOSED: i32 = -7;
 pub const IMRELAY_ERR_PANIC: i32 = -8;
 /// This build of the library lacks the feature asked for (TLS: built without "tls").
 pub const IMRELAY_ERR_UNSUPPORTED: i32 = -9;
+/// The system refused a resource the library needs (a thread, a pipe: out of file
+/// descriptors, say); the message says which.
+pub const IMRELAY_ERR_SYSTEM: i32 = -10;
 
 /// Logged in (again). `peer` = own user id, `count` = the relay's max frame.
 pub const IMRELAY_EVENT_CONNECTED: i32 = 1;
@@ -100,9 +111,14 @@ pub const IMRELAY_FAIL_UNCONFIRMED: i32 = 3;
 /// Failed: the client was closed before the message was ever written.
 pub const IMRELAY_FAIL_CLOSED: i32 = 4;
 
-/// An opaque client. Use one handle from one thread at a time.
+/// An opaque client, made by `imrelay_connect*` and freed by `imrelay_close` or
+/// `imrelay_free` (exactly one of them, once). Any thread may use it, several at once:
+/// typically one thread blocks in `imrelay_poll_event` while others call `imrelay_send`
+/// and the rest; only the two freeing calls must not overlap with any other call on it.
 pub struct ImrelayClient {
-    client: Client,
+    client: Arc<SharedClient>,
+    /// The network thread of `imrelay_start_listener`, if started.
+    listener: Mutex<Option<Listener>>,
 }
 
 /// Gives the library a login token for `user`, e.g. a JWT the app's backend issued.
@@ -115,16 +131,19 @@ pub struct ImrelayClient {
 /// and the client tries again after its backoff), and no REFRESH is sent.
 ///
 /// When: at every connect and reconnect, just before the LOGIN, and when the relay sends
-/// TOKEN_EXPIRING (for the REFRESH). Which thread: the one inside an `imrelay_*` call on
-/// the client (`imrelay_connect_with` and `imrelay_poll_event` chiefly), never two at
-/// once for one client, never after `imrelay_close` returned. Clients on different
-/// threads that share a callback and `ctx` may run it concurrently: it must then be
-/// thread-safe. It should return quickly (a cached token), must not call `imrelay_*`
-/// functions on the same client, and must not unwind (throw) into the library.
+/// TOKEN_EXPIRING (for the REFRESH). Which thread: whichever thread is inside an
+/// `imrelay_*` call that runs the client (`imrelay_connect_with` and `imrelay_poll_event`
+/// chiefly, but a send or `imrelay_shutdown` on another thread may be the one), with the
+/// client's lock held: never two at once for one client, never after `imrelay_close` or
+/// `imrelay_free` returned. Clients that share a callback and `ctx` may run it
+/// concurrently: it must then be thread-safe. It should return quickly (a cached token),
+/// must not call `imrelay_*` functions on the same client (that would deadlock), and must
+/// not unwind (throw) into the library.
 ///
 /// Ownership: `out` belongs to the library and is valid only during the call. `ctx` is
 /// the app's: the library passes it back unchanged, never reads or frees it; it must stay
-/// valid until `imrelay_close` returned for every client connected with it.
+/// valid until `imrelay_close` or `imrelay_free` returned for every client connected
+/// with it.
 pub type ImrelayTokenProvider =
     Option<unsafe extern "C" fn(user: u64, ctx: *mut c_void, out: *mut u8, cap: usize) -> isize>;
 
@@ -138,12 +157,13 @@ pub struct ImrelayOptions {
     tls: Option<crate::client::TlsClientOptions>,
 }
 
-/// The app's `ctx` pointer, handed to its callback from whichever thread drives the
-/// client: the callback's contract (see `ImrelayTokenProvider`) makes that sound.
+/// The app's `ctx` (or `user_data`) pointer, handed to its callback from whichever thread
+/// drives the client: the callback's contract (see `ImrelayTokenProvider` and
+/// `ImrelayListener`) makes that sound.
 struct CallbackCtx(*mut c_void);
 // SAFETY: the library never dereferences the pointer; the app promises (in the
-// `ImrelayTokenProvider` contract) that its callback may be called with it from any
-// thread that drives a client.
+// `ImrelayTokenProvider` and `ImrelayListener` contracts) that its callback may be called
+// with it from the thread that drives a client, whichever that is.
 unsafe impl Send for CallbackCtx {}
 // SAFETY: as above.
 unsafe impl Sync for CallbackCtx {}
@@ -180,8 +200,12 @@ fn call_provider(
     Vec::new()
 }
 
-/// One event. Owned by the library: read it, then pass it to `imrelay_event_free`.
-/// Fields that do not apply to the kind are 0 (`data` NULL, `text` an empty string).
+/// One event. Allocated by the library and handed to the caller of `imrelay_poll_event`:
+/// read it, then pass it to `imrelay_event_free` (once, from any thread). It, its `data`
+/// and its `text` stay valid until then, whatever other threads do with the client (later
+/// polls, `imrelay_shutdown`, even freeing the client). Read-only: another thread may read
+/// it too if the app hands it over. Fields that do not apply to the kind are 0 (`data`
+/// NULL, `text` an empty string).
 #[repr(C)]
 pub struct ImrelayEvent {
     /// One of the `IMRELAY_EVENT_*` values.
@@ -230,14 +254,15 @@ fn guard(body: impl FnOnce() -> i32) -> i32 {
 }
 
 /// Runs `body` on the client behind `client` under [`guard`]; NULL is `IMRELAY_ERR_NULL`.
+/// Only a shared reference is made: other threads may hold one at the same time.
 ///
 /// # Safety
-/// `client` must be NULL or a live handle from `imrelay_connect`.
-unsafe fn with_client(client: *mut ImrelayClient, body: impl FnOnce(&mut Client) -> i32) -> i32 {
+/// `client` must be NULL or a live handle from `imrelay_connect` (not being freed).
+unsafe fn with_client(client: *mut ImrelayClient, body: impl FnOnce(&SharedClient) -> i32) -> i32 {
     guard(|| {
         // SAFETY: the caller passes a live handle or NULL.
-        match unsafe { client.as_mut() } {
-            Some(c) => body(&mut c.client),
+        match unsafe { client.as_ref() } {
+            Some(c) => body(&c.client),
             None => set_error(IMRELAY_ERR_NULL, "client is NULL"),
         }
     })
@@ -285,6 +310,10 @@ fn timeout_from_ms(ms: i32) -> Duration {
 /// (may be NULL when `credential_len` is 0), and waits up to `timeout_ms` for the relay's
 /// answer. Returns the client, or NULL (see `imrelay_last_error_code`). Once connected, the
 /// client keeps the link up by itself: heartbeats, reconnects, resends.
+///
+/// Threads: any thread; the client may then be used from any thread (see
+/// `ImrelayClient`). Ownership: `addr` and `credential` are the caller's (copied); the
+/// client belongs to the caller, who frees it with `imrelay_close` or `imrelay_free`.
 ///
 /// # Safety
 /// `addr` must be NUL-terminated; `credential` must point to `credential_len` bytes.
@@ -357,18 +386,25 @@ fn connect_config(
             ))
         }
     };
-    match Client::connect(addr, config, timeout_from_ms(timeout_ms)) {
+    match SharedClient::connect(addr, config, timeout_from_ms(timeout_ms)) {
         Ok((client, _)) => {
             set_error(IMRELAY_OK, "");
-            Ok(Box::into_raw(Box::new(ImrelayClient { client })))
+            Ok(Box::into_raw(Box::new(ImrelayClient {
+                client: Arc::new(client),
+                listener: Mutex::new(None),
+            })))
         }
         Err(e @ ConnectError::Resolve(_)) => Err(set_error(IMRELAY_ERR_INVALID, e.to_string())),
+        Err(e @ ConnectError::Wake(_)) => Err(set_error(IMRELAY_ERR_SYSTEM, e.to_string())),
         Err(e) => Err(set_error(IMRELAY_ERR_CONNECT, e.to_string())),
     }
 }
 
 /// New connection options: no credential, no token provider, plain TCP. Never NULL
 /// (except on allocation failure, which aborts). Free with `imrelay_options_free`.
+///
+/// Threads: any thread. Options are not synchronised: one thread at a time per options
+/// object (set them up, then connect with them from anywhere).
 #[no_mangle]
 pub extern "C" fn imrelay_options_new() -> *mut ImrelayOptions {
     Box::into_raw(Box::new(ImrelayOptions {
@@ -381,6 +417,8 @@ pub extern "C" fn imrelay_options_new() -> *mut ImrelayOptions {
 
 /// Frees options from `imrelay_options_new`. NULL is ignored. Clients connected with them
 /// are not affected.
+///
+/// Threads: any thread, but not while another call uses the same options.
 ///
 /// # Safety
 /// `options` must come from `imrelay_options_new` and not be freed twice.
@@ -410,8 +448,10 @@ unsafe fn with_options(
     })
 }
 
-/// Sets the static LOGIN credential (copied; `data` may be NULL when `len` is 0). A token
-/// provider, if set, takes its place.
+/// Sets the static LOGIN credential (copied; `data` may be NULL when `len` is 0, and stays
+/// the caller's). A token provider, if set, takes its place.
+///
+/// Threads: any thread, one at a time per options object.
 ///
 /// # Safety
 /// `options` must come from `imrelay_options_new`; `data` must point to `len` bytes.
@@ -437,6 +477,8 @@ pub unsafe extern "C" fn imrelay_options_set_credential(
 
 /// Sets (or, with a NULL `provider`, clears) the token provider: see
 /// `ImrelayTokenProvider` for when it is called, on which thread, and who owns what.
+///
+/// Threads: any thread, one at a time per options object.
 ///
 /// # Safety
 /// `options` must come from `imrelay_options_new`; `provider` and `ctx` must keep the
@@ -467,7 +509,9 @@ pub unsafe extern "C" fn imrelay_options_set_token_provider(
 /// `IMRELAY_ERR_INVALID` here, not a connect failure later. A certificate that does not
 /// verify is a `DISCONNECTED` event (or `imrelay_connect_with` failing), text
 /// "TLS handshake failed: ...". `IMRELAY_ERR_UNSUPPORTED` from a library built without
-/// TLS.
+/// TLS. The strings stay the caller's (copied).
+///
+/// Threads: any thread, one at a time per options object.
 ///
 /// # Safety
 /// `options` must come from `imrelay_options_new`; `server_name` must be NUL-terminated;
@@ -498,6 +542,8 @@ pub unsafe extern "C" fn imrelay_options_set_tls(
 /// Connects over TLS, trusting the CA certificates in `pem` (`len` bytes of PEM, one or
 /// more CERTIFICATE blocks; copied): for a CA bundled with the app. As
 /// `imrelay_options_set_tls` otherwise.
+///
+/// Threads: any thread, one at a time per options object.
 ///
 /// # Safety
 /// `options` must come from `imrelay_options_new`; `server_name` must be NUL-terminated;
@@ -590,6 +636,9 @@ unsafe fn opt_str_from_c<'a>(s: *const c_char, what: &str) -> Result<Option<&'a 
 /// whenever convenient. A failed TLS handshake or a refused token is
 /// `IMRELAY_ERR_CONNECT`, the message saying why.
 ///
+/// Threads: any thread (the options must not be changed meanwhile). Ownership: as
+/// `imrelay_connect`; the options stay the caller's.
+///
 /// # Safety
 /// `addr` must be NUL-terminated; `options` must be NULL or from `imrelay_options_new`.
 #[no_mangle]
@@ -618,17 +667,21 @@ pub unsafe extern "C" fn imrelay_connect_with(
 
 /// Sends REFRESH with a new login token (copied) if the link is up, and uses it for later
 /// LOGINs unless a token provider is set. A `TOKEN_REFRESHED` or `REFRESH_FAILED` event
-/// answers.
+/// answers. `token` stays the caller's.
+///
+/// Threads: any thread, concurrently with `imrelay_poll_event` and the other calls on the
+/// client (except `imrelay_close`/`imrelay_free`, which must not overlap with any).
 ///
 /// # Safety
-/// `client` must come from `imrelay_connect*`; `token` must point to `len` bytes.
+/// `client` must come from `imrelay_connect*` and not be being freed; `token` must point
+/// to `len` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn imrelay_refresh_token(
     client: *mut ImrelayClient,
     token: *const u8,
     len: usize,
 ) -> i32 {
-    let body = |c: &mut Client| {
+    let body = |c: &SharedClient| {
         // SAFETY: forwarded from the caller's guarantee on `token` and `len`.
         match unsafe { bytes_from_c(token, len) } {
             Ok(token) => c
@@ -642,10 +695,16 @@ pub unsafe extern "C" fn imrelay_refresh_token(
 }
 
 /// Queues a direct message to `to`. On success writes its id to `*msg_id` (if not NULL)
-/// and returns `IMRELAY_OK`; a `DELIVERED` or `FAILED` event with that id follows.
+/// and returns `IMRELAY_OK`; a `DELIVERED` or `FAILED` event with that id follows (it may
+/// reach a polling thread before this call returns). `data` is copied and stays the
+/// caller's.
+///
+/// Threads: any thread, concurrently with `imrelay_poll_event` and the other calls on the
+/// client (except `imrelay_close`/`imrelay_free`, which must not overlap with any).
 ///
 /// # Safety
-/// `client` must come from `imrelay_connect`; `data` must point to `len` bytes.
+/// `client` must come from `imrelay_connect` and not be being freed; `data` must point
+/// to `len` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn imrelay_send(
     client: *mut ImrelayClient,
@@ -660,10 +719,15 @@ pub unsafe extern "C" fn imrelay_send(
 
 /// Queues a stored message to `to`: the relay keeps it until the recipient's app has it,
 /// even if the recipient is offline now. On success writes its id to `*msg_id` (if not
-/// NULL); a `STORED` or `FAILED` event with that id follows.
+/// NULL); a `STORED` or `FAILED` event with that id follows. `data` is copied and stays
+/// the caller's.
+///
+/// Threads: any thread, concurrently with `imrelay_poll_event` and the other calls on the
+/// client (except `imrelay_close`/`imrelay_free`, which must not overlap with any).
 ///
 /// # Safety
-/// `client` must come from `imrelay_connect`; `data` must point to `len` bytes.
+/// `client` must come from `imrelay_connect` and not be being freed; `data` must point
+/// to `len` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn imrelay_send_stored(
     client: *mut ImrelayClient,
@@ -688,7 +752,7 @@ unsafe fn send_from_c(
     msg_id: *mut u64,
     stored: bool,
 ) -> i32 {
-    let body = |c: &mut Client| {
+    let body = |c: &SharedClient| {
         // SAFETY: forwarded from the caller's guarantee on `data` and `len`.
         let payload = match unsafe { bytes_from_c(data, len) } {
             Ok(p) => p,
@@ -716,8 +780,11 @@ unsafe fn send_from_c(
 
 /// Joins a room (kept across reconnects). A `ROOM_STATE` event answers.
 ///
+/// Threads: any thread, concurrently with `imrelay_poll_event` and the other calls on the
+/// client (except `imrelay_close`/`imrelay_free`, which must not overlap with any).
+///
 /// # Safety
-/// `client` must come from `imrelay_connect`.
+/// `client` must come from `imrelay_connect` and not be being freed.
 #[no_mangle]
 pub unsafe extern "C" fn imrelay_join(client: *mut ImrelayClient, room: u64) -> i32 {
     // SAFETY: forwarded from the caller's guarantee.
@@ -731,8 +798,11 @@ pub unsafe extern "C" fn imrelay_join(client: *mut ImrelayClient, room: u64) -> 
 
 /// Leaves a room.
 ///
+/// Threads: any thread, concurrently with `imrelay_poll_event` and the other calls on the
+/// client (except `imrelay_close`/`imrelay_free`, which must not overlap with any).
+///
 /// # Safety
-/// `client` must come from `imrelay_connect`.
+/// `client` must come from `imrelay_connect` and not be being freed.
 #[no_mangle]
 pub unsafe extern "C" fn imrelay_leave(client: *mut ImrelayClient, room: u64) -> i32 {
     // SAFETY: forwarded from the caller's guarantee.
@@ -744,10 +814,15 @@ pub unsafe extern "C" fn imrelay_leave(client: *mut ImrelayClient, room: u64) ->
     }
 }
 
-/// Sends a live room message (not kept while the link is down).
+/// Sends a live room message (not kept while the link is down). `data` is copied and
+/// stays the caller's.
+///
+/// Threads: any thread, concurrently with `imrelay_poll_event` and the other calls on the
+/// client (except `imrelay_close`/`imrelay_free`, which must not overlap with any).
 ///
 /// # Safety
-/// `client` must come from `imrelay_connect`; `data` must point to `len` bytes.
+/// `client` must come from `imrelay_connect` and not be being freed; `data` must point
+/// to `len` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn imrelay_room_send(
     client: *mut ImrelayClient,
@@ -755,7 +830,7 @@ pub unsafe extern "C" fn imrelay_room_send(
     data: *const u8,
     len: usize,
 ) -> i32 {
-    let body = |c: &mut Client| {
+    let body = |c: &SharedClient| {
         // SAFETY: forwarded from the caller's guarantee on `data` and `len`.
         match unsafe { bytes_from_c(data, len) } {
             Ok(payload) => c
@@ -769,11 +844,23 @@ pub unsafe extern "C" fn imrelay_room_send(
 }
 
 /// Runs the client for up to `timeout_ms` (0 = just check) and returns `IMRELAY_OK` with
-/// the next event in `*event`, or `IMRELAY_TIMEOUT` with `*event` set to NULL. Free each
-/// event with `imrelay_event_free`.
+/// the next event in `*event`, `IMRELAY_TIMEOUT` with `*event` set to NULL, or, once the
+/// `CLOSED` event was taken (by this thread or another), `IMRELAY_ERR_CLOSED` at once with
+/// `*event` NULL. Returns as soon as another thread's call gives the client work or
+/// `imrelay_shutdown` is called.
+///
+/// Threads: any thread, concurrently with every other call on the client except
+/// `imrelay_close`/`imrelay_free`. Several threads may poll at once; each event goes to
+/// exactly one of them. Not with a listener: once `imrelay_start_listener` succeeded this
+/// returns `IMRELAY_ERR_INVALID`.
+///
+/// Ownership: the event belongs to the caller, independent of the client and of later
+/// polls: its `data` and `text` stay valid until the caller passes it to
+/// `imrelay_event_free` (from any thread, before or after the client is freed).
 ///
 /// # Safety
-/// `client` must come from `imrelay_connect`; `event` must be a valid place for a pointer.
+/// `client` must come from `imrelay_connect` and not be being freed; `event` must be a
+/// valid place for a pointer.
 #[no_mangle]
 pub unsafe extern "C" fn imrelay_poll_event(
     client: *mut ImrelayClient,
@@ -786,21 +873,33 @@ pub unsafe extern "C" fn imrelay_poll_event(
             return set_error(IMRELAY_ERR_NULL, "event is NULL");
         };
         *out = std::ptr::null_mut();
-        // SAFETY: the caller passes a live handle or NULL.
-        let Some(c) = (unsafe { client.as_mut() }) else {
+        // SAFETY: the caller passes a live handle or NULL; shared, as other threads may
+        // be using it too.
+        let Some(c) = (unsafe { client.as_ref() }) else {
             return set_error(IMRELAY_ERR_NULL, "client is NULL");
         };
-        match c.client.recv(timeout_from_ms(timeout_ms)) {
-            Some(e) => {
+        if c.has_listener() {
+            return set_error(
+                IMRELAY_ERR_INVALID,
+                "a listener (imrelay_start_listener) takes this client's events",
+            );
+        }
+        match c.client.poll_event(timeout_from_ms(timeout_ms)) {
+            Polled::Event(e) => {
                 *out = Box::into_raw(Box::new(to_c(e))).cast::<ImrelayEvent>();
                 IMRELAY_OK
             }
-            None => IMRELAY_TIMEOUT,
+            Polled::TimedOut => IMRELAY_TIMEOUT,
+            Polled::Finished => set_error(IMRELAY_ERR_CLOSED, "the client is closed"),
         }
     })
 }
 
-/// Frees an event from `imrelay_poll_event`. NULL is ignored.
+/// Frees an event from `imrelay_poll_event` (its `data` and `text` with it). NULL is
+/// ignored.
+///
+/// Threads: any thread; the event need not be freed on the thread that polled it, nor
+/// before its client is freed.
 ///
 /// # Safety
 /// `event` must come from `imrelay_poll_event` and not be freed twice.
@@ -815,24 +914,197 @@ pub unsafe extern "C" fn imrelay_event_free(event: *mut ImrelayEvent) {
     }));
 }
 
-/// Closes the session (BYE), waits up to `timeout_ms` for answers to messages in flight,
-/// and frees the client. NULL is ignored. Events still pending are discarded.
+/// Starts closing the session (BYE) and returns at once: messages never written fail now,
+/// those in flight get their answers, then a `CLOSED` event ends the stream of events (a
+/// thread blocked in `imrelay_poll_event` returns with them promptly). Later sends fail
+/// with `IMRELAY_ERR_CLOSED`. Calling it again does nothing. The handle is not freed: do
+/// that with `imrelay_free` once no other thread uses it (after the polling thread saw
+/// `CLOSED` or `IMRELAY_ERR_CLOSED`, say).
+///
+/// Threads: any thread, concurrently with `imrelay_poll_event` and the other calls
+/// (except `imrelay_close`/`imrelay_free`).
 ///
 /// # Safety
-/// `client` must come from `imrelay_connect` and not be used afterwards.
+/// `client` must come from `imrelay_connect` and not be being freed.
+#[no_mangle]
+pub unsafe extern "C" fn imrelay_shutdown(client: *mut ImrelayClient) -> i32 {
+    // SAFETY: forwarded from the caller's guarantee.
+    unsafe {
+        with_client(client, |c| {
+            c.close();
+            IMRELAY_OK
+        })
+    }
+}
+
+/// Frees the client at once. A session still open is ended with a BYE (best effort: not
+/// waited for), and events not taken yet are discarded, so call `imrelay_shutdown` and
+/// poll until `CLOSED` first to learn the fate of every message. NULL is ignored. Events
+/// already returned by `imrelay_poll_event` stay valid until their `imrelay_event_free`.
+/// With a listener: closes, then waits until the listener got its last call (`CLOSED`)
+/// before freeing; no listener call happens after this returns (unless called from inside
+/// the listener, which cannot be waited for: its remaining calls then follow).
+///
+/// Threads: any thread, but no other call on this client may be running or start: join
+/// (or otherwise stop) the threads using it first.
+///
+/// # Safety
+/// `client` must come from `imrelay_connect`, not be used afterwards, and not be in use
+/// by another thread.
+#[no_mangle]
+pub unsafe extern "C" fn imrelay_free(client: *mut ImrelayClient) {
+    if client.is_null() {
+        return;
+    }
+    // SAFETY: a handle from imrelay_connect, given back exactly once, used by no one else.
+    let mut owned = unsafe { Box::from_raw(client) };
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        owned.client.close();
+        owned.stop_listener();
+        drop(owned);
+    }));
+}
+
+/// Closes the session (BYE), waits up to `timeout_ms` for answers to messages in flight,
+/// and frees the client: `imrelay_shutdown`, polling until `CLOSED`, and `imrelay_free` in
+/// one call, for a program where no other thread polls. NULL is ignored. Events still
+/// pending are discarded. With a listener it is `imrelay_free`: the listener gets the
+/// remaining events (`CLOSED` last) before this returns, within the client's own close
+/// deadline rather than `timeout_ms`.
+///
+/// Threads: any thread, but no other call on this client may be running or start (it
+/// frees the handle): stop the threads using it first.
+///
+/// # Safety
+/// `client` must come from `imrelay_connect`, not be used afterwards, and not be in use
+/// by another thread.
 #[no_mangle]
 pub unsafe extern "C" fn imrelay_close(client: *mut ImrelayClient, timeout_ms: i32) {
     if client.is_null() {
         return;
     }
-    // SAFETY: a handle from imrelay_connect, given back exactly once.
+    // SAFETY: a handle from imrelay_connect, given back exactly once, used by no one else.
     let mut owned = unsafe { Box::from_raw(client) };
     let _ = catch_unwind(AssertUnwindSafe(|| {
-        owned.client.close(timeout_from_ms(timeout_ms));
+        if !owned.stop_listener() {
+            owned.client.close_and_drain(timeout_from_ms(timeout_ms));
+        }
+        drop(owned);
     }));
 }
 
+/// Called by the library with each event of a client, from the network thread that
+/// `imrelay_start_listener` started for it.
+///
+/// Threads and order: always on that one thread (one per client), for one event at a time,
+/// in the order the client produced them; never concurrently with itself for one client
+/// (clients sharing a listener and `user_data` may call it concurrently). `CLOSED` is the
+/// last call for a client. The client's lock is not held: the listener may call
+/// `imrelay_send`, `imrelay_shutdown` and the rest on the client, but not
+/// `imrelay_poll_event` (refused) nor `imrelay_close`/`imrelay_free` (see there). While it
+/// runs the link is not read, so it should return quickly. It must not unwind (throw).
+///
+/// Ownership: `event` belongs to the library and is valid only during the call (copy what
+/// you keep; do not pass it to `imrelay_event_free`). `user_data` is the app's, passed back
+/// unchanged; it must stay valid until the listener's last call (`CLOSED`, at the latest
+/// when `imrelay_close`/`imrelay_free` returns).
+pub type ImrelayListener =
+    Option<unsafe extern "C" fn(event: *const ImrelayEvent, user_data: *mut c_void)>;
+
+impl ImrelayClient {
+    fn listener_slot(&self) -> std::sync::MutexGuard<'_, Option<Listener>> {
+        self.listener.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn has_listener(&self) -> bool {
+        self.listener_slot().is_some()
+    }
+
+    /// Stops the listener, if one runs (closing the client, waiting for its `CLOSED`
+    /// call). True if there was one.
+    fn stop_listener(&mut self) -> bool {
+        let listener = self
+            .listener
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match listener {
+            Some(listener) => {
+                if listener.stop().is_err() {
+                    log::warn!("the listener thread panicked");
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Hands one event to a C listener as [`ImrelayListener`] describes.
+fn deliver(
+    listener: unsafe extern "C" fn(*const ImrelayEvent, *mut c_void),
+    user_data: &CallbackCtx,
+    event: Event,
+) {
+    let boxed = to_c(event);
+    // SAFETY: the event and the storage it points into live until the end of this
+    // function; the app promised a listener that keeps the ImrelayListener contract.
+    unsafe { listener(&boxed.event, user_data.0) };
+}
+
+/// The callback style: starts a network thread, owned by the library, that takes every
+/// event of the client and calls `listener` with it (see `ImrelayListener` for the thread
+/// and ordering guarantees). Returns `IMRELAY_OK`; `IMRELAY_ERR_NULL` for a NULL
+/// `listener`; `IMRELAY_ERR_INVALID` if a listener already runs for this client;
+/// `IMRELAY_ERR_SYSTEM` if no thread could be started. From then on
+/// `imrelay_poll_event` on this client is refused. The thread ends after the `CLOSED`
+/// call; `imrelay_shutdown` gets there from any thread, `imrelay_close`/`imrelay_free`
+/// get there and wait for it.
+///
+/// Threads: any thread, concurrently with the other calls on the client (except
+/// `imrelay_close`/`imrelay_free`). A poll already blocked in another thread may still
+/// return one event.
+///
+/// # Safety
+/// `client` must come from `imrelay_connect` and not be being freed; `listener` and
+/// `user_data` must keep the `ImrelayListener` contract.
+#[no_mangle]
+pub unsafe extern "C" fn imrelay_start_listener(
+    client: *mut ImrelayClient,
+    listener: ImrelayListener,
+    user_data: *mut c_void,
+) -> i32 {
+    guard(|| {
+        // SAFETY: the caller passes a live handle or NULL; shared, as other threads may
+        // be using it too.
+        let Some(c) = (unsafe { client.as_ref() }) else {
+            return set_error(IMRELAY_ERR_NULL, "client is NULL");
+        };
+        let Some(listener) = listener else {
+            return set_error(IMRELAY_ERR_NULL, "listener is NULL");
+        };
+        let mut slot = c.listener_slot();
+        if slot.is_some() {
+            return set_error(IMRELAY_ERR_INVALID, "a listener already runs");
+        }
+        let ctx = CallbackCtx(user_data);
+        let started = Listener::start(Arc::clone(&c.client), move |event| {
+            deliver(listener, &ctx, event)
+        });
+        match started {
+            Ok(l) => {
+                *slot = Some(l);
+                IMRELAY_OK
+            }
+            Err(e) => set_error(IMRELAY_ERR_SYSTEM, format!("cannot start a thread: {e}")),
+        }
+    })
+}
+
 /// The code of the last failed call on this thread (`IMRELAY_OK` if it succeeded).
+///
+/// Threads: any thread; each thread has its own last error, so a send failing on one
+/// thread never shows up on another.
 #[no_mangle]
 pub extern "C" fn imrelay_last_error_code() -> i32 {
     LAST_ERROR.with(|e| e.borrow().0)
@@ -841,6 +1113,8 @@ pub extern "C" fn imrelay_last_error_code() -> i32 {
 /// Copies the last error's message on this thread into `buf` (NUL-terminated, truncated to
 /// `len` bytes) and returns the message's full length without the NUL. `buf` may be NULL
 /// to ask for the length.
+///
+/// Threads: any thread (its own last error). `buf` is the caller's.
 ///
 /// # Safety
 /// `buf` must be NULL or point to `len` writable bytes.

@@ -1,6 +1,8 @@
-//! The blocking client: a [`Connection`] that waits on its own socket with poll(2).
+//! The blocking client: a [`Connection`] that waits on its own socket with poll(2)
+//! (the wait itself lives in `wait.rs`, shared with [`SharedClient`](super::SharedClient)).
 //!
-//! For simple programs, tests, and the C ABI: `send` returns at once with the message id,
+//! For simple single-threaded programs and tests (the C ABI and threaded apps use
+//! [`SharedClient`](super::SharedClient)): `send` returns at once with the message id,
 //! `recv(timeout)` runs the link (connect, heartbeat, reconnect, resend) until an event
 //! comes or the timeout passes.
 
@@ -14,6 +16,7 @@ use super::config::ClientConfig;
 use super::conn::Connection;
 use super::core::Phase;
 use super::event::{DisconnectReason, Event, SendError};
+use super::wait::{RecvLoop, Turn};
 use crate::proto::{LoginOk, MessageId, RoomId, UserId};
 
 /// Why [`Client::connect`] gave up.
@@ -27,6 +30,9 @@ pub enum ConnectError {
     Timeout,
     /// The configuration cannot work (user id 0).
     InvalidConfig,
+    /// [`SharedClient`](super::SharedClient) could not make its wake pipe (out of file
+    /// descriptors, say).
+    Wake(io::Error),
 }
 
 impl std::fmt::Display for ConnectError {
@@ -36,6 +42,7 @@ impl std::fmt::Display for ConnectError {
             ConnectError::Link(reason) => write!(f, "{reason}"),
             ConnectError::Timeout => write!(f, "not logged in within the timeout"),
             ConnectError::InvalidConfig => write!(f, "user id 0 is reserved"),
+            ConnectError::Wake(e) => write!(f, "cannot make the wake pipe: {e}"),
         }
     }
 }
@@ -126,6 +133,11 @@ impl Client {
         self.conn.reconnect(Instant::now());
     }
 
+    /// The connection inside, for [`SharedClient`](super::SharedClient).
+    pub(super) fn into_connection(self) -> Connection {
+        self.conn
+    }
+
     /// Where the link is now.
     pub fn phase(&self) -> Phase {
         self.conn.core().phase()
@@ -141,29 +153,18 @@ impl Client {
         self.conn.is_closed()
     }
 
-    /// Runs the link until an event is ready or `timeout` passes.
+    /// Runs the link until an event is ready or `timeout` passes. Once the client is
+    /// closed and its events (`Closed` last) were taken, returns `None` at once.
     pub fn recv(&mut self, timeout: Duration) -> Option<Event> {
-        let deadline = Instant::now() + timeout;
-        let mut polled = false;
+        let mut recv = RecvLoop::new(timeout);
         loop {
-            if let Some(event) = self.conn.poll_event() {
-                return Some(event);
+            match recv.turn(&mut self.conn) {
+                Turn::Event(event) => return Some(event),
+                Turn::TimedOut | Turn::Finished => return None,
+                Turn::Wait(what) => {
+                    recv.wait(what, None);
+                }
             }
-            let now = Instant::now();
-            // Even with a zero timeout the socket is checked once.
-            if now >= deadline && polled {
-                return None;
-            }
-            polled = true;
-            let wake = self
-                .conn
-                .poll_timeout()
-                .map_or(deadline, |t| t.min(deadline));
-            let wait = wake.saturating_duration_since(now);
-            if self.wait_ready(wait) {
-                self.conn.handle_ready(Instant::now());
-            }
-            self.conn.handle_timeout(Instant::now());
         }
     }
 
@@ -181,28 +182,5 @@ impl Client {
             }
         }
         events
-    }
-
-    /// Waits for the socket (or just the time, when there is no socket). True if it is
-    /// ready.
-    fn wait_ready(&self, wait: Duration) -> bool {
-        let Some(fd) = self.conn.raw_fd() else {
-            std::thread::sleep(wait);
-            return false;
-        };
-        let mut events = libc::POLLIN;
-        if self.conn.wants_write() {
-            events |= libc::POLLOUT;
-        }
-        let mut pfd = libc::pollfd {
-            fd,
-            events,
-            revents: 0,
-        };
-        // Round up so a sub-millisecond wait does not spin.
-        let millis = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd, count 1.
-        let n = unsafe { libc::poll(&mut pfd, 1, millis) };
-        n > 0
     }
 }

@@ -9,8 +9,14 @@
 //! - [`Connection`] (`conn.rs`): the core plus a non-blocking TCP socket, and the TLS
 //!   session over it when `ClientConfig.tls` is set (`tls.rs`, feature "tls"), for an
 //!   app's own event loop.
-//! - [`Client`] (`blocking.rs`): the same, blocking in `recv(timeout)`, for simple programs
-//!   and the C ABI (`src/ffi.rs`).
+//! - [`Client`] (`blocking.rs`): the same, blocking in `recv(timeout)`, for simple
+//!   single-threaded programs. The wait (poll(2) on the socket) is `wait.rs`.
+//! - [`SharedClient`] (`shared.rs`): the same behind a lock, `Send + Sync`: one thread
+//!   blocks in `poll_event(timeout)` while others send or close; a wake pipe (`wake.rs`)
+//!   ends the blocked poll as soon as another thread gives it work. The C ABI
+//!   (`src/ffi.rs`) is built on it.
+//! - [`Listener`] (`listener.rs`): the callback style over a [`SharedClient`], an SDK-owned
+//!   thread calling the app's closure with each event, in order, one at a time.
 //!
 //! Login tokens: a static `credential`, or a [`TokenProvider`] the core asks at every
 //! (re)connect and when the relay sends TOKEN_EXPIRING (it then sends REFRESH and reports
@@ -44,13 +50,17 @@ mod config;
 mod conn;
 mod core;
 mod event;
+mod listener;
 mod outbox;
 mod seen;
+mod shared;
 #[cfg(feature = "tls")]
 mod tls;
 #[cfg(not(feature = "tls"))]
 #[path = "tls_off.rs"]
 mod tls;
+mod wait;
+mod wake;
 
 pub use crate::rand::Rng;
 pub use backoff::Backoff;
@@ -59,8 +69,12 @@ pub use config::{ClientConfig, TokenProvider};
 pub use conn::Connection;
 pub use core::{ClientCore, LinkAction, Phase};
 pub use event::{code_name, DisconnectReason, Event, FailReason, SendError};
+pub use listener::Listener;
+pub use shared::{Polled, SharedClient};
 #[cfg(feature = "tls")]
 pub use tls::{TlsClientOptions, TlsSetupError, TlsTrust};
 
+#[cfg(test)]
+mod shared_tests;
 #[cfg(test)]
 mod tests;

@@ -96,16 +96,75 @@ export function launch() {
   });
 }
 
+export const DESKTOP = { viewport: { width: 1200, height: 760 } };
+
 /** The demo page as `user` in room 7; `context` options (viewport, …) for its browser context. */
-export async function openPage(browser, user, context = { viewport: { width: 1200, height: 760 } }) {
-  const page = await browser.newPage(context);
+export async function openPage(browser, user, context = DESKTOP) {
+  return openIn(await browser.newPage(context), user);
+}
+
+/** The demo page as `user` in room 7, in `context` (a BrowserContext: its storage is shared). */
+export async function openPageIn(context, user) {
+  return openIn(await context.newPage(), user);
+}
+
+async function openIn(page, user) {
   page.label = `page of user ${user}`;
+  recordFrames(page);
   page.errors = [];
   page.on("pageerror", (e) => page.errors.push(String(e)));
   page.on("console", (m) => { if (m.type() === "error") page.errors.push(m.text()); });
   const token = TOKENS[user] ? `&token=${encodeURIComponent(TOKENS[user])}` : "";
   await page.goto(`${RELAY_URL}/?user=${user}&room=7${token}`, { timeout: SAFETY_MS });
   return page;
+}
+
+/**
+ * Records the protocol frames of the page's WebSockets in `page.wsFrames`, in order:
+ * { dir: "sent" | "received", opcode, flags, msgId, target, source, payload (Buffer) }.
+ */
+function recordFrames(page) {
+  page.wsFrames = [];
+  page.frameWaiters = new Set();
+  page.on("websocket", (ws) => {
+    const add = (dir) => ({ payload }) => {
+      if (typeof payload === "string") return;
+      for (let at = 0; at + 32 <= payload.length;) {
+        const length = payload.readUInt32BE(at);
+        if (length < 32 || at + length > payload.length) break;
+        const f = {
+          dir, index: page.wsFrames.length, opcode: payload[at + 5],
+          flags: payload.readUInt16BE(at + 6), msgId: payload.readBigUInt64BE(at + 8),
+          target: payload.readBigUInt64BE(at + 16), source: payload.readBigUInt64BE(at + 24),
+          payload: payload.subarray(at + 32, at + length),
+        };
+        page.wsFrames.push(f);
+        for (const w of page.frameWaiters) w(f);
+        at += length;
+      }
+    };
+    ws.on("framesent", add("sent"));
+    ws.on("framereceived", add("received"));
+  });
+}
+
+/** Resolves with the first frame the page sent or received (recorded already or still to come) that passes `test`. */
+export function frameSeen(page, test, what, timeout = SAFETY_MS) {
+  const had = page.wsFrames.find(test);
+  if (had) return Promise.resolve(had);
+  return new Promise((resolve, reject) => {
+    const waiter = (f) => {
+      if (!test(f)) return;
+      page.frameWaiters.delete(waiter);
+      clearTimeout(timer);
+      resolve(f);
+    };
+    const timer = setTimeout(() => {
+      page.frameWaiters.delete(waiter);
+      reject(new Error(`${page.label}: no ${what} on its WebSocket`));
+    }, timeout);
+    page.frameWaiters.add(waiter);
+  });
 }
 
 /** Fails if a page logged errors (script exceptions, console.error). */

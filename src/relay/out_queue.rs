@@ -49,6 +49,7 @@ const RELEASE_CAPACITY_OVER: usize = 64;
 
 impl OutQueue {
     /// Appends an encoded frame; returns what it adds to [`OutQueue::held`].
+    #[inline]
     pub fn push(&mut self, frame: Bytes) -> usize {
         let len = frame.len();
         self.bytes += len;
@@ -117,24 +118,32 @@ impl OutQueue {
 
     /// Drops the first `n` bytes, which the socket accepted; returns what that took off
     /// [`OutQueue::held`].
+    #[inline]
     pub fn advance(&mut self, mut n: usize) -> usize {
         debug_assert!(n <= self.bytes, "advanced past the queued bytes");
         let written = n.min(self.bytes);
-        self.bytes -= written;
-        let frames_before = self.frames.len();
-        while n > 0 {
-            let Some(front) = self.frames.front_mut() else {
-                break;
-            };
-            if n >= front.len() {
-                n -= front.len();
-                self.frames.pop_front();
-            } else {
-                front.advance(n);
-                n = 0;
+        let popped = if written == self.bytes {
+            // Everything was written (the common case): no per-frame bookkeeping.
+            let count = self.frames.len();
+            self.frames.clear();
+            count
+        } else {
+            let frames_before = self.frames.len();
+            while n > 0 {
+                let Some(front) = self.frames.front_mut() else {
+                    break;
+                };
+                if n >= front.len() {
+                    n -= front.len();
+                    self.frames.pop_front();
+                } else {
+                    front.advance(n);
+                    n = 0;
+                }
             }
-        }
-        let popped = frames_before - self.frames.len();
+            frames_before - self.frames.len()
+        };
+        self.bytes -= written;
         self.popped += popped as u64;
         if self.frames.is_empty() {
             self.first_view = u64::MAX;

@@ -47,6 +47,11 @@ struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
+    /// Serve GET /metrics (Prometheus text), /healthz and /readyz over HTTP on this
+    /// address (off unless given; not the --listen address). Anyone who can reach it reads
+    /// the counters: keep it on loopback or a private network.
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
     /// Largest frame accepted, header included, in bytes (at most 1 MiB).
     #[arg(long, default_value_t = DEFAULT_MAX_FRAME)]
     max_frame: u32,
@@ -334,6 +339,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.admin_listen == Some(args.listen) {
+        error!(
+            "--admin-listen {} is the client --listen address: give it another",
+            args.listen
+        );
+        return ExitCode::from(2);
+    }
 
     let fd_limit = raise_fd_limit();
     let fd_capacity = usize::try_from(fd_limit.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX);
@@ -447,6 +459,12 @@ fn main() -> ExitCode {
         let dir = std::path::Path::new(&args.store);
         if let Err(e) = server.open_store_with(dir, args.store_compact_at, args.store_repair) {
             error!("cannot open the store in {}: {e}", dir.display());
+            return ExitCode::from(1);
+        }
+    }
+    if let Some(admin) = args.admin_listen {
+        if let Err(e) = server.set_admin(admin) {
+            error!("--admin-listen: {e}");
             return ExitCode::from(1);
         }
     }

@@ -143,6 +143,7 @@ impl Relay {
         arm(&mut self.timers, s, id, now + self.config.ping_interval);
         self.arm_token_due(id);
         self.directory.insert(h.target, id);
+        self.metrics.logins += 1;
         debug!("{id}: logged in as {}", h.target);
         let limits = LoginOk {
             max_frame: self.config.max_frame,

@@ -1,4 +1,5 @@
-//! Counters the relay keeps about itself. Plain integers: reading them costs nothing.
+//! Counters the relay keeps about itself. Plain integers: reading them costs nothing, and
+//! the driver copies them whole into the admin listener's snapshots (`server::admin`).
 
 use crate::proto::ErrorCode;
 
@@ -9,12 +10,18 @@ pub struct Metrics {
     pub connections_opened: u64,
     /// Connections refused at the connection limit or during shutdown.
     pub connections_refused: u64,
+    /// Of `connections_refused`: refused by reason.
+    pub refused: RefusedCounts,
     /// Sessions closed, for any reason.
     pub connections_closed: u64,
     /// Frames decoded from clients.
     pub frames_in: u64,
+    /// Frames decoded from clients, by opcode byte (an unknown opcode has its slot too).
+    pub frames_in_by_opcode: OpcodeCounts,
     /// Bytes of frames decoded from clients.
     pub bytes_in: u64,
+    /// Successful LOGINs.
+    pub logins: u64,
     /// SEND frames queued to at least one recipient connection.
     pub messages_routed: u64,
     /// DELIVER frames queued (one per recipient connection).
@@ -51,6 +58,43 @@ pub struct Metrics {
     pub refreshes: u64,
     /// Connections closed because their token expired unrefreshed.
     pub tokens_expired: u64,
+}
+
+/// Connections refused, by reason; they add up to [`Metrics::connections_refused`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RefusedCounts {
+    /// The relay was shutting down.
+    pub shutting_down: u64,
+    /// At the connection limit.
+    pub connection_limit: u64,
+    /// The peer's address had its most connections open.
+    pub per_address_limit: u64,
+    /// The process was out of file descriptors.
+    pub out_of_descriptors: u64,
+}
+
+/// A counter per opcode byte: counting costs one array index increment (no bounds check,
+/// the index is a `u8`).
+#[derive(Clone, Debug)]
+pub struct OpcodeCounts(pub [u64; 256]);
+
+impl Default for OpcodeCounts {
+    fn default() -> OpcodeCounts {
+        OpcodeCounts([0; 256])
+    }
+}
+
+impl OpcodeCounts {
+    /// Counts one frame of opcode byte `opcode`.
+    #[inline]
+    pub fn count(&mut self, opcode: u8) {
+        self.0[usize::from(opcode)] += 1;
+    }
+
+    /// Frames counted with opcode byte `opcode`.
+    pub fn get(&self, opcode: u8) -> u64 {
+        self.0[usize::from(opcode)]
+    }
 }
 
 impl Metrics {

@@ -54,9 +54,9 @@ mod ws;
 pub use auth_handlers::MAX_AUTH_FAILURES;
 pub use config::{AuthConfig, Config, ConfigError, DEFAULT_TOKEN_NOTICE};
 pub use inbox::{InboxLimits, StoreOp};
-pub use metrics::Metrics;
+pub use metrics::{Metrics, OpcodeCounts, RefusedCounts};
 pub use out_queue::{OutQueue, FRAME_OVERHEAD};
-pub use session::State;
+pub use session::{Codec, State};
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -75,7 +75,7 @@ use hashing::{id_map, IdMap};
 use inbox::Inboxes;
 use out_queue::FlushList;
 use rooms::Rooms;
-use session::{Codec, Session};
+use session::Session;
 use timers::Timers;
 
 /// How long a closing connection may take to drain its output before it is closed anyway.
@@ -144,6 +144,8 @@ pub struct Relay {
     next_ping_id: u64,
     shutting_down: bool,
     metrics: Metrics,
+    /// Open sessions by codec (index: `Codec as usize`), kept as codecs change.
+    by_codec: [usize; Codec::ALL.len()],
 }
 
 impl Relay {
@@ -191,6 +193,7 @@ impl Relay {
             next_ping_id: 0,
             shutting_down: false,
             metrics: Metrics::default(),
+            by_codec: [0; Codec::ALL.len()],
         }
     }
 
@@ -222,6 +225,22 @@ impl Relay {
     /// Rooms with at least one member.
     pub fn room_count(&self) -> usize {
         self.rooms.len()
+    }
+
+    /// Room memberships over all rooms (a connection in two rooms counts twice).
+    pub fn room_memberships(&self) -> usize {
+        self.rooms.memberships()
+    }
+
+    /// Open sessions (closing ones included) by codec, in the order of [`Codec::ALL`].
+    pub fn sessions_by_codec(&self) -> [usize; Codec::ALL.len()] {
+        self.by_codec
+    }
+
+    /// Bytes all output queues hold, as the caps count them (part of
+    /// [`Relay::memory_held`]).
+    pub fn output_held(&self) -> usize {
+        self.flush_list.held
     }
 
     /// Number of connections in `room`.
@@ -273,12 +292,15 @@ impl Relay {
         } else {
             0
         };
+        let refused = &mut self.metrics.refused;
         let refusal = if self.shutting_down {
+            refused.shutting_down += 1;
             Some((
                 ErrorCode::ShuttingDown,
                 "the relay is shutting down".to_string(),
             ))
         } else if self.sessions.len() >= self.config.max_connections {
+            refused.connection_limit += 1;
             Some((
                 ErrorCode::LimitReached,
                 format!(
@@ -287,6 +309,7 @@ impl Relay {
                 ),
             ))
         } else if counted && from_peer >= per_ip {
+            refused.per_address_limit += 1;
             Some((
                 ErrorCode::LimitReached,
                 format!("{peer} has {per_ip} connections open (max connections per address)"),
@@ -323,6 +346,7 @@ impl Relay {
             self.conn_ip[id.0] = Some(peer);
         }
         self.metrics.connections_opened += 1;
+        self.by_codec[Codec::Undecided as usize] += 1;
         Ok(id)
     }
 
@@ -330,6 +354,7 @@ impl Relay {
     /// (the process is out of file descriptors). Counted as a refusal.
     pub fn refuse_for_descriptors(&mut self) -> Bytes {
         self.metrics.connections_refused += 1;
+        self.metrics.refused.out_of_descriptors += 1;
         self.metrics.count_error(ErrorCode::LimitReached);
         let mut buf = BytesMut::new();
         let reason = "the relay is out of file descriptors";
@@ -507,6 +532,9 @@ impl Relay {
     #[inline]
     fn handle_counted(&mut self, id: ConnId, frame: RawFrame, now: Instant) {
         self.metrics.frames_in += 1;
+        self.metrics
+            .frames_in_by_opcode
+            .count(frame.header().opcode);
         self.metrics.bytes_in += frame.as_bytes().len() as u64;
         self.work += FRAME_WORK;
         self.handle_frame(id, frame, now);
@@ -554,7 +582,7 @@ impl Relay {
         };
         match Codec::choose(first) {
             Some(codec) => {
-                s.codec = codec;
+                set_codec(&mut self.by_codec, s, codec);
                 self.handle_input_as(id, first, now);
             }
             None => s.extra_mut().pending.extend_from_slice(first),
@@ -667,6 +695,7 @@ impl Relay {
                     frame.encode(&mut encoded);
                     if let Ok(Some(raw)) = decode_raw(&mut encoded, max_frame) {
                         self.metrics.frames_in += 1;
+                        self.metrics.frames_in_by_opcode.count(raw.header().opcode);
                         self.metrics.bytes_in += line.len() as u64;
                         self.work += FRAME_WORK;
                         let errors = self.metrics.errors_total;
@@ -743,6 +772,7 @@ impl Relay {
             info!("{id}: closed with {lost} bytes of output unsent");
         }
         self.metrics.connections_closed += 1;
+        self.by_codec[s.codec as usize] -= 1;
         if self.timers.len() > 2 * self.sessions.len() + 1024 {
             let sessions = &self.sessions;
             self.timers
@@ -1055,6 +1085,13 @@ pub(crate) fn push_raw(s: &mut Session, flush_list: &mut FlushList, id: ConnId, 
         s.in_flush_list = true;
         flush_list.push(id);
     }
+}
+
+/// Changes a session's codec, keeping the relay's count of sessions by codec.
+pub(crate) fn set_codec(by_codec: &mut [usize; Codec::ALL.len()], s: &mut Session, codec: Codec) {
+    by_codec[s.codec as usize] -= 1;
+    by_codec[codec as usize] += 1;
+    s.codec = codec;
 }
 
 /// Arms the session's one live deadline (replacing any earlier one, which goes stale).

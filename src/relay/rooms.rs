@@ -29,6 +29,8 @@ struct Room {
 #[derive(Debug)]
 pub struct Rooms {
     rooms: IdMap<RoomId, Room>,
+    /// Members over all rooms.
+    memberships: usize,
 }
 
 impl Rooms {
@@ -36,6 +38,7 @@ impl Rooms {
     pub fn new(seed: u64) -> Rooms {
         Rooms {
             rooms: id_map(seed),
+            memberships: 0,
         }
     }
 
@@ -68,6 +71,11 @@ impl Rooms {
         self.rooms.len()
     }
 
+    /// Members over all rooms.
+    pub fn memberships(&self) -> usize {
+        self.memberships
+    }
+
     /// Adds `conn`; returns false if it was already a member.
     pub fn join(&mut self, room: RoomId, conn: ConnId) -> bool {
         let r = self.rooms.entry(room).or_default();
@@ -76,6 +84,7 @@ impl Rooms {
         }
         r.position.insert(conn, r.members.len());
         r.members.push(conn);
+        self.memberships += 1;
         true
     }
 
@@ -89,6 +98,7 @@ impl Rooms {
             return false;
         };
         r.members.swap_remove(at);
+        self.memberships -= 1;
         if let Some(&moved) = r.members.get(at) {
             r.position.insert(moved, at);
         }

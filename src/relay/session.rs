@@ -39,6 +39,26 @@ pub enum Codec {
 }
 
 impl Codec {
+    /// Every codec, in the order of their discriminants.
+    pub const ALL: [Codec; 5] = [
+        Codec::Undecided,
+        Codec::Binary,
+        Codec::Text,
+        Codec::Http,
+        Codec::WebSocket,
+    ];
+
+    /// A lowercase name for logs and metrics labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Undecided => "undecided",
+            Codec::Binary => "binary",
+            Codec::Text => "text",
+            Codec::Http => "http",
+            Codec::WebSocket => "websocket",
+        }
+    }
+
     /// The codec the first bytes of a connection choose, or `None` while they are empty or
     /// a proper prefix of `GET ` and one more byte decides.
     pub fn choose(first: &[u8]) -> Option<Codec> {

@@ -41,7 +41,7 @@ impl Relay {
                     return;
                 };
                 push_raw(s, &mut self.flush_list, id, switching);
-                s.codec = Codec::WebSocket;
+                super::set_codec(&mut self.by_codec, s, Codec::WebSocket);
                 s.extra.get_or_insert_with(Box::default).ws = Some(WsSession::new(max_frame));
                 self.metrics.websocket_sessions += 1;
                 debug!("{id}: WebSocket session");

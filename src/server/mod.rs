@@ -17,7 +17,13 @@
 //! record gets a [`tls::TlsSession`] between its socket and the core (`tls_conn.rs`); the
 //! core sees only plaintext and chooses its codec from that. A plaintext connection pays
 //! one `None` check per read and per flush.
+//!
+//! The admin listener ([`Server::set_admin`], `admin.rs`) runs on a thread of its own; the
+//! loop only answers its snapshot requests when the waker token fires, with a copy of its
+//! counters (`admin_metrics.rs`), and records each turn's time.
 
+mod admin;
+mod admin_metrics;
 pub mod io;
 mod limits;
 mod store;
@@ -26,6 +32,8 @@ mod store_writer;
 pub mod tls;
 mod tls_conn;
 
+pub use admin::AdminError;
+pub use admin_metrics::METRIC_NAMES;
 pub use limits::{raise_fd_limit, RESERVED_FDS};
 pub use store::{Damage, LogStore, RepairReport, StoreError};
 
@@ -45,7 +53,7 @@ use crate::ConnId;
 
 /// Token of the listening socket.
 const LISTENER: Token = Token(usize::MAX - 1);
-/// Token of the waker that signals shutdown.
+/// Token of the waker: shutdown, the store writer's reports, the admin thread's requests.
 const WAKER: Token = Token(usize::MAX - 2);
 
 /// Most bytes read from one connection per loop turn before the others get theirs; the
@@ -170,6 +178,8 @@ pub struct Server {
     tls_required: bool,
     /// The driver's TLS state: totals, a ciphertext buffer, closing sessions.
     tls_state: tls_conn::TlsState,
+    /// The admin listener's thread and the requests it sends (None: no admin listener).
+    admin: Option<admin::AdminHook>,
 }
 
 impl Server {
@@ -213,6 +223,7 @@ impl Server {
             tls: None,
             tls_required: false,
             tls_state: tls_conn::TlsState::default(),
+            admin: None,
         })
     }
 
@@ -250,6 +261,17 @@ impl Server {
         self.busy_poll = on;
     }
 
+    /// Serves `/metrics` (Prometheus text), `/healthz` and `/readyz` over HTTP on `addr`,
+    /// from a thread of its own that asks the event loop for a copy of its counters (see
+    /// `admin.rs`). Returns the bound address (useful with port 0). Call before
+    /// [`Server::run`].
+    pub fn set_admin(&mut self, addr: SocketAddr) -> Result<SocketAddr, AdminError> {
+        let hook = admin::AdminHook::start(addr, self.shutdown.waker.clone())?;
+        let bound = hook.local_addr();
+        self.admin = Some(hook);
+        Ok(bound)
+    }
+
     /// The address the listener is bound to (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -284,6 +306,9 @@ impl Server {
                     WAKER => {
                         if self.shutdown.requested.load(Ordering::SeqCst) {
                             self.begin_shutdown(now);
+                        }
+                        if self.admin.is_some() {
+                            self.answer_admin();
                         }
                     }
                     token => {
@@ -328,6 +353,9 @@ impl Server {
                     self.log_stats();
                     self.next_stats = Some(now + every);
                 }
+            }
+            if let Some(admin) = &mut self.admin {
+                admin.turn_time.record(now.elapsed());
             }
             if let Some(deadline) = self.shutdown_deadline {
                 if self.relay.session_count() == 0 {
@@ -405,6 +433,37 @@ impl Server {
         if !self.compacting && size > self.compact_at && size > 2 * live {
             self.compacting = true;
             writer.compact(self.relay.store_snapshot());
+        }
+    }
+
+    /// Answers the admin thread's snapshot requests (each with a fresh copy).
+    fn answer_admin(&mut self) {
+        while let Some(reply) = self.admin.as_ref().and_then(admin::AdminHook::next_request) {
+            admin::AdminHook::answer(reply, self.snapshot());
+        }
+    }
+
+    /// A copy of the counters and gauges for the admin listener.
+    fn snapshot(&self) -> admin_metrics::Snapshot {
+        let relay = &self.relay;
+        admin_metrics::Snapshot {
+            metrics: relay.metrics().clone(),
+            accepting: self.listener.is_some(),
+            connections_by_codec: relay.sessions_by_codec(),
+            users_online: relay.user_count(),
+            rooms: relay.room_count(),
+            room_members: relay.room_memberships(),
+            output_queued_bytes: relay.output_held(),
+            connection_memory_bytes: relay.memory_held(),
+            connection_memory_limit_bytes: relay.config().max_memory,
+            stored_messages: relay.stored_messages(),
+            stored_bytes: relay.stored_bytes(),
+            inbox_users: relay.inbox_users(),
+            store: self.store.as_ref().map(|w| admin_metrics::StoreSnapshot {
+                log_bytes: w.log_size(),
+                commit_latency: w.commit_latency(),
+            }),
+            loop_turn: self.admin.as_ref().map(|a| a.turn_time).unwrap_or_default(),
         }
     }
 

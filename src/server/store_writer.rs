@@ -13,6 +13,11 @@
 //! A commit that could not be cut off nor recorded as failed is not answered at all: the
 //! process aborts, as a crash would. A failed compaction that left the log working is
 //! retried once the log has grown by half.
+//!
+//! Each group commit's time (write and fdatasync) is recorded into a histogram the thread
+//! owns, with no lock; a copy is published after each batch, beside the reports, for the
+//! admin listener's snapshots ([`StoreWriter::commit_latency`]; the event loop reads it
+//! only when it builds one).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -22,6 +27,7 @@ use std::thread::JoinHandle;
 use log::{error, info, warn};
 use mio::Waker;
 
+use super::admin_metrics::LatencyHistogram;
 use super::store::{LogStore, StoreError};
 use crate::relay::StoreOp;
 
@@ -47,6 +53,8 @@ pub struct StoreWriter {
     done: Arc<Mutex<Vec<Done>>>,
     /// Bytes in the log, as of the last report.
     log_size: Arc<AtomicU64>,
+    /// Group commit times, as of the last report.
+    commit_latency: Arc<Mutex<LatencyHistogram>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -66,21 +74,28 @@ impl StoreWriter {
         let (jobs, rx) = mpsc::channel();
         let done = Arc::new(Mutex::new(Vec::new()));
         let log_size = Arc::new(AtomicU64::new(store.size()));
+        let commit_latency = Arc::new(Mutex::new(LatencyHistogram::default()));
         let writer = Writer {
             store,
             compaction_retry_at: None,
             on_unanswerable,
+            commit_latency: LatencyHistogram::default(),
         };
         let thread = {
-            let (done, log_size) = (done.clone(), log_size.clone());
+            let shared = Shared {
+                done: done.clone(),
+                log_size: log_size.clone(),
+                commit_latency: commit_latency.clone(),
+            };
             std::thread::Builder::new()
                 .name("imrelay-store".into())
-                .spawn(move || run(writer, rx, &done, &log_size, &waker))?
+                .spawn(move || run(writer, rx, &shared, &waker))?
         };
         Ok(StoreWriter {
             jobs: Some(jobs),
             done,
             log_size,
+            commit_latency,
             thread: Some(thread),
         })
     }
@@ -108,6 +123,14 @@ impl StoreWriter {
     pub fn log_size(&self) -> u64 {
         self.log_size.load(Ordering::Relaxed)
     }
+
+    /// Group commit times so far (as of the writer's last report).
+    pub fn commit_latency(&self) -> LatencyHistogram {
+        *self
+            .commit_latency
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl Drop for StoreWriter {
@@ -132,15 +155,18 @@ struct Writer {
     /// snapshot every turn.
     compaction_retry_at: Option<u64>,
     on_unanswerable: OnUnanswerable,
+    /// Time of each group commit, recorded here and published after each batch.
+    commit_latency: LatencyHistogram,
 }
 
-fn run(
-    mut writer: Writer,
-    jobs: Receiver<Job>,
-    done: &Mutex<Vec<Done>>,
-    log_size: &AtomicU64,
-    waker: &Waker,
-) {
+/// What the thread shares with the driver's handle.
+struct Shared {
+    done: Arc<Mutex<Vec<Done>>>,
+    log_size: Arc<AtomicU64>,
+    commit_latency: Arc<Mutex<LatencyHistogram>>,
+}
+
+fn run(mut writer: Writer, jobs: Receiver<Job>, shared: &Shared, waker: &Waker) {
     let mut batch: Vec<StoreOp> = Vec::new();
     'jobs: while let Ok(first) = jobs.recv() {
         let mut reports = Vec::new();
@@ -175,8 +201,16 @@ fn run(
             writer.compaction_retry_at = None;
             reports.push(Done::Compacted);
         }
-        log_size.store(writer.store.size(), Ordering::Relaxed);
-        done.lock()
+        shared
+            .log_size
+            .store(writer.store.size(), Ordering::Relaxed);
+        *shared
+            .commit_latency
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = writer.commit_latency;
+        shared
+            .done
+            .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .append(&mut reports);
         if let Err(e) = waker.wake() {
@@ -190,7 +224,9 @@ impl Writer {
     /// Writes and syncs `batch` as commit `id` (every commit up to it). `None`: the commit
     /// failed in a way that must not be answered STORE_FAILED; the thread stops.
     fn write(&mut self, batch: &mut Vec<StoreOp>, id: u64) -> Option<Done> {
+        let started = std::time::Instant::now();
         let result = self.store.append(batch);
+        self.commit_latency.record(started.elapsed());
         batch.clear();
         match result {
             Ok(()) => Some(Done::Committed(id, Ok(()))),

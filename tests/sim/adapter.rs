@@ -413,7 +413,7 @@ fn fail_reason(r: &FailReason) -> String {
             None => format!("rejected code {code}"),
         },
         FailReason::NotSent => "not sent".into(),
-        FailReason::Unconfirmed => "unconfirmed".into(),
+        FailReason::Unconfirmed => super::ledger::UNCONFIRMED.into(),
         FailReason::Closed => "closed".into(),
     }
 }

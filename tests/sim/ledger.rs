@@ -12,6 +12,9 @@ use super::adapter::{AppEvent, Appended};
 /// A violation: which invariant, and the details.
 pub type Violation = String;
 
+/// How the adapter names `FailReason::Unconfirmed` in [`Outcome::Failed`].
+pub const UNCONFIRMED: &str = "unconfirmed";
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     Delivered,
@@ -49,6 +52,12 @@ pub struct Ledger {
     gaps: Vec<Vec<(u64, u64)>>,
     /// (sending client, receiving client) → last stored message number shown.
     last_stored: BTreeMap<(usize, usize), u64>,
+    /// Stored messages shown after a later one of the same sender while their own outcome
+    /// was not known yet, with the violation to report unless the sender's SDK ends up
+    /// saying `Failed(unconfirmed)`: a message that timed out in flight may still reach
+    /// the relay (its bytes were in the network) after the ones sent after it, and the
+    /// app was told it could not be confirmed (protocol.md, section 13).
+    late_in_doubt: Vec<(u64, Violation)>,
     pub counts: Counts,
 }
 
@@ -273,9 +282,15 @@ impl Ledger {
                 } else {
                     "order"
                 };
-                return Err(format!(
+                let violation = format!(
                     "{kind}: client {client} shown stored #{no} (seqs {seqs:?}) from client {sender} after #{last} (seqs {last_seqs:?})"
-                ));
+                );
+                match &self.rec(no).outcome {
+                    Some(Outcome::Failed(reason)) if reason == UNCONFIRMED => {}
+                    None => self.late_in_doubt.push((no, violation)),
+                    Some(_) => return Err(violation),
+                }
+                return Ok(());
             }
             self.last_stored.insert((sender, client), no);
         }
@@ -294,6 +309,12 @@ impl Ledger {
     /// shown, the probe through.
     pub fn check_final(&self, pending: &[usize], all_ready: bool) -> Result<(), Violation> {
         let mut problems = String::new();
+        for (no, violation) in &self.late_in_doubt {
+            let outcome = &self.recs[(*no - 1) as usize].outcome;
+            if !matches!(outcome, Some(Outcome::Failed(r)) if r == UNCONFIRMED) {
+                let _ = write!(problems, "{violation}; ");
+            }
+        }
         for (c, &p) in pending.iter().enumerate() {
             if p != 0 {
                 let _ = write!(problems, "client {c} still has {p} pending; ");

@@ -154,6 +154,12 @@
 #define IMRELAY_EVENT_REFRESH_FAILED 15
 
 /**
+ * A stored message this user sent from another of its devices (protocol.md, section
+ * 15.1): `peer` = the user it was sent to, `msg_id`, `data`/`len` = the message.
+ */
+#define IMRELAY_EVENT_SENT_FROM_OTHER_DEVICE 16
+
+/**
  * Failed: the relay refused the message (`code` says why).
  */
 #define IMRELAY_FAIL_REJECTED 1
@@ -338,6 +344,22 @@ void imrelay_options_free(struct ImrelayOptions *options);
 int32_t imrelay_options_set_credential(struct ImrelayOptions *options,
                                        const uint8_t *data,
                                        size_t len);
+
+/**
+ * Sets (or, with NULL, clears) this install's device id, sent in every LOGIN (protocol.md,
+ * section 15.1): each device of a user gets every stored message, and stored messages
+ * the user sends reach its other devices (`IMRELAY_EVENT_SENT_FROM_OTHER_DEVICE`). Keep
+ * the same id for every run of the app (generate one at first launch and store it). It
+ * must be 1 to 64 bytes of UTF-8 without control characters, else
+ * `IMRELAY_ERR_INVALID`. Copied; `device` stays the caller's.
+ *
+ * Threads: any thread, one at a time per options object.
+ *
+ * # Safety
+ * `options` must come from `imrelay_options_new`; `device` must be NULL or
+ * NUL-terminated.
+ */
+int32_t imrelay_options_set_device(struct ImrelayOptions *options, const char *device);
 
 /**
  * Sets (or, with a NULL `provider`, clears) the token provider: see

@@ -99,6 +99,9 @@ pub const IMRELAY_EVENT_TOKEN_REFRESHED: i32 = 14;
 /// The relay refused a REFRESH: `code` = its error code (AUTH_FAILED, 20), `text` = why.
 /// The link stays up on the old token until it expires.
 pub const IMRELAY_EVENT_REFRESH_FAILED: i32 = 15;
+/// A stored message this user sent from another of its devices (protocol.md, section
+/// 15.1): `peer` = the user it was sent to, `msg_id`, `data`/`len` = the message.
+pub const IMRELAY_EVENT_SENT_FROM_OTHER_DEVICE: i32 = 16;
 
 /// Failed: the relay refused the message (`code` says why).
 pub const IMRELAY_FAIL_REJECTED: i32 = 1;
@@ -152,6 +155,7 @@ pub type ImrelayTokenProvider =
 /// it needs at connect, so the options may be freed (or reused) right after.
 pub struct ImrelayOptions {
     credential: Vec<u8>,
+    device: Option<String>,
     provider: Option<crate::client::TokenProvider>,
     #[cfg(feature = "tls")]
     tls: Option<crate::client::TlsClientOptions>,
@@ -409,6 +413,7 @@ fn connect_config(
 pub extern "C" fn imrelay_options_new() -> *mut ImrelayOptions {
     Box::into_raw(Box::new(ImrelayOptions {
         credential: Vec::new(),
+        device: None,
         provider: None,
         #[cfg(feature = "tls")]
         tls: None,
@@ -466,6 +471,45 @@ pub unsafe extern "C" fn imrelay_options_set_credential(
         match unsafe { bytes_from_c(data, len) } {
             Ok(c) => {
                 o.credential = c.to_vec();
+                IMRELAY_OK
+            }
+            Err(code) => code,
+        }
+    };
+    // SAFETY: forwarded from the caller's guarantee.
+    unsafe { with_options(options, body) }
+}
+
+/// Sets (or, with NULL, clears) this install's device id, sent in every LOGIN (protocol.md,
+/// section 15.1): each device of a user gets every stored message, and stored messages
+/// the user sends reach its other devices (`IMRELAY_EVENT_SENT_FROM_OTHER_DEVICE`). Keep
+/// the same id for every run of the app (generate one at first launch and store it). It
+/// must be 1 to 64 bytes of UTF-8 without control characters, else
+/// `IMRELAY_ERR_INVALID`. Copied; `device` stays the caller's.
+///
+/// Threads: any thread, one at a time per options object.
+///
+/// # Safety
+/// `options` must come from `imrelay_options_new`; `device` must be NULL or
+/// NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn imrelay_options_set_device(
+    options: *mut ImrelayOptions,
+    device: *const c_char,
+) -> i32 {
+    let body = |o: &mut ImrelayOptions| {
+        // SAFETY: forwarded from the caller's guarantee.
+        match unsafe { opt_str_from_c(device, "device") } {
+            Ok(Some(id)) if crate::proto::device::valid_device(id) => {
+                o.device = Some(id.to_owned());
+                IMRELAY_OK
+            }
+            Ok(Some(_)) => set_error(
+                IMRELAY_ERR_INVALID,
+                "a device id is 1 to 64 bytes of UTF-8 without control characters",
+            ),
+            Ok(None) => {
+                o.device = None;
                 IMRELAY_OK
             }
             Err(code) => code,
@@ -654,6 +698,7 @@ pub unsafe extern "C" fn imrelay_connect_with(
             // SAFETY: NULL or live options, per the contract.
             if let Some(o) = options.as_ref() {
                 config.credential = o.credential.clone();
+                config.device = o.device.clone();
                 config.token_provider = o.provider.clone();
                 #[cfg(feature = "tls")]
                 {
@@ -1170,6 +1215,12 @@ fn to_c(event: Event) -> EventBox {
         } => {
             e.kind = IMRELAY_EVENT_MESSAGE;
             e.peer = from.0;
+            e.msg_id = id.0;
+            payload = p;
+        }
+        Event::SentFromOtherDevice { to, id, payload: p } => {
+            e.kind = IMRELAY_EVENT_SENT_FROM_OTHER_DEVICE;
+            e.peer = to.0;
             e.msg_id = id.0;
             payload = p;
         }

@@ -71,7 +71,12 @@ fn a_damaged_log_stops_the_relay_and_a_repair_keeps_every_other_message() {
     let path = dir.join("inbox.log");
     let mut log = std::fs::read(&path).unwrap();
     let all = records(&log);
-    assert_eq!(all.len(), TOTAL + 1, "the epoch and one record per message");
+    assert_eq!(
+        all.len(),
+        TOTAL + 2,
+        "the epoch, the cursor of Alice's device (her client syncs its inbox at login) and \
+         one record per message"
+    );
     let (at, len) = all[all.len() / 2];
     let body = &log[at + 8..at + 8 + len];
     assert_eq!(body[0], 2, "an Append record");

@@ -72,6 +72,12 @@ fn expected_frames() -> Vec<(&'static str, Vec<u8>)> {
                 .to_vec(),
         ),
         (
+            "LOGIN_DEVICE",
+            Frame::login_device(MessageId(1), UserId(1001), "phone", b"secret")
+                .to_bytes()
+                .to_vec(),
+        ),
+        (
             "LOGIN_OK",
             encode(|b| {
                 let p = limits.to_bytes();
@@ -224,6 +230,44 @@ fn expected_frames() -> Vec<(&'static str, Vec<u8>)> {
                     UserId(1002),
                     none,
                     &state.to_bytes(),
+                )
+            }),
+        ),
+        (
+            "INBOX_STATE_NEW_DEVICE",
+            encode(|b| {
+                let state = InboxState {
+                    epoch: 0xcafe_0001,
+                    first_seq: 6,
+                    last_seq: 7,
+                    expired_upto: 0,
+                };
+                write_frame(
+                    b,
+                    Opcode::InboxState,
+                    Flags::NEW_DEVICE,
+                    MessageId(7),
+                    UserId(1002),
+                    none,
+                    &state.to_bytes(),
+                )
+            }),
+        ),
+        (
+            "INBOX_DELIVER_COPY",
+            encode(|b| {
+                let mut p = Vec::new();
+                p.extend_from_slice(&9u64.to_be_bytes());
+                p.extend_from_slice(&1_700_000_000_000u64.to_be_bytes());
+                p.extend_from_slice(b"hi bob");
+                write_frame(
+                    b,
+                    Opcode::InboxDeliver,
+                    Flags::EMPTY,
+                    MessageId(2),
+                    UserId(1002),
+                    UserId(1001),
+                    &p,
                 )
             }),
         ),

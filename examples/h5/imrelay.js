@@ -30,7 +30,7 @@
 //
 // Stored delivery (protocol.md section 15): `sendStored(user, payload)` SENDs with the
 // STORED and DEDUP flags (a msg_id of a random 32-bit tag per client and a counter); the
-// relay keeps the message in the recipient's inbox until one of its devices acknowledges
+// relay keeps the message in the recipient's inbox until each of its devices acknowledges
 // it, and the promise resolves with the ACK count (0: stored for later, the recipient is
 // offline). A stored SEND cut off by a close is resent with the same msg_id after the
 // reconnect's LOGIN_OK (the relay does not store it twice); it rejects only when the client
@@ -53,8 +53,8 @@
 // 32 messages or 100 ms after a message (`inbox: { ackBatch, ackDelayMs, storage }`
 // changes those, and the Storage used).
 //
-// Device id (opt-in: relays without it refuse the flag): `{ device: true }` uses an id made
-// once with crypto.randomUUID() and kept in localStorage ("imrelay.device");
+// Device id (opt-in; a relay older than protocol.md section 15.1 refuses the flag):
+// `{ device: true }` uses an id made once with crypto.randomUUID() and kept in localStorage ("imrelay.device");
 // `{ device: "<id>" }` uses that one (1 to 64 UTF-8 bytes, no control characters). LOGIN
 // then carries flag DEVICE (0x0008) and the payload u8 n ‖ n bytes of id ‖ credential; the
 // inbox cursor's key names the device. An INBOX_STATE with flag NEW_DEVICE (0x0010) says

@@ -7,7 +7,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{AuthError, LEEWAY_SECS, MAX_DEVICE_LEN, MAX_ROOMS};
+use super::{AuthError, LEEWAY_SECS, MAX_ROOMS};
 
 /// A sorted set of room ids without duplicates and without the reserved room 0.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -261,7 +261,8 @@ fn room_grant(v: &Value) -> Result<RoomGrant, AuthError> {
     }
 }
 
-/// 1 to `MAX_DEVICE_LEN` bytes of UTF-8 with no control characters (it ends up in logs).
+/// 1 to `MAX_DEVICE_LEN` bytes of UTF-8 with no control characters (it ends up in logs):
+/// the rule of a LOGIN's device id.
 fn valid_device(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_DEVICE_LEN && !s.chars().any(char::is_control)
+    crate::proto::device::valid_device(s)
 }

@@ -59,7 +59,7 @@ pub const MAX_TOKEN_LEN: usize = 4096;
 pub const MAX_ROOMS: usize = 1024;
 
 /// The longest `device` claim, in bytes of UTF-8.
-pub const MAX_DEVICE_LEN: usize = 64;
+pub use crate::proto::device::MAX_DEVICE_LEN;
 
 /// The shortest HS256 secret accepted, in bytes (the SHA-256 output size, RFC 7518 3.2).
 pub const MIN_SECRET_LEN: usize = 32;

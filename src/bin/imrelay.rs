@@ -110,6 +110,14 @@ struct Args {
     /// Seconds a stored message waits for its recipient (default 7 days).
     #[arg(long, default_value_t = 7.0 * 24.0 * 3600.0)]
     inbox_ttl: f64,
+    /// Devices of one user whose stored-delivery cursors are kept (past it the least
+    /// recently seen is forgotten).
+    #[arg(long, default_value_t = 16)]
+    inbox_max_devices: usize,
+    /// Seconds a device may go without syncing before its cursor is forgotten (it then no
+    /// longer holds messages back; default 30 days).
+    #[arg(long, default_value_t = 30.0 * 24.0 * 3600.0)]
+    device_retention: f64,
     /// Users with an inbox.
     #[arg(long, default_value_t = 1_000_000)]
     store_max_users: usize,
@@ -372,6 +380,7 @@ fn main() -> ExitCode {
         Some(idle_timeout),
         Some(dedup_ttl),
         Some(inbox_ttl),
+        Some(device_retention),
         Some(frame_timeout),
     ) = (
         seconds(args.login_timeout, "login-timeout"),
@@ -379,6 +388,7 @@ fn main() -> ExitCode {
         seconds(args.idle_timeout, "idle-timeout"),
         seconds(args.dedup_ttl, "dedup-ttl"),
         seconds(args.inbox_ttl, "inbox-ttl"),
+        seconds(args.device_retention, "device-retention"),
         seconds(args.frame_timeout, "frame-timeout"),
     )
     else {
@@ -404,6 +414,8 @@ fn main() -> ExitCode {
         inbox_max_messages: args.inbox_max_messages,
         inbox_max_bytes: args.inbox_max_bytes,
         inbox_ttl,
+        inbox_max_devices: args.inbox_max_devices,
+        device_retention,
         store_max_users: args.store_max_users,
         store_max_bytes: args.store_max_bytes,
         max_memory: args.max_memory.unwrap_or_else(default_max_memory),

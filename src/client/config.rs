@@ -27,6 +27,13 @@ pub struct ClientConfig {
     /// The opaque credential sent in LOGIN when there is no `token_provider` (a static
     /// token, or none for a relay that checks none).
     pub credential: Vec<u8>,
+    /// This install's device id, sent in every LOGIN (protocol.md, section 15.1): each
+    /// device of a user gets every stored message, and messages the user sends stored are
+    /// copied to the user's other devices. 1 to 64 bytes of UTF-8 without control
+    /// characters, the same for every run of the app: [`super::device_id_in`] makes one and
+    /// keeps it in a file. Default none: the user's default device (shared by every client
+    /// that names none).
+    pub device: Option<String>,
     /// Where login tokens come from when they expire (JWTs, protocol.md section 16):
     /// asked at every (re)connect and at each TOKEN_EXPIRING. Takes the place of
     /// `credential` when set (default none).
@@ -74,6 +81,7 @@ impl ClientConfig {
         ClientConfig {
             user,
             credential: Vec::new(),
+            device: None,
             token_provider: None,
             #[cfg(feature = "tls")]
             tls: None,
@@ -104,6 +112,7 @@ impl fmt::Debug for ClientConfig {
                 "credential",
                 &format_args!("[{} bytes]", self.credential.len()),
             )
+            .field("device", &self.device)
             .field(
                 "token_provider",
                 &self

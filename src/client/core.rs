@@ -384,7 +384,11 @@ impl ClientCore {
             Some(provider) => provider(self.config.user),
             None => self.config.credential.clone(),
         };
-        Frame::login(self.login_id, self.config.user, &token).encode(&mut self.out);
+        match &self.config.device {
+            Some(device) => Frame::login_device(self.login_id, self.config.user, device, &token),
+            None => Frame::login(self.login_id, self.config.user, &token),
+        }
+        .encode(&mut self.out);
         self.phase = Phase::LoggingIn {
             deadline: now + self.config.login_timeout,
         };
@@ -532,11 +536,16 @@ impl ClientCore {
                 };
                 self.inbox.ack_due = Some(self.inbox.ack_due.map_or(due, |d| d.min(due)));
             }
-            if let Event::Message { from, id, .. } = &event {
+            let sent = match &event {
+                Event::Message { from, id, .. } => Some((*from, *id)),
+                Event::SentFromOtherDevice { id, .. } => Some((self.config.user, *id)),
+                _ => None,
+            };
+            if let Some((from, id)) = sent {
                 // A copy of a message the app already took (a resend the relay did not
                 // recognise, or the same message stored twice): its sequence number still
                 // counts above, so it is acknowledged, but it is not shown again.
-                if !self.seen.first_time(*from, *id) {
+                if !self.seen.first_time(from, id) {
                     debug!("dropped a duplicate of {id} from {from}");
                     continue;
                 }
@@ -610,7 +619,8 @@ impl ClientCore {
             }
             Opcode::InboxDeliver => {
                 if let Some((seq, _stored_at, payload)) = frame.inbox_deliver() {
-                    self.on_inbox_deliver(frame.source, frame.msg_id, seq, &payload);
+                    let (from, to) = (frame.source, frame.target);
+                    self.on_inbox_deliver(from, to, frame.msg_id, seq, &payload);
                 }
             }
             Opcode::Ping => Frame::pong(frame.msg_id, frame.payload).encode(&mut self.out),
@@ -706,13 +716,26 @@ impl ClientCore {
 
     /// Queues a stored message. It becomes the app's (acked, and seen for de-duplication)
     /// only when the app takes it from `poll_event`.
-    fn on_inbox_deliver(&mut self, from: UserId, id: MessageId, seq: u64, payload: &[u8]) {
+    fn on_inbox_deliver(
+        &mut self,
+        from: UserId,
+        to: UserId,
+        id: MessageId,
+        seq: u64,
+        payload: &[u8],
+    ) {
         if seq <= self.inbox.received {
             return; // already received on this link
         }
         self.inbox.received = seq;
         let payload = Bytes::copy_from_slice(payload);
-        self.emit_inbox(Event::Message { from, id, payload }, seq);
+        let event = if from == self.config.user && to != self.config.user {
+            // A copy of what this user sent from another device (protocol.md, 15.1).
+            Event::SentFromOtherDevice { to, id, payload }
+        } else {
+            Event::Message { from, id, payload }
+        };
+        self.emit_inbox(event, seq);
     }
 
     /// Acknowledges every stored message the app has taken.

@@ -34,6 +34,16 @@ pub enum Event {
         /// The message.
         payload: Bytes,
     },
+    /// A stored message this user sent from another of its devices (protocol.md, section
+    /// 15.1), so this device can show both sides of the conversation.
+    SentFromOtherDevice {
+        /// The user it was sent to.
+        to: UserId,
+        /// The message id the other device gave it.
+        id: MessageId,
+        /// The message.
+        payload: Bytes,
+    },
     /// A room message (danmaku, like, gift…).
     RoomMessage {
         /// The room.

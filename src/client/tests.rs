@@ -1042,6 +1042,54 @@ mod tokens {
     }
 
     #[test]
+    fn a_device_id_goes_in_every_login_and_copies_of_own_messages_are_told_apart() {
+        let t0 = Instant::now();
+        let mut c = config();
+        c.credential = b"static".to_vec();
+        c.device = Some("tablet".to_string());
+        let mut core = ClientCore::new(c, t0, 1);
+        let login = login(&mut core, t0);
+        assert_eq!(login.flags, Flags::DEVICE);
+        assert_eq!(
+            crate::proto::split_login(login.flags, &login.payload),
+            Ok((Some("tablet"), &b"static"[..]))
+        );
+        written(&mut core);
+        // The relay pushes a copy of what this user sent from its phone, then a message
+        // from someone else.
+        let deliver = |seq: u64, to: UserId, from: UserId, text: &'static [u8]| {
+            let mut p = seq.to_be_bytes().to_vec();
+            p.extend_from_slice(&0u64.to_be_bytes());
+            p.extend_from_slice(text);
+            Frame::new(Opcode::InboxDeliver, MessageId(seq), to, Bytes::from(p))
+                .with_source(from)
+                .to_bytes()
+        };
+        feed(
+            &mut core,
+            &deliver(1, UserId(9), ME, b"sent from the phone"),
+            t0,
+        );
+        feed(&mut core, &deliver(2, ME, UserId(9), b"an answer"), t0);
+        let got = events(&mut core);
+        assert_eq!(
+            got,
+            [
+                Event::SentFromOtherDevice {
+                    to: UserId(9),
+                    id: MessageId(1),
+                    payload: Bytes::from_static(b"sent from the phone"),
+                },
+                Event::Message {
+                    from: UserId(9),
+                    id: MessageId(2),
+                    payload: Bytes::from_static(b"an answer"),
+                },
+            ]
+        );
+    }
+
+    #[test]
     fn without_a_provider_the_static_credential_is_sent() {
         let t0 = Instant::now();
         let mut c = config();

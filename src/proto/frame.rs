@@ -315,6 +315,18 @@ impl Frame {
         )
     }
 
+    /// LOGIN as `user` from device `device` (flag DEVICE; protocol.md, section 15.1). The
+    /// device id must be 1 to 64 bytes of UTF-8 without control characters.
+    pub fn login_device(msg_id: MessageId, user: UserId, device: &str, credential: &[u8]) -> Frame {
+        Frame::new(
+            Opcode::Login,
+            msg_id,
+            user,
+            super::device::login_payload(Some(device), credential),
+        )
+        .with_flags(Flags::DEVICE)
+    }
+
     /// SEND `payload` to user `to`.
     pub fn send(msg_id: MessageId, to: UserId, payload: Bytes) -> Frame {
         Frame::new(Opcode::Send, msg_id, to, payload)

@@ -10,8 +10,10 @@
 //! - [`error`]: the `ErrorCode` sent in ERROR frames and the decoder's `DecodeError`.
 //! - [`frame`]: the 32-byte header, the owned [`Frame`] and its encoders.
 //! - [`decode`]: the incremental decoder (`Ok(None)` on a partial frame).
+//! - [`device`]: the device id a LOGIN may carry, and its tag.
 
 pub mod decode;
+pub mod device;
 pub mod error;
 pub mod frame;
 pub mod ids;
@@ -20,6 +22,7 @@ pub mod reader;
 pub mod text;
 
 pub use decode::{decode_raw, RawFrame};
+pub use device::{device_tag, login_payload, split_login, DeviceError, MAX_DEVICE_LEN};
 pub use error::{DecodeError, ErrorCode};
 pub use frame::{Frame, Header, InboxState, LoginOk, RoomState, HEADER_LEN, VERSION};
 pub use ids::{MessageId, RoomId, UserId};

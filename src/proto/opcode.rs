@@ -122,7 +122,7 @@ impl Opcode {
     }
 }
 
-/// The 16-bit flags field. v1 defines three bits; every other bit is reserved and must be 0.
+/// The 16-bit flags field. v1 defines five bits; every other bit is reserved and must be 0.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Flags(pub u16);
 
@@ -137,8 +137,13 @@ impl Flags {
     /// On SEND: stored delivery. The relay keeps the message in the recipient's inbox until
     /// the recipient acknowledges it, and ACKs only once it is stored (protocol.md, 15).
     pub const STORED: Flags = Flags(0x0004);
+    /// On LOGIN: the payload starts with the device id (protocol.md, section 15.1).
+    pub const DEVICE: Flags = Flags(0x0008);
+    /// On INBOX_STATE (sent by the relay): the syncing device is new to the relay, and
+    /// starts from what the inbox holds (protocol.md, section 15.1).
+    pub const NEW_DEVICE: Flags = Flags(0x0010);
     /// Every bit v1 defines; the others are reserved.
-    pub const KNOWN: Flags = Flags(0x0007);
+    pub const KNOWN: Flags = Flags(0x001f);
 
     /// Both sets of bits.
     pub const fn union(self, other: Flags) -> Flags {

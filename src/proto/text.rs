@@ -32,7 +32,7 @@ pub struct UsageError(pub String);
 /// The answer to HELP.
 pub const HELP: &str = "\
 HELP  commands (case does not matter; ids are numbers):\r
-HELP    LOGIN <user> [token]        log in as user id <user> (with a token if the relay asks)\r
+HELP    LOGIN <user>[@dev] [token]  log in as user id <user> (from device <dev>; token if asked)\r
 HELP    REFRESH <token>             a new token before the current one expires\r
 HELP    SEND <user> <text>          message another user (all of its connections)\r
 HELP    JOIN <room> | LEAVE <room> | INFO <room>\r
@@ -67,12 +67,20 @@ pub fn parse_line(line: &[u8], next_id: &mut u64) -> Result<Line, UsageError> {
     let mut frame = match command.to_ascii_uppercase().as_str() {
         "HELP" => return Ok(Line::Help),
         "LOGIN" => {
+            // `LOGIN <user>[@<device>] [<credential>]` (protocol.md, sections 12 and 15.1).
             let (user, credential) = split_word(rest);
-            Frame::login(
-                id(),
-                UserId(number(user, "LOGIN <user>")?),
-                credential.as_bytes(),
-            )
+            let (user, device) = match user.split_once('@') {
+                Some((user, device)) => (user, Some(device)),
+                None => (user, None),
+            };
+            let user = UserId(number(user, "LOGIN <user>[@<device>] [<credential>]")?);
+            match device {
+                Some(device) if super::device::valid_device(device) => {
+                    Frame::login_device(id(), user, device, credential.as_bytes())
+                }
+                Some(_) => return Err(usage("a device is 1 to 64 bytes, no control characters")),
+                None => Frame::login(id(), user, credential.as_bytes()),
+            }
         }
         "SEND" => {
             let (user, body) = split_word(rest);
@@ -242,6 +250,21 @@ mod tests {
     use super::*;
     use crate::proto::frame::{write_ack, write_error};
     use bytes::BytesMut;
+
+    #[test]
+    fn a_login_may_name_its_device() {
+        let mut id = 0;
+        assert_eq!(
+            parse_line(b"login 1001@tablet secret", &mut id),
+            Ok(Line::Frame(Frame::login_device(
+                MessageId(1),
+                UserId(1001),
+                "tablet",
+                b"secret"
+            )))
+        );
+        assert!(parse_line(b"login 1001@ secret", &mut id).is_err());
+    }
 
     #[test]
     fn lines_become_the_frames_a_binary_client_sends() {

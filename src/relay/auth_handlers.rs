@@ -82,20 +82,40 @@ impl Relay {
         e: AuthError,
         now: Instant,
     ) {
+        self.refuse_login(id, msg_id, target, &format!("{what}: {}", e.reason()), now);
+    }
+
+    /// A LOGIN naming another device than its token pins: refused like a bad token.
+    pub(super) fn refuse_device(
+        &mut self,
+        id: ConnId,
+        msg_id: MessageId,
+        target: UserId,
+        reason: &str,
+        now: Instant,
+    ) {
+        self.refuse_login(id, msg_id, target, &format!("LOGIN: {reason}"), now);
+    }
+
+    /// AUTH_FAILED with `reason`, or a close after [`MAX_AUTH_FAILURES`] in a row.
+    fn refuse_login(
+        &mut self,
+        id: ConnId,
+        msg_id: MessageId,
+        target: UserId,
+        reason: &str,
+        now: Instant,
+    ) {
         let Some(s) = self.sessions.get_mut(id.0) else {
             return;
         };
         s.auth_failures = s.auth_failures.saturating_add(1);
         self.metrics.auth_failures += 1;
         if s.auth_failures >= MAX_AUTH_FAILURES {
-            let reason = format!(
-                "{what}: {}; {MAX_AUTH_FAILURES} tokens in a row were refused",
-                e.reason()
-            );
+            let reason = format!("{reason}; {MAX_AUTH_FAILURES} tokens in a row were refused");
             self.fail(id, ErrorCode::AuthFailed, &reason, now);
         } else {
-            let reason = format!("{what}: {}", e.reason());
-            self.reply_error(id, msg_id, target, ErrorCode::AuthFailed, &reason);
+            self.reply_error(id, msg_id, target, ErrorCode::AuthFailed, reason);
         }
     }
 

@@ -54,6 +54,12 @@ pub struct Config {
     pub inbox_max_bytes: usize,
     /// How long a stored message waits for its recipient (default 7 days).
     pub inbox_ttl: Duration,
+    /// Devices of one user whose stored-delivery cursors are kept (default 16); past it the
+    /// least recently seen is forgotten.
+    pub inbox_max_devices: usize,
+    /// How long a device may go without INBOX_SYNC or INBOX_ACK before its cursor is
+    /// forgotten and no longer holds messages back (default 30 days).
+    pub device_retention: Duration,
     /// Users with an inbox (default 1,000,000).
     pub store_max_users: usize,
     /// Stored bytes over all inboxes, counted as per inbox (default 1 GiB).
@@ -93,6 +99,8 @@ impl Config {
             ttl: self.inbox_ttl,
             max_users: self.store_max_users,
             max_total_bytes: self.store_max_bytes,
+            max_devices: self.inbox_max_devices,
+            device_retention: self.device_retention,
         }
     }
 
@@ -156,6 +164,8 @@ impl Default for Config {
             inbox_max_messages: 10_000,
             inbox_max_bytes: 16 * 1024 * 1024,
             inbox_ttl: Duration::from_secs(7 * 24 * 3600),
+            inbox_max_devices: 16,
+            device_retention: Duration::from_secs(30 * 24 * 3600),
             store_max_users: 1_000_000,
             store_max_bytes: 1024 * 1024 * 1024,
             max_memory: 1024 * 1024 * 1024,

@@ -15,7 +15,8 @@ use super::{
 };
 use crate::proto::frame::{write_ack, write_error, write_frame};
 use crate::proto::{
-    ErrorCode, Flags, Header, LoginOk, MessageId, Opcode, RawFrame, UserId, HEADER_LEN,
+    device_tag, split_login, ErrorCode, Flags, Header, LoginOk, MessageId, Opcode, RawFrame,
+    UserId, HEADER_LEN,
 };
 use crate::ConnId;
 
@@ -42,7 +43,7 @@ impl Relay {
             Some(Opcode::RoomSend) => self.on_room_send(id, frame, now),
             Some(Opcode::Broadcast) => self.on_broadcast(id, frame, now),
             Some(Opcode::InboxSync) => self.on_inbox_sync(id, &frame, now),
-            Some(Opcode::InboxAck) => self.on_inbox_ack(id, &frame),
+            Some(Opcode::InboxAck) => self.on_inbox_ack(id, &frame, now),
             Some(Opcode::Refresh) => self.on_refresh(id, &frame, now),
             Some(Opcode::Bye) => {
                 // A BYE that fails its checks is answered with the ERROR and does not close.
@@ -110,7 +111,7 @@ impl Relay {
                 ErrorCode::AlreadyLoggedIn,
                 format!("already logged in as {user}"),
             ))
-        } else if let Some(reason) = source_and_flags(&h, Flags::EMPTY, "LOGIN") {
+        } else if let Some(reason) = source_and_flags(&h, Flags::DEVICE, "LOGIN") {
             Some((ErrorCode::InvalidField, reason))
         } else if h.target.is_none() {
             Some((ErrorCode::InvalidField, "user id 0 is reserved".to_string()))
@@ -121,9 +122,34 @@ impl Relay {
             self.reply_error(id, h.msg_id, h.target, code, &reason);
             return;
         }
-        let Ok(grants) = self.login_grants(id, &h, frame.payload(), now) else {
+        let (device, credential) = match split_login(h.flags, frame.payload()) {
+            Ok(split) => split,
+            Err(e) => {
+                self.reply_error(
+                    id,
+                    h.msg_id,
+                    h.target,
+                    ErrorCode::InvalidField,
+                    &e.to_string(),
+                );
+                return;
+            }
+        };
+        let Ok(grants) = self.login_grants(id, &h, credential, now) else {
             return;
         };
+        // A token that names a device pins it (protocol.md, section 16.2).
+        let device: Option<String> =
+            match (device, grants.as_ref().and_then(|g| g.device.as_deref())) {
+                (Some(asked), Some(pinned)) if asked != pinned => {
+                    let reason = format!("the token is for device {pinned:?}, not {asked:?}");
+                    self.refuse_device(id, h.msg_id, h.target, &reason, now);
+                    return;
+                }
+                (None, Some(pinned)) => Some(pinned.to_owned()),
+                (asked, _) => asked.map(str::to_owned),
+            };
+        let device_tag = device_tag(device.as_deref());
         if self.directory.devices(h.target).len() >= self.config.max_devices_per_user {
             let reason = format!(
                 "{} already has {} connections (max devices per user)",
@@ -136,6 +162,7 @@ impl Relay {
             return;
         };
         s.state = State::Active(h.target);
+        s.device = device_tag;
         s.grants = grants;
         s.auth_failures = 0;
         s.expiry_noticed = false;
@@ -144,7 +171,10 @@ impl Relay {
         self.arm_token_due(id);
         self.directory.insert(h.target, id);
         self.metrics.logins += 1;
-        debug!("{id}: logged in as {}", h.target);
+        match device {
+            Some(device) => debug!("{id}: logged in as {} on device {device:?}", h.target),
+            None => debug!("{id}: logged in as {}", h.target),
+        }
         let limits = LoginOk {
             max_frame: self.config.max_frame,
             ping_interval_ms: millis_u32(self.config.ping_interval),

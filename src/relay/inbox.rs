@@ -41,6 +41,15 @@
 //! message up to `expired_upto`), so a restart does not bring expired messages back.
 //! Requests that touch one inbox (a stored SEND to it, its user's INBOX_SYNC) also expire
 //! that inbox first ([`Inboxes::expire`]), so what they see is exact between timer runs.
+//!
+//! **Devices.** Each user has a cursor per device ([`super::devices`]): INBOX_SYNC and
+//! INBOX_ACK move the syncing device's cursor ([`Inboxes::sync`], [`Inboxes::device_ack`]),
+//! and messages leave the front only up to the slowest tracked device's cursor (recorded
+//! as an `Ack`, so replay needs no clock). A user's record therefore outlives its messages
+//! while it tracks devices: an empty inbox with devices (or a gap) is kept as an *idle
+//! record*, the tombstone of above, under the same bound. A message a user sends stored
+//! is also kept in the user's own inbox as a *copy* for the user's other devices
+//! ([`Inboxes::append_copy`]); the device it came from skips it.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -48,6 +57,7 @@ use std::time::Duration;
 use byteorder::{BigEndian, ByteOrder};
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::devices::{DeviceCursor, DeviceCursors};
 use super::hashing::{id_map, IdMap};
 use crate::proto::frame::write_header;
 use crate::proto::{Flags, MessageId, Opcode, UserId, HEADER_LEN};
@@ -70,6 +80,12 @@ pub const INBOX_OVERHEAD: usize = 320;
 pub const fn message_cost(payload_len: usize) -> usize {
     HEADER_LEN + INBOX_PREFIX + payload_len + MESSAGE_OVERHEAD
 }
+
+/// `Stored::origin` of a message that is not a copy of one the user sent.
+pub const NO_ORIGIN: u64 = u64::MAX;
+
+/// What tracking one device costs against the store's byte limit.
+pub const DEVICE_OVERHEAD: usize = 32;
 
 /// What a durable store records, in order. Replayed through `Relay::restore`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,6 +119,40 @@ pub enum StoreOp {
         /// The highest sequence number dropped for age.
         expired_upto: u64,
     },
+    /// A copy of a message `user` sent from device `origin`, kept in the user's own inbox
+    /// for the user's other devices: the whole INBOX_DELIVER frame (`target` = the peer).
+    SentCopy {
+        /// The sender, whose inbox holds the copy.
+        user: UserId,
+        /// The frame (as for `Append`).
+        frame: Bytes,
+        /// The tag of the device it was sent from.
+        origin: u64,
+    },
+    /// A device's cursor, as it is now (replay sets it; it deletes nothing by itself),
+    /// with the user's last sequence number then: a record the cursor's INBOX_SYNC made
+    /// (the user had none) numbers on after it when replayed, as it did live.
+    Cursor {
+        /// The user.
+        user: UserId,
+        /// The device and its cursor.
+        cursor: DeviceCursor,
+        /// The user's last sequence number handed out when the cursor was written.
+        last_seq: u64,
+    },
+    /// A device is no longer tracked (not seen within the retention time, or past the
+    /// limit of devices).
+    ForgetDevice {
+        /// The user.
+        user: UserId,
+        /// The device's tag.
+        device: u64,
+    },
+    /// An idle record (no messages) was dropped to make room for others.
+    Forget {
+        /// The user.
+        user: UserId,
+    },
     /// A DEDUP SEND the relay answered, so that a resend after a restart is recognised
     /// (protocol.md, section 13). Written by compaction for every id the relay remembers;
     /// an `Append` stands for its own message. Not inbox state: `Inboxes::apply` skips it.
@@ -129,6 +179,10 @@ pub struct InboxLimits {
     pub max_users: usize,
     /// Bytes over all inboxes, each message counted as its INBOX_DELIVER frame plus 64.
     pub max_total_bytes: usize,
+    /// Devices tracked per user.
+    pub max_devices: usize,
+    /// A device not heard of for this long is no longer tracked.
+    pub device_retention: Duration,
 }
 
 /// Why a stored SEND cannot be kept.
@@ -142,6 +196,9 @@ pub struct Stored {
     pub seq: u64,
     /// The frame pushed to the recipient.
     pub frame: Bytes,
+    /// For a copy of a message the user sent: the device it came from, which skips it
+    /// ([`NO_ORIGIN`] otherwise).
+    pub origin: u64,
 }
 
 impl Stored {
@@ -169,6 +226,8 @@ pub struct Inbox {
     due: Option<u64>,
     /// A tombstone's key in the tombstone order.
     tomb: Option<u64>,
+    /// The user's tracked devices.
+    devices: DeviceCursors,
 }
 
 impl Inbox {
@@ -198,8 +257,40 @@ impl Inbox {
     }
 
     /// The highest sequence number dropped because it passed its age limit.
+    #[cfg(test)]
     pub fn expired_upto(&self) -> u64 {
         self.expired_upto
+    }
+
+    /// The cursor of `device`, if tracked.
+    #[cfg(test)]
+    pub fn device(&self, device: u64) -> Option<&DeviceCursor> {
+        self.devices.get(device)
+    }
+
+    /// Tracked devices besides `device` that were seen within `retention_ms` of `now_ms`.
+    fn other_devices(&self, device: u64, now_ms: u64, retention_ms: u64) -> bool {
+        self.devices
+            .iter()
+            .any(|c| c.device != device && now_ms.saturating_sub(c.seen_ms) <= retention_ms)
+    }
+
+    /// Moves `device`'s cursor over the copies of its own messages right after it (the
+    /// device has them: it sent them).
+    fn skip_own_copies(&mut self, device: u64) {
+        let Some(acked) = self.devices.get(device).map(|c| c.acked) else {
+            return;
+        };
+        let mut upto = acked;
+        while let Some(next) = self.next_after(upto) {
+            if next.origin != device {
+                break;
+            }
+            upto = next.seq;
+        }
+        if let Some(c) = self.devices.get_mut(device) {
+            c.acked = upto;
+        }
     }
 
     /// Messages held.
@@ -272,6 +363,23 @@ pub struct Inboxes {
     /// Cost of every message held ([`message_cost`]).
     total_bytes: usize,
     total_messages: usize,
+    /// Devices tracked over all users.
+    total_devices: usize,
+}
+
+/// What INBOX_STATE tells a syncing device ([`Inboxes::sync`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncReport {
+    /// The oldest sequence number held (`last_seq + 1` when none is).
+    pub first_seq: u64,
+    /// The last sequence number that may be sent.
+    pub last_seq: u64,
+    /// Every number up to this one that the device may have missed (dropped for age, or
+    /// deleted while the device was not tracked).
+    pub expired_upto: u64,
+    /// The device was not tracked and its client has no numbers: it starts from what the
+    /// inbox holds.
+    pub new_device: bool,
 }
 
 impl Inboxes {
@@ -288,7 +396,14 @@ impl Inboxes {
             next_tomb: 0,
             total_bytes: 0,
             total_messages: 0,
+            total_devices: 0,
         }
+    }
+
+    /// Devices tracked over all users.
+    #[cfg(test)]
+    pub fn devices(&self) -> usize {
+        self.total_devices
     }
 
     /// The store's identity (see [`StoreOp::Epoch`]).
@@ -303,6 +418,7 @@ impl Inboxes {
 
     /// The highest sequence number handed out to any user (a user without an inbox gets
     /// numbers above it).
+    #[cfg(test)]
     pub fn high_seq(&self) -> u64 {
         self.high_seq
     }
@@ -367,8 +483,10 @@ impl Inboxes {
                 l.max_bytes
             )));
         }
-        let inboxes = self.users.len() + usize::from(inbox.is_none());
-        if self.total_bytes + inboxes * INBOX_OVERHEAD + cost > l.max_total_bytes {
+        // A user without a record adds one; an idle record (counted already) revives.
+        let inboxes = self.users.len() + usize::from(!self.users.contains_key(&user));
+        let bookkeeping = inboxes * INBOX_OVERHEAD + self.total_devices * DEVICE_OVERHEAD;
+        if self.total_bytes + bookkeeping + cost > l.max_total_bytes {
             return Err(InboxFull(format!(
                 "the store would pass {} bytes (max store bytes)",
                 l.max_total_bytes
@@ -386,6 +504,45 @@ impl Inboxes {
         msg_id: MessageId,
         payload: &[u8],
         now_ms: u64,
+    ) -> (u64, Bytes) {
+        self.append_frame(user, user, sender, msg_id, payload, now_ms, NO_ORIGIN)
+    }
+
+    /// Keeps a copy of a message `user` sent to `peer` from device `origin` in the user's
+    /// own inbox, for the user's other devices (check [`Inboxes::check_room`] first).
+    /// Returns its sequence number and INBOX_DELIVER frame (`target` = `peer`, `source` =
+    /// `user`: what a durable store records as a `SentCopy`).
+    pub fn append_copy(
+        &mut self,
+        user: UserId,
+        peer: UserId,
+        msg_id: MessageId,
+        payload: &[u8],
+        now_ms: u64,
+        origin: u64,
+    ) -> (u64, Bytes) {
+        self.append_frame(user, peer, user, msg_id, payload, now_ms, origin)
+    }
+
+    /// True when `user` tracks a device besides `device` that was seen within the
+    /// retention time: a message the user sends from `device` is worth a copy.
+    pub fn has_other_devices(&self, user: UserId, device: u64, now_ms: u64) -> bool {
+        let retention = self.retention_ms();
+        self.users
+            .get(&user)
+            .is_some_and(|i| i.other_devices(device, now_ms, retention))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append_frame(
+        &mut self,
+        user: UserId,
+        target: UserId,
+        sender: UserId,
+        msg_id: MessageId,
+        payload: &[u8],
+        now_ms: u64,
+        origin: u64,
     ) -> (u64, Bytes) {
         let high_seq = self.high_seq;
         let ttl_ms = self.ttl_ms();
@@ -405,7 +562,7 @@ impl Inboxes {
             Opcode::InboxDeliver,
             Flags::EMPTY,
             msg_id,
-            user,
+            target,
             sender,
         );
         buf.put_u64(seq);
@@ -415,13 +572,223 @@ impl Inboxes {
         let stored = Stored {
             seq,
             frame: frame.clone(),
+            origin,
         };
         self.total_bytes += stored.cost();
         self.total_messages += 1;
         self.high_seq = self.high_seq.max(seq);
         inbox.push(stored);
+        if origin != NO_ORIGIN {
+            inbox.skip_own_copies(origin);
+        }
         reschedule(&mut self.schedule, user, inbox, ttl_ms);
         (seq, frame)
+    }
+
+    fn retention_ms(&self) -> u64 {
+        u64::try_from(self.limits.device_retention.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Device `device` of `user` sends INBOX_SYNC, saying it has every message up to
+    /// `client_last` (`None`: a fresh client, or numbers of another epoch). Tracks the
+    /// device (a new one starts from what the inbox holds), moves its cursor, deletes what
+    /// every device has, and says what to answer. What a durable store must record goes
+    /// to `ops`.
+    pub fn sync(
+        &mut self,
+        user: UserId,
+        device: u64,
+        client_last: Option<u64>,
+        now_ms: u64,
+        ops: &mut Vec<StoreOp>,
+    ) -> SyncReport {
+        let high_seq = self.high_seq;
+        let retention = self.retention_ms();
+        let max_devices = self.limits.max_devices;
+        let inbox = self
+            .users
+            .entry(user)
+            .or_insert_with(|| Inbox::after(high_seq));
+        // (A record made just now numbers after `high_seq`; so does its replay: the
+        // `Cursor` below carries the number.)
+        let devices_before = inbox.devices.len();
+        let mut forgotten = Vec::new();
+        inbox.devices.prune(now_ms, retention, &mut forgotten);
+        let first_seq = inbox.first_seq();
+        let sendable = inbox.durable_seq;
+        let mut report = SyncReport {
+            first_seq,
+            last_seq: sendable,
+            expired_upto: inbox.expired_upto,
+            new_device: false,
+        };
+        let known = inbox.devices.get(device).copied();
+        let cursor = match (known, client_last) {
+            (Some(mut c), last) => {
+                c.acked = c.acked.max(last.unwrap_or(0).min(sendable));
+                c.seen_ms = now_ms;
+                inbox.devices.set(c);
+                c
+            }
+            (None, Some(last)) if last > 0 => {
+                // Tracked once, forgotten since: what it may have missed is reported like
+                // an expiry.
+                if last + 1 < first_seq {
+                    report.expired_upto = report.expired_upto.max(first_seq - 1);
+                }
+                let c = DeviceCursor {
+                    device,
+                    acked: last.min(sendable),
+                    seen_ms: now_ms,
+                };
+                forgotten.extend(inbox.devices.add(c, max_devices));
+                c
+            }
+            (None, _) => {
+                report.new_device = true;
+                if !inbox.devices.is_empty() {
+                    // Another device may have had what expired: only the user's first
+                    // device is told of expiries from before it came.
+                    report.expired_upto = 0;
+                }
+                let c = DeviceCursor {
+                    device,
+                    acked: first_seq - 1,
+                    seen_ms: now_ms,
+                };
+                forgotten.extend(inbox.devices.add(c, max_devices));
+                c
+            }
+        };
+        inbox.skip_own_copies(device);
+        let cursor = inbox.devices.get(device).copied().unwrap_or(cursor);
+        let devices_after = inbox.devices.len();
+        let last_seq = inbox.last_seq;
+        self.count_devices(devices_before, devices_after);
+        ops.extend(
+            forgotten
+                .into_iter()
+                .map(|device| StoreOp::ForgetDevice { user, device }),
+        );
+        ops.push(StoreOp::Cursor {
+            user,
+            cursor,
+            last_seq,
+        });
+        self.settle(user, ops);
+        if let Some(inbox) = self.users.get(&user) {
+            report.first_seq = inbox.first_seq();
+        }
+        report
+    }
+
+    /// Device `device` of `user` acknowledges every message up to `upto`: its cursor
+    /// moves, and what every device has is deleted. What a durable store must record goes
+    /// to `ops`.
+    pub fn device_ack(
+        &mut self,
+        user: UserId,
+        device: u64,
+        upto: u64,
+        now_ms: u64,
+        ops: &mut Vec<StoreOp>,
+    ) {
+        let retention = self.retention_ms();
+        let max_devices = self.limits.max_devices;
+        let Some(inbox) = self.users.get_mut(&user) else {
+            return;
+        };
+        // Only what may have been sent can be acknowledged.
+        let upto = upto.min(inbox.durable_seq);
+        let devices_before = inbox.devices.len();
+        let mut forgotten = Vec::new();
+        inbox.devices.prune(now_ms, retention, &mut forgotten);
+        match inbox.devices.get_mut(device) {
+            Some(c) => {
+                c.acked = c.acked.max(upto);
+                c.seen_ms = now_ms;
+            }
+            None => {
+                let c = DeviceCursor {
+                    device,
+                    acked: upto,
+                    seen_ms: now_ms,
+                };
+                forgotten.extend(inbox.devices.add(c, max_devices));
+            }
+        }
+        inbox.skip_own_copies(device);
+        let devices_after = inbox.devices.len();
+        let cursor = inbox.devices.get(device).copied();
+        let last_seq = inbox.last_seq;
+        self.count_devices(devices_before, devices_after);
+        let Some(cursor) = cursor else {
+            return;
+        };
+        ops.extend(
+            forgotten
+                .into_iter()
+                .map(|device| StoreOp::ForgetDevice { user, device }),
+        );
+        ops.push(StoreOp::Cursor {
+            user,
+            cursor,
+            last_seq,
+        });
+        self.settle(user, ops);
+    }
+
+    /// Deletes `user`'s messages every tracked device has acknowledged (recorded as an
+    /// `Ack`); an emptied inbox becomes an idle record.
+    fn settle(&mut self, user: UserId, ops: &mut Vec<StoreOp>) {
+        let Some(floor) = self.users.get(&user).and_then(|i| i.devices.floor()) else {
+            return;
+        };
+        if self.drop_upto(user, floor) {
+            ops.push(StoreOp::Ack { user, upto: floor });
+        }
+        let Some(inbox) = self.users.get(&user) else {
+            return;
+        };
+        if !inbox.messages.is_empty() {
+            return;
+        }
+        match inbox.tomb {
+            None => self.entomb(user, Some(ops)),
+            // Heard of just now: the last idle record to be forgotten.
+            Some(tomb) => self.touch_tomb(user, tomb),
+        }
+    }
+
+    /// Keeps the count of tracked devices (charged against the store's byte limit).
+    fn count_devices(&mut self, before: usize, after: usize) {
+        self.total_devices = (self.total_devices + after).saturating_sub(before);
+    }
+
+    /// Moves an idle record to the young end of the forgetting order.
+    fn touch_tomb(&mut self, user: UserId, tomb: u64) {
+        self.tombstones.remove(&tomb);
+        self.next_tomb += 1;
+        self.tombstones.insert(self.next_tomb, user);
+        if let Some(inbox) = self.users.get_mut(&user) {
+            inbox.tomb = Some(self.next_tomb);
+        }
+    }
+
+    /// Drops `user`'s messages up to `upto`, keeping the record; true if any went.
+    fn drop_upto(&mut self, user: UserId, upto: u64) -> bool {
+        let ttl_ms = self.ttl_ms();
+        let Some(inbox) = self.users.get_mut(&user) else {
+            return false;
+        };
+        let (count, freed, _) = inbox.drop_front_while(usize::MAX, |m| m.seq <= upto);
+        if count == 0 {
+            return false;
+        }
+        self.total_bytes -= freed;
+        self.total_messages -= count;
+        reschedule(&mut self.schedule, user, inbox, ttl_ms);
+        true
     }
 
     /// Marks `user`'s messages up to `seq` as on disk (sendable).
@@ -447,7 +814,7 @@ impl Inboxes {
             return false;
         };
         if let Some(tomb) = inbox.tomb {
-            if upto < inbox.expired_upto {
+            if upto < inbox.expired_upto || !inbox.devices.is_empty() {
                 return false;
             }
             self.tombstones.remove(&tomb);
@@ -462,7 +829,12 @@ impl Inboxes {
         self.total_messages -= count;
         reschedule(&mut self.schedule, user, inbox, ttl_ms);
         if inbox.messages.is_empty() {
-            self.users.remove(&user);
+            if inbox.devices.is_empty() {
+                self.users.remove(&user);
+            } else {
+                // Its devices' cursors are still needed: an idle record.
+                self.entomb(user, None);
+            }
         }
         true
     }
@@ -552,10 +924,8 @@ impl Inboxes {
                 break;
             };
             if let Some(gone) = self.users.remove(&oldest) {
-                ops.push(StoreOp::Ack {
-                    user: oldest,
-                    upto: gone.last_seq,
-                });
+                self.count_devices(gone.devices.len(), 0);
+                ops.push(StoreOp::Forget { user: oldest });
             }
         }
     }
@@ -565,24 +935,50 @@ impl Inboxes {
         let ttl_ms = self.ttl_ms();
         match op {
             StoreOp::Epoch(epoch) => self.epoch = epoch,
-            StoreOp::Append { user, frame } => {
-                if frame.len() < HEADER_LEN + INBOX_PREFIX {
-                    return;
+            StoreOp::Append { user, frame } => self.apply_append(user, frame, NO_ORIGIN),
+            StoreOp::SentCopy {
+                user,
+                frame,
+                origin,
+            } => self.apply_append(user, frame, origin),
+            StoreOp::Cursor {
+                user,
+                cursor,
+                last_seq,
+            } => {
+                self.high_seq = self.high_seq.max(last_seq);
+                let inbox = self
+                    .users
+                    .entry(user)
+                    .or_insert_with(|| Inbox::after(last_seq));
+                inbox.last_seq = inbox.last_seq.max(last_seq);
+                let before = inbox.devices.len();
+                inbox.devices.set(cursor);
+                let (after, idle) = (inbox.devices.len(), inbox.messages.is_empty());
+                self.count_devices(before, after);
+                if idle {
+                    self.entomb(user, None);
                 }
-                let seq = BigEndian::read_u64(&frame[HEADER_LEN..]);
-                if self.users.get(&user).is_some_and(|i| seq <= i.last_seq) {
-                    return; // already there
+            }
+            StoreOp::ForgetDevice { user, device } => {
+                if let Some(inbox) = self.users.get_mut(&user) {
+                    if inbox.devices.remove(device) {
+                        self.count_devices(1, 0);
+                    }
                 }
-                let inbox = self.users.entry(user).or_default();
-                if let Some(tomb) = inbox.tomb.take() {
-                    self.tombstones.remove(&tomb);
+            }
+            StoreOp::Forget { user } => {
+                if let Some(gone) = self.users.remove(&user) {
+                    if let Some(tomb) = gone.tomb {
+                        self.tombstones.remove(&tomb);
+                    }
+                    if let Some(due) = gone.due {
+                        self.schedule.remove(&(due, user));
+                    }
+                    self.total_bytes -= gone.bytes;
+                    self.total_messages -= gone.messages.len();
+                    self.count_devices(gone.devices.len(), 0);
                 }
-                let stored = Stored { seq, frame };
-                self.total_bytes += stored.cost();
-                self.total_messages += 1;
-                self.high_seq = self.high_seq.max(seq);
-                inbox.push(stored);
-                reschedule(&mut self.schedule, user, inbox, ttl_ms);
             }
             StoreOp::Ack { user, upto } => {
                 self.ack(user, upto);
@@ -608,13 +1004,38 @@ impl Inboxes {
                 if !inbox.messages.is_empty() {
                     return;
                 }
-                if inbox.expired_upto == 0 {
+                if inbox.expired_upto == 0 && inbox.devices.is_empty() {
                     self.users.remove(&user); // nothing to say: numbering is in high_seq
                 } else {
                     self.entomb(user, None);
                 }
             }
         }
+    }
+
+    /// Replays a stored message (or a copy, from device `origin`).
+    fn apply_append(&mut self, user: UserId, frame: Bytes, origin: u64) {
+        let ttl_ms = self.ttl_ms();
+        if frame.len() < HEADER_LEN + INBOX_PREFIX {
+            return;
+        }
+        let seq = BigEndian::read_u64(&frame[HEADER_LEN..]);
+        if self.users.get(&user).is_some_and(|i| seq <= i.last_seq) {
+            return; // already there
+        }
+        let inbox = self.users.entry(user).or_default();
+        if let Some(tomb) = inbox.tomb.take() {
+            self.tombstones.remove(&tomb);
+        }
+        let stored = Stored { seq, frame, origin };
+        self.total_bytes += stored.cost();
+        self.total_messages += 1;
+        self.high_seq = self.high_seq.max(seq);
+        inbox.push(stored);
+        if origin != NO_ORIGIN {
+            inbox.skip_own_copies(origin);
+        }
+        reschedule(&mut self.schedule, user, inbox, ttl_ms);
     }
 
     /// Everything held, as the ops that rebuild it (what compaction writes): the epoch,
@@ -634,15 +1055,32 @@ impl Inboxes {
             last_seq: inbox.last_seq,
             expired_upto: inbox.expired_upto,
         };
-        for (&user, inbox) in self.users.iter().filter(|(_, i)| i.tomb.is_none()) {
-            ops.extend(inbox.messages.iter().map(|m| StoreOp::Append {
+        fn cursors(user: UserId, inbox: &Inbox) -> impl Iterator<Item = StoreOp> + '_ {
+            let cursors = inbox.devices.iter();
+            cursors.map(move |&cursor| StoreOp::Cursor {
                 user,
-                frame: m.frame.clone(),
+                cursor,
+                last_seq: inbox.last_seq,
+            })
+        }
+        for (&user, inbox) in self.users.iter().filter(|(_, i)| i.tomb.is_none()) {
+            ops.extend(inbox.messages.iter().map(|m| match m.origin {
+                NO_ORIGIN => StoreOp::Append {
+                    user,
+                    frame: m.frame.clone(),
+                },
+                origin => StoreOp::SentCopy {
+                    user,
+                    frame: m.frame.clone(),
+                    origin,
+                },
             }));
             ops.push(counters(user, inbox));
+            ops.extend(cursors(user, inbox));
         }
         for &user in self.tombstones.values() {
             if let Some(inbox) = self.users.get(&user) {
+                ops.extend(cursors(user, inbox));
                 ops.push(counters(user, inbox));
             }
         }
@@ -685,6 +1123,8 @@ mod tests {
             max_users: 2,
             // Two inboxes' fixed cost, then room for messages.
             max_total_bytes: 2 * INBOX_OVERHEAD + c(0) * 2 + c(150),
+            max_devices: 3,
+            device_retention: Duration::from_secs(600),
         }
     }
 
@@ -784,10 +1224,7 @@ mod tests {
         inboxes.expire(UserId(4), 60_000, &mut ops);
         assert_eq!(inboxes.tombstones(), 2);
         assert!(inboxes.get(UserId(3)).is_none());
-        assert!(ops.contains(&StoreOp::Ack {
-            user: UserId(3),
-            upto: 2
-        }));
+        assert!(ops.contains(&StoreOp::Forget { user: UserId(3) }));
         // Acknowledging past the gap forgets it; a new message numbers on after it.
         assert!(!inboxes.ack(BOB, 1));
         let (seq, _) = inboxes.append(BOB, UserId(1), MessageId(3), b"z", 0);
@@ -835,6 +1272,224 @@ mod tests {
             assert_eq!(rebuilt.total_messages(), 1);
             assert_eq!(rebuilt.total_bytes(), live.total_bytes());
             assert_eq!(rebuilt.next_expiry(), Some(63_000));
+        }
+    }
+
+    const PHONE: u64 = 11;
+    const TABLET: u64 = 22;
+    const LAPTOP: u64 = 33;
+
+    fn roomy() -> InboxLimits {
+        InboxLimits {
+            max_messages: 100,
+            max_bytes: 1 << 20,
+            max_users: 10,
+            max_total_bytes: 1 << 22,
+            ..limits()
+        }
+    }
+
+    /// A durable store's view: apply every op, as a restart would.
+    fn replayed(log: &[StoreOp]) -> Inboxes {
+        let mut rebuilt = Inboxes::new(roomy(), 0, 1);
+        for op in log {
+            rebuilt.apply(op.clone());
+        }
+        rebuilt
+    }
+
+    fn acked(inboxes: &Inboxes, user: UserId, device: u64) -> Option<u64> {
+        inboxes.get(user)?.device(device).map(|c| c.acked)
+    }
+
+    #[test]
+    fn a_message_stays_until_every_tracked_device_acknowledged_it() {
+        let mut inboxes = Inboxes::new(roomy(), 7, 1);
+        let mut log = Vec::new();
+        assert!(inboxes.sync(BOB, PHONE, None, 0, &mut log).new_device);
+        assert!(inboxes.sync(BOB, TABLET, None, 0, &mut log).new_device);
+        for i in 1..=3 {
+            inboxes.append(BOB, UserId(1), MessageId(i), b"m", 10);
+            inboxes.mark_all_durable();
+        }
+        inboxes.device_ack(BOB, PHONE, 3, 20, &mut log);
+        assert_eq!(
+            inboxes.get(BOB).unwrap().len(),
+            3,
+            "the tablet has none yet"
+        );
+        inboxes.device_ack(BOB, TABLET, 2, 30, &mut log);
+        let inbox = inboxes.get(BOB).unwrap();
+        assert_eq!((inbox.first_seq(), inbox.len()), (3, 1), "both have 1..=2");
+        assert!(log.contains(&StoreOp::Ack { user: BOB, upto: 2 }));
+        inboxes.device_ack(BOB, TABLET, 3, 40, &mut log);
+        let inbox = inboxes.get(BOB).expect("an idle record keeps the cursors");
+        assert_eq!(
+            (inbox.len(), inboxes.users(), inboxes.tombstones()),
+            (0, 0, 1)
+        );
+        // The next message numbers on, and still waits for both devices.
+        let (seq, _) = inboxes.append(BOB, UserId(1), MessageId(9), b"m", 50);
+        inboxes.mark_all_durable();
+        assert_eq!(seq, 4);
+        inboxes.device_ack(BOB, PHONE, 4, 60, &mut log);
+        assert_eq!(inboxes.get(BOB).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_new_device_starts_from_what_the_inbox_holds_without_a_gap() {
+        let mut inboxes = Inboxes::new(roomy(), 7, 1);
+        let mut log = Vec::new();
+        inboxes.sync(BOB, PHONE, None, 0, &mut log);
+        for i in 1..=3 {
+            inboxes.append(BOB, UserId(1), MessageId(i), b"m", 10);
+            inboxes.mark_all_durable();
+        }
+        inboxes.device_ack(BOB, PHONE, 3, 20, &mut log);
+        inboxes.append(BOB, UserId(1), MessageId(4), b"m", 30);
+        inboxes.mark_all_durable();
+        let report = inboxes.sync(BOB, TABLET, Some(0), 40, &mut log);
+        assert_eq!(
+            report,
+            SyncReport {
+                first_seq: 4,
+                last_seq: 4,
+                expired_upto: 0,
+                new_device: true
+            }
+        );
+        assert_eq!(acked(&inboxes, BOB, TABLET), Some(3));
+        // Known now: its next sync is not new.
+        assert!(!inboxes.sync(BOB, TABLET, Some(3), 50, &mut log).new_device);
+    }
+
+    #[test]
+    fn a_device_back_after_it_was_forgotten_is_told_what_it_may_have_missed() {
+        let mut inboxes = Inboxes::new(roomy(), 7, 1);
+        let mut log = Vec::new();
+        let day = 600_000; // the retention of `limits()` is 600 s
+        inboxes.sync(BOB, PHONE, None, 0, &mut log);
+        inboxes.sync(BOB, TABLET, None, 0, &mut log);
+        for i in 1..=2 {
+            inboxes.append(BOB, UserId(1), MessageId(i), b"m", 10);
+            inboxes.mark_all_durable();
+        }
+        inboxes.device_ack(BOB, TABLET, 1, 20, &mut log);
+        // The phone stays away past the retention: it no longer holds messages back.
+        inboxes.device_ack(BOB, TABLET, 2, day + 100, &mut log);
+        assert!(log.contains(&StoreOp::ForgetDevice {
+            user: BOB,
+            device: PHONE
+        }));
+        assert_eq!(inboxes.get(BOB).unwrap().len(), 0);
+        inboxes.append(BOB, UserId(1), MessageId(3), b"m", day + 200);
+        inboxes.mark_all_durable();
+        let report = inboxes.sync(BOB, PHONE, Some(0), day + 300, &mut log);
+        assert!(report.new_device, "a reinstalled phone has no numbers: new");
+        let mut log2 = Vec::new();
+        let mut again = Inboxes::new(roomy(), 7, 1);
+        again.sync(BOB, PHONE, None, 0, &mut log2);
+        again.sync(BOB, TABLET, None, 0, &mut log2);
+        for i in 1..=3 {
+            again.append(BOB, UserId(1), MessageId(i), b"m", 10);
+            again.mark_all_durable();
+        }
+        again.device_ack(BOB, TABLET, 3, day + 100, &mut log2);
+        again.append(BOB, UserId(1), MessageId(4), b"m", day + 200);
+        again.mark_all_durable();
+        // The phone had 1 and comes back: 2..=3 went while it was untracked.
+        let report = again.sync(BOB, PHONE, Some(1), day + 300, &mut log2);
+        assert_eq!((report.first_seq, report.expired_upto), (4, 3));
+        assert!(!report.new_device);
+    }
+
+    #[test]
+    fn past_the_device_limit_the_least_recently_seen_device_is_untracked() {
+        let mut inboxes = Inboxes::new(roomy(), 7, 1); // max_devices 3
+        let mut log = Vec::new();
+        for (device, at) in [(PHONE, 10), (TABLET, 5), (LAPTOP, 20)] {
+            inboxes.sync(BOB, device, None, at, &mut log);
+        }
+        assert_eq!(inboxes.devices(), 3);
+        inboxes.sync(BOB, 44, None, 30, &mut log);
+        assert_eq!(inboxes.devices(), 3);
+        assert_eq!(acked(&inboxes, BOB, TABLET), None, "seen longest ago");
+        assert!(log.contains(&StoreOp::ForgetDevice {
+            user: BOB,
+            device: TABLET
+        }));
+    }
+
+    #[test]
+    fn a_copy_of_a_sent_message_skips_the_device_it_came_from() {
+        let mut inboxes = Inboxes::new(roomy(), 7, 1);
+        let mut log = Vec::new();
+        let alice = UserId(1);
+        inboxes.sync(alice, PHONE, None, 0, &mut log);
+        inboxes.sync(alice, LAPTOP, None, 0, &mut log);
+        assert!(inboxes.has_other_devices(alice, PHONE, 10));
+        assert!(!inboxes.has_other_devices(BOB, PHONE, 10));
+        let (seq, frame) = inboxes.append_copy(alice, BOB, MessageId(5), b"hi", 10, PHONE);
+        inboxes.mark_all_durable();
+        let header = crate::proto::Header::read(&frame);
+        assert_eq!(
+            (header.target, header.source),
+            (BOB, alice),
+            "to the peer, from self"
+        );
+        assert_eq!(acked(&inboxes, alice, PHONE), Some(seq), "the phone has it");
+        assert_eq!(acked(&inboxes, alice, LAPTOP), Some(0));
+        assert_eq!(inboxes.get(alice).unwrap().len(), 1);
+        inboxes.device_ack(alice, LAPTOP, seq, 20, &mut log);
+        assert_eq!(inboxes.get(alice).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn cursors_copies_and_forgotten_devices_survive_replay_and_compaction() {
+        let mut live = Inboxes::new(roomy(), 7, 1);
+        let mut log = vec![StoreOp::Epoch(7)];
+        let alice = UserId(1);
+        live.sync(BOB, PHONE, None, 0, &mut log);
+        live.sync(BOB, TABLET, None, 0, &mut log);
+        live.sync(alice, PHONE, None, 0, &mut log);
+        live.sync(alice, LAPTOP, None, 0, &mut log);
+        for i in 1..=3 {
+            let (_, frame) = live.append(BOB, alice, MessageId(i), b"m", 10);
+            live.mark_all_durable();
+            log.push(StoreOp::Append { user: BOB, frame });
+            let (_, frame) = live.append_copy(alice, BOB, MessageId(i), b"m", 10, PHONE);
+            live.mark_all_durable();
+            log.push(StoreOp::SentCopy {
+                user: alice,
+                frame,
+                origin: PHONE,
+            });
+        }
+        live.device_ack(BOB, PHONE, 3, 20, &mut log);
+        live.device_ack(BOB, TABLET, 1, 30, &mut log);
+        live.device_ack(alice, LAPTOP, 2, 40, &mut log);
+        for ops in [log, live.snapshot()] {
+            let rebuilt = replayed(&ops);
+            for (user, device) in [(BOB, PHONE), (BOB, TABLET), (alice, PHONE), (alice, LAPTOP)] {
+                assert_eq!(
+                    acked(&rebuilt, user, device),
+                    acked(&live, user, device),
+                    "{user} {device}"
+                );
+            }
+            for user in [BOB, alice] {
+                let (a, b) = (rebuilt.get(user).unwrap(), live.get(user).unwrap());
+                assert_eq!(
+                    (a.first_seq(), a.last_seq(), a.len()),
+                    (b.first_seq(), b.last_seq(), b.len())
+                );
+            }
+            assert_eq!(
+                rebuilt.get(alice).unwrap().next_after(0).unwrap().origin,
+                PHONE
+            );
+            assert_eq!(rebuilt.devices(), 4);
+            assert_eq!(rebuilt.total_bytes(), live.total_bytes());
         }
     }
 }

@@ -77,7 +77,18 @@ impl Relay {
         }
         self.expire_inbox(h.target, now);
         let now_ms = self.unix_ms(now);
-        if let Err(full) = self.inboxes.check_room(h.target, frame.payload().len()) {
+        // The sender's other devices get a copy (protocol.md, section 15.1); it must fit
+        // too, or nothing is stored.
+        let device = self.sessions.get(id.0).map_or(0, |s| s.device);
+        let copy = sender != h.target && self.inboxes.has_other_devices(sender, device, now_ms);
+        let room = self
+            .inboxes
+            .check_room(h.target, frame.payload().len())
+            .and_then(|()| match copy {
+                true => self.inboxes.check_room(sender, frame.payload().len()),
+                false => Ok(()),
+            });
+        if let Err(full) = room {
             self.reply_error(id, h.msg_id, h.target, ErrorCode::InboxFull, &full.0);
             if h.flags.contains(Flags::DEDUP) {
                 // A resend (the ERROR may be lost with the link) gets INBOX_FULL again
@@ -91,6 +102,17 @@ impl Relay {
             self.inboxes
                 .append(h.target, sender, h.msg_id, frame.payload(), now_ms);
         self.metrics.messages_stored += 1;
+        let copied = copy.then(|| {
+            let (seq, frame) = self.inboxes.append_copy(
+                sender,
+                h.target,
+                h.msg_id,
+                frame.payload(),
+                now_ms,
+                device,
+            );
+            (seq, frame)
+        });
         if self.durable {
             // Nothing leaves for the recipient or the sender until the commit: a client
             // must never hold a sequence number that a crash could hand out again.
@@ -99,6 +121,14 @@ impl Relay {
                 frame: deliver,
             });
             self.appended.push((h.target, seq));
+            if let Some((copy_seq, copy_frame)) = copied {
+                self.store_ops.push(StoreOp::SentCopy {
+                    user: sender,
+                    frame: copy_frame,
+                    origin: device,
+                });
+                self.appended.push((sender, copy_seq));
+            }
             let dedup = h.flags.contains(Flags::DEDUP);
             if dedup {
                 // The count is known at the commit (set there); a resend before it finds
@@ -123,6 +153,10 @@ impl Relay {
         }
         self.inboxes.mark_durable(h.target, seq);
         let count = self.push_to_devices(h.target, seq);
+        if let Some((copy_seq, _)) = copied {
+            self.inboxes.mark_durable(sender, copy_seq);
+            self.push_to_devices(sender, copy_seq);
+        }
         if h.flags.contains(Flags::DEDUP) {
             self.dedup.record(sender, h.msg_id, count, now);
         }
@@ -209,31 +243,35 @@ impl Relay {
         };
         let payload = frame.payload();
         let epoch = u64::from_be_bytes(payload[..8].try_into().unwrap_or_default());
-        let mut last = u64::from_be_bytes(payload[8..16].try_into().unwrap_or_default());
-        if epoch != self.inboxes.epoch() {
-            last = 0; // numbers from another store (or a fresh client) mean nothing here
-        }
+        let last = u64::from_be_bytes(payload[8..16].try_into().unwrap_or_default());
+        // Numbers from another store (or a fresh client) mean nothing here.
+        let client_last = (epoch == self.inboxes.epoch()).then_some(last);
+        let last = client_last.unwrap_or(0);
+        let device = self.sessions.get(id.0).map_or(0, |s| s.device);
         self.expire_inbox(user, now);
-        self.record_ack(user, last);
-        let state = match self.inboxes.get(user) {
-            Some(inbox) => InboxState {
-                epoch: self.inboxes.epoch(),
-                first_seq: inbox.first_seq(),
-                last_seq: inbox.durable_seq(),
-                expired_upto: inbox.expired_upto(),
-            },
-            // No inbox: the user's next number comes after every number handed out.
-            None => InboxState {
-                epoch: self.inboxes.epoch(),
-                first_seq: self.inboxes.high_seq() + 1,
-                last_seq: self.inboxes.high_seq(),
-                expired_upto: 0,
-            },
+        let now_ms = self.unix_ms(now);
+        let mark = self.store_ops.len();
+        let report = self
+            .inboxes
+            .sync(user, device, client_last, now_ms, &mut self.store_ops);
+        if !self.durable {
+            self.store_ops.truncate(mark);
+        }
+        let state = InboxState {
+            epoch: self.inboxes.epoch(),
+            first_seq: report.first_seq,
+            last_seq: report.last_seq,
+            expired_upto: report.expired_upto,
+        };
+        let flags = if report.new_device {
+            Flags::NEW_DEVICE
+        } else {
+            Flags::EMPTY
         };
         write_frame(
             self.scratch(),
             Opcode::InboxState,
-            Flags::EMPTY,
+            flags,
             h.msg_id,
             user,
             UserId::NONE,
@@ -248,21 +286,20 @@ impl Relay {
     }
 
     /// INBOX_ACK: drop the user's stored messages up to the given sequence number.
-    pub(super) fn on_inbox_ack(&mut self, id: ConnId, frame: &RawFrame) {
+    pub(super) fn on_inbox_ack(&mut self, id: ConnId, frame: &RawFrame, now: Instant) {
         let h = *frame.header();
         let Some(user) = self.check_inbox_request(id, &h, frame.payload().len(), 8, "INBOX_ACK")
         else {
             return;
         };
         let upto = u64::from_be_bytes(frame.payload()[..8].try_into().unwrap_or_default());
-        self.record_ack(user, upto);
-    }
-
-    fn record_ack(&mut self, user: UserId, upto: u64) {
-        // Only what may have been sent can be acknowledged.
-        let upto = upto.min(self.inboxes.get(user).map_or(0, |i| i.durable_seq()));
-        if upto > 0 && self.inboxes.ack(user, upto) && self.durable {
-            self.store_ops.push(StoreOp::Ack { user, upto });
+        let device = self.sessions.get(id.0).map_or(0, |s| s.device);
+        let now_ms = self.unix_ms(now);
+        let mark = self.store_ops.len();
+        self.inboxes
+            .device_ack(user, device, upto, now_ms, &mut self.store_ops);
+        if !self.durable {
+            self.store_ops.truncate(mark);
         }
     }
 
@@ -322,6 +359,9 @@ impl Relay {
                 break; // the rest goes out when its commit is on disk
             }
             s.inbox_pushed = next.seq;
+            if next.origin == s.device {
+                continue; // this device's own message: it has it
+            }
             push_output(s, &mut self.flush_list, id, next.frame.clone());
         }
     }

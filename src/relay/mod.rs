@@ -35,6 +35,7 @@ mod auth_handlers;
 mod config;
 mod dedup;
 mod demo;
+mod devices;
 mod directory;
 mod handlers;
 mod hashing;
@@ -53,6 +54,7 @@ mod ws;
 
 pub use auth_handlers::MAX_AUTH_FAILURES;
 pub use config::{AuthConfig, Config, ConfigError, DEFAULT_TOKEN_NOTICE};
+pub use devices::DeviceCursor;
 pub use inbox::{InboxLimits, StoreOp};
 pub use metrics::{Metrics, OpcodeCounts, RefusedCounts};
 pub use out_queue::{OutQueue, FRAME_OVERHEAD};

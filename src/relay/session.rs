@@ -127,6 +127,9 @@ pub struct Session {
     pub inbox_synced: bool,
     /// The highest inbox sequence number queued to this connection.
     pub inbox_pushed: u64,
+    /// The tag of the device this connection logged in as (0: the user's default device;
+    /// protocol.md, section 15.1).
+    pub device: u64,
     /// ACKs of stored SENDs from this connection that wait for the store's commit. A
     /// closing connection is not closed before they are sent: a sender gets the answer to
     /// every frame it sent.
@@ -218,6 +221,7 @@ impl Session {
             room_rate: TokenBucket::default(),
             inbox_synced: false,
             inbox_pushed: 0,
+            device: 0,
             acks_held: 0,
             refused_in_a_row: 0,
             grants: None,

@@ -28,8 +28,17 @@
 //! again, so clients must count afresh) and reports what was lost ([`RepairReport`]).
 //!
 //! Record: `u32 body length | u32 CRC-32 of the body | body`, big-endian. Body: a kind byte,
-//! then 1 Epoch `u64`; 2 Append `u64 user, frame`; 3 Ack `u64 user, u64 upto`;
-//! 4 Counters `u64 user, u64 last_seq, u64 expired_upto`.
+//! then 1 Epoch `u64 epoch [, u32 format]`; 2 Append `u64 user, frame`; 3 Ack `u64 user,
+//! u64 upto`; 4 Counters `u64 user, u64 last_seq, u64 expired_upto`; 5 Sent `u64 sender,
+//! u64 msg_id, u32 count`; from format 2 on: 6 SentCopy `u64 user, u64 origin, frame`;
+//! 7 Cursor `u64 user, u64 device, u64 acked, u64 seen_ms, u64 last_seq`; 8 ForgetDevice `u64 user,
+//! u64 device`; 9 Forget `u64 user`.
+//!
+//! **Format.** Every log (and every compacted one) starts with an Epoch record, which
+//! carries the format the log is written in: [`LOG_FORMAT`] (2, per-device cursors) now.
+//! An Epoch without one is format 1, which this version reads as it is (its records are a
+//! subset); a log of a format newer than [`LOG_FORMAT`] is refused at open
+//! ([`StoreError::NewerFormat`]) rather than misread.
 
 use std::fmt;
 use std::io;
@@ -42,7 +51,7 @@ use log::{error, info, warn};
 
 use super::store_fs::{DirLock, RealFs, StoreFile, StoreFs};
 use crate::proto::{MessageId, UserId};
-use crate::relay::StoreOp;
+use crate::relay::{DeviceCursor, StoreOp};
 
 const LOG_NAME: &str = "inbox.log";
 const TMP_NAME: &str = "inbox.log.tmp";
@@ -58,6 +67,13 @@ const APPEND: u8 = 2;
 const ACK: u8 = 3;
 const COUNTERS: u8 = 4;
 const SENT: u8 = 5;
+const SENT_COPY: u8 = 6;
+const CURSOR: u8 = 7;
+const FORGET_DEVICE: u8 = 8;
+const FORGET: u8 = 9;
+
+/// The log format this version writes (and the newest it reads).
+pub const LOG_FORMAT: u32 = 2;
 
 /// Why the store failed.
 #[derive(Debug)]
@@ -89,6 +105,13 @@ pub enum StoreError {
         /// The log's length.
         len: u64,
     },
+    /// The log was written by a newer imrelay, in a format this one does not know.
+    NewerFormat {
+        /// The log.
+        path: PathBuf,
+        /// Its format.
+        format: u32,
+    },
     /// An earlier failure made the store fail-stop; nothing is written any more.
     Failed(String),
     /// A commit failed and the store could neither cut it off the log nor record the
@@ -119,6 +142,12 @@ impl fmt::Display for StoreError {
                 "{}: {len} bytes, but {committed} were committed ({COMMITTED_NAME})",
                 path.display()
             ),
+            StoreError::NewerFormat { path, format } => write!(
+                f,
+                "{}: log format {format} is newer than this relay reads ({LOG_FORMAT}); \
+                 run the imrelay version that wrote it",
+                path.display()
+            ),
             StoreError::Failed(first) => write!(f, "the store failed earlier ({first})"),
             StoreError::CommitMayReappear(e) => write!(
                 f,
@@ -141,7 +170,9 @@ impl From<StoreError> for io::Error {
     fn from(e: StoreError) -> io::Error {
         let kind = match &e {
             StoreError::Io { source, .. } => source.kind(),
-            StoreError::Corrupt { .. } | StoreError::Truncated { .. } => io::ErrorKind::InvalidData,
+            StoreError::Corrupt { .. }
+            | StoreError::Truncated { .. }
+            | StoreError::NewerFormat { .. } => io::ErrorKind::InvalidData,
             StoreError::Failed(_) | StoreError::CommitMayReappear(_) => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)
@@ -232,6 +263,9 @@ impl LogStore {
             .map_err(io_err("read the log", &path))?;
         honour_committed_length(&*fs, dir, &mut *file, &mut bytes)?;
 
+        if let Some(format) = log_format(&bytes).filter(|&f| f > LOG_FORMAT) {
+            return Err(StoreError::NewerFormat { path, format });
+        }
         let scan = scan(&bytes);
         let len = bytes.len() as u64;
         let mut store = LogStore {
@@ -566,6 +600,38 @@ fn encode(op: &StoreOp, dst: &mut BytesMut) {
         StoreOp::Epoch(epoch) => {
             dst.put_u8(EPOCH);
             dst.put_u64(*epoch);
+            dst.put_u32(LOG_FORMAT);
+        }
+        StoreOp::SentCopy {
+            user,
+            frame,
+            origin,
+        } => {
+            dst.put_u8(SENT_COPY);
+            dst.put_u64(user.0);
+            dst.put_u64(*origin);
+            dst.put_slice(frame);
+        }
+        StoreOp::Cursor {
+            user,
+            cursor,
+            last_seq,
+        } => {
+            dst.put_u8(CURSOR);
+            dst.put_u64(user.0);
+            dst.put_u64(cursor.device);
+            dst.put_u64(cursor.acked);
+            dst.put_u64(cursor.seen_ms);
+            dst.put_u64(*last_seq);
+        }
+        StoreOp::ForgetDevice { user, device } => {
+            dst.put_u8(FORGET_DEVICE);
+            dst.put_u64(user.0);
+            dst.put_u64(*device);
+        }
+        StoreOp::Forget { user } => {
+            dst.put_u8(FORGET);
+            dst.put_u64(user.0);
         }
         StoreOp::Append { user, frame } => {
             dst.put_u8(APPEND);
@@ -653,8 +719,12 @@ fn decode_at(bytes: &[u8], at: usize) -> Option<(StoreOp, usize)> {
     }
     let body = bytes.get(at + 8..at + 8 + len)?;
     let sane = match body[0] {
-        EPOCH => len == 9,
+        EPOCH => len == 9 || len == 13,
         APPEND => len >= 9,
+        SENT_COPY => len >= 17,
+        CURSOR => len == 41,
+        FORGET_DEVICE => len == 17,
+        FORGET => len == 9,
         ACK => len == 17,
         COUNTERS => len == 25,
         SENT => len == 21,
@@ -688,8 +758,42 @@ fn decode_body(body: &[u8]) -> Option<StoreOp> {
             msg_id: MessageId(u64_at(9)?),
             count: BigEndian::read_u32(body.get(17..21)?),
         },
+        SENT_COPY => StoreOp::SentCopy {
+            user: UserId(u64_at(1)?),
+            origin: u64_at(9)?,
+            frame: Bytes::copy_from_slice(body.get(17..)?),
+        },
+        CURSOR => StoreOp::Cursor {
+            user: UserId(u64_at(1)?),
+            cursor: DeviceCursor {
+                device: u64_at(9)?,
+                acked: u64_at(17)?,
+                seen_ms: u64_at(25)?,
+            },
+            last_seq: u64_at(33)?,
+        },
+        FORGET_DEVICE => StoreOp::ForgetDevice {
+            user: UserId(u64_at(1)?),
+            device: u64_at(9)?,
+        },
+        FORGET => StoreOp::Forget {
+            user: UserId(u64_at(1)?),
+        },
         _ => return None,
     })
+}
+
+/// The format of a log, from its first record (an Epoch; one without a format is 1).
+/// `None` when the log does not start with a valid Epoch record.
+fn log_format(bytes: &[u8]) -> Option<u32> {
+    let (op, _) = decode_at(bytes, 0)?;
+    if !matches!(op, StoreOp::Epoch(_)) {
+        return None;
+    }
+    match BigEndian::read_u32(bytes.get(..4)?) {
+        13 => bytes.get(17..21).map(BigEndian::read_u32),
+        _ => Some(1),
+    }
 }
 
 #[cfg(test)]
@@ -1117,5 +1221,70 @@ mod tests {
         // Nothing could record the failure; what landed whole is read back (it was not
         // answered STORE_FAILED: see CommitMayReappear), the torn record cut.
         assert_eq!(read[1..], [message(0), message(1), message(2), message(3)]);
+    }
+
+    /// One record as format 1 wrote it: the Epoch without a format.
+    fn format1_epoch(epoch: u64) -> Vec<u8> {
+        let mut body = vec![EPOCH];
+        body.extend_from_slice(&epoch.to_be_bytes());
+        let mut record = (body.len() as u32).to_be_bytes().to_vec();
+        record.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+        record.extend_from_slice(&body);
+        record
+    }
+
+    #[test]
+    fn a_format_1_log_opens_as_it_is_and_new_records_carry_the_format() {
+        let (fs, _) = mem();
+        let mut log = format1_epoch(9);
+        log.extend_from_slice(&encoded(&[
+            message(1),
+            StoreOp::Ack {
+                user: UserId(2),
+                upto: 1,
+            },
+        ]));
+        assert_eq!(log_format(&log), Some(1));
+        fs.put(&log_path(), &log);
+        let (_, ops) = open_mem(&fs, false).expect("a format-1 log opens");
+        assert_eq!(ops[0], StoreOp::Epoch(9));
+        assert_eq!(ops.len(), 3);
+        // What this version writes says format 2.
+        let cursor = StoreOp::Cursor {
+            user: UserId(2),
+            cursor: DeviceCursor {
+                device: 7,
+                acked: 1,
+                seen_ms: 5,
+            },
+            last_seq: 1,
+        };
+        let ours = encoded(&[
+            StoreOp::Epoch(9),
+            cursor.clone(),
+            StoreOp::Forget { user: UserId(2) },
+        ]);
+        assert_eq!(log_format(&ours), Some(LOG_FORMAT));
+        assert_eq!(
+            scan(&ours).ops[1..],
+            [cursor, StoreOp::Forget { user: UserId(2) }]
+        );
+    }
+
+    #[test]
+    fn a_log_of_a_newer_format_is_refused_not_misread() {
+        let (fs, _) = mem();
+        let mut log = encoded(&[StoreOp::Epoch(9)]);
+        // Format 3 in the Epoch record (its CRC made good again).
+        log[17..21].copy_from_slice(&3u32.to_be_bytes());
+        let crc = crc32fast::hash(&log[8..]);
+        log[4..8].copy_from_slice(&crc.to_be_bytes());
+        fs.put(&log_path(), &log);
+        let e = open_mem(&fs, false).unwrap_err();
+        assert!(
+            matches!(e, StoreError::NewerFormat { format: 3, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("log format 3 is newer"), "{e}");
     }
 }

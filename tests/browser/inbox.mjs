@@ -35,8 +35,9 @@ await run("browser inbox", async (browser) => {
   const context = await browser.newContext(DESKTOP);
   const first = await openPageIn(context, 1);
   await stateIs(first, "live");
-  // Synced (INBOX_STATE came): its cursor (the store's epoch, last 0) is in localStorage.
-  await eventMatching(first, /inbox synced: 0 stored message\(s\) waiting$/);
+  // Synced (INBOX_STATE came, saying the relay has not seen this browser's device yet):
+  // its cursor (the store's epoch, last 0) is in localStorage.
+  await eventMatching(first, /inbox synced: 0 stored message\(s\) waiting \(new device\)$/);
   noErrors(first);
   await first.close();
   await step("page-closed");          // the native clients store two messages for user 1

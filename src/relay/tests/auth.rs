@@ -164,3 +164,35 @@ fn refresh_without_token_checks_is_answered_with_exp_zero() {
         (Opcode::RefreshOk, Some(0))
     );
 }
+
+#[test]
+fn a_token_with_a_device_pins_the_connection_to_it() {
+    let mut h = harness();
+    let pinned = mint_hs256(SECRET, 7, T0, 600, &RoomGrant::None, false, Some("phone"));
+    let id = h.open();
+    let other = Frame::login_device(MessageId(1), UserId(7), "tablet", pinned.as_bytes());
+    h.send_frame(id, other);
+    let frames = h.take_frames(id);
+    assert_eq!(frames[0].error_code(), Some(ErrorCode::AuthFailed));
+    assert_eq!(
+        frames[0].error().unwrap().1,
+        "LOGIN: the token is for device \"phone\", not \"tablet\""
+    );
+    assert_eq!(
+        h.relay.metrics().auth_failures,
+        1,
+        "counted with refused tokens"
+    );
+    // Without the DEVICE flag the token's device is taken; naming it works too.
+    let plain = Frame::login(MessageId(2), UserId(7), pinned.as_bytes());
+    h.send_frame(id, plain);
+    assert_eq!(h.take_frames(id)[0].opcode, Opcode::LoginOk);
+    assert_eq!(
+        h.relay.sessions.get(id.0).map(|s| s.device),
+        Some(crate::proto::device_tag(Some("phone")))
+    );
+    let named = h.open();
+    let frame = Frame::login_device(MessageId(1), UserId(7), "phone", pinned.as_bytes());
+    h.send_frame(named, frame);
+    assert_eq!(h.take_frames(named)[0].opcode, Opcode::LoginOk);
+}

@@ -541,6 +541,7 @@ fn each_connection_is_flushed_once_per_round() {
 }
 
 mod auth;
+mod devices;
 mod hostile;
 mod order;
 mod rooms;

@@ -48,12 +48,19 @@ fn the_ack_and_the_delivery_wait_for_the_commit() {
     assert!(h.relay.wants_commit());
     let mut ops = Vec::new();
     let first = h.relay.take_commit(&mut ops).expect("a commit");
+    // Bob's sync put his device's cursor in this turn's commit, then the message.
     assert!(matches!(
         &ops[..],
-        [StoreOp::Append {
-            user: UserId(BOB),
-            ..
-        }]
+        [
+            StoreOp::Cursor {
+                user: UserId(BOB),
+                ..
+            },
+            StoreOp::Append {
+                user: UserId(BOB),
+                ..
+            }
+        ]
     ));
     // A second turn's commit, then both reported at once (the writer groups them).
     h.send_frame(alice, stored(6, BOB, b"again"));

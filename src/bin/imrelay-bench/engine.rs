@@ -49,6 +49,9 @@ pub struct Conn {
     expected: u64,
     /// The stream this connection sends for (it may be one of several sockets of it).
     send_stream: Option<usize>,
+    /// Stored mode with several devices per user: the stream the user sends from another
+    /// device, whose copies (protocol.md, section 15.1) this device receives and acks.
+    copy_stream: Option<usize>,
     queued_for_send: bool,
     /// Stored mode: the last inbox sequence received, and how many are not acked yet.
     inbox_seq: u64,
@@ -90,6 +93,7 @@ impl Conn {
             recv_stream: None,
             expected: 0,
             send_stream: None,
+            copy_stream: None,
             queued_for_send: false,
             inbox_seq: 0,
             inbox_unacked: 0,
@@ -169,6 +173,12 @@ impl Job {
         self.conns[conn].recv_stream = Some(stream);
     }
 
+    /// Marks connection `conn` as a device of the user who sends `stream` from another
+    /// device: it receives the copies of that stream's stored messages.
+    pub fn copies(&mut self, conn: usize, stream: usize) {
+        self.conns[conn].copy_stream = Some(stream);
+    }
+
     /// Marks connection `conn` as (one of) the sending sockets of `stream`.
     pub fn send(&mut self, conn: usize, stream: usize) {
         self.conns[conn].send_stream = Some(stream);
@@ -184,6 +194,8 @@ pub struct Outcome {
     pub expected: u64,
     pub duplicated: u64,
     pub reordered: u64,
+    /// Copies of the user's own stored messages, received on its other devices.
+    pub copies: u64,
     pub acks: u64,
     pub errors: u64,
     pub finished: bool,
@@ -219,6 +231,7 @@ pub fn run(
         expected,
         duplicated: 0,
         reordered: 0,
+        copies: 0,
         acks: 0,
         errors: 0,
         finished: false,
@@ -234,7 +247,9 @@ pub fn run(
     let mut scratch_payload = vec![0u8; payload_len];
     // Stored mode ends when every message is both delivered and ACKed: the relay writes
     // a recipient's delivery before the sender's ACK, so the last ACKs come after it.
-    while out.received < expected || (job.stored && out.acks < expected) {
+    // One ACK per message sent (however many devices receive it).
+    let expected_acks = job.streams.len() as u64 * job.messages;
+    while out.received < expected || (job.stored && out.acks < expected_acks) {
         let now = Instant::now();
         if now >= deadline {
             break;
@@ -428,7 +443,9 @@ fn read(job: &mut Job, c: usize, now_ns: u64, out: &mut Outcome, send_ready: &mu
                 let sent_ns = u64::from_be_bytes(p[12..20].try_into().unwrap());
                 out.latency_ns
                     .saturating_record(now_ns.saturating_sub(sent_ns).max(1));
-                if Some(s) != conn.recv_stream {
+                if Some(s) == conn.copy_stream {
+                    out.copies += 1;
+                } else if Some(s) != conn.recv_stream {
                     out.reordered += 1;
                 } else if seq < conn.expected {
                     out.duplicated += 1;

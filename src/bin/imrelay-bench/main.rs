@@ -85,6 +85,10 @@ struct StoredArgs {
     /// temp dir, removed afterwards), `memory`, or a directory.
     #[arg(long, default_value = "tmp")]
     store: String,
+    /// Devices per user (each its own connection and device id): every message reaches
+    /// each of the recipient's devices, and its copy each of the sender's other devices.
+    #[arg(long, default_value_t = 1)]
+    devices: usize,
     #[command(flatten)]
     target: Target,
 }
@@ -361,44 +365,62 @@ fn stored(a: StoredArgs) -> Result<Report, String> {
         target: a.target.clone(),
         tls: TlsArgs::default(),
     };
-    let mut report = run_pairs_with(&pairs, Some(&relay), true);
+    let mut report = run_pairs_with(&pairs, Some(&relay), a.devices.max(1));
     drop(relay);
     if let Ok(r) = &mut report {
         r.extra("store", serde_json::json!(a.store));
+        r.extra("devices", serde_json::json!(a.devices.max(1)));
     }
     report
 }
 
 fn run_pairs(a: &PairsArgs, relay: Option<&Relay>) -> Result<Report, String> {
-    run_pairs_with(a, relay, false)
+    run_pairs_with(a, relay, 0)
 }
 
-fn run_pairs_with(a: &PairsArgs, relay: Option<&Relay>, stored: bool) -> Result<Report, String> {
+/// The pairs workload; with `stored_devices` > 0 every SEND is STORED and each user has
+/// that many devices (the first sends, all receive).
+fn run_pairs_with(
+    a: &PairsArgs,
+    relay: Option<&Relay>,
+    stored_devices: usize,
+) -> Result<Report, String> {
+    let stored = stored_devices > 0;
+    let devices = stored_devices.max(1);
     let threads = a.target.threads.clamp(1, a.pairs.max(1));
     let mut jobs = Vec::new();
     let base = user_base();
     for t in 0..threads {
         let pairs: Vec<usize> = (0..a.pairs).filter(|p| p % threads == t).collect();
-        let socks: Vec<(Sock, Sock)> = match relay {
+        let socks: Vec<(Vec<Sock>, Vec<Sock>)> = match relay {
             Some(r) => {
                 let users: Vec<u64> = pairs
                     .iter()
                     .flat_map(|&p| [base + 2 * p as u64 + 1, base + 2 * p as u64 + 2])
                     .collect();
-                let mut socks = setup::login_all_with(r.addr, &users, 1, r.tls.as_ref())?;
+                let mut socks = if devices > 1 {
+                    setup::login_devices(r.addr, &users, devices, r.tls.as_ref())?
+                } else {
+                    setup::login_all_with(r.addr, &users, 1, r.tls.as_ref())?
+                };
                 if stored {
                     setup::sync_all(&mut socks)?;
                 }
                 let mut socks = socks.into_iter();
                 let mut out = Vec::new();
-                while let (Some(x), Some(y)) = (socks.next(), socks.next()) {
+                loop {
+                    let x: Vec<Sock> = socks.by_ref().take(devices).collect();
+                    let y: Vec<Sock> = socks.by_ref().take(devices).collect();
+                    if y.len() < devices {
+                        break;
+                    }
                     out.push((x, y));
                 }
                 out
             }
             None => setup::socket_pairs(pairs.len())?
                 .into_iter()
-                .map(|(x, y)| (Sock::Plain(x), Sock::Plain(y)))
+                .map(|(x, y)| (vec![Sock::Plain(x)], vec![Sock::Plain(y)]))
                 .collect(),
         };
         let mut job = Job::new(a.messages, a.window, a.size);
@@ -406,9 +428,13 @@ fn run_pairs_with(a: &PairsArgs, relay: Option<&Relay>, stored: bool) -> Result<
         for (i, (x, y)) in socks.into_iter().enumerate() {
             let p = pairs[i] as u64;
             let (ux, uy) = (base + 2 * p + 1, base + 2 * p + 2);
-            job.conns.push(Conn::from_sock(x));
-            job.conns.push(Conn::from_sock(y));
-            let (cx, cy) = (2 * i, 2 * i + 1);
+            let first = job.conns.len();
+            job.conns.extend(x.into_iter().map(Conn::from_sock));
+            job.conns.extend(y.into_iter().map(Conn::from_sock));
+            // Each user's devices: the first sends, every one receives.
+            let xs: Vec<usize> = (first..first + devices).collect();
+            let ys: Vec<usize> = (first + devices..first + 2 * devices).collect();
+            let (cx, cy) = (xs[0], ys[0]);
             let header = |to| {
                 let h = setup::header_for(Opcode::Send, to, a.acks);
                 if stored {
@@ -418,12 +444,25 @@ fn run_pairs_with(a: &PairsArgs, relay: Option<&Relay>, stored: bool) -> Result<
                 }
             };
             let (to_y, to_x) = (header(uy), header(ux));
-            job.streams.push(Stream::new(vec![cx], &to_y, 1, a.window));
-            job.streams.push(Stream::new(vec![cy], &to_x, 1, a.window));
-            job.send(cx, 2 * i);
-            job.receive(cy, 2 * i);
-            job.send(cy, 2 * i + 1);
-            job.receive(cx, 2 * i + 1);
+            let (xy, yx) = (job.streams.len(), job.streams.len() + 1);
+            job.streams
+                .push(Stream::new(vec![cx], &to_y, devices, a.window));
+            job.streams
+                .push(Stream::new(vec![cy], &to_x, devices, a.window));
+            job.send(cx, xy);
+            job.send(cy, yx);
+            for &c in &ys {
+                job.receive(c, xy);
+            }
+            for &c in &xs {
+                job.receive(c, yx);
+            }
+            for &c in &xs[1..] {
+                job.copies(c, xy);
+            }
+            for &c in &ys[1..] {
+                job.copies(c, yx);
+            }
         }
         jobs.push(job);
     }

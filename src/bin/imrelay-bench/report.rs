@@ -52,6 +52,7 @@ impl Report {
             Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram");
         let (mut received, mut expected, mut dup, mut reord, mut acks, mut errors) =
             (0, 0, 0, 0, 0, 0);
+        let mut copies = 0;
         for o in &outcomes {
             hist.add(&o.latency_ns).expect("same bounds");
             acks_hist.add(&o.ack_latency_ns).expect("same bounds");
@@ -59,6 +60,7 @@ impl Report {
             expected += o.expected;
             dup += o.duplicated;
             reord += o.reordered;
+            copies += o.copies;
             acks += o.acks;
             errors += o.errors;
         }
@@ -92,6 +94,9 @@ impl Report {
         j.insert("lost".into(), json!(expected - received));
         j.insert("duplicated".into(), json!(dup));
         j.insert("reordered".into(), json!(reord));
+        if copies > 0 {
+            j.insert("copies".into(), json!(copies));
+        }
         j.insert("acks".into(), json!(acks));
         j.insert("errors".into(), json!(errors));
         j.insert("relay_cpu_s".into(), json!(relay_cpu));

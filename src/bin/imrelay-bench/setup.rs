@@ -41,12 +41,46 @@ pub fn login_all_with(
     sources: usize,
     tls: Option<&TlsClient>,
 ) -> Result<Vec<Sock>, String> {
-    let mut socks = Vec::with_capacity(users.len());
-    for (i, &user) in users.iter().enumerate() {
+    let logins: Vec<Frame> = users
+        .iter()
+        .map(|&user| Frame::login(MessageId(1), UserId(user), b""))
+        .collect();
+    login_frames(addr, &logins, sources, tls)
+}
+
+/// [`login_all_with`] with `devices` connections per user, each logged in as its own
+/// device (`d0`, `d1`, …; protocol.md, section 15.1), in the order user by user.
+pub fn login_devices(
+    addr: SocketAddr,
+    users: &[u64],
+    devices: usize,
+    tls: Option<&TlsClient>,
+) -> Result<Vec<Sock>, String> {
+    let logins: Vec<Frame> = users
+        .iter()
+        .flat_map(|&user| {
+            (0..devices).map(move |d| {
+                Frame::login_device(MessageId(1), UserId(user), &format!("d{d}"), b"")
+            })
+        })
+        .collect();
+    login_frames(addr, &logins, 1, tls)
+}
+
+/// Connects once per LOGIN frame (from `sources` loopback addresses in turn), sends it, and
+/// waits for every LOGIN_OK.
+fn login_frames(
+    addr: SocketAddr,
+    logins: &[Frame],
+    sources: usize,
+    tls: Option<&TlsClient>,
+) -> Result<Vec<Sock>, String> {
+    let mut socks = Vec::with_capacity(logins.len());
+    for (i, frame) in logins.iter().enumerate() {
         let source = Ipv4Addr::new(127, 0, 0, (1 + i % sources.clamp(1, 254)) as u8);
         let mut s = connect_from(source, addr)?;
         s.set_nodelay(true).map_err(|e| e.to_string())?;
-        let login = Frame::login(MessageId(1), UserId(user), b"").to_bytes();
+        let login = frame.to_bytes();
         socks.push(match tls {
             None => {
                 s.write_all(&login).map_err(|e| e.to_string())?;

@@ -53,6 +53,47 @@ fn encode(write: impl FnOnce(&mut BytesMut)) -> Vec<u8> {
     buf.to_vec()
 }
 
+/// INBOX_STATE for user 1002 (msg_id 7, epoch 0xcafe0001): 6 to 7 held, `expired_upto`.
+fn inbox_6_to_7(flags: Flags, expired_upto: u64) -> Vec<u8> {
+    let state = InboxState {
+        epoch: 0xcafe_0001,
+        first_seq: 6,
+        last_seq: 7,
+        expired_upto,
+    };
+    encode(|b| {
+        write_frame(
+            b,
+            Opcode::InboxState,
+            flags,
+            MessageId(7),
+            UserId(1002),
+            UserId::NONE,
+            &state.to_bytes(),
+        )
+    })
+}
+
+/// INBOX_DELIVER of "hi bob" from 1001 to 1002 (msg_id 2), sequence number `seq`, stored
+/// at Unix time 1,700,000,000,000 ms.
+fn hi_bob_stored(seq: u64) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&1_700_000_000_000u64.to_be_bytes());
+    p.extend_from_slice(b"hi bob");
+    encode(|b| {
+        write_frame(
+            b,
+            Opcode::InboxDeliver,
+            Flags::EMPTY,
+            MessageId(2),
+            UserId(1002),
+            UserId(1001),
+            &p,
+        )
+    })
+}
+
 /// The frames protocol.md describes in prose, built with the crate's own API.
 fn expected_frames() -> Vec<(&'static str, Vec<u8>)> {
     let hi_bob = || Bytes::from_static(b"hi bob");
@@ -213,82 +254,10 @@ fn expected_frames() -> Vec<(&'static str, Vec<u8>)> {
                 .to_bytes()
                 .to_vec(),
         ),
-        (
-            "INBOX_STATE",
-            encode(|b| {
-                let state = InboxState {
-                    epoch: 0xcafe_0001,
-                    first_seq: 6,
-                    last_seq: 7,
-                    expired_upto: 5,
-                };
-                write_frame(
-                    b,
-                    Opcode::InboxState,
-                    Flags::EMPTY,
-                    MessageId(7),
-                    UserId(1002),
-                    none,
-                    &state.to_bytes(),
-                )
-            }),
-        ),
-        (
-            "INBOX_STATE_NEW_DEVICE",
-            encode(|b| {
-                let state = InboxState {
-                    epoch: 0xcafe_0001,
-                    first_seq: 6,
-                    last_seq: 7,
-                    expired_upto: 0,
-                };
-                write_frame(
-                    b,
-                    Opcode::InboxState,
-                    Flags::NEW_DEVICE,
-                    MessageId(7),
-                    UserId(1002),
-                    none,
-                    &state.to_bytes(),
-                )
-            }),
-        ),
-        (
-            "INBOX_DELIVER_COPY",
-            encode(|b| {
-                let mut p = Vec::new();
-                p.extend_from_slice(&9u64.to_be_bytes());
-                p.extend_from_slice(&1_700_000_000_000u64.to_be_bytes());
-                p.extend_from_slice(b"hi bob");
-                write_frame(
-                    b,
-                    Opcode::InboxDeliver,
-                    Flags::EMPTY,
-                    MessageId(2),
-                    UserId(1002),
-                    UserId(1001),
-                    &p,
-                )
-            }),
-        ),
-        (
-            "INBOX_DELIVER",
-            encode(|b| {
-                let mut p = Vec::new();
-                p.extend_from_slice(&6u64.to_be_bytes());
-                p.extend_from_slice(&1_700_000_000_000u64.to_be_bytes());
-                p.extend_from_slice(b"hi bob");
-                write_frame(
-                    b,
-                    Opcode::InboxDeliver,
-                    Flags::EMPTY,
-                    MessageId(2),
-                    UserId(1002),
-                    UserId(1001),
-                    &p,
-                )
-            }),
-        ),
+        ("INBOX_STATE", inbox_6_to_7(Flags::EMPTY, 5)),
+        ("INBOX_STATE_NEW_DEVICE", inbox_6_to_7(Flags::NEW_DEVICE, 0)),
+        ("INBOX_DELIVER_COPY", hi_bob_stored(9)),
+        ("INBOX_DELIVER", hi_bob_stored(6)),
         (
             "INBOX_ACK",
             Frame::inbox_ack(MessageId(8), 7).to_bytes().to_vec(),

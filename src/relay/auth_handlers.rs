@@ -85,20 +85,9 @@ impl Relay {
         self.refuse_login(id, msg_id, target, &format!("{what}: {}", e.reason()), now);
     }
 
-    /// A LOGIN naming another device than its token pins: refused like a bad token.
-    pub(super) fn refuse_device(
-        &mut self,
-        id: ConnId,
-        msg_id: MessageId,
-        target: UserId,
-        reason: &str,
-        now: Instant,
-    ) {
-        self.refuse_login(id, msg_id, target, &format!("LOGIN: {reason}"), now);
-    }
-
-    /// AUTH_FAILED with `reason`, or a close after [`MAX_AUTH_FAILURES`] in a row.
-    fn refuse_login(
+    /// AUTH_FAILED with `reason`, or a close after [`MAX_AUTH_FAILURES`] in a row (a
+    /// refused token, or a LOGIN naming another device than its token pins).
+    pub(super) fn refuse_login(
         &mut self,
         id: ConnId,
         msg_id: MessageId,

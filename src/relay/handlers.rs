@@ -142,8 +142,9 @@ impl Relay {
         let device: Option<String> =
             match (device, grants.as_ref().and_then(|g| g.device.as_deref())) {
                 (Some(asked), Some(pinned)) if asked != pinned => {
-                    let reason = format!("the token is for device {pinned:?}, not {asked:?}");
-                    self.refuse_device(id, h.msg_id, h.target, &reason, now);
+                    let reason =
+                        format!("LOGIN: the token is for device {pinned:?}, not {asked:?}");
+                    self.refuse_login(id, h.msg_id, h.target, &reason, now);
                     return;
                 }
                 (None, Some(pinned)) => Some(pinned.to_owned()),

@@ -623,12 +623,11 @@ impl Inboxes {
             new_device: false,
         };
         let known = inbox.devices.get(device).copied();
-        let cursor = match (known, client_last) {
+        match (known, client_last) {
             (Some(mut c), last) => {
                 c.acked = c.acked.max(last.unwrap_or(0).min(sendable));
                 c.seen_ms = now_ms;
                 inbox.devices.set(c);
-                c
             }
             (None, Some(last)) if last > 0 => {
                 // Tracked once, forgotten since: what it may have missed is reported like
@@ -642,7 +641,6 @@ impl Inboxes {
                     seen_ms: now_ms,
                 };
                 forgotten.extend(inbox.devices.add(c, max_devices));
-                c
             }
             (None, _) => {
                 report.new_device = true;
@@ -657,25 +655,9 @@ impl Inboxes {
                     seen_ms: now_ms,
                 };
                 forgotten.extend(inbox.devices.add(c, max_devices));
-                c
             }
-        };
-        inbox.skip_own_copies(device);
-        let cursor = inbox.devices.get(device).copied().unwrap_or(cursor);
-        let devices_after = inbox.devices.len();
-        let last_seq = inbox.last_seq;
-        self.count_devices(devices_before, devices_after);
-        ops.extend(
-            forgotten
-                .into_iter()
-                .map(|device| StoreOp::ForgetDevice { user, device }),
-        );
-        ops.push(StoreOp::Cursor {
-            user,
-            cursor,
-            last_seq,
-        });
-        self.settle(user, ops);
+        }
+        self.record_cursor(user, device, devices_before, forgotten, ops);
         if let Some(inbox) = self.users.get(&user) {
             report.first_seq = inbox.first_seq();
         }
@@ -717,24 +699,39 @@ impl Inboxes {
                 forgotten.extend(inbox.devices.add(c, max_devices));
             }
         }
-        inbox.skip_own_copies(device);
-        let devices_after = inbox.devices.len();
-        let cursor = inbox.devices.get(device).copied();
-        let last_seq = inbox.last_seq;
-        self.count_devices(devices_before, devices_after);
-        let Some(cursor) = cursor else {
+        self.record_cursor(user, device, devices_before, forgotten, ops);
+    }
+
+    /// After `device`'s cursor moved: skips it over its own copies, keeps the device
+    /// count, records the devices `forgotten` and the cursor, and deletes what every
+    /// device has.
+    fn record_cursor(
+        &mut self,
+        user: UserId,
+        device: u64,
+        devices_before: usize,
+        forgotten: Vec<u64>,
+        ops: &mut Vec<StoreOp>,
+    ) {
+        let Some(inbox) = self.users.get_mut(&user) else {
             return;
         };
+        inbox.skip_own_copies(device);
+        let (devices_after, last_seq) = (inbox.devices.len(), inbox.last_seq);
+        let cursor = inbox.devices.get(device).copied();
+        self.count_devices(devices_before, devices_after);
         ops.extend(
             forgotten
                 .into_iter()
                 .map(|device| StoreOp::ForgetDevice { user, device }),
         );
-        ops.push(StoreOp::Cursor {
-            user,
-            cursor,
-            last_seq,
-        });
+        if let Some(cursor) = cursor {
+            ops.push(StoreOp::Cursor {
+                user,
+                cursor,
+                last_seq,
+            });
+        }
         self.settle(user, ops);
     }
 

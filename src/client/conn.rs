@@ -486,7 +486,25 @@ fn open_nonblocking(addr: SocketAddr) -> io::Result<(TcpStream, bool)> {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
         Err(e) => return Err(e),
     };
-    Ok((socket.into(), connected))
+    let stream: TcpStream = socket.into();
+    if connected {
+        refuse_self_connect(&stream)?;
+    }
+    Ok((stream, connected))
+}
+
+/// Fails a connection to itself. With nothing listening on a loopback port in the
+/// ephemeral range (a relay restarting on it), the kernel may pick that very port for the
+/// client's end, and the SYN meets itself (TCP simultaneous open): the client would log in
+/// to its own echo, and hold the port the relay needs to come back on.
+fn refuse_self_connect(stream: &TcpStream) -> io::Result<()> {
+    if stream.local_addr()? == stream.peer_addr()? {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            "connected to itself: nothing listens on the relay's port",
+        ));
+    }
+    Ok(())
 }
 
 /// After writability: Ok(true) connected, Ok(false) still connecting, Err the failure.
@@ -495,8 +513,33 @@ fn connect_result(stream: &TcpStream) -> io::Result<bool> {
         return Err(e);
     }
     match stream.peer_addr() {
-        Ok(_) => Ok(true),
+        Ok(_) => refuse_self_connect(stream).map(|()| true),
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod self_connect_tests {
+    use super::*;
+
+    #[test]
+    fn a_socket_connected_to_itself_is_refused() {
+        // What a reconnecting client can hit by chance: bind a port, connect to it.
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        socket
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        let me = socket.local_addr().unwrap();
+        socket
+            .connect(&me)
+            .expect("TCP simultaneous open with itself");
+        let stream: TcpStream = socket.into();
+        let e = refuse_self_connect(&stream).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+        // An ordinary connection passes.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        assert!(refuse_self_connect(&other).is_ok());
     }
 }

@@ -47,6 +47,8 @@
 pub mod auth;
 pub mod client;
 pub mod ffi;
+#[cfg(feature = "java")]
+pub mod jni;
 pub mod net;
 pub mod proto;
 pub mod rand;

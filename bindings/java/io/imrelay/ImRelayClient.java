@@ -1,0 +1,374 @@
+package io.imrelay;
+
+import java.io.IOException;
+import java.util.Objects;
+import java.util.concurrent.locks.ReentrantReadWriteLock;
+
+/**
+ * A client of an imrelay relay: direct messages, stored messages, rooms. A thin Java face
+ * over the Rust SDK in {@code libimrelay.so} (the native methods are in {@code src/jni.rs}).
+ *
+ * <h2>Lifecycle</h2>
+ * {@link #connect connect} starts the client and returns at once; the client connects,
+ * logs in, and from then on keeps the link up by itself: heartbeats, reconnects with
+ * backoff after a failure, resends of unanswered messages, replay of stored ones. Its
+ * events arrive at the {@link Listener}: {@code onConnected} after each login, {@code
+ * onDisconnected} when the link drops, the messages, the answers to sends. {@link #close}
+ * ends it: messages never written fail ({@code onFailed}), those in flight get their
+ * answers, then {@code onClosed} is the last call, and {@code close} returns after it.
+ *
+ * <h2>Threads</h2>
+ * Every callback of a client (listener and token provider alike, apart from a token asked
+ * inside a send, see {@link TokenProvider}) runs on that client's own network thread,
+ * owned by the SDK: one callback at a time, never concurrently with itself, in the order
+ * the events happened; {@code onClosed} is the last. A callback should return quickly
+ * (the link is not read while it runs): hand the work to the app's own executor, on
+ * Android the main looper for UI. Every method of this class may be called from any
+ * thread, several at once, and from inside a callback, except {@link #close}: a callback
+ * cannot wait for its own thread to end; it may call {@link #shutdown} instead (the
+ * client then closes, and {@code close()} from another thread frees it).
+ *
+ * <h2>Who frees what</h2>
+ * The native side (a socket, the network thread, the client's buffers) belongs to this
+ * object until {@link #close}, which frees it: call {@code close()} once the client is no
+ * longer needed (try-with-resources works). It is idempotent and safe to call from
+ * several threads: every call returns after {@code onClosed}. Without it the native side
+ * and the network thread live on (they are not garbage collected). Byte arrays are copied
+ * both ways: the app may reuse an array it passed to {@code send}, and owns every array
+ * a callback gets.
+ *
+ * <h2>Ids</h2>
+ * User ids, room ids and message ids are unsigned 64-bit numbers carried in a {@code long}
+ * (the bits as they are). User 0 is reserved.
+ */
+public final class ImRelayClient implements AutoCloseable {
+    static {
+        System.loadLibrary("imrelay");
+    }
+
+    /**
+     * What the client tells the app. Every method runs on the client's network thread (see
+     * the class docs); all but {@link #onMessage} do nothing unless overridden. An
+     * exception thrown from a callback is printed (stderr, logcat on Android) and dropped:
+     * the next events still arrive.
+     */
+    public interface Listener {
+        /**
+         * Logged in as {@code user}, the first time or again after a reconnect; queued
+         * messages are being (re)sent now.
+         */
+        default void onConnected(long user) {}
+
+        /**
+         * The link is down ({@code reason} says why); the client reconnects by itself.
+         */
+        default void onDisconnected(String reason) {}
+
+        /**
+         * A direct message (or a stored one) from {@code from}, shown once even if the
+         * relay sent it twice.
+         */
+        void onMessage(long from, long id, byte[] payload);
+
+        /** Sent with {@link #send}: the relay handed it to {@code devices} connections. */
+        default void onDelivered(long id, int devices) {}
+
+        /**
+         * Sent with {@link #sendStored}: it is in the recipient's inbox (on disk with a
+         * durable relay), pushed at once to {@code devices} connections (0: offline).
+         */
+        default void onStored(long id, int devices) {}
+
+        /** Message {@code id} will not be delivered by this client; nothing is resent. */
+        default void onFailed(long id, String reason) {}
+
+        /**
+         * A stored message this user sent to {@code to} from another of its devices, so
+         * this one can show both sides of the conversation.
+         */
+        default void onSentFromOtherDevice(long to, long id, byte[] payload) {}
+
+        /** A live message in a joined room. */
+        default void onRoomMessage(long room, long from, byte[] payload) {}
+
+        /** The relay's answer to join or leave: members online, and whether this is one. */
+        default void onRoomState(long room, int members, boolean isMember) {}
+
+        /** The relay dropped {@code missed} room messages because this client was slow. */
+        default void onRoomMissed(long room, long missed) {}
+
+        /** Stored messages {@code from..to} (sequence numbers) expired before arriving. */
+        default void onGap(long from, long to) {}
+
+        /** An error from the relay that answers none of this client's messages. */
+        default void onError(int code, String reason) {}
+
+        /** The login token expires at {@code exp} (Unix seconds); see {@link TokenProvider}. */
+        default void onTokenExpiring(long exp) {}
+
+        /** The relay accepted a refreshed token, valid until {@code exp} (Unix seconds). */
+        default void onTokenRefreshed(long exp) {}
+
+        /** The relay refused a refreshed token; the link stays up on the old one. */
+        default void onRefreshFailed(int code, String reason) {}
+
+        /** The client is closed: the last call, no other follows. */
+        default void onClosed() {}
+    }
+
+    /**
+     * Gives the client a login token (a JWT from the app's backend, say): asked at every
+     * connect and reconnect, and when the relay says the token expires soon. It runs with
+     * the client's lock held, on the network thread or (rarely) on a thread inside a call
+     * of this client: it must return quickly (a cached token), must not call the client
+     * (that would deadlock), and should not throw. {@code null} or an exception means "no token now": the login
+     * goes out without one (a relay that checks tokens refuses it, and the client tries
+     * again after its backoff).
+     */
+    public interface TokenProvider {
+        /** The token for {@code user}. */
+        byte[] token(long user);
+    }
+
+    /** Guards {@link #handle}: calls hold the read lock, {@link #close} frees under the write lock. */
+    private final ReentrantReadWriteLock lock = new ReentrantReadWriteLock();
+    /** One {@link #close} at a time: a second one waits for the first to finish. */
+    private final Object closing = new Object();
+    /** The native client (0 once closed). */
+    private long handle;
+    /** {@link #reconnects} as it was at {@link #close}. */
+    private long reconnectsAtClose;
+
+    private ImRelayClient(long handle) {
+        this.handle = handle;
+    }
+
+    /**
+     * Starts a client for {@code user} on the relay at {@code host:port} and returns at once:
+     * {@code onConnected} follows when it has logged in (it may come before this method
+     * returns). Resolves {@code host} first, so it may block on DNS: call it off the UI
+     * thread.
+     *
+     * @param tokens where login tokens come from, or {@code null} for a static, empty
+     *     credential (a relay that checks no tokens); for a fixed token pass {@code u -> token}
+     * @param device this install's device id (1 to 64 bytes of UTF-8, the same at every
+     *     start of the app), or {@code null} for the user's default device
+     * @param listener the events; held until {@code onClosed}
+     * @throws java.net.UnknownHostException if {@code host} does not resolve
+     * @throws IOException if the system refuses a resource (a thread, a pipe)
+     * @throws IllegalArgumentException for a port out of range, user 0 or a bad device id
+     */
+    public static ImRelayClient connect(
+            String host, int port, long user, TokenProvider tokens, String device, Listener listener)
+            throws IOException {
+        Objects.requireNonNull(host, "host");
+        Objects.requireNonNull(listener, "listener");
+        return new ImRelayClient(nativeConnect(host, port, user, tokens, device, listener));
+    }
+
+    /**
+     * Queues a direct message to {@code to}; returns its id. Exactly one {@code onDelivered}
+     * or {@code onFailed} with that id follows (a recipient offline fails it).
+     *
+     * @throws IllegalStateException if the client is closed or its outbox is full
+     * @throws IllegalArgumentException if {@code to} is 0 or the payload is too large
+     */
+    public long send(long to, byte[] payload) {
+        Objects.requireNonNull(payload, "payload");
+        lock.readLock().lock();
+        try {
+            return nativeSend(live(), to, payload);
+        } finally {
+            lock.readLock().unlock();
+        }
+    }
+
+    /**
+     * Queues a stored message to {@code to}, kept by the relay until every device of the
+     * recipient got it; returns its id. Exactly one {@code onStored} or {@code onFailed}
+     * with that id follows.
+     *
+     * @throws IllegalStateException if the client is closed or its outbox is full
+     * @throws IllegalArgumentException if {@code to} is 0 or the payload is too large
+     */
+    public long sendStored(long to, byte[] payload) {
+        Objects.requireNonNull(payload, "payload");
+        lock.readLock().lock();
+        try {
+            return nativeSendStored(live(), to, payload);
+        } finally {
+            lock.readLock().unlock();
+        }
+    }
+
+    /**
+     * Joins a room ({@code onRoomState} answers); the client joins it again after every
+     * reconnect.
+     *
+     * @throws IllegalStateException if the client is closed
+     */
+    public void join(long room) {
+        lock.readLock().lock();
+        try {
+            nativeJoin(live(), room);
+        } finally {
+            lock.readLock().unlock();
+        }
+    }
+
+    /**
+     * Leaves a room.
+     *
+     * @throws IllegalStateException if the client is closed
+     */
+    public void leave(long room) {
+        lock.readLock().lock();
+        try {
+            nativeLeave(live(), room);
+        } finally {
+            lock.readLock().unlock();
+        }
+    }
+
+    /**
+     * Sends a live message to a room (not kept, not resent).
+     *
+     * @throws IllegalStateException if the client is closed or not connected now
+     */
+    public void roomSend(long room, byte[] payload) {
+        Objects.requireNonNull(payload, "payload");
+        lock.readLock().lock();
+        try {
+            nativeRoomSend(live(), room, payload);
+        } finally {
+            lock.readLock().unlock();
+        }
+    }
+
+    /**
+     * Tells the client the network changed (Wi-Fi to cellular, say): it drops the link and
+     * connects again now instead of waiting for a heartbeat to time out. Nothing is lost:
+     * unanswered messages are resent. On Android, call it from a {@code
+     * ConnectivityManager.NetworkCallback}.
+     *
+     * @throws IllegalStateException if the client is closed
+     */
+    public void networkChanged() {
+        lock.readLock().lock();
+        try {
+            nativeNetworkChanged(live());
+        } finally {
+            lock.readLock().unlock();
+        }
+    }
+
+    /**
+     * How many times the client logged in again after its first login ({@code onConnected}
+     * calls minus one, counted before each call). After {@link #close}, the count at close.
+     */
+    public long reconnects() {
+        lock.readLock().lock();
+        try {
+            return handle == 0 ? reconnectsAtClose : nativeReconnects(handle);
+        } finally {
+            lock.readLock().unlock();
+        }
+    }
+
+    /**
+     * Starts closing and returns at once; {@code onClosed} follows. Unlike {@link #close}
+     * it may be called from a callback. It frees nothing: {@link #close} still must be
+     * called (from a thread other than the network thread). Does nothing once closed.
+     */
+    public void shutdown() {
+        lock.readLock().lock();
+        try {
+            if (handle != 0) {
+                nativeShutdown(handle);
+            }
+        } finally {
+            lock.readLock().unlock();
+        }
+    }
+
+    /**
+     * Closes the client: messages never written fail, those in flight get their answers,
+     * then {@code onClosed}; returns after {@code onClosed} has returned, and frees the
+     * native side. Idempotent: a second call (or a concurrent one) returns once the client
+     * is closed. Callbacks may still call the client while it closes (their calls fail with
+     * {@code IllegalStateException} once it is closed).
+     *
+     * @throws IllegalStateException if called from a callback of this client (on its
+     *     network thread, which cannot wait for itself to end): use {@link #shutdown} there
+     */
+    @Override
+    public void close() {
+        lock.readLock().lock();
+        try {
+            if (handle != 0 && nativeOnNetworkThread(handle)) {
+                throw new IllegalStateException(
+                        "close() from a callback of this client: call shutdown() there");
+            }
+        } finally {
+            lock.readLock().unlock();
+        }
+        synchronized (closing) {
+            // Waits for the network thread under the read lock: its callbacks may still call
+            // the client (they take the read lock too) while it delivers the last events.
+            lock.readLock().lock();
+            try {
+                if (handle == 0) {
+                    return;
+                }
+                nativeStop(handle);
+            } finally {
+                lock.readLock().unlock();
+            }
+            lock.writeLock().lock();
+            try {
+                if (handle != 0) {
+                    reconnectsAtClose = nativeReconnects(handle);
+                    long h = handle;
+                    handle = 0;
+                    nativeFree(h);
+                }
+            } finally {
+                lock.writeLock().unlock();
+            }
+        }
+    }
+
+    /** The handle, or IllegalStateException once closed. Call with the read lock held. */
+    private long live() {
+        if (handle == 0) {
+            throw new IllegalStateException("client closed");
+        }
+        return handle;
+    }
+
+    private static native long nativeConnect(
+            String host, int port, long user, TokenProvider tokens, String device, Listener listener)
+            throws IOException;
+
+    private static native long nativeSend(long handle, long to, byte[] payload);
+
+    private static native long nativeSendStored(long handle, long to, byte[] payload);
+
+    private static native void nativeJoin(long handle, long room);
+
+    private static native void nativeLeave(long handle, long room);
+
+    private static native void nativeRoomSend(long handle, long room, byte[] payload);
+
+    private static native void nativeNetworkChanged(long handle);
+
+    private static native long nativeReconnects(long handle);
+
+    private static native boolean nativeOnNetworkThread(long handle);
+
+    private static native void nativeShutdown(long handle);
+
+    private static native void nativeStop(long handle);
+
+    private static native void nativeFree(long handle);
+}

@@ -1,12 +1,41 @@
 //! Deterministic simulation of the relay core and several SDK cores (FoundationDB /
 //! TigerBeetle style; compare quinn-proto's in-memory `Pair`).
 //!
-//! One seed decides everything: the world (users, devices, limits, timeouts), the
+//! One seed decides everything: the world (users, clients, devices, limits, timeouts), the
 //! workload (direct and stored sends) and the faults (link resets and black holes, split
 //! and delayed bytes, blocked writes, clients offline, relay crashes with torn store
 //! writes, store write failures, apps that do not take their events). No real time, no
 //! threads, no entropy: a seed replays exactly.
 //!
+//! **The world.** 2 to 5 users, each with one SDK client and, one time in four, a second.
+//! Each client logs in as a device of its user (protocol.md, section 15.1), drawn from the
+//! seed: most name a device of their own ("d0", "d1", …), some the user's default device
+//! (no id), and some share a device id with another client of the user (two connections
+//! of one device: one cursor at the relay). Device retention and the device limit stay at
+//! their defaults (30 days, 16), far beyond a run: a device, once tracked, stays tracked.
+//!
+//! **The invariants** (`sim/ledger.rs`), checked after every step and at the end:
+//! - every message gets exactly one outcome; `Stored` only once it is in the durable
+//!   store; no ERROR a well-behaved SDK never provokes;
+//! - every message is shown at most once to each client, only to its recipient, a stored
+//!   one only once durable, and each client sees a sender client's stored messages in the
+//!   order they were sent (unless the late one was reported `Failed(unconfirmed)`);
+//! - **per device:** a stored message in the durable store is shown on every device of its
+//!   recipient that was tracked (a `Cursor` record on disk) when it was stored, "on a
+//!   device" meaning to at least one of that device's clients, unless one of them was told
+//!   of a `Gap` covering it; and, as before, to at least one client of the recipient;
+//! - **copies:** a message ACKed as stored while its sender's user had another device
+//!   tracked has a copy on disk (`SentCopy`); a copy on disk is shown as
+//!   `SentFromOtherDevice` on every other device of the sender's user tracked when it was
+//!   stored (unless told of a `Gap` covering it), at most once per client, durable first, in the sender's order;
+//!   never on the device it was sent from (not even to another client sharing that
+//!   device's id), never for a direct message or one sent to oneself; the copy's record
+//!   names the sending device;
+//! - liveness: after the quiet period every client is Ready, a probe gets through, the
+//!   relay holds no stored message, no commit, no leaked session; the relay's memory
+//!   stays within its limits throughout.
+//!
+//! **Running it.**
 //! - `cargo test --test sim`: the default sweep of `DEFAULT_SEEDS` seeds. Failures are
 //!   grouped by invariant, each with its first seed and message.
 //! - `SIM_SEEDS=100000 cargo test --release --test sim`: a soak (`SIM_FIRST_SEED` moves
@@ -14,6 +43,9 @@
 //! - `SIM_SEED=1234 cargo test --test sim`: replays one seed; on failure the last 400
 //!   trace lines (frames included) are printed. `SIM_TRACE=1` prints the whole trace.
 //! - `SIM_ACTIONS=n` fixes the number of random actions per seed.
+//! - `SIM_MORE_DEVICES=1` (exploratory) gives each user up to two more clients (more
+//!   devices, and more clients sharing one), with inboxes of at least 24 messages so the
+//!   probe and its copies fit.
 //! - `SIM_SHORT_TTL=1` (exploratory) gives inboxes a short age limit so gaps happen; while
 //!   `Relay::new` reads the real wall clock, such a run may not replay to the millisecond.
 //!
@@ -109,6 +141,8 @@ impl Totals {
             ("Stored", c.stored),
             ("Failed", c.failed),
             ("shown", c.shown),
+            ("copies stored", c.copies_stored),
+            ("copies shown", c.copies_shown),
             ("Gap", c.gaps),
             ("Disconnected", c.disconnects),
             ("relay crashes", f.relay_crashes),

@@ -116,11 +116,10 @@ impl Relay {
         if self.durable {
             // Nothing leaves for the recipient or the sender until the commit: a client
             // must never hold a sequence number that a crash could hand out again.
-            self.store_ops.push(StoreOp::Append {
-                user: h.target,
-                frame: deliver,
-            });
-            self.appended.push((h.target, seq));
+            // The copy goes first: a torn write keeps a prefix of the commit, and a copy
+            // without its message is resent and copied again (the SDK drops the second),
+            // while a message without its copy would be ACKed from the DEDUP memory on the
+            // resend and never copied.
             if let Some((copy_seq, copy_frame)) = copied {
                 self.store_ops.push(StoreOp::SentCopy {
                     user: sender,
@@ -129,6 +128,11 @@ impl Relay {
                 });
                 self.appended.push((sender, copy_seq));
             }
+            self.store_ops.push(StoreOp::Append {
+                user: h.target,
+                frame: deliver,
+            });
+            self.appended.push((h.target, seq));
             let dedup = h.flags.contains(Flags::DEDUP);
             if dedup {
                 // The count is known at the commit (set there); a resend before it finds

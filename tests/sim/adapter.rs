@@ -37,27 +37,73 @@ pub fn epoch_op(epoch: u64) -> Op {
     StoreOp::Epoch(epoch)
 }
 
-/// What an Append record says, for the ledger.
+/// What an `Append` or `SentCopy` record says, for the ledger.
 #[derive(Clone, Copy, Debug)]
 pub struct Appended {
+    /// Whose inbox holds it.
     pub user: u64,
     pub seq: u64,
+    /// The frame's `source` (the sender) and `target` (the recipient; for a copy, the
+    /// peer it was sent to).
     pub source: u64,
+    pub target: u64,
     pub msg_id: u64,
 }
 
-/// The message an Append record holds, if `op` is one.
-pub fn parse_append(op: &Op) -> Option<Appended> {
-    let StoreOp::Append { user, frame } = op else {
-        return None;
+/// The records of the durable store the ledger follows.
+#[derive(Clone, Copy, Debug)]
+pub enum Record {
+    /// A message stored in its recipient's inbox.
+    Append(Appended),
+    /// A copy of a message `a.user` sent stored, kept for the user's other devices;
+    /// `origin` is the tag of the device it was sent from.
+    Copy { a: Appended, origin: u64 },
+    /// A device of `user` is tracked (its cursor recorded).
+    Cursor { user: u64, device: u64 },
+    /// A device of `user` is no longer tracked.
+    ForgetDevice { user: u64, device: u64 },
+    /// Every device of `user` is no longer tracked (an idle record forgotten).
+    Forget { user: u64 },
+}
+
+/// What the ledger needs of a store record, if anything.
+pub fn parse_record(op: &Op) -> Option<Record> {
+    let appended = |user: &UserId, frame: &[u8]| {
+        let u64_at = |at: usize| u64::from_be_bytes(frame[at..at + 8].try_into().unwrap());
+        Appended {
+            user: user.0,
+            msg_id: u64_at(8),
+            target: u64_at(16),
+            source: u64_at(24),
+            seq: u64_at(HEADER_LEN),
+        }
     };
-    let u64_at = |at: usize| u64::from_be_bytes(frame[at..at + 8].try_into().unwrap());
-    Some(Appended {
-        user: user.0,
-        msg_id: u64_at(8),
-        source: u64_at(24),
-        seq: u64_at(HEADER_LEN),
+    Some(match op {
+        StoreOp::Append { user, frame } => Record::Append(appended(user, frame)),
+        StoreOp::SentCopy {
+            user,
+            frame,
+            origin,
+        } => Record::Copy {
+            a: appended(user, frame),
+            origin: *origin,
+        },
+        StoreOp::Cursor { user, cursor, .. } => Record::Cursor {
+            user: user.0,
+            device: cursor.device,
+        },
+        StoreOp::ForgetDevice { user, device } => Record::ForgetDevice {
+            user: user.0,
+            device: *device,
+        },
+        StoreOp::Forget { user } => Record::Forget { user: user.0 },
+        _ => return None,
     })
+}
+
+/// The tag the relay records for a device id (`None`: the user's default device).
+pub fn device_tag(device: Option<&str>) -> u64 {
+    imrelay::proto::device_tag(device)
 }
 
 /// Relay limits the simulation chooses per seed.
@@ -255,6 +301,12 @@ pub enum AppEvent {
         id: u64,
         payload: Bytes,
     },
+    /// A copy of a stored message this client's user sent from another device.
+    SentFromOtherDevice {
+        to: u64,
+        id: u64,
+        payload: Bytes,
+    },
     Delivered {
         id: u64,
     },
@@ -386,6 +438,11 @@ impl SimClient {
             Event::Disconnected { reason, .. } => AppEvent::Disconnected(reason.to_string()),
             Event::Message { from, id, payload } => AppEvent::Message {
                 from: from.0,
+                id: id.0,
+                payload,
+            },
+            Event::SentFromOtherDevice { to, id, payload } => AppEvent::SentFromOtherDevice {
+                to: to.0,
                 id: id.0,
                 payload,
             },

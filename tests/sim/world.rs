@@ -1,5 +1,6 @@
-//! The simulated world: N SDK clients and one relay process, wired by in-memory TCP-like
-//! links, a simulated durable store, and one seeded RNG that schedules everything.
+//! The simulated world: N SDK clients (each a connection of one device of its user, see
+//! [`devices_for`]) and one relay process, wired by in-memory TCP-like links, a simulated
+//! durable store, and one seeded RNG that schedules everything.
 //!
 //! Time is a base instant plus a simulated offset; nothing reads the real clock after that. The world advances from one
 //! scheduled thing to the next (a network segment arriving, a store write finishing, a
@@ -26,7 +27,7 @@ use imrelay::client::ClientConfig;
 use imrelay::proto::UserId;
 
 use super::adapter::{
-    epoch_op, parse_append, Action, ConnId, LinkFailure, Op, RelayTuning, SimClient, SimRelay,
+    epoch_op, parse_record, Action, ConnId, LinkFailure, Op, RelayTuning, SimClient, SimRelay,
     Sniffer, WALL_CLOCK_IS_SIMULATED,
 };
 use super::ledger::Ledger;
@@ -96,6 +97,8 @@ struct Link {
 
 struct Slot {
     user: u64,
+    /// The device id it logs in with (None: the user's default device).
+    device: Option<String>,
     sim: SimClient,
     link: Option<usize>,
     attempt: u64,
@@ -211,6 +214,12 @@ fn short_ttl() -> bool {
     std::env::var("SIM_SHORT_TTL").is_ok()
 }
 
+/// `SIM_MORE_DEVICES=1` (exploratory): up to two more clients per user (see
+/// [`devices_for`]).
+fn more_devices() -> bool {
+    std::env::var("SIM_MORE_DEVICES").is_ok()
+}
+
 /// What the faults did in a run (for the sweep's summary).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FaultCounts {
@@ -227,6 +236,52 @@ pub struct FaultCounts {
     /// The largest output queue seen, in multiples of 1/100 of the out cap.
     pub max_out_pct: u64,
     pub max_stored: u64,
+}
+
+/// The device id each client logs in with, drawn from its own stream of the seed (so the
+/// rest of the world is what the seed gave before devices existed): a user's first client
+/// is the default device (no id) one time in five, else device "d0"; each further client
+/// of the user is another connection of one of the user's devices already drawn one time
+/// in four, the default device about one time in seven, else a device of its own.
+///
+/// `SIM_MORE_DEVICES=1` (exploratory) first adds up to two more clients to each user.
+fn devices_for(seed: u64, client_user: &mut Vec<u64>) -> Vec<Option<String>> {
+    let mut rng = SimRng::new(seed ^ 0xde71_ce00_de71_ce00);
+    if more_devices() {
+        let users = client_user.iter().copied().max().unwrap_or(0);
+        for u in 1..=users {
+            for _ in 0..rng.range(0, 2) {
+                client_user.push(u);
+            }
+        }
+    }
+    let mut out: Vec<Option<String>> = Vec::new();
+    let mut named: BTreeMap<u64, u64> = BTreeMap::new();
+    for (c, &user) in client_user.iter().enumerate() {
+        let earlier: Vec<Option<String>> = (0..c)
+            .filter(|&e| client_user[e] == user)
+            .map(|e| out[e].clone())
+            .collect();
+        let device = if earlier.is_empty() {
+            if rng.chance(0.2) {
+                None
+            } else {
+                Some(0)
+            }
+        } else if rng.chance(0.25) {
+            out.push(earlier[rng.index(earlier.len())].clone());
+            continue;
+        } else if rng.chance(0.2) {
+            None
+        } else {
+            Some(*named.get(&user).unwrap_or(&0))
+        };
+        out.push(device.map(|k| {
+            named.insert(user, k + 1);
+            format!("d{k}")
+        }));
+    }
+    out
 }
 
 pub struct World {
@@ -272,6 +327,7 @@ impl World {
                 client_user.push(u); // a second device
             }
         }
+        let client_device = devices_for(seed, &mut client_user);
         let max_frame = if rng.chance(0.5) { 4096 } else { 16384 };
         let ping = rng.range(5, 30);
         let relay = RelayTuning {
@@ -281,7 +337,13 @@ impl World {
             login_timeout: Duration::from_secs(rng.range(3, 10)),
             ping_interval: Duration::from_secs(ping),
             idle_timeout: Duration::from_secs(ping * 3),
-            inbox_max_messages: rng.range(4, 60) as usize,
+            // The final probe stores one message from each client, and a copy of it for
+            // the sender's other devices: with more devices, inboxes must hold them.
+            inbox_max_messages: (rng.range(4, 60) as usize).max(if more_devices() {
+                24
+            } else {
+                0
+            }),
             inbox_max_bytes: rng.range(8, 256) as usize * 1024,
             inbox_ttl: if WALL_CLOCK_IS_SIMULATED || short_ttl() {
                 Duration::from_secs(rng.range(30, 600))
@@ -328,7 +390,7 @@ impl World {
             },
         };
         let mut slots = Vec::new();
-        for &user in &client_user {
+        for (&user, device) in client_user.iter().zip(&client_device) {
             let config = ClientConfig {
                 heartbeat_interval: rng.ms(2_000, 20_000),
                 heartbeat_timeout: rng.ms(1_000, 10_000),
@@ -346,11 +408,13 @@ impl World {
                 send_timeout: rng.ms(5_000, 60_000),
                 inbox_ack_batch: rng.range(1, 32),
                 inbox_ack_delay: rng.ms(1, 200),
+                device: device.clone(),
                 ..ClientConfig::new(UserId(user))
             };
             let client_seed = rng.next_u64();
             slots.push(Slot {
                 user,
+                device: device.clone(),
                 sim: SimClient::new(config, client_seed, base),
                 link: None,
                 attempt: 0,
@@ -381,7 +445,13 @@ impl World {
             conn_links: BTreeMap::new(),
             events: BTreeMap::new(),
             next_ev: 0,
-            ledger: Ledger::new(client_user),
+            ledger: Ledger::new(
+                &client_user
+                    .iter()
+                    .copied()
+                    .zip(client_device.iter().cloned())
+                    .collect::<Vec<_>>(),
+            ),
             faults: true,
             trace_on,
             trace_print,
@@ -399,7 +469,13 @@ impl World {
         format!(
             "{} users, clients {:?}, {} actions, weights {:?}, gap {} ms, latency {:?} ms, block {:.2}, relay {:?}",
             self.p.users,
-            self.slots.iter().map(|s| s.user).collect::<Vec<_>>(),
+            self.slots
+                .iter()
+                .map(|s| match &s.device {
+                    Some(d) => format!("{}@{d}", s.user),
+                    None => s.user.to_string(),
+                })
+                .collect::<Vec<_>>(),
             self.p.actions,
             self.p.weights,
             self.p.action_gap_ms,
@@ -447,7 +523,11 @@ impl World {
             self.ledger.counts
         );
         for r in &self.ledger.recs {
-            let _ = write!(s, "|{}:{:?}:{:?}", r.no, r.outcome, r.shown);
+            let _ = write!(
+                s,
+                "|{}:{:?}:{:?}:{:?}",
+                r.no, r.outcome, r.shown, r.copy_shown
+            );
         }
         s
     }
@@ -905,6 +985,8 @@ impl World {
                     Job::Commit(_, mut ops) if i == done && torn => {
                         self.faults_done.torn_writes += 1;
                         let keep = self.rng.index(ops.len() + 1);
+                        let n = ops.len();
+                        self.trace(|| format!("store: torn write, {keep} of {n} records landed"));
                         ops.truncate(keep);
                         self.persist(ops);
                     }
@@ -1097,7 +1179,7 @@ impl World {
         }
     }
 
-    fn write(&mut self, mut batch: Vec<Op>) -> Result<(), String> {
+    fn write(&mut self, batch: Vec<Op>) -> Result<(), String> {
         if let Some(e) = &self.store.failure {
             return Err(format!("the store failed earlier ({e})"));
         }
@@ -1107,15 +1189,18 @@ impl World {
         if self.store.fail_next {
             self.store.fail_next = false;
             self.faults_done.store_failures += 1;
+            // Part of the batch may have reached the disk; the store cuts the log back to
+            // its last commit (or records that length for the next start to cut) before
+            // the relay answers STORE_FAILED, which promises the batch is not read back
+            // (protocol.md, section 15; a store that can do neither exits without
+            // answering: a crash with a torn write, see `crash_relay`).
             let keep = self.rng.index(batch.len() + 1);
             self.trace(|| {
                 format!(
-                    "store: write fails, {keep} of {} records reached the disk",
+                    "store: write fails, {keep} of {} records reached the disk and are cut back",
                     batch.len()
                 )
             });
-            batch.truncate(keep);
-            self.persist(batch);
             self.store.failure = Some("simulated disk error".to_string());
             return Err("simulated disk error".to_string());
         }
@@ -1125,8 +1210,8 @@ impl World {
 
     fn persist(&mut self, ops: Vec<Op>) {
         for op in ops {
-            if let Some(a) = parse_append(&op) {
-                if let Err(v) = self.ledger.on_persisted(a) {
+            if let Some(r) = parse_record(&op) {
+                if let Err(v) = self.ledger.on_persisted(r) {
                     self.violation(v);
                 }
             }

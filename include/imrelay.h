@@ -572,6 +572,19 @@ void imrelay_event_free(struct ImrelayEvent *event);
 int32_t imrelay_shutdown(struct ImrelayClient *client);
 
 /**
+ * The device's network changed (Wi-Fi to cellular, back from airplane mode, the OS's
+ * "network available" callback): drops the link and connects again at once, skipping any
+ * backoff wait. Messages in flight are resent on the new link (DEDUP keeps them single).
+ *
+ * Threads: any thread, concurrently with `imrelay_poll_event` and the other calls
+ * (except `imrelay_close`/`imrelay_free`).
+ *
+ * # Safety
+ * `client` must come from `imrelay_connect` and not be being freed.
+ */
+int32_t imrelay_network_changed(struct ImrelayClient *client);
+
+/**
  * Frees the client at once. A session still open is ended with a BYE (best effort: not
  * waited for), and events not taken yet are discarded, so call `imrelay_shutdown` and
  * poll until `CLOSED` first to learn the fate of every message. NULL is ignored. Events

@@ -982,6 +982,26 @@ pub unsafe extern "C" fn imrelay_shutdown(client: *mut ImrelayClient) -> i32 {
     }
 }
 
+/// The device's network changed (Wi-Fi to cellular, back from airplane mode, the OS's
+/// "network available" callback): drops the link and connects again at once, skipping any
+/// backoff wait. Messages in flight are resent on the new link (DEDUP keeps them single).
+///
+/// Threads: any thread, concurrently with `imrelay_poll_event` and the other calls
+/// (except `imrelay_close`/`imrelay_free`).
+///
+/// # Safety
+/// `client` must come from `imrelay_connect` and not be being freed.
+#[no_mangle]
+pub unsafe extern "C" fn imrelay_network_changed(client: *mut ImrelayClient) -> i32 {
+    // SAFETY: forwarded from the caller's guarantee.
+    unsafe {
+        with_client(client, |c| {
+            c.reconnect();
+            IMRELAY_OK
+        })
+    }
+}
+
 /// Frees the client at once. A session still open is ended with a BYE (best effort: not
 /// waited for), and events not taken yet are discarded, so call `imrelay_shutdown` and
 /// poll until `CLOSED` first to learn the fate of every message. NULL is ignored. Events

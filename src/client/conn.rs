@@ -211,15 +211,13 @@ impl Connection {
         Ok(())
     }
 
-    /// Drops the link and connects again at once (after the usual backoff step), for when
-    /// the app knows the network changed (Wi-Fi to cellular). Nothing is lost: unanswered
-    /// messages are resent, stored ones replayed.
+    /// Drops the link and connects again at once, skipping the backoff wait, for when the
+    /// app knows the network changed (Wi-Fi to cellular): see
+    /// [`ClientCore::network_changed`]. Nothing is lost: unanswered messages are resent,
+    /// stored ones replayed.
     pub fn reconnect(&mut self, now: Instant) {
         self.drop_link();
-        self.core.handle_link_error(
-            DisconnectReason::Io("reconnect requested by the app".to_string()),
-            now,
-        );
+        self.core.network_changed(now);
         self.drive(now);
     }
 

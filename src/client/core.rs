@@ -401,6 +401,23 @@ impl ClientCore {
         self.link_down(reason, now);
     }
 
+    /// The app knows the network changed (Wi-Fi to cellular, back online): the link is
+    /// dropped and a new one starts at once, without the backoff wait, and the backoff
+    /// starts over. Nothing is lost: unanswered messages are resent, stored ones replayed.
+    pub fn network_changed(&mut self, now: Instant) {
+        self.last_now = now;
+        match self.phase {
+            Phase::Closed | Phase::Closing { .. } => return,
+            Phase::Waiting { .. } => {} // no link to drop
+            _ => {
+                let reason = DisconnectReason::Io("the network changed (app)".to_string());
+                self.link_down(reason, now);
+            }
+        }
+        self.phase = Phase::Waiting { at: now };
+        self.backoff.reset();
+    }
+
     /// Bytes read from the link. Every complete frame is consumed; a partial one stays.
     pub fn handle_input(&mut self, buf: &mut BytesMut, now: Instant) {
         self.last_now = now;

@@ -1042,6 +1042,39 @@ mod tokens {
     }
 
     #[test]
+    fn network_changed_drops_the_link_and_connects_again_without_the_backoff_wait() {
+        let t0 = Instant::now();
+        let mut core = ClientCore::new(config(), t0, 1);
+        login(&mut core, t0);
+        written(&mut core);
+        // Up: the link goes, and the next one starts at once.
+        core.network_changed(t0);
+        assert_eq!(core.poll_action(t0), Some(LinkAction::Disconnect));
+        assert!(matches!(events(&mut core)[..], [Event::Disconnected { .. }]));
+        login(&mut core, t0); // connects at t0, logs in again
+        written(&mut core);
+        // A failed link waits out the backoff first…
+        core.handle_link_error(DisconnectReason::ClosedByRelay, t0);
+        let Phase::Waiting { at } = core.phase() else {
+            panic!("{:?}", core.phase());
+        };
+        assert!(at > t0, "the usual path waits");
+        assert_eq!(core.poll_action(t0), Some(LinkAction::Disconnect));
+        assert_eq!(
+            core.poll_action(t0),
+            None,
+            "nothing until the backoff is over"
+        );
+        // …the app's network change does not.
+        core.network_changed(t0);
+        assert_eq!(core.phase(), Phase::Waiting { at: t0 });
+        assert_eq!(core.poll_action(t0), Some(LinkAction::Connect));
+        assert!(events(&mut core).iter().any(
+            |e| matches!(e, Event::Disconnected { retry_in, .. } if *retry_in > Duration::ZERO)
+        ));
+    }
+
+    #[test]
     fn a_device_id_goes_in_every_login_and_copies_of_own_messages_are_told_apart() {
         let t0 = Instant::now();
         let mut c = config();

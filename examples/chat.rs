@@ -10,7 +10,7 @@ use std::io::BufRead;
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use imrelay::client::{Client, ClientConfig, Event};
+use imrelay::client::{code_name, Client, ClientConfig, Event};
 use imrelay::proto::{MessageId, UserId};
 
 fn main() {
@@ -103,7 +103,9 @@ fn show(event: &Event, sent: &mut Vec<(MessageId, u64)>) {
         Event::Failed { id, reason } => {
             println!("{} not delivered to {}: {reason}", now(), recipient(id));
         }
-        Event::Error { code, reason } => println!("{} relay error {code}: {reason}", now()),
+        Event::Error { code, reason } => {
+            println!("{} relay error {}: {reason}", now(), code_name(*code));
+        }
         Event::Closed => println!("{} bye", now()),
         _ => {}
     }

@@ -10,8 +10,9 @@
 //! `{ printf '\x00\x00\x00\x20\x01\x07'; head -c 26 /dev/zero; } | nc -q1 127.0.0.1 7700 | xxd`
 
 use std::error::Error;
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -26,8 +27,14 @@ struct Client {
 }
 
 impl Client {
-    fn connect(name: &'static str, addr: &str) -> Result<Client, Box<dyn Error>> {
-        let stream = TcpStream::connect(addr)?;
+    fn connect(name: &'static str, addr: SocketAddr) -> Result<Client, Box<dyn Error>> {
+        let stream = TcpStream::connect(addr).map_err(|e| match e.kind() {
+            ErrorKind::ConnectionRefused => format!(
+                "cannot connect to {addr}: connection refused — is the relay running? \
+                 (cargo run --release --bin imrelay)"
+            ),
+            _ => format!("cannot connect to {addr}: {e}"),
+        })?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         Ok(Client {
             name,
@@ -70,12 +77,38 @@ fn hex(bytes: &[u8]) -> String {
         .join(" ")
 }
 
-fn main() -> Result<(), Box<dyn Error>> {
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:7700".to_string());
-    let mut alice = Client::connect("alice", &addr)?;
-    let mut bob = Client::connect("bob  ", &addr)?;
+const USAGE: &str = "usage: tour [relay host:port, default 127.0.0.1:7700]";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let addr = args.next().unwrap_or_else(|| "127.0.0.1:7700".to_string());
+    if let Some(extra) = args.next() {
+        eprintln!("tour: unexpected argument {extra:?}\n{USAGE}");
+        return ExitCode::from(2);
+    }
+    let addr = match addr.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(resolved)) => resolved,
+        Ok(None) => {
+            eprintln!("tour: cannot resolve {addr:?}: no address\n{USAGE}");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("tour: cannot resolve {addr:?} as host:port: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match tour(addr) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tour: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn tour(addr: SocketAddr) -> Result<(), Box<dyn Error>> {
+    let mut alice = Client::connect("alice", addr)?;
+    let mut bob = Client::connect("bob  ", addr)?;
 
     alice.send(Frame::login(MessageId(1), UserId(1001), b""))?;
     let ok = alice.recv()?;

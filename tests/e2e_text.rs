@@ -81,8 +81,8 @@ fn text_users_store_messages_for_offline_users_and_read_their_inbox() {
     assert_eq!(alice.read_line(), "OK LOGIN 1001");
     alice.type_line("store 1002 see you tomorrow");
     alice.type_line("store 1002 bring the slides");
-    assert_eq!(alice.read_line(), "ACK 2 0", "stored; bob is offline");
-    assert_eq!(alice.read_line(), "ACK 3 0");
+    assert_eq!(alice.read_line(), "SAVED 2 0", "stored; bob is offline");
+    assert_eq!(alice.read_line(), "SAVED 3 0");
 
     let mut bob = Telnet::connect(relay.addr);
     bob.type_line("login 1002");
@@ -103,4 +103,70 @@ fn text_users_store_messages_for_offline_users_and_read_their_inbox() {
     assert!(bob
         .read_line()
         .starts_with("ERR USAGE 0 expected SACK <seq>"));
+}
+
+#[test]
+fn a_message_line_without_text_or_a_half_sync_is_a_usage_error() {
+    let relay = TestRelay::default_config();
+    let mut alice = Telnet::connect(relay.addr);
+    alice.type_line("login 1001");
+    assert_eq!(alice.read_line(), "OK LOGIN 1001");
+    let mut bob = relay.login(1002);
+    for (line, form) in [
+        ("send 1002", "SEND <user> <text>"),
+        ("room 42", "ROOM <room> <text>"),
+        ("store 1002", "STORE <user> <text>"),
+    ] {
+        alice.type_line(line);
+        assert_eq!(
+            alice.read_line(),
+            format!("ERR USAGE 0 expected {form}: the text is missing"),
+            "{line}"
+        );
+    }
+    alice.type_line("sync 1");
+    let got = alice.read_line();
+    assert!(got.starts_with("ERR USAGE 0 expected SYNC"), "{got}");
+    assert!(got.contains("SYNC <epoch> <last>"), "{got}");
+    assert!(got.ends_with("got only \"1\""), "{got}");
+    // Nothing was sent, and the session goes on: the next SEND is the first frame.
+    alice.type_line("send 1002 now with text");
+    let got = bob.recv();
+    assert_eq!(&got.payload[..], b"now with text");
+    assert_eq!(got.msg_id.0, 2, "usage errors take no message number");
+    assert_eq!(alice.read_line(), "ACK 2 1");
+}
+
+#[test]
+fn a_stored_message_is_acked_as_saved_in_text_mode_and_as_ack_in_binary() {
+    let relay = TestRelay::default_config();
+    let mut bob = Telnet::connect(relay.addr);
+    bob.type_line("login 1002");
+    assert_eq!(bob.read_line(), "OK LOGIN 1002");
+    bob.type_line("sync");
+    assert!(bob.read_line().starts_with("INBOX "));
+    let mut alice = Telnet::connect(relay.addr);
+    alice.type_line("login 1001");
+    assert_eq!(alice.read_line(), "OK LOGIN 1001");
+    alice.type_line("store 1002 kept and delivered");
+    assert_eq!(bob.read_line(), "STORED 1001 1 kept and delivered");
+    assert_eq!(
+        alice.read_line(),
+        "SAVED 2 1",
+        "stored, and queued to bob's one sync"
+    );
+    alice.type_line("store 1003 for nobody yet");
+    assert_eq!(alice.read_line(), "SAVED 3 0", "stored; 1003 is offline");
+    // A binary client still gets the ACK frame: the binary protocol is unchanged.
+    let mut carol = relay.login(1003);
+    let frame = imrelay::proto::Frame::send(
+        carol.next_id(),
+        UserId(1004),
+        bytes::Bytes::from_static(b"stored"),
+    )
+    .with_flags(imrelay::proto::Flags::STORED);
+    carol.send_frame(&frame);
+    let ack = carol.recv();
+    assert_eq!(ack.opcode, Opcode::Ack);
+    assert_eq!(ack.ack_count(), Some(0));
 }

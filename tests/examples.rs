@@ -5,8 +5,8 @@
 mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::path::PathBuf;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 
@@ -106,7 +106,7 @@ fn echo_sends_every_line_back() {
 fn echo_bot_answers_a_telnet_user() {
     let relay = TestRelay::default_config();
     let addr = relay.addr.to_string();
-    let bot = Running::start("echo_bot", &[&addr, "9999"]);
+    let bot = Running::start("echo_bot", &["9999", &addr]);
     bot.expect_line("echo bot logged in as 9999");
     let mut telnet = TcpStream::connect(&addr).unwrap();
     telnet.set_read_timeout(Some(SAFETY_TIMEOUT)).unwrap();
@@ -199,4 +199,140 @@ fn tour_shows_the_send_the_deliver_and_the_ack_in_hex() {
         "{stdout}"
     );
     assert!(stdout.contains("relay -> alice  Ack"), "{stdout}");
+}
+
+/// What a run that ends by itself printed: (exit code, stdout, stderr).
+fn run(name: &str, args: &[&str]) -> (i32, String, String) {
+    run_exe(&example(name), args)
+}
+
+fn run_exe(exe: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", exe.display()));
+    (
+        out.status.code().expect("exited, not killed"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A loopback address nothing listens on: a port the OS just gave out and took back.
+fn closed_port() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+const RELAY_HINT: &str = "is the relay running? (cargo run --release --bin imrelay)";
+
+#[test]
+fn echo_bot_takes_the_user_first_like_chat_and_says_what_is_wrong() {
+    let wrong = closed_port();
+    let (code, _, err) = run("echo_bot", &["4242", &wrong]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "echo_bot: cannot connect to {wrong}: connection refused — {RELAY_HINT}"
+        )),
+        "{err}"
+    );
+    // The old order (address first) is a usage error, not a parse error's Debug output.
+    let (code, _, err) = run("echo_bot", &["127.0.0.1:7700", "4242"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("echo_bot: \"127.0.0.1:7700\" is not a user id"),
+        "{err}"
+    );
+    assert!(err.contains("usage: echo_bot [my user id"), "{err}");
+    let (code, _, err) = run("echo_bot", &["4242", "no-port-here"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("echo_bot: cannot resolve \"no-port-here\""),
+        "{err}"
+    );
+    assert!(!err.contains("Resolve(") && !err.contains("kind:"), "{err}");
+    let (code, _, err) = run("echo_bot", &["4242", "127.0.0.1:7700", "extra"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unexpected argument \"extra\""), "{err}");
+}
+
+#[test]
+fn tour_says_when_no_relay_answers() {
+    let wrong = closed_port();
+    let (code, _, err) = run("tour", &[&wrong]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!("tour: cannot connect to {wrong}: connection refused — {RELAY_HINT}")
+    );
+    let (code, _, err) = run("tour", &["no-port-here"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("tour: cannot resolve \"no-port-here\""),
+        "{err}"
+    );
+    assert!(err.contains("usage: tour"), "{err}");
+}
+
+#[test]
+fn chat_says_what_is_wrong_with_its_arguments() {
+    let (code, _, err) = run("chat", &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("usage: chat <my user id> [relay host:port]"),
+        "{err}"
+    );
+    let (code, _, err) = run("chat", &["127.0.0.1:7700"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("usage: chat <my user id>"), "{err}");
+    let (code, _, err) = run("chat", &["1", "no-port-here"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot resolve no-port-here"), "{err}");
+}
+
+/// examples/c/chat.c, compiled against the header and this run's libimrelay.a.
+fn c_chat() -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let deps = exe.parent().expect("deps dir");
+    let lib = deps.join("libimrelay.a");
+    assert!(lib.exists(), "{} not built", lib.display());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("imrelay-examples-chat-c");
+    let status = Command::new("cc")
+        .arg(root.join("examples/c/chat.c"))
+        .args(["-std=c99", "-Wall", "-Werror", "-I"])
+        .arg(root.join("include"))
+        .arg(&lib)
+        .args(["-pthread", "-lpthread", "-ldl", "-lm", "-o"])
+        .arg(&out)
+        .status()
+        .expect("run cc (the system C compiler; .ci/run installs it)");
+    assert!(status.success(), "cc failed: {status:?}");
+    out
+}
+
+#[test]
+fn the_c_chat_says_once_and_by_name_why_it_could_not_connect() {
+    let exe = c_chat();
+    let wrong = closed_port();
+    let (code, _, err) = run_exe(&exe, &[&wrong, "1", "2", "hi"]);
+    assert_eq!(code, 1, "{err}");
+    let first = err.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("chat: connect failed: Connection refused"),
+        "{err}"
+    );
+    assert!(first.ends_with("; code IMRELAY_ERR_CONNECT"), "{err}");
+    assert_eq!(err.matches("connect failed").count(), 1, "{err}");
+    assert!(!err.contains("-3"), "no raw code: {err}");
+    assert!(err.contains(RELAY_HINT), "{err}");
+    let (code, _, err) = run_exe(&exe, &[&wrong, "alice", "2", "hi"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("user ids are numbers from 1, got \"alice\""),
+        "{err}"
+    );
+    assert!(err.contains("usage: "), "{err}");
 }

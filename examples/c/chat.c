@@ -14,10 +14,45 @@
 
 #include "imrelay.h"
 
+/* The name of an IMRELAY_ERR_* code, for messages a person reads. */
+static const char *error_name(int code) {
+    switch (code) {
+    case IMRELAY_ERR_NULL: return "IMRELAY_ERR_NULL";
+    case IMRELAY_ERR_INVALID: return "IMRELAY_ERR_INVALID";
+    case IMRELAY_ERR_CONNECT: return "IMRELAY_ERR_CONNECT";
+    case IMRELAY_ERR_OUTBOX_FULL: return "IMRELAY_ERR_OUTBOX_FULL";
+    case IMRELAY_ERR_TOO_LARGE: return "IMRELAY_ERR_TOO_LARGE";
+    case IMRELAY_ERR_NOT_CONNECTED: return "IMRELAY_ERR_NOT_CONNECTED";
+    case IMRELAY_ERR_CLOSED: return "IMRELAY_ERR_CLOSED";
+    case IMRELAY_ERR_PANIC: return "IMRELAY_ERR_PANIC";
+    case IMRELAY_ERR_UNSUPPORTED: return "IMRELAY_ERR_UNSUPPORTED";
+    case IMRELAY_ERR_SYSTEM: return "IMRELAY_ERR_SYSTEM";
+    default: return "unknown error";
+    }
+}
+
+/* One line: what failed, the library's reason (it already says "connect failed: ..." for
+ * a connect, so that prefix is not repeated), and the code's name. */
 static void print_last_error(const char *what) {
     char message[256];
     imrelay_last_error_message(message, sizeof message);
-    fprintf(stderr, "%s failed: %d %s\n", what, imrelay_last_error_code(), message);
+    const char *why = message;
+    size_t what_len = strlen(what);
+    if (strncmp(why, what, what_len) == 0 && strncmp(why + what_len, " failed: ", 9) == 0) {
+        why += what_len + 9;
+    }
+    int code = imrelay_last_error_code();
+    fprintf(stderr, "chat: %s failed: %s; code %s\n", what, why, error_name(code));
+    if (code == IMRELAY_ERR_CONNECT) {
+        fprintf(stderr, "chat: is the relay running? (cargo run --release --bin imrelay)\n");
+    }
+}
+
+/* A user id, or 0 when `s` is not a whole decimal number. */
+static uint64_t user_id(const char *s) {
+    char *end = NULL;
+    uint64_t id = strtoull(s, &end, 10);
+    return *s >= '0' && *s <= '9' && end != s && *end == '\0' ? id : 0;
 }
 
 int main(int argc, char **argv) {
@@ -25,8 +60,14 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s <host:port> <user> <peer> <message>\n", argv[0]);
         return 2;
     }
-    uint64_t me = strtoull(argv[2], NULL, 10);
-    uint64_t peer = strtoull(argv[3], NULL, 10);
+    uint64_t me = user_id(argv[2]);
+    uint64_t peer = user_id(argv[3]);
+    if (me == 0 || peer == 0) {
+        fprintf(stderr, "chat: user ids are numbers from 1, got \"%s\" and \"%s\"\n", argv[2],
+                argv[3]);
+        fprintf(stderr, "usage: %s <host:port> <user> <peer> <message>\n", argv[0]);
+        return 2;
+    }
     const char *text = argv[4];
 
     ImrelayClient *client = imrelay_connect(argv[1], me, NULL, 0, 5000);

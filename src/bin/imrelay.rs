@@ -67,6 +67,9 @@ struct Args {
     /// Seconds a new connection has to log in.
     #[arg(long, default_value_t = 10.0)]
     login_timeout: f64,
+    /// Seconds a text-mode connection (a person typing LOGIN by hand) has to log in.
+    #[arg(long, default_value_t = 120.0)]
+    text_login_timeout: f64,
     /// Seconds of client silence before the relay sends PING.
     #[arg(long, default_value_t = 30.0)]
     ping_interval: f64,
@@ -107,7 +110,7 @@ struct Args {
     /// Stored payload bytes one user's inbox may hold.
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     inbox_max_bytes: usize,
-    /// Seconds a stored message waits for its recipient (default 7 days).
+    /// Seconds a stored message waits for its recipient.
     #[arg(long, default_value_t = 7.0 * 24.0 * 3600.0)]
     inbox_ttl: f64,
     /// Devices of one user whose stored-delivery cursors are kept (past it the least
@@ -115,7 +118,7 @@ struct Args {
     #[arg(long, default_value_t = 16)]
     inbox_max_devices: usize,
     /// Seconds a device may go without syncing before its cursor is forgotten (it then no
-    /// longer holds messages back; default 30 days).
+    /// longer holds messages back).
     #[arg(long, default_value_t = 30.0 * 24.0 * 3600.0)]
     device_retention: f64,
     /// Users with an inbox.
@@ -376,6 +379,7 @@ fn main() -> ExitCode {
     };
     let (
         Some(login_timeout),
+        Some(text_login_timeout),
         Some(ping_interval),
         Some(idle_timeout),
         Some(dedup_ttl),
@@ -384,6 +388,7 @@ fn main() -> ExitCode {
         Some(frame_timeout),
     ) = (
         seconds(args.login_timeout, "login-timeout"),
+        seconds(args.text_login_timeout, "text-login-timeout"),
         seconds(args.ping_interval, "ping-interval"),
         seconds(args.idle_timeout, "idle-timeout"),
         seconds(args.dedup_ttl, "dedup-ttl"),
@@ -401,6 +406,7 @@ fn main() -> ExitCode {
         max_devices_per_user: args.max_devices,
         out_cap: args.out_cap,
         login_timeout,
+        text_login_timeout,
         ping_interval,
         idle_timeout,
         max_rooms_per_connection: args.max_rooms,
@@ -470,7 +476,14 @@ fn main() -> ExitCode {
     if args.store != "memory" {
         let dir = std::path::Path::new(&args.store);
         if let Err(e) = server.open_store_with(dir, args.store_compact_at, args.store_repair) {
-            error!("cannot open the store in {}: {e}", dir.display());
+            // The directory lock is taken: say how to run a second relay.
+            let hint = match e.kind() {
+                std::io::ErrorKind::WouldBlock => {
+                    "; use --store DIR for another directory or --store memory"
+                }
+                _ => "",
+            };
+            error!("cannot open the store in {}: {e}{hint}", dir.display());
             return ExitCode::from(1);
         }
     }

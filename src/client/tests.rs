@@ -1050,7 +1050,10 @@ mod tokens {
         // Up: the link goes, and the next one starts at once.
         core.network_changed(t0);
         assert_eq!(core.poll_action(t0), Some(LinkAction::Disconnect));
-        assert!(matches!(events(&mut core)[..], [Event::Disconnected { .. }]));
+        assert!(matches!(
+            events(&mut core)[..],
+            [Event::Disconnected { .. }]
+        ));
         login(&mut core, t0); // connects at t0, logs in again
         written(&mut core);
         // A failed link waits out the backoff first…

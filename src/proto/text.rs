@@ -42,7 +42,9 @@ HELP    STORE <user> <text>         stored message: kept until <user> acknowledg
 HELP    SYNC [<epoch> <last>]       receive your stored messages (after <last>)\r
 HELP    SACK <seq>                  acknowledge your stored messages up to <seq>\r
 HELP    PING [text] | PONG [text] | QUIT | HELP\r
-HELP  you see: OK LOGIN, MSG <from> <id> <text>, ROOM <room> <from> <text>, ACK <id> <n>,\r
+HELP  you see: OK LOGIN, MSG <from> <id> <text>, ROOM <room> <from> <text>,\r
+HELP           ACK <id> <n>  (delivered to <n> connections),\r
+HELP           SAVED <id> <n>  (STORE kept it; <n> connections have it, 0: recipient offline),\r
 HELP           INFO <room> <online> <member 0|1>, MISSED <room> <n>, ERR <CODE> <id> <why>,\r
 HELP           INBOX <first> <last> <expired> <epoch>, STORED <from> <seq> <text>,\r
 HELP           EXPIRING <exp>, OK REFRESH <exp>\r
@@ -84,13 +86,15 @@ pub fn parse_line(line: &[u8], next_id: &mut u64) -> Result<Line, UsageError> {
         }
         "SEND" => {
             let (user, body) = split_word(rest);
-            let to = UserId(number(user, "SEND <user> <text>")?);
-            Frame::send(id(), to, Bytes::copy_from_slice(body.as_bytes()))
+            let form = "SEND <user> <text>";
+            let to = UserId(number(user, form)?);
+            Frame::send(id(), to, Bytes::copy_from_slice(text_of(body, form)?))
         }
         "ROOM" => {
             let (room, body) = split_word(rest);
-            let room = RoomId(number(room, "ROOM <room> <text>")?);
-            Frame::room_send(id(), room, Bytes::copy_from_slice(body.as_bytes()))
+            let form = "ROOM <room> <text>";
+            let room = RoomId(number(room, form)?);
+            Frame::room_send(id(), room, Bytes::copy_from_slice(text_of(body, form)?))
         }
         "JOIN" => Frame::join(id(), RoomId(number(rest, "JOIN <room>")?)),
         "LEAVE" => Frame::leave(id(), RoomId(number(rest, "LEAVE <room>")?)),
@@ -98,13 +102,21 @@ pub fn parse_line(line: &[u8], next_id: &mut u64) -> Result<Line, UsageError> {
         "BROADCAST" => Frame::broadcast(id(), Bytes::copy_from_slice(rest.as_bytes())),
         "STORE" => {
             let (user, body) = split_word(rest);
-            let to = UserId(number(user, "STORE <user> <text>")?);
-            Frame::send(id(), to, Bytes::copy_from_slice(body.as_bytes())).with_flags(Flags::STORED)
+            let form = "STORE <user> <text>";
+            let to = UserId(number(user, form)?);
+            let body = Bytes::copy_from_slice(text_of(body, form)?);
+            Frame::send(id(), to, body).with_flags(Flags::STORED)
         }
         "SYNC" => {
             let (epoch, last) = split_word(rest);
             if epoch.is_empty() {
                 Frame::inbox_sync(id(), 0, 0)
+            } else if last.is_empty() {
+                // One number: probably the last seq without the epoch, or the reverse.
+                return Err(usage(&format!(
+                    "expected SYNC, or SYNC <epoch> <last> (both from your last INBOX line), \
+                     got only {epoch:?}"
+                )));
             } else {
                 let form = "SYNC [<epoch> <last>]";
                 Frame::inbox_sync(id(), number(epoch, form)?, number(last, form)?)
@@ -200,6 +212,14 @@ fn u64_at(payload: &[u8]) -> u64 {
     }
 }
 
+/// The line a text client gets instead of `ACK <id> <n>` for a stored SEND (STORE): the
+/// message is kept, and `<n>` of the recipient's connections have it queued (0: it waits
+/// for the recipient's SYNC). The relay writes it where it knows the ACK is for a stored
+/// message; the ACK frame itself does not say so.
+pub fn render_saved(id: MessageId, count: u32) -> Bytes {
+    Bytes::from(format!("SAVED {} {count}\r\n", id.0))
+}
+
 /// An `ERR USAGE` line for a line that did not parse.
 pub fn render_usage(error: &UsageError) -> Bytes {
     Bytes::from(format!("ERR USAGE 0 {}\r\n", error.0))
@@ -221,6 +241,15 @@ fn number(word: &str, form: &str) -> Result<u64, UsageError> {
     word.trim()
         .parse()
         .map_err(|_| usage(&format!("expected {form}, got {:?}", word.trim())))
+}
+
+/// The text of a SEND, ROOM or STORE line: an empty message is more likely a slip
+/// (`SEND 1002` then Enter) than something meant, so it is a usage error.
+fn text_of<'a>(body: &'a str, form: &str) -> Result<&'a [u8], UsageError> {
+    if body.is_empty() {
+        return Err(usage(&format!("expected {form}: the text is missing")));
+    }
+    Ok(body.as_bytes())
 }
 
 fn u32_at(payload: &[u8]) -> u32 {
@@ -325,6 +354,57 @@ mod tests {
             parse_line(b"join 7", &mut id),
             Ok(Line::Frame(Frame::join(MessageId(1), RoomId(7))))
         );
+    }
+
+    #[test]
+    fn a_message_line_without_text_is_a_usage_error() {
+        let mut id = 0;
+        for (line, want) in [
+            (
+                &b"send 1002"[..],
+                "expected SEND <user> <text>: the text is missing",
+            ),
+            (
+                b"SEND 1002   ",
+                "expected SEND <user> <text>: the text is missing",
+            ),
+            (
+                b"room 42",
+                "expected ROOM <room> <text>: the text is missing",
+            ),
+            (
+                b"store 1002",
+                "expected STORE <user> <text>: the text is missing",
+            ),
+        ] {
+            assert_eq!(parse_line(line, &mut id), Err(usage(want)), "{line:?}");
+        }
+        assert_eq!(id, 0, "no number taken");
+        assert!(matches!(
+            parse_line(b"send 1002 0", &mut id),
+            Ok(Line::Frame(_))
+        ));
+    }
+
+    #[test]
+    fn a_sync_with_one_number_says_what_it_got_and_what_it_wants() {
+        let mut id = 0;
+        let UsageError(why) = parse_line(b"sync 1", &mut id).unwrap_err();
+        assert!(why.contains("got only \"1\""), "{why}");
+        assert!(why.contains("SYNC <epoch> <last>"), "{why}");
+        assert_eq!(
+            parse_line(b"sync 5 1", &mut id),
+            Ok(Line::Frame(Frame::inbox_sync(MessageId(1), 5, 1)))
+        );
+    }
+
+    #[test]
+    fn a_stored_ack_has_a_line_of_its_own() {
+        assert_eq!(
+            render_saved(MessageId(7), 0),
+            Bytes::from_static(b"SAVED 7 0\r\n")
+        );
+        assert!(HELP.contains("SAVED <id> <n>"));
     }
 
     #[test]

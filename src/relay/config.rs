@@ -26,6 +26,9 @@ pub struct Config {
     pub out_cap: usize,
     /// Time a new connection has to log in (default 10 s).
     pub login_timeout: Duration,
+    /// Time a text-mode connection (protocol.md section 12: a person typing, who may read
+    /// HELP first) has to log in, counted from the connection's start (default 120 s).
+    pub text_login_timeout: Duration,
     /// Silence after which the relay sends PING (default 30 s).
     pub ping_interval: Duration,
     /// Silence after which the relay closes the connection (default 90 s).
@@ -151,6 +154,7 @@ impl Default for Config {
             max_devices_per_user: 16,
             out_cap: 1024 * 1024,
             login_timeout: Duration::from_secs(10),
+            text_login_timeout: Duration::from_secs(120),
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
             max_rooms_per_connection: 64,

@@ -18,9 +18,11 @@ use log::{debug, warn};
 
 use super::handlers::source_and_flags;
 use super::inbox::StoreOp;
-use super::session::State;
+use super::session::{Codec, State};
+use super::ws::WsMode;
 use super::{push_output, Relay};
 use crate::proto::frame::{write_ack, write_frame};
+use crate::proto::text;
 use crate::proto::{
     ErrorCode, Flags, Header, InboxState, MessageId, Opcode, RawFrame, UserId, HEADER_LEN,
 };
@@ -165,7 +167,25 @@ impl Relay {
             self.dedup.record(sender, h.msg_id, count, now);
         }
         if !h.flags.contains(Flags::NO_ACK) {
-            write_ack(self.scratch(), h.msg_id, h.target, count);
+            self.queue_stored_ack(id, h.msg_id, h.target, count);
+        }
+    }
+
+    /// Queues the ACK of a stored SEND: the ACK frame, or for a text-mode connection (or a
+    /// WebSocket in text mode) the line `SAVED <id> <n>` (protocol.md, section 12), so a
+    /// person does not read the `ACK <id> 0` of a message kept for an offline recipient as
+    /// a failure.
+    fn queue_stored_ack(&mut self, id: ConnId, msg_id: MessageId, target: UserId, count: u32) {
+        let lines = self.sessions.get(id.0).is_some_and(|s| match s.codec {
+            Codec::Text => true,
+            Codec::WebSocket => (s.extra.as_ref().and_then(|e| e.ws.as_ref()))
+                .is_some_and(|ws| ws.mode == WsMode::Text),
+            _ => false,
+        });
+        if lines {
+            self.queue(id, text::render_saved(msg_id, count));
+        } else {
+            write_ack(self.scratch(), msg_id, target, count);
             self.queue_scratch(id);
         }
     }
@@ -232,8 +252,7 @@ impl Relay {
                 reply: true,
             });
         } else {
-            write_ack(self.scratch(), msg_id, target, count);
-            self.queue_scratch(id);
+            self.queue_stored_ack(id, msg_id, target, count);
         }
     }
 
@@ -441,8 +460,7 @@ impl Relay {
                 }
                 match &result {
                     Ok(()) => {
-                        write_ack(self.scratch(), held.msg_id, held.target, count);
-                        self.queue_scratch(held.conn);
+                        self.queue_stored_ack(held.conn, held.msg_id, held.target, count);
                         self.release_ack(held.conn);
                     }
                     Err(e) => {

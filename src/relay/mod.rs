@@ -585,6 +585,13 @@ impl Relay {
         match Codec::choose(first) {
             Some(codec) => {
                 set_codec(&mut self.by_codec, s, codec);
+                if codec == Codec::Text && s.state == State::AwaitingLogin {
+                    // The login deadline was armed for a program; a person gets longer.
+                    let login_due = s.opened_at + self.config.text_login_timeout;
+                    let frame_due = s.partial_since.map(|at| at + self.config.frame_timeout);
+                    let deadline = frame_due.map_or(login_due, |due| due.min(login_due));
+                    arm(&mut self.timers, s, id, deadline);
+                }
                 self.handle_input_as(id, first, now);
             }
             None => s.extra_mut().pending.extend_from_slice(first),
@@ -927,12 +934,14 @@ impl Relay {
                     }
                 }
                 State::AwaitingLogin => {
-                    let deadline = s.opened_at + self.config.login_timeout;
+                    // A person typing in text mode gets longer (protocol.md, section 9).
+                    let login_timeout = match s.codec {
+                        Codec::Text => self.config.text_login_timeout,
+                        _ => self.config.login_timeout,
+                    };
+                    let deadline = s.opened_at + login_timeout;
                     if now >= deadline {
-                        let reason = format!(
-                            "no LOGIN within {} ms",
-                            self.config.login_timeout.as_millis()
-                        );
+                        let reason = format!("no LOGIN within {} ms", login_timeout.as_millis());
                         self.fail(id, ErrorCode::LoginTimeout, &reason, now);
                     } else {
                         arm(&mut self.timers, s, id, next(deadline));

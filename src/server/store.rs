@@ -299,10 +299,7 @@ impl LogStore {
                 let epoch = crate::rand::Rng::from_entropy().next_u64();
                 ops.retain(|op| !matches!(op, StoreOp::Epoch(_)));
                 ops.insert(0, StoreOp::Epoch(epoch));
-                warn!(
-                    "{}: new epoch {epoch:016x} after the repair",
-                    path.display()
-                );
+                warn!("{}: new epoch {epoch} after the repair", path.display());
                 let report = RepairReport {
                     bytes_lost: scan.damaged.iter().map(|d| d.len).sum(),
                     damaged: scan.damaged,
@@ -352,7 +349,7 @@ impl LogStore {
                 .fs
                 .sync_dir(dir)
                 .map_err(io_err("sync the directory", dir))?;
-            info!("{}: new store, epoch {epoch:016x}", path.display());
+            info!("{}: new store, epoch {epoch}", path.display());
             return Ok((store, vec![StoreOp::Epoch(epoch)]));
         }
         info!("{}: {} records read", path.display(), ops.len());

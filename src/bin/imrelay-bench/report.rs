@@ -158,7 +158,8 @@ impl Report {
     pub fn compare(&mut self, floor: &Report) {
         let ratio = self.msgs_per_sec / floor.msgs_per_sec;
         self.summary.push_str(&format!(
-            "\nfloor: {}\nrelay/floor = {ratio:.3}",
+            // The floor's summary starts with its own label ("floor: …").
+            "\n{}\nrelay/floor = {ratio:.3}",
             floor.summary
         ));
         self.json.insert(

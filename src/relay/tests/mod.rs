@@ -386,6 +386,53 @@ fn login_timeout_closes_silent_newcomers_only() {
 }
 
 #[test]
+fn a_person_in_text_mode_has_the_text_login_timeout() {
+    let mut h = Harness::new(Config::default());
+    let telnet = h.open();
+    let binary = h.open();
+    let silent = h.open();
+    h.feed(telnet, b"HELP\r\n");
+    assert!(String::from_utf8(h.take_output(telnet))
+        .unwrap()
+        .starts_with("HELP"));
+    h.feed(binary, &Frame::ping(MessageId(1), Bytes::new()).to_bytes());
+    assert_eq!(h.take_frames(binary)[0].opcode, Opcode::Pong);
+
+    h.advance(Duration::from_secs(11));
+    h.expect_error(binary, ErrorCode::LoginTimeout);
+    assert!(h.relay.is_finished(binary), "binary keeps the usual 10 s");
+    h.expect_error(silent, ErrorCode::LoginTimeout);
+    assert!(
+        h.relay.is_finished(silent),
+        "so does a connection that sent nothing"
+    );
+
+    h.advance(Duration::from_secs(49));
+    assert_eq!(h.relay.state(telnet), Some(State::AwaitingLogin));
+    assert!(h.take_output(telnet).is_empty(), "still open at 60 s");
+    h.advance(Duration::from_secs(61));
+    let out = String::from_utf8(h.take_output(telnet)).unwrap();
+    assert!(
+        out.starts_with("ERR LOGIN_TIMEOUT 0 no LOGIN within 120000 ms"),
+        "{out}"
+    );
+    assert!(h.relay.is_finished(telnet));
+}
+
+#[test]
+fn a_text_line_started_before_the_codec_was_known_keeps_its_frame_timeout() {
+    let mut h = Harness::new(Config::default());
+    let telnet = h.open();
+    h.feed(telnet, b"GE"); // could still be an HTTP GET
+    h.advance(Duration::from_secs(5));
+    h.feed(telnet, b"LP"); // text mode, a line without its end
+    h.advance(Duration::from_secs(26));
+    let out = String::from_utf8(h.take_output(telnet)).unwrap();
+    assert!(out.starts_with("ERR FRAME_TIMEOUT"), "{out}");
+    assert!(h.relay.is_finished(telnet));
+}
+
+#[test]
 fn silence_gets_a_ping_then_an_idle_timeout_and_traffic_resets_both() {
     let mut h = Harness::new(Config::default());
     let alice = h.login(1);

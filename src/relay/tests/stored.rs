@@ -531,7 +531,7 @@ fn a_sender_that_closes_right_after_a_stored_send_still_gets_its_ack() {
     let mut ops = Vec::new();
     let commit = h.relay.take_commit(&mut ops).expect("a commit");
     h.relay.handle_store_committed(commit, Ok(()));
-    assert_eq!(h.take_output(telnet), b"ACK 2 0\r\n");
+    assert_eq!(h.take_output(telnet), b"SAVED 2 0\r\n");
     assert!(h.relay.is_finished(telnet));
 
     // BYE right after a stored SEND: the ACK first, then the BYE reply, then the close.

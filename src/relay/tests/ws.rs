@@ -207,6 +207,24 @@ fn text_messages_carry_lines_and_get_lines_back() {
 }
 
 #[test]
+fn a_stored_message_is_acked_as_saved_in_a_text_message() {
+    let mut h = Harness::new(Config::default());
+    let browser = h.ws_open();
+    h.feed(browser, &text("LOGIN 1"));
+    assert_eq!(h.ws_out(browser), vec![Out::Text("OK LOGIN 1".into())]);
+    h.feed(browser, &text("store 2 for later"));
+    assert_eq!(h.ws_out(browser), vec![Out::Text("SAVED 2 0".into())]);
+    h.feed(browser, &text("store 2"));
+    match &h.ws_out(browser)[..] {
+        [Out::Text(line)] => assert_eq!(
+            line,
+            "ERR USAGE 0 expected STORE <user> <text>: the text is missing"
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn pings_are_answered_and_the_peers_close_is_echoed() {
     let mut h = Harness::new(Config::default());
     let browser = h.ws_login(1);

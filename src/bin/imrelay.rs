@@ -2,25 +2,52 @@
 //! SIGTERM, then shuts down cleanly.
 //!
 //! Run: `cargo run --release --bin imrelay -- --listen 127.0.0.1:7700`
+//!
+//! Every setting is a flag and a key of the `--config` TOML file (the same name, default
+//! and help, from one struct, [`Args`]); flags win over the file, and `--print-config`
+//! prints the effective settings as such a file.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use log::{error, info, warn};
+use serde::{Deserialize, Serialize};
 
 use imrelay::auth::{parse_ttl, read_secret_file, Algorithm, Mint, RoomGrant, Verifier};
 use imrelay::proto::{UserId, DEFAULT_MAX_FRAME};
-use imrelay::relay::{AuthConfig, Config};
-use imrelay::server::{raise_fd_limit, Server, RESERVED_FDS};
+use imrelay::relay::{AuthConfig, Config, DEFAULT_TOKEN_NOTICE};
+use imrelay::server::{raise_fd_limit, Server, DEFAULT_SEND_BUFFER, RESERVED_FDS};
 
 /// A fast single-threaded IM relay. Protocol: protocol.md.
 #[derive(Parser, Debug)]
 #[command(version, about, args_conflicts_with_subcommands = true)]
-struct Args {
+struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Read settings from this TOML file: its keys are the long flags' names
+    /// (`max-frame = 65536`, `listen = "127.0.0.1:7700"`, durations in seconds); a flag
+    /// given on the command line wins over the file. An unknown key is an error.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print the effective settings (defaults, then --config, then flags) as TOML, in the
+    /// form --config reads, and exit.
+    #[arg(long)]
+    print_config: bool,
+    #[command(flatten)]
+    args: Args,
+}
+
+/// The relay's settings: every flag's name, help and default is defined here once, and a
+/// --config file has the same keys (kebab-case, as the long flags) and the same defaults.
+/// The limits' defaults are the library's own ([`Config::default`]).
+#[derive(clap::Args, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+struct Args {
     /// Login tokens: `jwt` checks a signed token at every LOGIN (protocol.md section 16);
     /// `off` accepts any LOGIN (development: only on a loopback address unless
     /// --insecure-no-auth). Default: `jwt` when a key file is given, else `off`.
@@ -36,9 +63,10 @@ struct Args {
     /// The algorithm of the tokens: HS256 with --auth-secret-file (the default there),
     /// RS256 (the default) or ES256 with --auth-public-key-file.
     #[arg(long)]
+    #[serde(with = "as_string")]
     auth_algorithm: Option<Algorithm>,
     /// Seconds before a token expires that the relay sends TOKEN_EXPIRING.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = DEFAULT_TOKEN_NOTICE.as_secs())]
     token_notice: u64,
     /// Allow --auth off on an address other than loopback: anyone who can connect can log
     /// in as anyone.
@@ -59,73 +87,73 @@ struct Args {
     #[arg(long)]
     max_connections: Option<usize>,
     /// Most connections one user may be logged in on.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = DEFAULTS.max_devices_per_user)]
     max_devices: usize,
     /// Per-connection output queue cap in bytes.
-    #[arg(long, default_value_t = 1024 * 1024)]
+    #[arg(long, default_value_t = DEFAULTS.out_cap)]
     out_cap: usize,
     /// Seconds a new connection has to log in.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = DEFAULTS.login_timeout.as_secs_f64())]
     login_timeout: f64,
     /// Seconds a text-mode connection (a person typing LOGIN by hand) has to log in.
-    #[arg(long, default_value_t = 120.0)]
+    #[arg(long, default_value_t = DEFAULTS.text_login_timeout.as_secs_f64())]
     text_login_timeout: f64,
     /// Seconds of client silence before the relay sends PING.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = DEFAULTS.ping_interval.as_secs_f64())]
     ping_interval: f64,
     /// Seconds of client silence before the relay closes the connection.
-    #[arg(long, default_value_t = 90.0)]
+    #[arg(long, default_value_t = DEFAULTS.idle_timeout.as_secs_f64())]
     idle_timeout: f64,
     /// Most rooms one connection may be in.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = DEFAULTS.max_rooms_per_connection)]
     max_rooms: usize,
     /// Most connections one room may hold.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = DEFAULTS.max_members_per_room)]
     max_room_members: usize,
     /// ROOM_SEND/BROADCAST frames per second per connection (0 = unlimited).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = DEFAULTS.room_send_rate)]
     room_rate: u32,
     /// ROOM_SEND/BROADCAST burst allowed before the rate applies.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = DEFAULTS.room_send_burst)]
     room_burst: u32,
     /// A user id allowed to BROADCAST to everyone (repeat for several).
     #[arg(long)]
     admin: Vec<u64>,
     /// DEDUP message ids remembered per sender (protocol.md, section 13).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = DEFAULTS.dedup_window)]
     dedup_window: usize,
     /// Seconds a sender's DEDUP ids are remembered after its last DEDUP SEND.
-    #[arg(long, default_value_t = 300.0)]
+    #[arg(long, default_value_t = DEFAULTS.dedup_ttl.as_secs_f64())]
     dedup_ttl: f64,
     /// DEDUP message ids remembered over all senders.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = DEFAULTS.dedup_max_entries)]
     dedup_max_entries: usize,
     /// Where stored messages are kept: a data directory (created on first start), or
     /// `memory` (lost when the relay stops; ACKs do not wait for a disk).
     #[arg(long, default_value = "imrelay-data")]
     store: String,
     /// Stored messages one user's inbox may hold.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = DEFAULTS.inbox_max_messages)]
     inbox_max_messages: usize,
     /// Stored payload bytes one user's inbox may hold.
-    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, default_value_t = DEFAULTS.inbox_max_bytes)]
     inbox_max_bytes: usize,
     /// Seconds a stored message waits for its recipient.
-    #[arg(long, default_value_t = 7.0 * 24.0 * 3600.0)]
+    #[arg(long, default_value_t = DEFAULTS.inbox_ttl.as_secs_f64())]
     inbox_ttl: f64,
     /// Devices of one user whose stored-delivery cursors are kept (past it the least
     /// recently seen is forgotten).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = DEFAULTS.inbox_max_devices)]
     inbox_max_devices: usize,
     /// Seconds a device may go without syncing before its cursor is forgotten (it then no
     /// longer holds messages back).
-    #[arg(long, default_value_t = 30.0 * 24.0 * 3600.0)]
+    #[arg(long, default_value_t = DEFAULTS.device_retention.as_secs_f64())]
     device_retention: f64,
     /// Users with an inbox.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = DEFAULTS.store_max_users)]
     store_max_users: usize,
     /// Stored payload bytes over all inboxes.
-    #[arg(long, default_value_t = 1024 * 1024 * 1024)]
+    #[arg(long, default_value_t = DEFAULTS.store_max_bytes)]
     store_max_bytes: usize,
     /// Compact the store's log once it passes this many bytes (and twice the live data).
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
@@ -149,23 +177,23 @@ struct Args {
     max_memory: Option<usize>,
     /// Seconds a started frame, text line, HTTP head or WebSocket message has to arrive
     /// whole, however slowly its bytes come.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = DEFAULTS.frame_timeout.as_secs_f64())]
     frame_timeout: f64,
     /// Most connections open at once from one IP address (0 = no limit).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = DEFAULTS.max_connections_per_ip)]
     max_connections_per_ip: usize,
     /// Apply --max-connections-per-ip to loopback addresses too.
     #[arg(long)]
     limit_loopback: bool,
     /// ROOM_SEND frames per second into one room from all its members (0 = unlimited).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = DEFAULTS.room_total_rate)]
     room_total_rate: u32,
     /// Kernel send buffer (SO_SNDBUF) of each client socket in bytes; 0 = the kernel's
     /// autotuning (which lets a client that does not read hold megabytes).
-    #[arg(long, default_value_t = imrelay::server::DEFAULT_SEND_BUFFER)]
+    #[arg(long, default_value_t = DEFAULT_SEND_BUFFER)]
     socket_send_buffer: usize,
     /// ROOM_SEND frames one room takes at once before its total rate applies.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = DEFAULTS.room_total_burst)]
     room_total_burst: u32,
     /// TLS on the listening port, beside plaintext: the server's certificate chain, PEM,
     /// leaf first (with --tls-key). Clients that start with a TLS handshake get TLS,
@@ -185,7 +213,180 @@ struct Args {
     tls_required: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+/// The relay core's defaults, which the flags' defaults are read from.
+static DEFAULTS: LazyLock<Config> = LazyLock::new(Config::default);
+
+/// Every setting at its default: what an empty command line gives, so a --config file
+/// that leaves a key out gets the flag's default.
+impl Default for Args {
+    fn default() -> Args {
+        let matches = settings_command()
+            .try_get_matches_from(["imrelay"])
+            .expect("the defaults parse");
+        Args::from_arg_matches(&matches).expect("the defaults parse")
+    }
+}
+
+/// The command line without the flags' `requires` and `conflicts_with` rules: with
+/// --config they are checked on the merged settings instead ([`merge`]), so a flag may
+/// complete a file (`--tls-cert` given, `tls-key` in the file).
+fn relaxed_command() -> clap::Command {
+    let mut command = Cli::command();
+    let ids: Vec<clap::Id> = command
+        .get_arguments()
+        .map(|arg| arg.get_id().clone())
+        .collect();
+    for id in ids {
+        command = command.mut_arg(id, |arg| {
+            arg.requires(clap::builder::Resettable::Reset)
+                .conflicts_with(clap::builder::Resettable::Reset)
+        });
+    }
+    command
+}
+
+/// A command with the settings' flags only.
+fn settings_command() -> clap::Command {
+    <Args as clap::Args>::augment_args(clap::Command::new("imrelay"))
+}
+
+/// Serde for a value that clap reads with `FromStr` (an optional one): its `Display`
+/// string in the file, as on the command line.
+mod as_string {
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    use serde::{de, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<T: Display, S: Serializer>(
+        value: &Option<T>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(value) => serializer.collect_str(value),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, T, D>(deserializer: D) -> Result<Option<T>, D::Error>
+    where
+        T: FromStr,
+        T::Err: Display,
+        D: Deserializer<'de>,
+    {
+        Option::<String>::deserialize(deserializer)?
+            .map(|s| s.parse().map_err(de::Error::custom))
+            .transpose()
+    }
+}
+
+/// The effective settings: the --config file's (`None`: the defaults), with every flag
+/// given on the command line (`matches`, the parse of `flags`) put over it.
+fn merge(file: Option<&Path>, flags: Args, matches: &ArgMatches) -> Result<Args, String> {
+    let Some(path) = file else {
+        return Ok(flags);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let from_file: Args = toml::from_str(&text)
+        .map_err(|e| format!("{}: {}", path.display(), e.to_string().trim_end()))?;
+    let mut merged = toml::Table::try_from(&from_file).map_err(|e| e.to_string())?;
+    let given = toml::Table::try_from(&flags).map_err(|e| e.to_string())?;
+    for arg in settings_command().get_arguments() {
+        let (Some(key), Some(ValueSource::CommandLine)) =
+            (arg.get_long(), matches.value_source(arg.get_id().as_str()))
+        else {
+            continue;
+        };
+        match given.get(key) {
+            Some(value) => merged.insert(key.to_string(), value.clone()),
+            None => merged.remove(key),
+        };
+    }
+    // The flags' rules (`requires`, `conflicts_with`) bind the file's settings too: they are
+    // checked by parsing the merged settings as a command line.
+    if let Err(e) = settings_command().try_get_matches_from(as_command_line(&merged)) {
+        let e = e.render().to_string();
+        let e = e.split("\n\nUsage:").next().unwrap_or_default();
+        let e = e.trim_start_matches("error: ").trim_end();
+        return Err(format!("{} and the flags: {e}", path.display()));
+    }
+    Args::deserialize(merged).map_err(|e| e.to_string())
+}
+
+/// `settings` as the command line that gives them (a key per long flag).
+fn as_command_line(settings: &toml::Table) -> Vec<String> {
+    let mut line = vec!["imrelay".to_string()];
+    for arg in settings_command().get_arguments() {
+        let Some(key) = arg.get_long() else { continue };
+        let values = match settings.get(key) {
+            Some(toml::Value::Array(values)) => values.iter().collect(),
+            Some(value) => vec![value],
+            None => Vec::new(),
+        };
+        for value in values {
+            let value = match value {
+                toml::Value::Boolean(false) => continue,
+                toml::Value::Boolean(true) => None,
+                toml::Value::String(s) => Some(s.clone()),
+                toml::Value::Integer(n) => Some(n.to_string()),
+                toml::Value::Float(x) => Some(x.to_string()),
+                other => Some(other.to_string()),
+            };
+            line.push(format!("--{key}"));
+            line.extend(value);
+        }
+    }
+    line
+}
+
+/// `settings` as a --config file: each key under its flag's help as a comment, in the
+/// flags' order; a setting with no value (its default is worked out at start) commented
+/// out.
+fn print_config(settings: &Args) -> Result<String, String> {
+    let table = toml::Table::try_from(settings).map_err(|e| e.to_string())?;
+    let mut out = String::from("# imrelay settings (imrelay --config FILE): each key is a flag.\n");
+    for arg in settings_command().get_arguments() {
+        let Some(key) = arg.get_long() else { continue };
+        out.push('\n');
+        let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+        for line in wrap(&help, 88 - 2) {
+            out.push_str("# ");
+            out.push_str(&line);
+            out.push('\n');
+        }
+        match table.get(key) {
+            Some(value) => {
+                let mut one = toml::Table::new();
+                one.insert(key.to_string(), value.clone());
+                out.push_str(&toml::to_string(&one).map_err(|e| e.to_string())?);
+            }
+            None => out.push_str(&format!("# {key}: not set\n")),
+        }
+    }
+    Ok(out)
+}
+
+/// `text` in lines of at most `width` characters, broken at spaces.
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.len() + 1 + word.len() > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 enum AuthMode {
     Off,
     Jwt,
@@ -339,9 +540,38 @@ fn default_max_memory() -> usize {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let args = Args::parse();
-    if let Some(command) = &args.command {
+    let matches = relaxed_command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if cli.config.is_none() {
+        // No file to complete the flags: their rules apply to them alone, reported as
+        // clap does.
+        Cli::command().get_matches();
+    }
+    if let Some(command) = &cli.command {
         return mint_token(command);
+    }
+    let args = match merge(cli.config.as_deref(), cli.args, &matches) {
+        Ok(args) => args,
+        Err(e) => {
+            error!("--config {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.print_config {
+        return match print_config(&args) {
+            // Not print!, which panics on a closed pipe (`imrelay --print-config | head`).
+            Ok(toml) => match std::io::Write::write_all(&mut std::io::stdout(), toml.as_bytes()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("--print-config: {e}");
+                    ExitCode::from(1)
+                }
+            },
+            Err(e) => {
+                error!("--print-config: {e}");
+                ExitCode::from(2)
+            }
+        };
     }
     let auth = match auth_config(&args) {
         Ok(auth) => auth,

@@ -44,7 +44,7 @@ use ::jni::sys::{jboolean, jint, jlong, JNI_FALSE, JNI_TRUE};
 use ::jni::{JNIEnv, JavaVM};
 
 use crate::client::{ClientConfig, Event, Listener, SendError, SharedClient, TokenProvider};
-use crate::proto::{RoomId, UserId};
+use crate::proto::{MessageId, RoomId, UserId};
 
 const ILLEGAL_STATE: &str = "java/lang/IllegalStateException";
 const ILLEGAL_ARGUMENT: &str = "java/lang/IllegalArgumentException";
@@ -624,12 +624,20 @@ pub extern "system" fn Java_io_imrelay_ImRelayClient_nativeSend<'local>(
     to: jlong,
     payload: JByteArray<'local>,
 ) -> jlong {
-    with_native(&mut env, handle, 0, |env, n| {
-        let payload = bytes_arg(env, &payload, "payload")?;
-        let id = n
-            .client
-            .send(UserId(id_arg(to)), payload)
-            .map_err(Fail::Send)?;
+    send_with(&mut env, handle, to, &payload, |c, to, p| c.send(to, p))
+}
+
+/// `nativeSend` and `nativeSendStored`: the payload copied in, `send` called, the id out.
+fn send_with<'local>(
+    env: &mut JNIEnv<'local>,
+    handle: jlong,
+    to: jlong,
+    payload: &JByteArray<'local>,
+    send: impl FnOnce(&SharedClient, UserId, Vec<u8>) -> Result<MessageId, SendError>,
+) -> jlong {
+    with_native(env, handle, 0, |env, n| {
+        let payload = bytes_arg(env, payload, "payload")?;
+        let id = send(&n.client, UserId(id_arg(to)), payload).map_err(Fail::Send)?;
         Ok(id_out(id.0))
     })
 }
@@ -644,13 +652,8 @@ pub extern "system" fn Java_io_imrelay_ImRelayClient_nativeSendStored<'local>(
     to: jlong,
     payload: JByteArray<'local>,
 ) -> jlong {
-    with_native(&mut env, handle, 0, |env, n| {
-        let payload = bytes_arg(env, &payload, "payload")?;
-        let id = n
-            .client
-            .send_stored(UserId(id_arg(to)), payload)
-            .map_err(Fail::Send)?;
-        Ok(id_out(id.0))
+    send_with(&mut env, handle, to, &payload, |c, to, p| {
+        c.send_stored(to, p)
     })
 }
 

@@ -806,8 +806,7 @@ impl Inboxes {
     /// tombstone acknowledged past its gap. Returns true if anything changed (an op to
     /// record).
     pub fn ack(&mut self, user: UserId, upto: u64) -> bool {
-        let ttl_ms = self.ttl_ms();
-        let Some(inbox) = self.users.get_mut(&user) else {
+        let Some(inbox) = self.users.get(&user) else {
             return false;
         };
         if let Some(tomb) = inbox.tomb {
@@ -818,13 +817,12 @@ impl Inboxes {
             self.users.remove(&user);
             return true;
         }
-        let (count, freed, _) = inbox.drop_front_while(usize::MAX, |m| m.seq <= upto);
-        if count == 0 {
+        if !self.drop_upto(user, upto) {
             return false;
         }
-        self.total_bytes -= freed;
-        self.total_messages -= count;
-        reschedule(&mut self.schedule, user, inbox, ttl_ms);
+        let Some(inbox) = self.users.get(&user) else {
+            return true;
+        };
         if inbox.messages.is_empty() {
             if inbox.devices.is_empty() {
                 self.users.remove(&user);

@@ -517,3 +517,32 @@ fn a_real_prometheus_scrapes_the_relay() {
     drop(prometheus);
     drop(relay);
 }
+
+#[test]
+fn promtool_finds_nothing_wrong_with_the_exposition() {
+    setup_prometheus();
+    let (relay, admin) = relay_with_admin();
+    let (_a, _b) = exchange(relay.addr, 2, 1);
+    let (status, body) = get(admin, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package, tests/admin/setup.sh)");
+    {
+        use std::io::Write as _;
+        let mut stdin = promtool.stdin.take().expect("piped stdin");
+        stdin.write_all(body.as_bytes()).expect("write the exposition");
+    }
+    let out = promtool.wait_with_output().expect("promtool ran");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool check metrics failed:\n{said}");
+    assert!(said.trim().is_empty(), "promtool has remarks (lint):\n{said}");
+}

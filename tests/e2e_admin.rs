@@ -535,7 +535,9 @@ fn promtool_finds_nothing_wrong_with_the_exposition() {
     {
         use std::io::Write as _;
         let mut stdin = promtool.stdin.take().expect("piped stdin");
-        stdin.write_all(body.as_bytes()).expect("write the exposition");
+        stdin
+            .write_all(body.as_bytes())
+            .expect("write the exposition");
     }
     let out = promtool.wait_with_output().expect("promtool ran");
     let said = format!(
@@ -543,6 +545,12 @@ fn promtool_finds_nothing_wrong_with_the_exposition() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "promtool check metrics failed:\n{said}");
-    assert!(said.trim().is_empty(), "promtool has remarks (lint):\n{said}");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{said}"
+    );
+    assert!(
+        said.trim().is_empty(),
+        "promtool has remarks (lint):\n{said}"
+    );
 }

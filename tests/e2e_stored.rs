@@ -380,8 +380,8 @@ fn kill_9_while_the_recipient_is_online_loses_and_repeats_nothing() {
 }
 
 /// `printf 'login 66\nstore 67 hello\n' | nc -q 3 127.0.0.1 7700`: the sender closes its
-/// side right after the STORE, before the store's commit. It still gets the ACK, then the
-/// relay closes.
+/// side right after the STORE, before the store's commit. It still gets the ACK (in text
+/// mode the line `SAVED <id> <n>`), then the relay closes.
 #[test]
 fn a_sender_closing_right_after_a_store_gets_its_ack() {
     use std::io::{Read, Write};
@@ -395,5 +395,5 @@ fn a_sender_closing_right_after_a_store_gets_its_ack() {
     telnet
         .read_to_string(&mut out)
         .expect("the relay closes after answering");
-    assert_eq!(out, "OK LOGIN 66\r\nACK 2 0\r\n");
+    assert_eq!(out, "OK LOGIN 66\r\nSAVED 2 0\r\n");
 }

@@ -218,9 +218,14 @@ impl Relay {
                 self.metrics.duplicates_dropped += 1;
                 if let Some(code) = super::dedup::refusal(count) {
                     // Refused the first time: the same answer, so a message stored since
-                    // is never overtaken by this one (protocol.md, section 13).
+                    // is never overtaken by this one (protocol.md, section 13); once the
+                    // refusal is on disk, if it is still on its way there.
                     let reason = format!("{} was refused when first sent", h.msg_id);
-                    self.reply_error(id, h.msg_id, h.target, code, &reason);
+                    if h.flags.contains(Flags::STORED) {
+                        self.hold_refusal(id, h.msg_id, h.target, code, &reason);
+                    } else {
+                        self.reply_error(id, h.msg_id, h.target, code, &reason);
+                    }
                 } else if h.flags.contains(Flags::STORED) {
                     // Its first ACK may still wait for the disk: this one waits too.
                     if !h.flags.contains(Flags::NO_ACK) {

@@ -31,8 +31,9 @@ use crate::ConnId;
 /// Messages [`Relay::expire_inboxes`] drops at most per call.
 pub const EXPIRE_BUDGET: usize = 1024;
 
-/// An ACK waiting for its stored message to reach the disk.
-#[derive(Clone, Copy, Debug)]
+/// An ACK waiting for its stored message to reach the disk (or the ERROR refusing a
+/// DEDUP stored SEND, waiting for the record that remembers the refusal).
+#[derive(Clone, Debug)]
 pub(super) struct HeldAck {
     conn: ConnId,
     serial: u64,
@@ -48,6 +49,8 @@ pub(super) struct HeldAck {
     dedup: Option<UserId>,
     /// False for NO_ACK: held only to set the remembered count.
     reply: bool,
+    /// A refusal to send instead of the ACK: its code and reason.
+    refusal: Option<(ErrorCode, Box<str>)>,
 }
 
 /// The ops and held ACKs of one loop turn, handed to the driver as one commit.
@@ -91,13 +94,25 @@ impl Relay {
                 false => Ok(()),
             });
         if let Err(full) = room {
-            self.reply_error(id, h.msg_id, h.target, ErrorCode::InboxFull, &full.0);
-            if h.flags.contains(Flags::DEDUP) {
-                // A resend (the ERROR may be lost with the link) gets INBOX_FULL again
-                // rather than being stored after messages sent later.
-                let refused = super::dedup::refused(ErrorCode::InboxFull);
-                self.dedup.record(sender, h.msg_id, refused, now);
+            if !h.flags.contains(Flags::DEDUP) {
+                self.reply_error(id, h.msg_id, h.target, ErrorCode::InboxFull, &full.0);
+                return;
             }
+            // A resend (the ERROR may be lost with the link) gets INBOX_FULL again rather
+            // than being stored after messages sent later; with a durable store the
+            // refusal is recorded, and answered once on disk, so a restart remembers it.
+            let refused = super::dedup::refused(ErrorCode::InboxFull);
+            self.dedup.record(sender, h.msg_id, refused, now);
+            if !self.durable {
+                self.reply_error(id, h.msg_id, h.target, ErrorCode::InboxFull, &full.0);
+                return;
+            }
+            self.store_ops.push(StoreOp::Sent {
+                sender,
+                msg_id: h.msg_id,
+                count: refused,
+            });
+            self.hold_refusal(id, h.msg_id, h.target, ErrorCode::InboxFull, &full.0);
             return;
         }
         let (seq, deliver) =
@@ -152,6 +167,7 @@ impl Relay {
                     count: 0,
                     dedup: dedup.then_some(sender),
                     reply,
+                    refusal: None,
                 };
                 self.hold_ack(held);
             }
@@ -250,10 +266,39 @@ impl Relay {
                 count,
                 dedup: sender,
                 reply: true,
+                refusal: None,
             });
         } else {
             self.queue_stored_ack(id, msg_id, target, count);
         }
+    }
+
+    /// Holds the ERROR refusing a DEDUP stored SEND until the commit that records the
+    /// refusal (or the refusal of its first copy) is on disk; with the memory store it is
+    /// sent now.
+    pub(super) fn hold_refusal(
+        &mut self,
+        id: ConnId,
+        msg_id: MessageId,
+        target: UserId,
+        code: ErrorCode,
+        reason: &str,
+    ) {
+        if !self.durable {
+            self.reply_error(id, msg_id, target, code, reason);
+            return;
+        }
+        self.hold_ack(HeldAck {
+            conn: id,
+            serial: 0,
+            msg_id,
+            target,
+            seq: None,
+            count: 0,
+            dedup: None,
+            reply: true,
+            refusal: Some((code, reason.into())),
+        });
     }
 
     /// INBOX_SYNC: the client has everything up to `last_seq` (of `epoch`); answer with
@@ -458,12 +503,16 @@ impl Relay {
                 {
                     continue;
                 }
-                match &result {
-                    Ok(()) => {
+                match (&result, &held.refusal) {
+                    (Ok(()), Some((code, reason))) => {
+                        self.reply_error(held.conn, held.msg_id, held.target, *code, reason);
+                        self.release_ack(held.conn);
+                    }
+                    (Ok(()), None) => {
                         self.queue_stored_ack(held.conn, held.msg_id, held.target, count);
                         self.release_ack(held.conn);
                     }
-                    Err(e) => {
+                    (Err(e), _) => {
                         let reason = format!("not stored: {e}");
                         self.reply_error(
                             held.conn,

@@ -625,3 +625,55 @@ fn a_refused_stored_resend_gets_the_same_refusal_and_is_never_stored_late() {
     h.send_frame(alice, stored(3, BOB, b"third").with_flags(dedup));
     assert_eq!(h.take_frames(alice)[0].opcode, Opcode::Ack);
 }
+
+#[test]
+fn a_dedup_refusal_is_answered_once_on_disk_and_remembered_after_a_restart() {
+    let config = Config {
+        inbox_max_messages: 1,
+        ..Config::default()
+    };
+    let mut h = Harness::new(config.clone());
+    h.relay.restore(vec![StoreOp::Epoch(77)]);
+    let alice = h.login(ALICE);
+    let dedup = |msg: u64, text: &[u8]| {
+        stored(msg, BOB, text).with_flags(Flags::STORED.union(Flags::DEDUP))
+    };
+    h.send_frame(alice, dedup(1, b"fits"));
+    let mut log = vec![StoreOp::Epoch(77)];
+    let first = h.relay.take_commit(&mut log).expect("a commit");
+    h.relay.handle_store_committed(first, Ok(()));
+    assert_eq!(h.take_frames(alice)[0].opcode, Opcode::Ack);
+    // The inbox is full: the refusal waits for its own record.
+    h.send_frame(alice, dedup(2, b"no room"));
+    assert!(
+        h.take_frames(alice).is_empty(),
+        "no ERROR before the refusal is on disk"
+    );
+    let second = h.relay.take_commit(&mut log).expect("a commit");
+    assert!(matches!(
+        log.last(),
+        Some(StoreOp::Sent {
+            msg_id: MessageId(2),
+            ..
+        })
+    ));
+    h.relay.handle_store_committed(second, Ok(()));
+    h.expect_error(alice, ErrorCode::InboxFull);
+    // A restart from the log: the resend is refused again, not stored.
+    let mut after = Harness::new(config);
+    after.relay.restore(log);
+    let alice = after.login(ALICE);
+    after.send_frame(alice, dedup(2, b"no room"));
+    let mut ops = Vec::new();
+    let commit = after
+        .relay
+        .take_commit(&mut ops)
+        .expect("the answer waits for a commit");
+    assert!(ops.is_empty(), "nothing stored: {ops:?}");
+    after.relay.handle_store_committed(commit, Ok(()));
+    let error = after.expect_error(alice, ErrorCode::InboxFull);
+    assert!(
+        error.error().unwrap().1.contains("refused when first sent"),
+        "{error:?}"
+    );
+}

@@ -545,15 +545,7 @@ impl Inboxes {
         origin: u64,
     ) -> (u64, Bytes) {
         let high_seq = self.high_seq;
-        let ttl_ms = self.ttl_ms();
-        let inbox = self
-            .users
-            .entry(user)
-            .or_insert_with(|| Inbox::after(high_seq));
-        if let Some(tomb) = inbox.tomb.take() {
-            self.tombstones.remove(&tomb);
-        }
-        let seq = inbox.last_seq + 1;
+        let seq = self.users.get(&user).map_or(high_seq, |i| i.last_seq) + 1;
         let len = HEADER_LEN + INBOX_PREFIX + payload.len();
         let mut buf = BytesMut::with_capacity(len);
         write_header(
@@ -574,15 +566,30 @@ impl Inboxes {
             frame: frame.clone(),
             origin,
         };
+        self.push_stored(user, stored, high_seq);
+        (seq, frame)
+    }
+
+    /// Puts a message at the end of `user`'s inbox (made, numbering after `high_seq`, or
+    /// revived from a tombstone), keeping the totals and the expiry schedule.
+    fn push_stored(&mut self, user: UserId, stored: Stored, high_seq: u64) {
+        let ttl_ms = self.ttl_ms();
+        let inbox = self
+            .users
+            .entry(user)
+            .or_insert_with(|| Inbox::after(high_seq));
+        if let Some(tomb) = inbox.tomb.take() {
+            self.tombstones.remove(&tomb);
+        }
         self.total_bytes += stored.cost();
         self.total_messages += 1;
-        self.high_seq = self.high_seq.max(seq);
+        self.high_seq = self.high_seq.max(stored.seq);
+        let origin = stored.origin;
         inbox.push(stored);
         if origin != NO_ORIGIN {
             inbox.skip_own_copies(origin);
         }
         reschedule(&mut self.schedule, user, inbox, ttl_ms);
-        (seq, frame)
     }
 
     fn retention_ms(&self) -> u64 {
@@ -1010,7 +1017,6 @@ impl Inboxes {
 
     /// Replays a stored message (or a copy, from device `origin`).
     fn apply_append(&mut self, user: UserId, frame: Bytes, origin: u64) {
-        let ttl_ms = self.ttl_ms();
         if frame.len() < HEADER_LEN + INBOX_PREFIX {
             return;
         }
@@ -1018,19 +1024,9 @@ impl Inboxes {
         if self.users.get(&user).is_some_and(|i| seq <= i.last_seq) {
             return; // already there
         }
-        let inbox = self.users.entry(user).or_default();
-        if let Some(tomb) = inbox.tomb.take() {
-            self.tombstones.remove(&tomb);
-        }
-        let stored = Stored { seq, frame, origin };
-        self.total_bytes += stored.cost();
-        self.total_messages += 1;
-        self.high_seq = self.high_seq.max(seq);
-        inbox.push(stored);
-        if origin != NO_ORIGIN {
-            inbox.skip_own_copies(origin);
-        }
-        reschedule(&mut self.schedule, user, inbox, ttl_ms);
+        // A replayed message numbers as it did: a new inbox starts at 0, not after the
+        // relay-wide number.
+        self.push_stored(user, Stored { seq, frame, origin }, 0);
     }
 
     /// Everything held, as the ops that rebuild it (what compaction writes): the epoch,

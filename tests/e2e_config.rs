@@ -11,7 +11,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use support::process::{run_to_exit, wait_until_listening, RelayProcess};
+use support::process::{run_to_exit, spawn_relay, wait_until_listening, RelayProcess};
 use support::Client;
 
 /// A per-test directory under the system temp dir, removed on drop.
@@ -61,14 +61,7 @@ fn relay_file(scratch: &Scratch, extra: &str) -> (PathBuf, SocketAddr) {
 /// Starts the binary with exactly `args` (no `--listen` or `--store` of its own: the file
 /// gives them) and waits until it listens on `addr`.
 fn start(addr: SocketAddr, args: &[&str]) -> RelayProcess {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imrelay"))
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start imrelay");
+    let mut child = spawn_relay(args);
     let line = wait_until_listening(&mut child);
     assert!(
         line.contains(&addr.to_string()),

@@ -53,6 +53,23 @@ pub(super) struct HeldAck {
     refusal: Option<(ErrorCode, Box<str>)>,
 }
 
+impl HeldAck {
+    /// The answer to a resend (nothing stored by this frame): an ACK of `count`, to send.
+    fn resend(conn: ConnId, msg_id: MessageId, target: UserId, count: u32) -> HeldAck {
+        HeldAck {
+            conn,
+            serial: 0,
+            msg_id,
+            target,
+            seq: None,
+            count,
+            dedup: None,
+            reply: true,
+            refusal: None,
+        }
+    }
+}
+
 /// The ops and held ACKs of one loop turn, handed to the driver as one commit.
 #[derive(Debug)]
 pub(super) struct Commit {
@@ -258,15 +275,8 @@ impl Relay {
         if self.durable {
             let sender = self.sessions.get(id.0).and_then(|s| s.user());
             self.hold_ack(HeldAck {
-                conn: id,
-                serial: 0,
-                msg_id,
-                target,
-                seq: None,
-                count,
                 dedup: sender,
-                reply: true,
-                refusal: None,
+                ..HeldAck::resend(id, msg_id, target, count)
             });
         } else {
             self.queue_stored_ack(id, msg_id, target, count);
@@ -289,15 +299,8 @@ impl Relay {
             return;
         }
         self.hold_ack(HeldAck {
-            conn: id,
-            serial: 0,
-            msg_id,
-            target,
-            seq: None,
-            count: 0,
-            dedup: None,
-            reply: true,
             refusal: Some((code, reason.into())),
+            ..HeldAck::resend(id, msg_id, target, 0)
         });
     }
 

@@ -30,17 +30,13 @@ impl RelayProcess {
         } else {
             &["--store", "memory"]
         };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_imrelay"))
-            .arg("--listen")
-            .arg(addr.to_string())
-            .args(store)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start imrelay");
+        let listen = addr.to_string();
+        let args: Vec<&str> = ["--listen", listen.as_str()]
+            .into_iter()
+            .chain(store.iter().copied())
+            .chain(extra.iter().copied())
+            .collect();
+        let mut child = spawn_relay(&args);
         wait_until_listening(&mut child);
         RelayProcess { child, addr }
     }
@@ -165,17 +161,22 @@ pub fn wait_until_listening(child: &mut Child) -> String {
     line
 }
 
-/// Runs the binary with `args` until it exits, failing the test if it starts listening
-/// instead (the relay was expected to refuse to start). Returns its exit status and log.
-pub fn run_to_exit(args: &[&str]) -> (std::process::ExitStatus, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imrelay"))
+/// The relay binary started with exactly `args`, its log (`RUST_LOG=info`) on a pipe.
+pub fn spawn_relay(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_imrelay"))
         .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start imrelay");
+        .expect("start imrelay")
+}
+
+/// Runs the binary with `args` until it exits, failing the test if it starts listening
+/// instead (the relay was expected to refuse to start). Returns its exit status and log.
+pub fn run_to_exit(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut child = spawn_relay(args);
     let mut log = String::new();
     for line in BufReader::new(child.stderr.take().expect("piped stderr")).lines() {
         let line = line.expect("read relay log");

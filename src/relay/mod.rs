@@ -1036,8 +1036,9 @@ pub(crate) fn shared_copy(bytes: &[u8]) -> Bytes {
 
 /// [`push_output`] for a frame that may be a view into a shared read buffer: to a socket
 /// that is blocked it goes as a copy (it will wait); otherwise as it is, marked so the
-/// queue copies it out if the socket blocks before it is written.
-#[inline]
+/// queue copies it out if the socket blocks before it is written. Always inlined: as a call
+/// of its own it cost about 19 instructions per forwarded SEND (callgrind, benches/router).
+#[inline(always)]
 pub(crate) fn push_output_view(
     s: &mut Session,
     flush_list: &mut FlushList,

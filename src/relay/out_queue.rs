@@ -123,9 +123,14 @@ impl OutQueue {
         debug_assert!(n <= self.bytes, "advanced past the queued bytes");
         let written = n.min(self.bytes);
         let popped = if written == self.bytes {
-            // Everything was written (the common case): no per-frame bookkeeping.
+            // Everything was written (the common case): no per-frame bookkeeping. A queue
+            // of one frame (a room member's, typically) is cheaper to pop than to clear.
             let count = self.frames.len();
-            self.frames.clear();
+            if count == 1 {
+                self.frames.pop_front();
+            } else {
+                self.frames.clear();
+            }
             count
         } else {
             let frames_before = self.frames.len();

@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use imrelay::proto::{Flags, Frame, MessageId, Opcode, UserId};
+use imrelay::proto::{ErrorCode, Flags, Frame, MessageId, Opcode, UserId};
 use imrelay::relay::Config;
 use imrelay::server::Server;
 use support::process::{run_to_exit, RelayProcess};
@@ -292,6 +292,87 @@ fn health_readiness_and_metrics_follow_the_traffic() {
     let id = a.send(2, b"still routed");
     assert_eq!(b.recv().msg_id, id);
     drop(relay);
+}
+
+/// How long a shutdown waits for clients to take their output (protocol.md, limits:
+/// "shutdown grace").
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// SIGTERM with a client whose output cannot drain: the relay stays in its shutdown grace,
+/// where `/readyz` answers 503 (stop sending traffic here) while `/healthz` answers 200
+/// (the loop is alive, do not restart it); then it closes the client and exits 0.
+#[test]
+fn readyz_is_503_during_the_shutdown_grace_while_healthz_stays_200() {
+    let (mut relay, admin) = relay_with_admin();
+    assert_eq!(get(admin, "/readyz"), (200, "ready\n".to_string()));
+
+    // User 11 never reads; user 12 sends it large messages until its output queue is at
+    // the cap (RECIPIENT_SLOW), well past what the sockets take.
+    let mut stuck = Client::connect(relay.addr);
+    stuck.login(11);
+    let mut sender = Client::connect(relay.addr);
+    sender.login(12);
+    let payload = vec![b'x'; 60_000];
+    let mut full = false;
+    for _ in 0..10_000 {
+        let id = sender.send(11, &payload);
+        let answer = sender.recv();
+        assert_eq!(answer.msg_id, id, "{answer:?}");
+        match answer.opcode {
+            Opcode::Ack => {}
+            Opcode::Error if answer.error_code() == Some(ErrorCode::RecipientSlow) => {
+                full = true;
+                break;
+            }
+            _ => panic!("unexpected answer to SEND: {answer:?}"),
+        }
+    }
+    assert!(full, "the reader's queue never filled");
+    let metrics = scrape(admin);
+    assert!(value(&metrics, "imrelay_output_queued_bytes", &[]) > 0.0);
+
+    let signalled = Instant::now();
+    relay.signal(libc::SIGTERM);
+    // The loop takes the signal on its next turn: poll readiness until it says so.
+    let deadline = signalled + SAFETY_TIMEOUT;
+    loop {
+        match get(admin, "/readyz") {
+            (503, body) => {
+                assert_eq!(body, "shutting down\n");
+                break;
+            }
+            (200, _) => {}
+            other => panic!("/readyz during shutdown: {other:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz still 200 {SAFETY_TIMEOUT:?} after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(get(admin, "/healthz"), (200, "ok\n".to_string()));
+    let metrics = scrape(admin);
+    assert_eq!(value(&metrics, "imrelay_accepting", &[]), 0.0);
+    assert!(
+        relay.is_running(),
+        "the relay exited with the reader's output pending"
+    );
+
+    // The grace runs out: the relay closes the stuck client and exits 0.
+    let deadline = signalled + SHUTDOWN_GRACE + SAFETY_TIMEOUT;
+    let status = loop {
+        if let Some(status) = relay.child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay did not exit after its shutdown grace"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    drop(stuck);
+    drop(sender);
 }
 
 /// With a durable store: stored messages, the log's size and the store writer's commit

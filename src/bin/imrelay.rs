@@ -162,7 +162,8 @@ struct Args {
     /// keep every valid one, rewrite the log and log what was lost.
     #[arg(long)]
     store_repair: bool,
-    /// Seconds between metrics log lines (0 = none).
+    /// Seconds between metrics log lines (0 = none); a line that would say what the last
+    /// one said is not logged, so an idle relay stays quiet.
     #[arg(long, default_value_t = 60)]
     stats_interval: u64,
     /// Spin on the poller instead of sleeping: lowest latency, one core always busy.
@@ -523,6 +524,12 @@ fn auth_config(args: &Args) -> Result<Option<AuthConfig>, String> {
     Ok(Some(auth))
 }
 
+/// `n` and the noun in the right number, for log lines: "1 connection", "2 connections".
+fn counted(n: impl TryInto<u64>, one: &str, many: &str) -> String {
+    let n = n.try_into().unwrap_or(u64::MAX);
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// Half the machine's physical memory (1 GiB if it cannot be read).
 fn default_max_memory() -> usize {
     // SAFETY: sysconf only reads system configuration.
@@ -727,8 +734,9 @@ fn main() -> ExitCode {
     server.set_send_buffer((args.socket_send_buffer > 0).then_some(args.socket_send_buffer));
     server.set_stats_interval(Some(Duration::from_secs(args.stats_interval)));
     info!(
-        "imrelay listening on {} (fd limit {fd_limit}: up to {max_connections} connections)",
-        server.local_addr()
+        "imrelay listening on {} (fd limit {fd_limit}: up to {})",
+        server.local_addr(),
+        counted(max_connections, "connection", "connections")
     );
     if args.demo {
         info!(
@@ -758,12 +766,14 @@ fn main() -> ExitCode {
     match server.run() {
         Ok(()) => {
             let m = server.metrics().clone();
-            // Stops the store writer (it writes what is queued and says so) before the
-            // last line.
+            // `run` stopped the store writer (it wrote what was queued and said so) before
+            // "shutdown complete"; this stops the admin thread before the last line.
             drop(server);
             info!(
-                "exiting: {} connections served, {} messages routed, {} deliveries",
-                m.connections_opened, m.messages_routed, m.deliveries_queued
+                "exiting: {} served, {} routed, {}",
+                counted(m.connections_opened, "connection", "connections"),
+                counted(m.messages_routed, "message", "messages"),
+                counted(m.deliveries_queued, "delivery", "deliveries")
             );
             ExitCode::SUCCESS
         }

@@ -58,7 +58,7 @@ impl Relay {
                     }
                     _ => self.queue_view(id, bye),
                 }
-                debug!("{id}: BYE");
+                debug!("{}: BYE", self.conn_label(id));
                 self.begin_close(id, now);
             }
             Some(
@@ -163,7 +163,13 @@ impl Relay {
             return;
         };
         s.state = State::Active(h.target);
+        s.logged_in_as = h.target;
         s.device = device_tag;
+        if let Some(name) = device {
+            s.extra_mut().device_name = Some(name.into_boxed_str());
+        } else if let Some(extra) = s.extra.as_mut() {
+            extra.device_name = None;
+        }
         s.grants = grants;
         s.auth_failures = 0;
         s.expiry_noticed = false;
@@ -172,10 +178,7 @@ impl Relay {
         self.arm_token_due(id);
         self.directory.insert(h.target, id);
         self.metrics.logins += 1;
-        match device {
-            Some(device) => debug!("{id}: logged in as {} on device {device:?}", h.target),
-            None => debug!("{id}: logged in as {}", h.target),
-        }
+        debug!("{}: logged in", self.conn_label(id));
         let limits = LoginOk {
             max_frame: self.config.max_frame,
             ping_interval_ms: millis_u32(self.config.ping_interval),
@@ -212,7 +215,8 @@ impl Relay {
         if dedup {
             if let Some(count) = self.dedup.lookup(sender, h.msg_id, now) {
                 debug!(
-                    "{id}: {} from {sender} is a resend; not delivered again",
+                    "{}: {} from {sender} is a resend; not delivered again",
+                    self.conn_label(id),
                     h.msg_id
                 );
                 self.metrics.duplicates_dropped += 1;
@@ -410,7 +414,7 @@ impl Relay {
         code: ErrorCode,
         reason: &str,
     ) {
-        debug!("{id}: {code} for {msg_id}: {reason}");
+        debug!("{}: {code} for {msg_id}: {reason}", self.conn_label(id));
         self.queue_error(id, msg_id, target, code, reason);
     }
 
@@ -430,11 +434,7 @@ impl Relay {
     /// Queues an ERROR (answering no frame: msg_id and target 0) and closes the connection
     /// after it is flushed. One log line.
     pub(super) fn fail(&mut self, id: ConnId, code: ErrorCode, reason: &str, now: Instant) {
-        let who = match self.sessions.get(id.0).and_then(Session::user) {
-            Some(user) => format!(" ({user})"),
-            None => String::new(),
-        };
-        info!("{id}{who}: closing: {code}: {reason}");
+        info!("{}: closing: {code}: {reason}", self.conn_label(id));
         self.queue_error(id, MessageId(0), UserId::NONE, code, reason);
         self.ws_close(id, Some((code, reason)));
         self.begin_close(id, now);

@@ -642,7 +642,10 @@ impl Relay {
             self.store_ops.truncate(mark);
         }
         if expired > 0 {
-            debug!("{expired} stored messages expired");
+            debug!(
+                "{} expired",
+                super::counted(expired, "stored message", "stored messages")
+            );
         }
     }
 

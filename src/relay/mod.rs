@@ -58,7 +58,7 @@ pub use devices::DeviceCursor;
 pub use inbox::{InboxLimits, StoreOp};
 pub use metrics::{Metrics, OpcodeCounts, RefusedCounts};
 pub use out_queue::{OutQueue, FRAME_OVERHEAD};
-pub use session::{Codec, State};
+pub use session::{Codec, ConnLabel, State};
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -222,6 +222,15 @@ impl Relay {
     /// The state of a connection, if it exists.
     pub fn state(&self, id: ConnId) -> Option<State> {
         self.sessions.get(id.0).map(|s| s.state)
+    }
+
+    /// How log lines name connection `id`: `conn#17`, `conn#17 user 1002@tablet` once it
+    /// logged in ([`ConnLabel`]; never the slab key, which a later connection reuses). Use
+    /// it in a log macro's arguments, which are evaluated only when the line is logged.
+    pub fn conn_label(&self, id: ConnId) -> ConnLabel<'_> {
+        self.sessions
+            .get(id.0)
+            .map_or_else(|| ConnLabel::unknown(id), Session::label)
     }
 
     /// Rooms with at least one member.
@@ -744,7 +753,7 @@ impl Relay {
             return;
         }
         if !s.has_partial_input() {
-            debug!("{id}: peer closed its stream");
+            debug!("{}: peer closed its stream", s.label());
             self.begin_close(id, now);
         } else {
             let len = s.reader.partial_len() + s.extra.as_ref().map_or(0, |e| e.pending.len());
@@ -778,7 +787,11 @@ impl Relay {
         self.flush_list.held -= held;
         if lost > 0 {
             self.metrics.bytes_lost_on_reset += lost as u64;
-            info!("{id}: closed with {lost} bytes of output unsent");
+            info!(
+                "{}: closed with {} of output unsent",
+                s.label(),
+                counted(lost, "byte", "bytes")
+            );
         }
         self.metrics.connections_closed += 1;
         self.by_codec[s.codec as usize] -= 1;
@@ -1123,6 +1136,12 @@ impl Relay {
 
 pub(crate) fn millis_u32(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// `n` and the noun in the right number, for log lines: "1 room", "2 rooms".
+pub(crate) fn counted(n: impl TryInto<u64>, one: &str, many: &str) -> String {
+    let n = n.try_into().unwrap_or(u64::MAX);
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 #[cfg(test)]

@@ -59,7 +59,7 @@ impl Relay {
             }
             s.rooms.push(room);
             self.rooms.join(room, id);
-            debug!("{id}: joined {room}");
+            debug!("{}: joined {room}", s.label());
         }
         self.reply_room_state(id, h.msg_id, room);
     }
@@ -76,7 +76,7 @@ impl Relay {
             if let Some(at) = s.rooms.iter().position(|r| *r == room) {
                 s.rooms.swap_remove(at);
                 self.rooms.leave(room, id);
-                debug!("{id}: left {room}");
+                debug!("{}: left {room}", s.label());
             }
         }
         self.reply_room_state(id, h.msg_id, room);
@@ -180,7 +180,11 @@ impl Relay {
         };
         let missed = std::mem::take(&mut s.missed);
         for (room, count) in missed {
-            debug!("{id}: missed {count} messages of {room}");
+            debug!(
+                "{}: missed {} of {room}",
+                self.conn_label(id),
+                super::counted(count, "message", "messages")
+            );
             write_frame(
                 self.scratch(),
                 Opcode::RoomMissed,

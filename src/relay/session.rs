@@ -87,8 +87,9 @@ pub struct Session {
     pub state: State,
     /// Binary, text, HTTP or WebSocket framing.
     pub codec: Codec,
-    /// State only text-mode and WebSocket connections have, allocated on first use: a
-    /// binary session pays one null pointer for it.
+    /// State only text-mode and WebSocket connections (and connections that named a device
+    /// at LOGIN) have, allocated on first use: a binary session pays one null pointer for
+    /// it.
     pub extra: Option<Box<Extra>>,
     /// Frames waiting to be written.
     pub out: OutQueue,
@@ -130,6 +131,9 @@ pub struct Session {
     /// The tag of the device this connection logged in as (0: the user's default device;
     /// protocol.md, section 15.1).
     pub device: u64,
+    /// The user this connection logged in as (`UserId::NONE` before LOGIN), kept while it
+    /// closes, when [`Session::state`] no longer says: for log lines ([`ConnLabel`]).
+    pub logged_in_as: UserId,
     /// ACKs of stored SENDs from this connection that wait for the store's commit. A
     /// closing connection is not closed before they are sent: a sender gets the answer to
     /// every frame it sent.
@@ -146,7 +150,7 @@ pub struct Session {
     pub auth_failures: u8,
 }
 
-/// The part of a session that binary connections do not need.
+/// The part of a session that binary connections do not need (unless they name a device).
 #[derive(Debug, Default)]
 pub struct Extra {
     /// Text mode (over TCP or WebSocket) numbers the frames its lines become.
@@ -158,6 +162,9 @@ pub struct Extra {
     /// Input of the codecs other than binary that waits for its end: a partial text line,
     /// an HTTP request head, or the first bytes while the codec is undecided.
     pub pending: BytesMut,
+    /// The device id named at LOGIN, for log lines ([`ConnLabel`]); a binary session that
+    /// names a device allocates its `Extra` for it.
+    pub device_name: Option<Box<str>>,
 }
 
 impl Session {
@@ -222,6 +229,7 @@ impl Session {
             inbox_synced: false,
             inbox_pushed: 0,
             device: 0,
+            logged_in_as: UserId::NONE,
             acks_held: 0,
             refused_in_a_row: 0,
             grants: None,
@@ -236,6 +244,72 @@ impl Session {
             State::Active(user) => Some(user),
             _ => None,
         }
+    }
+
+    /// How log lines name this connection ([`ConnLabel`]).
+    pub fn label(&self) -> ConnLabel<'_> {
+        ConnLabel {
+            conn: ConnOrSerial::Serial(self.serial),
+            user: (self.logged_in_as != UserId::NONE).then_some(self.logged_in_as),
+            device: self.extra.as_ref().and_then(|e| e.device_name.as_deref()),
+        }
+    }
+}
+
+/// How a log line names a connection: `conn#17`, by the serial the relay gave it when it
+/// opened, which no later connection gets in the same run (unlike its slab key, the
+/// `ConnId`, which the next connection takes once it is closed); once it has logged in,
+/// with its user and the device it named: `conn#17 user 1002@tablet`. A connection the
+/// relay does not know (already closed) is named by its slab key: `conn slot 3`.
+///
+/// Cheap to make and formatted only when the line is logged: put it in the arguments of a
+/// `log` macro, which evaluates them only when its level is enabled.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnLabel<'a> {
+    conn: ConnOrSerial,
+    user: Option<UserId>,
+    device: Option<&'a str>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum ConnOrSerial {
+    Serial(u64),
+    Slot(usize),
+}
+
+impl ConnLabel<'_> {
+    /// The label of a connection the relay does not know: its slab key.
+    pub fn unknown(id: crate::ConnId) -> ConnLabel<'static> {
+        ConnLabel {
+            conn: ConnOrSerial::Slot(id.0),
+            user: None,
+            device: None,
+        }
+    }
+}
+
+impl std::fmt::Display for ConnLabel<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.conn {
+            ConnOrSerial::Serial(serial) => write!(f, "conn#{serial}")?,
+            ConnOrSerial::Slot(slot) => write!(f, "conn slot {slot}")?,
+        }
+        if let Some(user) = self.user {
+            write!(f, " {user}")?;
+            if let Some(device) = self.device {
+                // Device ids are free UTF-8 without control characters: quoted unless
+                // plain, so a log line cannot be forged through one.
+                let plain = device
+                    .chars()
+                    .all(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.'));
+                if plain {
+                    write!(f, "@{device}")?;
+                } else {
+                    write!(f, "@{device:?}")?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 

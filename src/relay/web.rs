@@ -26,7 +26,7 @@ impl Relay {
             Ok(Some(parsed)) => parsed,
             Ok(None) => return,
             Err(e) => {
-                debug!("{id}: bad HTTP request: {e:?}");
+                debug!("{}: bad HTTP request: {e:?}", self.conn_label(id));
                 self.metrics.http_refused += 1;
                 self.http_answer(id, &[e.response()], now);
                 buf.clear();
@@ -44,7 +44,7 @@ impl Relay {
                 super::set_codec(&mut self.by_codec, s, Codec::WebSocket);
                 s.extra.get_or_insert_with(Box::default).ws = Some(WsSession::new(max_frame));
                 self.metrics.websocket_sessions += 1;
-                debug!("{id}: WebSocket session");
+                debug!("{}: WebSocket session", s.label());
                 if !buf.is_empty() {
                     self.handle_ws(id, buf, now);
                 }
@@ -124,7 +124,7 @@ impl Relay {
                 }
                 Ok(WsEvent::Control) => {}
                 Ok(WsEvent::Closed) => {
-                    debug!("{id}: WebSocket closed by the peer");
+                    debug!("{}: WebSocket closed by the peer", self.conn_label(id));
                     self.begin_close(id, now);
                 }
                 Ok(WsEvent::Idle) => return completed,

@@ -48,7 +48,7 @@ use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::relay::{Config, Metrics, Relay};
+use crate::relay::{counted, Config, Metrics, Relay};
 use crate::ConnId;
 
 /// Token of the listening socket.
@@ -359,17 +359,20 @@ impl Server {
             }
             if let Some(deadline) = self.shutdown_deadline {
                 if self.relay.session_count() == 0 {
+                    self.stop_store();
                     info!("shutdown complete");
                     return Ok(());
                 }
                 if now >= deadline {
                     warn!(
-                        "shutdown grace period over: closing {} connections with output pending",
-                        self.relay.session_count()
+                        "shutdown grace period over: closing {} with output pending",
+                        counted(self.relay.session_count(), "connection", "connections")
                     );
                     for id in 0..self.conns.len() {
                         self.close_conn(ConnId(id));
                     }
+                    self.stop_store();
+                    info!("shutdown complete");
                     return Ok(());
                 }
             }
@@ -394,10 +397,14 @@ impl Server {
         let (store, ops) = LogStore::open_with(dir, repair)?;
         self.relay.restore(ops);
         info!(
-            "store {}: {} stored messages, {} bytes of log",
+            "store {}: {}, {} of log",
             dir.display(),
-            self.relay.stored_messages(),
-            store.size()
+            counted(
+                self.relay.stored_messages(),
+                "stored message",
+                "stored messages"
+            ),
+            counted(store.size(), "byte", "bytes")
         );
         self.store = Some(store_writer::StoreWriter::spawn(
             store,
@@ -434,6 +441,13 @@ impl Server {
             self.compacting = true;
             writer.compact(self.relay.store_snapshot());
         }
+    }
+
+    /// Stops the store writer once the loop is done: it writes what is queued, then logs
+    /// "store writer stopped", before the loop's last line ("shutdown complete").
+    fn stop_store(&mut self) {
+        // Dropping the handle closes the writer's queue and joins its thread.
+        self.store = None;
     }
 
     /// Answers the admin thread's snapshot requests (each with a fresh copy).
@@ -529,8 +543,8 @@ impl Server {
             return;
         }
         info!(
-            "shutting down: {} connections to flush",
-            self.relay.session_count()
+            "shutting down: {} to flush",
+            counted(self.relay.session_count(), "connection", "connections")
         );
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
@@ -586,13 +600,16 @@ impl Server {
                 }
             };
             if let Err(e) = stream.set_nodelay(true) {
-                debug!("{id}: set_nodelay failed: {e}");
+                debug!("{}: set_nodelay failed: {e}", self.relay.conn_label(id));
             }
             if let Some(size) = self.send_buffer {
                 // A fixed send buffer: the kernel's autotuning would let every client that
                 // stops reading hold megabytes of the machine's memory in its socket.
                 if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(size) {
-                    debug!("{id}: setting SO_SNDBUF failed: {e}");
+                    debug!(
+                        "{}: setting SO_SNDBUF failed: {e}",
+                        self.relay.conn_label(id)
+                    );
                 }
             }
             if let Err(e) =
@@ -600,11 +617,14 @@ impl Server {
                     .registry()
                     .register(&mut stream, Token(id.0), Interest::READABLE)
             {
-                warn!("{id}: register failed: {e}");
+                warn!(
+                    "{} from {peer}: register failed: {e}",
+                    self.relay.conn_label(id)
+                );
                 self.relay.handle_closed(id);
                 continue;
             }
-            debug!("{id}: accepted from {peer}");
+            debug!("{}: accepted from {peer}", self.relay.conn_label(id));
             if self.conns.len() <= id.0 {
                 self.conns.resize_with(id.0 + 1, || None);
             }
@@ -679,7 +699,7 @@ impl Server {
         }
         self.read_buf.clear();
         if let Some(e) = failed {
-            info!("{id}: read failed: {e}");
+            info!("{}: read failed: {e}", self.relay.conn_label(id));
             self.close_conn(id);
         }
     }
@@ -747,7 +767,7 @@ impl Server {
         {
             Ok(()) => conn.writable = blocked,
             Err(e) => {
-                warn!("{id}: reregister failed: {e}");
+                warn!("{}: reregister failed: {e}", self.relay.conn_label(id));
                 self.close_conn(id);
             }
         }
@@ -779,7 +799,10 @@ impl Server {
             };
             match result {
                 Ok((0, _)) => {
-                    info!("{id}: socket accepted no bytes; closing");
+                    info!(
+                        "{}: socket accepted no bytes; closing",
+                        self.relay.conn_label(id)
+                    );
                     self.close_conn(id);
                     return;
                 }
@@ -798,7 +821,7 @@ impl Server {
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    debug!("{id}: write failed: {e}");
+                    debug!("{}: write failed: {e}", self.relay.conn_label(id));
                     self.close_conn(id);
                     return;
                 }
@@ -828,18 +851,17 @@ impl Server {
         }
         let _ = self.poll.registry().deregister(&mut conn.stream);
         drop(conn);
+        // Named before the core forgets the connection.
+        let label =
+            log::log_enabled!(log::Level::Debug).then(|| self.relay.conn_label(id).to_string());
         self.relay.handle_closed(id);
-        debug!("{id}: closed");
+        if let Some(label) = label {
+            debug!("{label}: closed");
+        }
     }
 }
 
 /// Wall-clock milliseconds since the Unix epoch, handed to the core with `now`.
-/// `n` and the noun in the right number: "1 room", "2 rooms".
-fn counted(n: impl TryInto<u64>, one: &str, many: &str) -> String {
-    let n = n.try_into().unwrap_or(u64::MAX);
-    format!("{n} {}", if n == 1 { one } else { many })
-}
-
 fn unix_ms_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

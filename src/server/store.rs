@@ -352,7 +352,11 @@ impl LogStore {
             info!("{}: new store, epoch {epoch}", path.display());
             return Ok((store, vec![StoreOp::Epoch(epoch)]));
         }
-        info!("{}: {} records read", path.display(), ops.len());
+        info!(
+            "{}: {} read",
+            path.display(),
+            crate::relay::counted(ops.len(), "record", "records")
+        );
         Ok((store, ops))
     }
 

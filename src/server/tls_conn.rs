@@ -38,6 +38,7 @@ use mio::net::TcpStream;
 
 use super::tls::{self, TlsSession, MAX_RECORD_WIRE};
 use super::{io, Conn, Server, MAX_IOVECS, READ_BUDGET, READ_CHUNK, WORK_BUDGET};
+use crate::relay::counted;
 use crate::relay::{State, CLOSE_LINGER};
 use crate::ConnId;
 
@@ -128,8 +129,10 @@ impl Server {
             return String::new();
         }
         format!(
-            "; TLS {} sessions holding {} B (in the connection memory), {} failed",
-            self.tls_state.sessions, self.tls_state.held, self.tls_state.failures
+            "; TLS {} holding {} B (in the connection memory), {} failed",
+            counted(self.tls_state.sessions, "session", "sessions"),
+            self.tls_state.held,
+            self.tls_state.failures
         )
     }
 
@@ -155,7 +158,7 @@ impl Server {
                 Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    info!("{id}: read failed: {e}");
+                    info!("{}: read failed: {e}", self.relay.conn_label(id));
                     self.close_conn(id);
                     return;
                 }
@@ -164,7 +167,7 @@ impl Server {
             match config {
                 Some(config) => match TlsSession::new(config.clone()) {
                     Ok(session) => {
-                        debug!("{id}: TLS");
+                        debug!("{}: TLS", self.relay.conn_label(id));
                         conn.layer = Some(Layer::Tls(Box::new(TlsConn {
                             session,
                             counted: 0,
@@ -175,14 +178,18 @@ impl Server {
                         self.tls_state.sessions += 1;
                     }
                     Err(e) => {
-                        warn!("{id}: cannot start a TLS session: {e}");
+                        warn!(
+                            "{}: cannot start a TLS session: {e}",
+                            self.relay.conn_label(id)
+                        );
                         self.close_conn(id);
                         return;
                     }
                 },
                 None if self.tls_required => {
                     info!(
-                        "{id}: not TLS (first byte {:#04x}) and TLS is required; closing",
+                        "{}: not TLS (first byte {:#04x}) and TLS is required; closing",
+                        self.relay.conn_label(id),
                         first[0]
                     );
                     // Read what came, so the close is a FIN rather than a reset.
@@ -276,7 +283,7 @@ impl Server {
         self.tls_state.ciphertext.clear();
         self.tls_state.sync(t);
         if let Some(reason) = failed {
-            info!("{id}: {reason}; closing");
+            info!("{}: {reason}; closing", self.relay.conn_label(id));
             self.close_conn(id);
             return;
         }
@@ -343,7 +350,10 @@ impl Server {
                 Some(Some(Conn { layer: Some(Layer::Tls(t)), .. })) if t.close_deadline == Some(at)
             );
             if due {
-                info!("{id}: the peer did not take the end of its TLS stream in time; closing");
+                info!(
+                    "{}: the peer did not take the end of its TLS stream in time; closing",
+                    self.relay.conn_label(id)
+                );
                 self.close_conn(id);
             }
         }
@@ -408,7 +418,7 @@ impl Server {
                     }
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
                     Err(e) => {
-                        debug!("{id}: write failed: {e}");
+                        debug!("{}: write failed: {e}", self.relay.conn_label(id));
                         failed = Some(format!("write failed: {e}"));
                         break;
                     }
@@ -443,7 +453,7 @@ impl Server {
         }
         self.tls_state.sync(t);
         if let Some(reason) = failed {
-            info!("{id}: {reason}; closing");
+            info!("{}: {reason}; closing", self.relay.conn_label(id));
             self.close_conn(id);
             return;
         }

@@ -594,3 +594,46 @@ mod order;
 mod rooms;
 mod stored;
 mod ws;
+
+#[test]
+fn log_labels_never_reuse_a_connection_id_and_name_the_user_and_device() {
+    let mut h = Harness::new(Config::default());
+    let first = h.open();
+    let first_label = h.relay.conn_label(first).to_string();
+    h.relay.handle_closed(first);
+    let second = h.open();
+    assert_eq!(first, second, "the slab key is reused");
+    let second_label = h.relay.conn_label(second).to_string();
+    assert_ne!(first_label, second_label);
+    assert!(second_label.starts_with("conn#"), "{second_label}");
+    // Unknown (closed) connections are named by their slab key.
+    h.relay.handle_closed(second);
+    assert_eq!(h.relay.conn_label(second).to_string(), "conn slot 0");
+
+    let tablet = h.open();
+    h.send_frame(
+        tablet,
+        Frame::login_device(MessageId(1), UserId(1002), "tablet", b""),
+    );
+    assert_eq!(h.take_frames(tablet)[0].opcode, Opcode::LoginOk);
+    let label = h.relay.conn_label(tablet).to_string();
+    assert!(label.ends_with(" user 1002@tablet"), "{label}");
+    // Still named while it closes (the state no longer holds the user).
+    h.send_frame(tablet, Frame::bye(MessageId(2)));
+    assert_eq!(h.relay.state(tablet), Some(State::Closing));
+    assert_eq!(h.relay.conn_label(tablet).to_string(), label);
+
+    // A device id that is not plain is quoted: it cannot forge the rest of a line.
+    let odd = h.open();
+    h.send_frame(
+        odd,
+        Frame::login_device(MessageId(1), UserId(7), "a: closing", b""),
+    );
+    assert_eq!(h.take_frames(odd)[0].opcode, Opcode::LoginOk);
+    let label = h.relay.conn_label(odd).to_string();
+    assert!(label.ends_with(" user 7@\"a: closing\""), "{label}");
+
+    let plain = h.login(8);
+    let label = h.relay.conn_label(plain).to_string();
+    assert!(label.ends_with(" user 8"), "{label}");
+}

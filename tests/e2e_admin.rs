@@ -414,6 +414,111 @@ fn the_store_metrics_count_stored_messages_and_commits() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A store that cannot write (the relay runs under a file size limit, so its log's writes
+/// fail with EFBIG once the log reaches it): every stored SEND from then on gets
+/// STORE_FAILED, nothing is ACKed that is not on disk, `/readyz` answers 503 naming the
+/// failure, and direct messages are still routed.
+#[test]
+fn a_failed_store_write_makes_the_relay_unready_and_refuses_stored_sends() {
+    const LOG_LIMIT: u64 = 64 * 1024;
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("admin-store-full");
+    let _ = std::fs::remove_dir_all(&dir);
+    let admin = free_addr();
+    let addr = free_addr();
+    let args = [
+        "--listen".to_string(),
+        addr.to_string(),
+        "--admin-listen".to_string(),
+        admin.to_string(),
+        "--store".to_string(),
+        dir.to_str().expect("a UTF-8 path").to_string(),
+    ];
+    let mut command = Command::new(env!("CARGO_BIN_EXE_imrelay"));
+    command
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec only async-signal-safe calls (setrlimit, signal).
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            let limit = libc::rlimit {
+                rlim_cur: LOG_LIMIT,
+                rlim_max: LOG_LIMIT,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Past the limit a write fails with EFBIG instead of killing the process.
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().expect("start imrelay");
+    support::process::wait_until_listening(&mut child);
+    let relay = RelayProcess { child, addr };
+    assert_eq!(get(admin, "/readyz"), (200, "ready\n".to_string()));
+
+    let mut alice = Client::connect(relay.addr);
+    alice.login(1);
+    let mut bob = Client::connect(relay.addr);
+    bob.login(2);
+    let payload = Bytes::from(vec![b's'; 1000]);
+    let (mut acked, mut failed) = (0u64, None);
+    for i in 1..=LOG_LIMIT / 500 {
+        let frame = Frame::send(MessageId(i), UserId(9), payload.clone()).with_flags(Flags::STORED);
+        alice.send_frame(&frame);
+        let answer = alice.recv();
+        assert_eq!(answer.msg_id, MessageId(i), "{answer:?}");
+        match answer.opcode {
+            Opcode::Ack => acked += 1,
+            Opcode::Error => {
+                assert_eq!(
+                    answer.error_code(),
+                    Some(ErrorCode::StoreFailed),
+                    "{answer:?}"
+                );
+                failed = Some(i);
+                break;
+            }
+            _ => panic!("unexpected answer to a stored SEND: {answer:?}"),
+        }
+    }
+    let failed = failed.expect("the log outgrew its file size limit without a failure");
+    assert!(acked > 0, "the first stored SENDs fit and were ACKed");
+    // Every ACKed message is in the log, which never passed the limit.
+    let log_bytes: u64 = std::fs::read_dir(&dir)
+        .expect("data dir")
+        .map(|e| e.expect("entry").metadata().expect("metadata").len())
+        .sum();
+    assert!(log_bytes <= LOG_LIMIT + 4096, "{log_bytes} bytes on disk");
+    assert!(
+        log_bytes >= acked * 1000,
+        "{acked} ACKed messages of 1000 bytes, {log_bytes} bytes on disk"
+    );
+
+    // From now on: refused at once, and the relay says it is not ready.
+    let next = MessageId(failed + 1);
+    alice.send_frame(&Frame::send(next, UserId(9), payload.clone()).with_flags(Flags::STORED));
+    let answer = alice.recv();
+    assert_eq!(
+        (answer.opcode, answer.msg_id, answer.error_code()),
+        (Opcode::Error, next, Some(ErrorCode::StoreFailed)),
+        "{answer:?}"
+    );
+    let (status, body) = get(admin, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with("the store failed: "), "{body}");
+    assert_eq!(get(admin, "/healthz"), (200, "ok\n".to_string()));
+    assert_eq!(value(&scrape(admin), "imrelay_store_failed", &[]), 1.0);
+
+    // Direct messages are not the store's business.
+    send_and_check(&mut alice, &mut bob, 2, 3);
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A loop that does not turn (here: never started) answers no snapshot: health, readiness
 /// and metrics are all 503 once the admin thread has waited its second.
 #[test]

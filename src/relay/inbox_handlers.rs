@@ -606,6 +606,12 @@ impl Relay {
         self.inboxes.total_messages()
     }
 
+    /// Why the store failed, once a write failed: stored SENDs are refused with
+    /// `STORE_FAILED` until the relay restarts and reads its log back.
+    pub fn store_failure(&self) -> Option<&str> {
+        self.store_failure.as_deref()
+    }
+
     /// Users with an inbox.
     pub fn inbox_users(&self) -> usize {
         self.inboxes.users()

@@ -268,8 +268,11 @@ impl AdminThread {
                 None => Answer::text(503, "the event loop did not answer"),
             },
             ("GET", "/readyz") => match self.snapshot() {
-                Some(s) if s.accepting => Answer::text(200, "ready"),
-                Some(_) => Answer::text(503, "shutting down"),
+                Some(s) if !s.accepting => Answer::text(503, "shutting down"),
+                Some(s) => match &s.store_failure {
+                    None => Answer::text(200, "ready"),
+                    Some(e) => Answer::text(503, &format!("the store failed: {e}")),
+                },
                 None => Answer::text(503, "the event loop did not answer"),
             },
             _ => Answer::text(404, "not found"),

@@ -126,6 +126,8 @@ pub struct Snapshot {
     pub inbox_users: usize,
     /// The durable store (None: memory only).
     pub store: Option<StoreSnapshot>,
+    /// Why the store failed (a write failed; stored SENDs are refused until a restart).
+    pub store_failure: Option<String>,
     /// Time of each event loop turn, from the poller's return to the next poll.
     pub loop_turn: LatencyHistogram,
 }
@@ -135,6 +137,7 @@ pub struct Snapshot {
 pub const METRIC_NAMES: &[&str] = &[
     "imrelay_up",
     "imrelay_accepting",
+    "imrelay_store_failed",
     "imrelay_connections",
     "imrelay_connections_accepted_total",
     "imrelay_connections_refused_total",
@@ -264,6 +267,12 @@ impl Collector for SnapshotCollector {
             "1 while the relay accepts connections, 0 once it is shutting down.",
             None,
             u64::from(s.accepting),
+        )?;
+        out.gauge(
+            "store_failed",
+            "1 once a store write failed: stored SENDs are refused until a restart.",
+            None,
+            u64::from(s.store_failure.is_some()),
         )?;
 
         // Connections.

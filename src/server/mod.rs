@@ -463,6 +463,7 @@ impl Server {
         admin_metrics::Snapshot {
             metrics: relay.metrics().clone(),
             accepting: self.listener.is_some(),
+            store_failure: relay.store_failure().map(str::to_owned),
             connections_by_codec: relay.sessions_by_codec(),
             users_online: relay.user_count(),
             rooms: relay.room_count(),

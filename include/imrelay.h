@@ -362,6 +362,21 @@ int32_t imrelay_options_set_credential(struct ImrelayOptions *options,
 int32_t imrelay_options_set_device(struct ImrelayOptions *options, const char *device);
 
 /**
+ * Sets what the client does while the app is in the background (see
+ * `imrelay_set_foreground`): `disconnect_after_ms` < 0 keeps the link (the default:
+ * heartbeats at the relay's upper bound); 0 or more closes it cleanly that many
+ * milliseconds after the app went to the background, and the client does not reconnect
+ * until `imrelay_set_foreground(client, 1)` (which reconnects at once). Always
+ * `IMRELAY_OK` for live options.
+ *
+ * Threads: any thread, one at a time per options object.
+ *
+ * # Safety
+ * `options` must come from `imrelay_options_new`.
+ */
+int32_t imrelay_options_set_background(struct ImrelayOptions *options, int64_t disconnect_after_ms);
+
+/**
  * Sets (or, with a NULL `provider`, clears) the token provider: see
  * `ImrelayTokenProvider` for when it is called, on which thread, and who owns what.
  *
@@ -583,6 +598,23 @@ int32_t imrelay_shutdown(struct ImrelayClient *client);
  * `client` must come from `imrelay_connect` and not be being freed.
  */
 int32_t imrelay_network_changed(struct ImrelayClient *client);
+
+/**
+ * Tells the client whether the app is in the foreground (`foreground` != 0) or in the
+ * background (0): call it from the OS's lifecycle callbacks. In the background the
+ * client heartbeats as seldom as the relay allows and, with a background policy set by
+ * `imrelay_options_set_background`, closes the link after its grace period (an
+ * `IMRELAY_EVENT_DISCONNECTED` whose text says so, `count` 0) and does not reconnect
+ * until it is told the app is in the foreground again, which reconnects at once.
+ * Messages sent meanwhile wait in the outbox. Repeating the current state does nothing.
+ *
+ * Threads: any thread, concurrently with `imrelay_poll_event` and the other calls
+ * (except `imrelay_close`/`imrelay_free`). Ownership: nothing is kept.
+ *
+ * # Safety
+ * `client` must come from `imrelay_connect*` and not be being freed.
+ */
+int32_t imrelay_set_foreground(struct ImrelayClient *client, int32_t foreground);
 
 /**
  * Frees the client at once. A session still open is ended with a BYE (best effort: not

@@ -159,6 +159,7 @@ pub struct ImrelayOptions {
     provider: Option<crate::client::TokenProvider>,
     #[cfg(feature = "tls")]
     tls: Option<crate::client::TlsClientOptions>,
+    background: crate::client::Background,
 }
 
 /// The app's `ctx` (or `user_data`) pointer, handed to its callback from whichever thread
@@ -417,6 +418,7 @@ pub extern "C" fn imrelay_options_new() -> *mut ImrelayOptions {
         provider: None,
         #[cfg(feature = "tls")]
         tls: None,
+        background: crate::client::Background::KeepAlive,
     }))
 }
 
@@ -514,6 +516,33 @@ pub unsafe extern "C" fn imrelay_options_set_device(
             }
             Err(code) => code,
         }
+    };
+    // SAFETY: forwarded from the caller's guarantee.
+    unsafe { with_options(options, body) }
+}
+
+/// Sets what the client does while the app is in the background (see
+/// `imrelay_set_foreground`): `disconnect_after_ms` < 0 keeps the link (the default:
+/// heartbeats at the relay's upper bound); 0 or more closes it cleanly that many
+/// milliseconds after the app went to the background, and the client does not reconnect
+/// until `imrelay_set_foreground(client, 1)` (which reconnects at once). Always
+/// `IMRELAY_OK` for live options.
+///
+/// Threads: any thread, one at a time per options object.
+///
+/// # Safety
+/// `options` must come from `imrelay_options_new`.
+#[no_mangle]
+pub unsafe extern "C" fn imrelay_options_set_background(
+    options: *mut ImrelayOptions,
+    disconnect_after_ms: i64,
+) -> i32 {
+    let body = |o: &mut ImrelayOptions| {
+        o.background = match u64::try_from(disconnect_after_ms) {
+            Ok(ms) => crate::client::Background::DisconnectAfter(Duration::from_millis(ms)),
+            Err(_) => crate::client::Background::KeepAlive,
+        };
+        IMRELAY_OK
     };
     // SAFETY: forwarded from the caller's guarantee.
     unsafe { with_options(options, body) }
@@ -700,6 +729,7 @@ pub unsafe extern "C" fn imrelay_connect_with(
                 config.credential = o.credential.clone();
                 config.device = o.device.clone();
                 config.token_provider = o.provider.clone();
+                config.background = o.background;
                 #[cfg(feature = "tls")]
                 {
                     config.tls = o.tls.clone();
@@ -997,6 +1027,33 @@ pub unsafe extern "C" fn imrelay_network_changed(client: *mut ImrelayClient) -> 
     unsafe {
         with_client(client, |c| {
             c.reconnect();
+            IMRELAY_OK
+        })
+    }
+}
+
+/// Tells the client whether the app is in the foreground (`foreground` != 0) or in the
+/// background (0): call it from the OS's lifecycle callbacks. In the background the
+/// client heartbeats as seldom as the relay allows and, with a background policy set by
+/// `imrelay_options_set_background`, closes the link after its grace period (an
+/// `IMRELAY_EVENT_DISCONNECTED` whose text says so, `count` 0) and does not reconnect
+/// until it is told the app is in the foreground again, which reconnects at once.
+/// Messages sent meanwhile wait in the outbox. Repeating the current state does nothing.
+///
+/// Threads: any thread, concurrently with `imrelay_poll_event` and the other calls
+/// (except `imrelay_close`/`imrelay_free`). Ownership: nothing is kept.
+///
+/// # Safety
+/// `client` must come from `imrelay_connect*` and not be being freed.
+#[no_mangle]
+pub unsafe extern "C" fn imrelay_set_foreground(
+    client: *mut ImrelayClient,
+    foreground: i32,
+) -> i32 {
+    // SAFETY: forwarded from the caller's guarantee.
+    unsafe {
+        with_client(client, |c| {
+            c.set_foreground(foreground != 0);
             IMRELAY_OK
         })
     }

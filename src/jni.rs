@@ -38,12 +38,15 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, ThreadId};
+use std::time::Duration;
 
 use ::jni::objects::{GlobalRef, JByteArray, JClass, JObject, JString, JValue};
 use ::jni::sys::{jboolean, jint, jlong, JNI_FALSE, JNI_TRUE};
 use ::jni::{JNIEnv, JavaVM};
 
-use crate::client::{ClientConfig, Event, Listener, SendError, SharedClient, TokenProvider};
+use crate::client::{
+    Background, ClientConfig, Event, Listener, SendError, SharedClient, TokenProvider,
+};
 use crate::proto::{MessageId, RoomId, UserId};
 
 const ILLEGAL_STATE: &str = "java/lang/IllegalStateException";
@@ -205,8 +208,10 @@ fn id_out(value: u64) -> jlong {
 // ---- connect ------------------------------------------------------------------------------
 
 /// `static native long nativeConnect(String host, int port, long user, TokenProvider
-/// tokens, String device, Listener listener)`: starts a client that connects (and
-/// reconnects) by itself, and its network thread calling `listener`. Returns the handle.
+/// tokens, String device, Listener listener, long backgroundDisconnectAfterMs)`: starts a
+/// client that connects (and reconnects) by itself, and its network thread calling
+/// `listener`. Returns the handle. `backgroundDisconnectAfterMs` < 0 is
+/// [`Background::KeepAlive`], else [`Background::DisconnectAfter`] that many milliseconds.
 /// Throws `UnknownHostException` if `host` does not resolve, `IllegalArgumentException`
 /// for a port out of range, user 0 or an invalid device id, `NullPointerException` for a
 /// null host or listener, `IOException` if the system refuses a pipe or a thread.
@@ -220,12 +225,21 @@ pub extern "system" fn Java_io_imrelay_ImRelayClient_nativeConnect<'local>(
     tokens: JObject<'local>,
     device: JString<'local>,
     listener: JObject<'local>,
+    background_disconnect_after_ms: jlong,
 ) -> jlong {
+    let background = match u64::try_from(background_disconnect_after_ms) {
+        Ok(ms) => Background::DisconnectAfter(Duration::from_millis(ms)),
+        Err(_) => Background::KeepAlive,
+    };
     boundary(&mut env, 0, |env| {
-        connect(env, &host, port, user, &tokens, &device, &listener)
+        connect(
+            env, &host, port, user, &tokens, &device, &listener, background,
+        )
     })
 }
 
+// The Java method's parameters, one by one.
+#[allow(clippy::too_many_arguments)]
 fn connect(
     env: &mut JNIEnv,
     host: &JString,
@@ -234,6 +248,7 @@ fn connect(
     tokens: &JObject,
     device: &JString,
     listener: &JObject,
+    background: Background,
 ) -> Result<jlong, Fail> {
     let host = string_arg(env, host, "host")?;
     if listener.is_null() {
@@ -248,6 +263,7 @@ fn connect(
         return Err(Fail::Invalid("user id 0 is reserved".to_string()));
     }
     let mut config = ClientConfig::new(UserId(user));
+    config.background = background;
     if !device.is_null() {
         let device: String = env.get_string(device)?.into();
         if !crate::proto::device::valid_device(&device) {
@@ -712,6 +728,21 @@ pub extern "system" fn Java_io_imrelay_ImRelayClient_nativeNetworkChanged<'local
 ) {
     with_native(&mut env, handle, (), |_, n| {
         n.client.reconnect();
+        Ok(())
+    })
+}
+
+/// `static native void nativeSetForeground(long handle, boolean foreground)`: the app
+/// went to the background or came back ([`SharedClient::set_foreground`]).
+#[no_mangle]
+pub extern "system" fn Java_io_imrelay_ImRelayClient_nativeSetForeground<'local>(
+    mut env: JNIEnv<'local>,
+    _class: JClass<'local>,
+    handle: jlong,
+    foreground: jboolean,
+) {
+    with_native(&mut env, handle, (), |_, n| {
+        n.client.set_foreground(foreground != JNI_FALSE);
         Ok(())
     })
 }

@@ -188,6 +188,18 @@ fn bad_arguments_from_c_get_error_codes_not_crashes() {
             IMRELAY_ERR_NULL
         );
         imrelay_event_free(std::ptr::null_mut());
+        assert_eq!(
+            imrelay_set_foreground(std::ptr::null_mut(), 0),
+            IMRELAY_ERR_NULL
+        );
+        assert_eq!(
+            imrelay_options_set_background(std::ptr::null_mut(), 1000),
+            IMRELAY_ERR_NULL
+        );
+        let options = imrelay_options_new();
+        assert_eq!(imrelay_options_set_background(options, 0), IMRELAY_OK);
+        assert_eq!(imrelay_options_set_background(options, -1), IMRELAY_OK);
+        imrelay_options_free(options);
         imrelay_close(std::ptr::null_mut(), 0);
         assert_eq!(imrelay_shutdown(std::ptr::null_mut()), IMRELAY_ERR_NULL);
         imrelay_free(std::ptr::null_mut());

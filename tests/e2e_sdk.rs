@@ -134,6 +134,7 @@ fn heartbeat_detects_a_dead_link_and_the_client_reconnects() {
             ping_interval_ms: 30_000,
             idle_timeout_ms: 90_000,
             out_cap: 1 << 20,
+            heartbeat: None,
         };
         let ok = Frame::new(
             Opcode::LoginOk,

@@ -12,8 +12,8 @@ use bytes::{Bytes, BytesMut};
 use imrelay::proto::decode::decode_frame;
 use imrelay::proto::frame::{write_ack, write_error, write_frame};
 use imrelay::proto::{
-    decode_raw, DecodeError, ErrorCode, Flags, Frame, InboxState, LoginOk, MessageId, Opcode,
-    RoomId, RoomState, UserId, DEFAULT_MAX_FRAME,
+    decode_raw, DecodeError, ErrorCode, Flags, Frame, HeartbeatBounds, InboxState, LoginOk,
+    MessageId, Opcode, RoomId, RoomState, UserId, DEFAULT_MAX_FRAME,
 };
 use imrelay::relay::{Config, Relay, State};
 use imrelay::ConnId;
@@ -102,6 +102,7 @@ fn expected_frames() -> Vec<(&'static str, Vec<u8>)> {
         ping_interval_ms: 30_000,
         idle_timeout_ms: 90_000,
         out_cap: 1_048_576,
+        heartbeat: None,
     };
     let room = RoomId(42);
     let none = UserId::NONE;
@@ -117,6 +118,35 @@ fn expected_frames() -> Vec<(&'static str, Vec<u8>)> {
             Frame::login_device(MessageId(1), UserId(1001), "phone", b"secret")
                 .to_bytes()
                 .to_vec(),
+        ),
+        (
+            "LOGIN_HEARTBEAT",
+            Frame::login(MessageId(1), UserId(1001), b"secret")
+                .with_flags(Flags::HEARTBEAT)
+                .to_bytes()
+                .to_vec(),
+        ),
+        (
+            "LOGIN_OK_HEARTBEAT",
+            encode(|b| {
+                let p = LoginOk {
+                    heartbeat: Some(HeartbeatBounds {
+                        min_ms: 10_000,
+                        max_ms: 30_000,
+                    }),
+                    ..limits
+                }
+                .to_bytes();
+                write_frame(
+                    b,
+                    Opcode::LoginOk,
+                    Flags::EMPTY,
+                    MessageId(1),
+                    UserId(1001),
+                    UserId::NONE,
+                    &p,
+                )
+            }),
         ),
         (
             "LOGIN_OK",

@@ -250,6 +250,14 @@ fn java_clients_message_each_other_on_the_sdk_thread_and_reconnect_on_network_ch
 }
 
 #[test]
+fn a_java_client_under_disconnect_after_leaves_in_the_background_and_returns_in_the_foreground() {
+    let relay = RelayProcess::start(&[]);
+    let run = run_java(&relay, &["background"]);
+    run.expect_line("OK background-disconnected");
+    run.expect_line("OK background-foreground-reconnected");
+}
+
+#[test]
 fn a_stored_message_reaches_a_java_client_after_the_relay_restarts() {
     let dir = tmp_dir().join("java-store");
     let _ = std::fs::remove_dir_all(&dir);

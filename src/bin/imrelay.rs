@@ -104,6 +104,11 @@ struct Args {
     /// Seconds of client silence before the relay closes the connection.
     #[arg(long, default_value_t = DEFAULTS.idle_timeout.as_secs_f64())]
     idle_timeout: f64,
+    /// Shortest heartbeat interval, in seconds, announced in LOGIN_OK to clients that ask
+    /// for heartbeat bounds: they do not PING more often than this. At most the ping
+    /// interval. Default: 10, or the ping interval when that is shorter.
+    #[arg(long)]
+    heartbeat_min: Option<f64>,
     /// Most rooms one connection may be in.
     #[arg(long, default_value_t = DEFAULTS.max_rooms_per_connection)]
     max_rooms: usize,
@@ -614,6 +619,13 @@ fn main() -> ExitCode {
         }
         d
     };
+    let heartbeat_min = match args.heartbeat_min {
+        None => None,
+        Some(s) => match seconds(s, "heartbeat-min") {
+            Some(d) => Some(d),
+            None => return ExitCode::from(2),
+        },
+    };
     let (
         Some(login_timeout),
         Some(text_login_timeout),
@@ -646,6 +658,7 @@ fn main() -> ExitCode {
         text_login_timeout,
         ping_interval,
         idle_timeout,
+        heartbeat_min,
         max_rooms_per_connection: args.max_rooms,
         max_members_per_room: args.max_room_members,
         room_send_rate: args.room_rate,

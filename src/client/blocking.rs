@@ -133,6 +133,12 @@ impl Client {
         self.conn.reconnect(Instant::now());
     }
 
+    /// The app went to the background (`false`) or came back to the foreground (`true`):
+    /// see [`ClientCore::set_foreground`](super::ClientCore::set_foreground).
+    pub fn set_foreground(&mut self, foreground: bool) {
+        self.conn.set_foreground(foreground, Instant::now());
+    }
+
     /// The connection inside, for [`SharedClient`](super::SharedClient).
     pub(super) fn into_connection(self) -> Connection {
         self.conn

@@ -19,6 +19,20 @@ use crate::proto::UserId;
 /// sent.
 pub type TokenProvider = Arc<dyn Fn(UserId) -> Vec<u8> + Send + Sync>;
 
+/// What the client does while the app is in the background
+/// ([`ClientCore::set_foreground`](super::ClientCore::set_foreground)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Background {
+    /// Keep the link, heartbeating as seldom as the relay allows: at the upper heartbeat
+    /// bound from LOGIN_OK (the configured or learned interval with a relay that sends no
+    /// bounds). The default.
+    #[default]
+    KeepAlive,
+    /// Keep the link this long in the background, then close it cleanly (BYE) and do not
+    /// reconnect until the app is in the foreground again, which reconnects at once.
+    DisconnectAfter(Duration),
+}
+
 /// Settings of one client. [`ClientConfig::new`] gives the defaults a phone app wants.
 #[derive(Clone)]
 pub struct ClientConfig {
@@ -41,7 +55,9 @@ pub struct ClientConfig {
     /// Connect over TLS (default none: plain TCP).
     #[cfg(feature = "tls")]
     pub tls: Option<TlsClientOptions>,
-    /// Send a PING after this much silence from the relay (default 20 s).
+    /// Send a PING after this much silence from the relay (default 20 s). With a relay that
+    /// announces heartbeat bounds this is the start value of the adaptive interval
+    /// (`heartbeat.rs`), brought within the bounds; without, it is the fixed interval.
     pub heartbeat_interval: Duration,
     /// Declare the link dead when nothing arrives this long after a PING (default 10 s).
     pub heartbeat_timeout: Duration,
@@ -73,6 +89,9 @@ pub struct ClientConfig {
     pub inbox_ack_batch: u64,
     /// …or this long after the first one not yet acknowledged (default 100 ms).
     pub inbox_ack_delay: Duration,
+    /// What to do while the app is in the background (default
+    /// [`Background::KeepAlive`]).
+    pub background: Background,
 }
 
 impl ClientConfig {
@@ -99,6 +118,7 @@ impl ClientConfig {
             stored_inbox: true,
             inbox_ack_batch: 32,
             inbox_ack_delay: Duration::from_millis(100),
+            background: Background::KeepAlive,
         }
     }
 }
@@ -136,6 +156,7 @@ impl fmt::Debug for ClientConfig {
             .field("stored_inbox", &self.stored_inbox)
             .field("inbox_ack_batch", &self.inbox_ack_batch)
             .field("inbox_ack_delay", &self.inbox_ack_delay)
+            .field("background", &self.background)
             .finish()
     }
 }

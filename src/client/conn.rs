@@ -221,6 +221,13 @@ impl Connection {
         self.drive(now);
     }
 
+    /// The app went to the background (`false`) or came back (`true`): see
+    /// [`ClientCore::set_foreground`].
+    pub fn set_foreground(&mut self, foreground: bool, now: Instant) {
+        self.core.set_foreground(foreground, now);
+        self.drive(now);
+    }
+
     /// Starts closing: see [`ClientCore::close`]. Keep driving until `Event::Closed`.
     pub fn close(&mut self, now: Instant) {
         self.core.close(now);
@@ -293,7 +300,10 @@ impl Connection {
                         }
                         if !self.rx.is_empty() {
                             self.core.handle_input(&mut self.rx, now);
-                            if matches!(self.core.phase(), Phase::Waiting { .. } | Phase::Closed) {
+                            if matches!(
+                                self.core.phase(),
+                                Phase::Waiting { .. } | Phase::Suspended | Phase::Closed
+                            ) {
                                 self.rx.clear();
                                 return;
                             }
@@ -344,7 +354,10 @@ impl Connection {
                 }
                 Ok(_) => {
                     self.core.handle_input(&mut self.rx, now);
-                    if matches!(self.core.phase(), Phase::Waiting { .. } | Phase::Closed) {
+                    if matches!(
+                        self.core.phase(),
+                        Phase::Waiting { .. } | Phase::Suspended | Phase::Closed
+                    ) {
                         self.rx.clear();
                         return;
                     }

@@ -23,6 +23,18 @@
 //! and the next LOGIN asks the provider again. The transport (plain TCP or TLS) is the
 //! driver's business: the core only hears `handle_connected` once the link carries frames.
 //!
+//! Heartbeats: after `heartbeat_interval` of silence from the relay the core sends a PING,
+//! and declares the link dead when nothing arrives within `heartbeat_timeout`. Every LOGIN
+//! carries the HEARTBEAT flag; a relay that answers with heartbeat bounds (protocol.md,
+//! section 5.2) lets the interval adapt within them (`heartbeat.rs`: longer after answered
+//! heartbeats, back to the last good one after a silent drop); without bounds it is fixed.
+//!
+//! App lifecycle: [`ClientCore::set_foreground`] tells the core whether the app is in the
+//! foreground. In the background it heartbeats at the relay's upper bound; with
+//! [`Background::DisconnectAfter`] it closes the link cleanly (BYE) after the grace period
+//! and stays [`Phase::Suspended`] (no reconnects, messages wait in the outbox) until the app
+//! is in the foreground again, which reconnects at once.
+//!
 //! The core is deterministic: it reads no clock (every `now` comes from the caller) and no
 //! entropy (its randomness, reconnect jitter and the message-id tag, comes from the `seed`
 //! given to [`ClientCore::new`]). The same config, seed and sequence of calls give the same
@@ -32,14 +44,15 @@
 //! buffer, so an app that keeps a message does not keep the driver's read buffer alive.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use log::debug;
 
 use super::backoff::Backoff;
-use super::config::ClientConfig;
+use super::config::{Background, ClientConfig};
 use super::event::{DisconnectReason, Event, FailReason, SendError};
+use super::heartbeat::Heartbeat;
 use super::outbox::Outbox;
 use super::seen::Seen;
 use crate::proto::decode::decode_frame;
@@ -84,6 +97,15 @@ pub enum Phase {
         /// When to stop waiting.
         deadline: Instant,
     },
+    /// The app is in the background with [`Background::DisconnectAfter`] and the grace
+    /// period is over: BYE was written, waiting for the relay's BYE.
+    Suspending {
+        /// When to stop waiting.
+        deadline: Instant,
+    },
+    /// No link, and none until the app is in the foreground again
+    /// ([`ClientCore::set_foreground`]). Messages sent meanwhile wait in the outbox.
+    Suspended,
     /// Closed for good.
     Closed,
 }
@@ -135,6 +157,18 @@ pub struct ClientCore {
     /// later than that one means the last REFRESH did not help (the provider gave the same
     /// token), and is not answered with another REFRESH, so the two cannot loop.
     noticed_exp: Option<u64>,
+    /// The heartbeat interval and what was learned about it on this network.
+    heartbeat: Heartbeat,
+    /// The PING in flight (`ping_deadline`) was sent at the learning interval (in the
+    /// foreground): its answer or silence teaches `heartbeat`.
+    ping_learns: bool,
+    /// The app is in the foreground (the default).
+    foreground: bool,
+    /// LOGIN carries the HEARTBEAT flag; false once a relay refused it with INVALID_FIELD
+    /// (one older than the flag), until the network changes.
+    ask_heartbeat_bounds: bool,
+    /// In the background with [`Background::DisconnectAfter`]: when the link goes.
+    suspend_at: Option<Instant>,
 }
 
 /// Bytes an INBOX_DELIVER adds before a stored message (its sequence number and time).
@@ -156,6 +190,7 @@ impl ClientCore {
         // ids of a user's devices (and of an app restart) do not collide in the relay's
         // per-user de-duplication window.
         let id_tag = (rng.next_u64() >> 32).max(1) << 32;
+        let heartbeat = Heartbeat::new(config.heartbeat_interval);
         let mut core = ClientCore {
             config,
             phase: Phase::Waiting { at: now },
@@ -177,6 +212,11 @@ impl ClientCore {
             rooms: Vec::new(),
             refresh_id: None,
             noticed_exp: None,
+            heartbeat,
+            ping_learns: false,
+            foreground: true,
+            ask_heartbeat_bounds: true,
+            suspend_at: None,
         };
         if core.config.user.is_none() {
             core.phase = Phase::Closed;
@@ -203,6 +243,27 @@ impl ClientCore {
     /// True once the client is closed for good.
     pub fn is_closed(&self) -> bool {
         self.phase == Phase::Closed
+    }
+
+    /// The silence from the relay after which the next heartbeat PING goes out, as things
+    /// stand: the adaptive interval in the foreground, the relay's upper bound in the
+    /// background (the adaptive one there too with a relay that sends no bounds).
+    pub fn heartbeat_interval(&self) -> Duration {
+        match self.heartbeat.max() {
+            Some(max) if !self.foreground => max,
+            _ => self.heartbeat.interval(),
+        }
+    }
+
+    /// The heartbeat learning, for tests.
+    #[cfg(test)]
+    pub(super) fn heartbeat_state(&self) -> &Heartbeat {
+        &self.heartbeat
+    }
+
+    /// True while the app is in the foreground (see [`set_foreground`](Self::set_foreground)).
+    pub fn is_foreground(&self) -> bool {
+        self.foreground
     }
 
     // ---- the app's calls -------------------------------------------------------------
@@ -350,6 +411,47 @@ impl ClientCore {
         Ok(())
     }
 
+    /// The app went to the background (`false`) or came back to the foreground (`true`).
+    ///
+    /// In the background the core heartbeats at the relay's upper bound. With
+    /// [`Background::DisconnectAfter`]`(grace)`, once `grace` has passed in the background
+    /// the link is closed cleanly (BYE; messages in flight get their answers first, the
+    /// rest wait in the outbox), `Event::Disconnected` with
+    /// [`DisconnectReason::Background`] is emitted, and the core stays
+    /// [`Phase::Suspended`] without reconnecting. Coming back to the foreground connects
+    /// at once, skipping any backoff wait (also when a link lost in the background was
+    /// waiting for its retry). Calls that change nothing are ignored.
+    pub fn set_foreground(&mut self, foreground: bool, now: Instant) {
+        self.last_now = now;
+        if foreground == self.foreground || self.phase == Phase::Closed {
+            return;
+        }
+        self.foreground = foreground;
+        if foreground {
+            self.suspend_at = None;
+            match self.phase {
+                Phase::Suspended | Phase::Waiting { .. } => {
+                    self.phase = Phase::Waiting { at: now };
+                    self.backoff.reset();
+                }
+                Phase::Suspending { .. } => {
+                    // The relay has our BYE: this link ends anyway; a new one starts now.
+                    self.drop_link_quietly();
+                    self.phase = Phase::Waiting { at: now };
+                    self.backoff.reset();
+                }
+                _ => {}
+            }
+            return;
+        }
+        if let Background::DisconnectAfter(grace) = self.config.background {
+            if !matches!(self.phase, Phase::Closing { .. } | Phase::Suspended) {
+                self.suspend_at = Some(now + grace);
+                self.suspend_if_due(now);
+            }
+        }
+    }
+
     // ---- the driver's calls ----------------------------------------------------------
 
     /// What to do with the link now, if anything. Call until `None` after every other call.
@@ -375,20 +477,33 @@ impl ClientCore {
             return;
         }
         self.out.clear();
-        self.login_id = self.next_id();
         self.refresh_id = None;
         self.noticed_exp = None;
+        self.send_login(now);
+    }
+
+    /// Writes a LOGIN and waits for its answer.
+    fn send_login(&mut self, now: Instant) {
+        self.login_id = self.next_id();
         // A fresh token for every LOGIN: the one of the last link may have expired (that
         // may be why the relay closed it).
         let token = match &self.config.token_provider {
             Some(provider) => provider(self.config.user),
             None => self.config.credential.clone(),
         };
-        match &self.config.device {
+        let login = match &self.config.device {
             Some(device) => Frame::login_device(self.login_id, self.config.user, device, &token),
             None => Frame::login(self.login_id, self.config.user, &token),
-        }
-        .encode(&mut self.out);
+        };
+        // Ask for the heartbeat bounds (protocol.md, section 5.1), unless this relay
+        // predates them.
+        let login = if self.ask_heartbeat_bounds {
+            let flags = login.flags.union(Flags::HEARTBEAT);
+            login.with_flags(flags)
+        } else {
+            login
+        };
+        login.encode(&mut self.out);
         self.phase = Phase::LoggingIn {
             deadline: now + self.config.login_timeout,
         };
@@ -408,6 +523,13 @@ impl ClientCore {
         self.last_now = now;
         match self.phase {
             Phase::Closed | Phase::Closing { .. } => return,
+            // No link wanted until the foreground: only the learning starts over.
+            Phase::Suspended | Phase::Suspending { .. } => {
+                self.heartbeat.reset();
+                self.ask_heartbeat_bounds = true;
+                self.backoff.reset();
+                return;
+            }
             Phase::Waiting { .. } => {} // no link to drop
             _ => {
                 let reason = DisconnectReason::Io("the network changed (app)".to_string());
@@ -416,36 +538,32 @@ impl ClientCore {
         }
         self.phase = Phase::Waiting { at: now };
         self.backoff.reset();
+        // What was learned about the old network's heartbeats does not hold for this one,
+        // and it may reach a newer relay.
+        self.heartbeat.reset();
+        self.ask_heartbeat_bounds = true;
     }
 
     /// Bytes read from the link. Every complete frame is consumed; a partial one stays.
     pub fn handle_input(&mut self, buf: &mut BytesMut, now: Instant) {
         self.last_now = now;
-        if !matches!(
-            self.phase,
-            Phase::LoggingIn { .. } | Phase::Ready | Phase::Closing { .. }
-        ) {
+        if !self.reads_link() {
             buf.clear();
             return;
         }
         loop {
             match decode_frame(buf, MAX_FRAME_CEILING) {
                 Ok(Some(Ok(frame))) => {
-                    self.last_rx = now;
-                    self.ping_deadline = None;
+                    self.alive(now);
                     self.handle_frame(frame, now);
-                    if !matches!(
-                        self.phase,
-                        Phase::LoggingIn { .. } | Phase::Ready | Phase::Closing { .. }
-                    ) {
+                    if !self.reads_link() {
                         buf.clear();
                         return;
                     }
                 }
                 Ok(Some(Err(opcode))) => {
                     debug!("ignoring a frame with unknown opcode 0x{opcode:02x}");
-                    self.last_rx = now;
-                    self.ping_deadline = None;
+                    self.alive(now);
                 }
                 Ok(None) => return,
                 Err(e) => {
@@ -473,11 +591,13 @@ impl ClientCore {
             Phase::Waiting { at } => Some(at),
             Phase::Connecting { deadline }
             | Phase::LoggingIn { deadline }
-            | Phase::Closing { deadline } => Some(deadline),
+            | Phase::Closing { deadline }
+            | Phase::Suspending { deadline } => Some(deadline),
             Phase::Ready => Some(
                 self.ping_deadline
-                    .unwrap_or(self.last_rx + self.config.heartbeat_interval),
+                    .unwrap_or(self.last_rx + self.heartbeat_interval()),
             ),
+            Phase::Suspended => None,
             Phase::Closed => return None,
         };
         // A held message matters only when it could be written (otherwise an ACK wakes us).
@@ -495,6 +615,7 @@ impl ClientCore {
             phase,
             release,
             ack,
+            self.suspend_at,
             self.outbox.next_deadline(self.config.send_timeout),
         ]
         .into_iter()
@@ -523,19 +644,25 @@ impl ClientCore {
                 self.link_down(DisconnectReason::LoginTimeout, now);
             }
             Phase::Closing { deadline } if now >= deadline => self.finish_close(),
+            Phase::Suspending { deadline } if now >= deadline => self.finish_suspend(),
             Phase::Ready => match self.ping_deadline {
                 Some(dead) if now >= dead => {
+                    if self.ping_learns {
+                        self.heartbeat.silent_drop();
+                    }
                     self.link_down(DisconnectReason::HeartbeatTimeout, now);
                 }
-                None if now >= self.last_rx + self.config.heartbeat_interval => {
+                None if now >= self.last_rx + self.heartbeat_interval() => {
                     let id = self.next_id();
                     Frame::ping(id, Bytes::new()).encode(&mut self.out);
                     self.ping_deadline = Some(now + self.config.heartbeat_timeout);
+                    self.ping_learns = self.foreground;
                 }
                 _ => {}
             },
             _ => {}
         }
+        self.suspend_if_due(now);
         self.pump(now);
     }
 
@@ -653,11 +780,11 @@ impl ClientCore {
                     self.emit(Event::TokenRefreshed { exp });
                 }
             }
-            Opcode::Bye => {
-                if matches!(self.phase, Phase::Closing { .. }) {
-                    self.finish_close();
-                }
-            }
+            Opcode::Bye => match self.phase {
+                Phase::Closing { .. } => self.finish_close(),
+                Phase::Suspending { .. } => self.finish_suspend(),
+                _ => {}
+            },
             other => debug!("ignoring {} from the relay", other.name()),
         }
     }
@@ -671,8 +798,10 @@ impl ClientCore {
             ping_interval_ms: 0,
             idle_timeout_ms: 0,
             out_cap: 0,
+            heartbeat: None,
         });
         self.max_payload = (limits.max_frame as usize).saturating_sub(HEADER_LEN);
+        self.heartbeat.set_bounds(limits.heartbeat);
         self.phase = Phase::Ready;
         self.backoff.reset();
         self.emit(Event::Connected {
@@ -801,6 +930,14 @@ impl ClientCore {
     fn on_error(&mut self, frame: &Frame, now: Instant) {
         let (code, reason) = frame.error().unwrap_or((0, String::new()));
         if matches!(self.phase, Phase::LoggingIn { .. }) && frame.msg_id == self.login_id {
+            if code == ErrorCode::InvalidField as u16 && self.ask_heartbeat_bounds {
+                // A relay older than the HEARTBEAT flag refuses it as an unknown flag:
+                // log in again without it, on the same link, and keep the fixed interval.
+                debug!("LOGIN refused ({reason}); again without asking for heartbeat bounds");
+                self.ask_heartbeat_bounds = false;
+                self.send_login(now);
+                return;
+            }
             // AUTH_FAILED included: the link goes down and the next attempt waits for the
             // backoff (which grows with each refusal, and resets only at a LOGIN_OK), so
             // a bad token does not hammer the relay; that attempt asks the provider again.
@@ -852,10 +989,14 @@ impl ClientCore {
 
     fn link_down(&mut self, reason: DisconnectReason, now: Instant) {
         match self.phase {
-            Phase::Closed => return,
+            Phase::Closed | Phase::Suspended => return,
             Phase::Closing { .. } => {
                 self.action = Some(LinkAction::Disconnect);
                 self.finish_close();
+                return;
+            }
+            Phase::Suspending { .. } => {
+                self.finish_suspend();
                 return;
             }
             _ => {}
@@ -868,6 +1009,70 @@ impl ClientCore {
         self.phase = Phase::Waiting { at: now + retry_in };
         self.action = Some(LinkAction::Disconnect);
         self.emit(Event::Disconnected { reason, retry_in });
+    }
+
+    /// True in the phases where frames from the link are read.
+    fn reads_link(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::LoggingIn { .. }
+                | Phase::Ready
+                | Phase::Closing { .. }
+                | Phase::Suspending { .. }
+        )
+    }
+
+    /// A frame arrived: the link is alive. A heartbeat PING it answers (any frame does)
+    /// counts for the learning.
+    fn alive(&mut self, now: Instant) {
+        if self.ping_deadline.take().is_some() && self.ping_learns {
+            self.heartbeat.answered();
+        }
+        self.ping_learns = false;
+        self.last_rx = now;
+    }
+
+    /// The link goes without an event: messages in flight wait to be resent.
+    fn drop_link_quietly(&mut self) {
+        self.outbox.link_down();
+        self.out.clear();
+        self.ping_deadline = None;
+        self.ping_learns = false;
+        self.action = Some(LinkAction::Disconnect);
+    }
+
+    /// Ends the link for the background once the grace period is over (see
+    /// [`set_foreground`](Self::set_foreground)).
+    fn suspend_if_due(&mut self, now: Instant) {
+        if self.foreground || self.suspend_at.is_none_or(|at| now < at) {
+            return;
+        }
+        self.suspend_at = None;
+        match self.phase {
+            Phase::Ready => {
+                self.send_inbox_ack();
+                let id = self.next_id();
+                Frame::bye(id).encode(&mut self.out);
+                self.ping_deadline = None;
+                self.phase = Phase::Suspending {
+                    deadline: now + self.config.login_timeout,
+                };
+            }
+            Phase::Connecting { .. } | Phase::LoggingIn { .. } => self.finish_suspend(),
+            Phase::Waiting { .. } => self.phase = Phase::Suspended,
+            _ => {}
+        }
+    }
+
+    /// The background link is gone (the relay's BYE, its close, or the wait ran out).
+    fn finish_suspend(&mut self) {
+        self.drop_link_quietly();
+        self.phase = Phase::Suspended;
+        debug!("link closed for the background; reconnecting in the foreground");
+        self.emit(Event::Disconnected {
+            reason: DisconnectReason::Background,
+            retry_in: Duration::ZERO,
+        });
     }
 
     fn finish_close(&mut self) {

@@ -18,7 +18,9 @@ pub enum Event {
         /// The relay's limits from LOGIN_OK.
         limits: LoginOk,
     },
-    /// The link is down; the client reconnects by itself after `retry_in`.
+    /// The link is down; the client reconnects by itself after `retry_in` (for
+    /// [`DisconnectReason::Background`]: when the app is in the foreground again;
+    /// `retry_in` is then 0).
     Disconnected {
         /// Why the link went down.
         reason: DisconnectReason,
@@ -191,6 +193,10 @@ pub enum DisconnectReason {
     /// TLS failed: the handshake (an untrusted certificate, a name that does not match,
     /// no common protocol version) or a later record. The string is rustls's reason.
     Tls(String),
+    /// The app was in the background past the grace period of
+    /// [`Background::DisconnectAfter`](super::Background::DisconnectAfter): the client
+    /// closed the link cleanly and reconnects when the app is in the foreground again.
+    Background,
 }
 
 impl fmt::Display for DisconnectReason {
@@ -206,6 +212,9 @@ impl fmt::Display for DisconnectReason {
             DisconnectReason::Io(e) => write!(f, "i/o error: {e}"),
             DisconnectReason::Protocol(e) => write!(f, "protocol error: {e}"),
             DisconnectReason::Tls(e) => write!(f, "TLS {e}"),
+            DisconnectReason::Background => {
+                write!(f, "closed in the background (reconnects in the foreground)")
+            }
         }
     }
 }

@@ -51,6 +51,7 @@ mod conn;
 mod core;
 mod device_id;
 mod event;
+mod heartbeat;
 mod listener;
 mod outbox;
 mod seen;
@@ -66,7 +67,7 @@ mod wake;
 pub use crate::rand::Rng;
 pub use backoff::Backoff;
 pub use blocking::{Client, ConnectError};
-pub use config::{ClientConfig, TokenProvider};
+pub use config::{Background, ClientConfig, TokenProvider};
 pub use conn::Connection;
 pub use core::{ClientCore, LinkAction, Phase};
 pub use device_id::device_id_in;
@@ -76,6 +77,8 @@ pub use shared::{Polled, SharedClient};
 #[cfg(feature = "tls")]
 pub use tls::{TlsClientOptions, TlsSetupError, TlsTrust};
 
+#[cfg(test)]
+mod heartbeat_tests;
 #[cfg(test)]
 mod shared_tests;
 #[cfg(test)]

@@ -157,6 +157,12 @@ impl SharedClient {
         self.change(|c, now| c.reconnect(now));
     }
 
+    /// The app went to the background (`false`) or came back to the foreground (`true`):
+    /// see [`ClientCore::set_foreground`](super::ClientCore::set_foreground). Any thread.
+    pub fn set_foreground(&self, foreground: bool) {
+        self.change(|c, now| c.set_foreground(foreground, now));
+    }
+
     /// Starts closing and returns at once: messages never written fail now, those in
     /// flight get their answers, then `Closed` comes out of [`poll_event`](Self::poll_event)
     /// (a poll blocked in another thread returns with these events). Calling it again does

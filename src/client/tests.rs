@@ -48,6 +48,7 @@ fn login_ok(msg_id: MessageId) -> Bytes {
         ping_interval_ms: 30_000,
         idle_timeout_ms: 90_000,
         out_cap: 1 << 20,
+        heartbeat: None,
     };
     Frame::new(
         Opcode::LoginOk,
@@ -1085,7 +1086,7 @@ mod tokens {
         c.device = Some("tablet".to_string());
         let mut core = ClientCore::new(c, t0, 1);
         let login = login(&mut core, t0);
-        assert_eq!(login.flags, Flags::DEVICE);
+        assert_eq!(login.flags, Flags::DEVICE.union(Flags::HEARTBEAT));
         assert_eq!(
             crate::proto::split_login(login.flags, &login.payload),
             Ok((Some("tablet"), &b"static"[..]))

@@ -158,7 +158,8 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// The limits a relay announces in LOGIN_OK's 16-byte payload.
+/// The limits a relay announces in LOGIN_OK's payload: 16 bytes, or 24 with the heartbeat
+/// bounds a LOGIN with the HEARTBEAT flag asks for (protocol.md, section 5.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoginOk {
     /// Largest frame the relay accepts, header included.
@@ -169,32 +170,63 @@ pub struct LoginOk {
     pub idle_timeout_ms: u32,
     /// Per-connection output queue cap in bytes.
     pub out_cap: u32,
+    /// The heartbeat bounds: present when the LOGIN carried the HEARTBEAT flag (the
+    /// 24-byte form), absent in the 16-byte form.
+    pub heartbeat: Option<HeartbeatBounds>,
+}
+
+/// LOGIN_OK's last 8 bytes in its 24-byte form: how often a client may send its heartbeat
+/// PINGs (protocol.md, section 5.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeartbeatBounds {
+    /// A client must not send its heartbeat PINGs more often than this, in milliseconds.
+    pub min_ms: u32,
+    /// The relay's ping interval, in milliseconds: a client that sends a heartbeat at
+    /// least this often is never PINGed by the relay.
+    pub max_ms: u32,
 }
 
 impl LoginOk {
-    /// Payload size of LOGIN_OK.
+    /// Payload size of LOGIN_OK without heartbeat bounds.
     pub const LEN: usize = 16;
+    /// Payload size of LOGIN_OK with heartbeat bounds (a LOGIN with the HEARTBEAT flag).
+    pub const LEN_HEARTBEAT: usize = 24;
 
-    /// Encodes the payload.
-    pub fn to_bytes(self) -> [u8; 16] {
-        let mut out = [0u8; 16];
+    /// Encodes the payload: 16 bytes, or 24 when `heartbeat` is set.
+    pub fn to_bytes(self) -> Vec<u8> {
+        let len = if self.heartbeat.is_some() {
+            Self::LEN_HEARTBEAT
+        } else {
+            Self::LEN
+        };
+        let mut out = vec![0u8; len];
         BigEndian::write_u32(&mut out[0..], self.max_frame);
         BigEndian::write_u32(&mut out[4..], self.ping_interval_ms);
         BigEndian::write_u32(&mut out[8..], self.idle_timeout_ms);
         BigEndian::write_u32(&mut out[12..], self.out_cap);
+        if let Some(bounds) = self.heartbeat {
+            BigEndian::write_u32(&mut out[16..], bounds.min_ms);
+            BigEndian::write_u32(&mut out[20..], bounds.max_ms);
+        }
         out
     }
 
-    /// Decodes the payload; `None` if it is not exactly 16 bytes.
+    /// Decodes the payload; `None` if it is neither 16 nor 24 bytes long.
     pub fn parse(payload: &[u8]) -> Option<LoginOk> {
-        if payload.len() != Self::LEN {
-            return None;
-        }
+        let heartbeat = match payload.len() {
+            Self::LEN => None,
+            Self::LEN_HEARTBEAT => Some(HeartbeatBounds {
+                min_ms: BigEndian::read_u32(&payload[16..]),
+                max_ms: BigEndian::read_u32(&payload[20..]),
+            }),
+            _ => return None,
+        };
         Some(LoginOk {
             max_frame: BigEndian::read_u32(&payload[0..]),
             ping_interval_ms: BigEndian::read_u32(&payload[4..]),
             idle_timeout_ms: BigEndian::read_u32(&payload[8..]),
             out_cap: BigEndian::read_u32(&payload[12..]),
+            heartbeat,
         })
     }
 }

@@ -24,7 +24,9 @@ pub mod text;
 pub use decode::{decode_raw, RawFrame};
 pub use device::{device_tag, login_payload, split_login, DeviceError, MAX_DEVICE_LEN};
 pub use error::{DecodeError, ErrorCode};
-pub use frame::{Frame, Header, InboxState, LoginOk, RoomState, HEADER_LEN, VERSION};
+pub use frame::{
+    Frame, Header, HeartbeatBounds, InboxState, LoginOk, RoomState, HEADER_LEN, VERSION,
+};
 pub use ids::{MessageId, RoomId, UserId};
 pub use opcode::{Flags, Opcode};
 pub use reader::FrameReader;

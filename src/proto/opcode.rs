@@ -122,7 +122,7 @@ impl Opcode {
     }
 }
 
-/// The 16-bit flags field. v1 defines five bits; every other bit is reserved and must be 0.
+/// The 16-bit flags field. v1 defines six bits; every other bit is reserved and must be 0.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Flags(pub u16);
 
@@ -142,8 +142,11 @@ impl Flags {
     /// On INBOX_STATE (sent by the relay): the syncing device is new to the relay, and
     /// starts from what the inbox holds (protocol.md, section 15.1).
     pub const NEW_DEVICE: Flags = Flags(0x0010);
+    /// On LOGIN: the client wants the relay's heartbeat bounds, so LOGIN_OK carries 24
+    /// bytes instead of 16 (protocol.md, sections 5.1 and 5.2).
+    pub const HEARTBEAT: Flags = Flags(0x0020);
     /// Every bit v1 defines; the others are reserved.
-    pub const KNOWN: Flags = Flags(0x001f);
+    pub const KNOWN: Flags = Flags(0x003f);
 
     /// Both sets of bits.
     pub const fn union(self, other: Flags) -> Flags {

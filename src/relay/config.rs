@@ -33,6 +33,11 @@ pub struct Config {
     pub ping_interval: Duration,
     /// Silence after which the relay closes the connection (default 90 s).
     pub idle_timeout: Duration,
+    /// The shortest heartbeat interval a client may use, announced in LOGIN_OK to a LOGIN
+    /// with the HEARTBEAT flag (protocol.md, section 5.2). Above 0 and at most the ping
+    /// interval. Default none: [`DEFAULT_HEARTBEAT_MIN`], or the ping interval when that is
+    /// shorter (see [`Config::heartbeat_min`]).
+    pub heartbeat_min: Option<Duration>,
     /// Most rooms one connection may be in (default 64).
     pub max_rooms_per_connection: usize,
     /// Most connections one room may hold (default 100,000).
@@ -142,6 +147,10 @@ impl fmt::Debug for AuthConfig {
     }
 }
 
+/// The heartbeat bound [`Config::heartbeat_min`] gives when none is set (unless the ping
+/// interval is shorter).
+pub const DEFAULT_HEARTBEAT_MIN: Duration = Duration::from_secs(10);
+
 /// Default of [`AuthConfig::notice`].
 pub const DEFAULT_TOKEN_NOTICE: Duration = Duration::from_secs(60);
 
@@ -157,6 +166,7 @@ impl Default for Config {
             text_login_timeout: Duration::from_secs(120),
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
+            heartbeat_min: None,
             max_rooms_per_connection: 64,
             max_members_per_room: 100_000,
             room_send_rate: 50,
@@ -192,6 +202,8 @@ pub enum ConfigError {
     OutCapBelowMaxFrame,
     /// ping_interval not below idle_timeout: the relay would close before it pings.
     PingNotBeforeIdle,
+    /// heartbeat_min set to 0 or above the ping interval.
+    HeartbeatMin,
     /// A limit that must be at least 1 is 0.
     Zero(&'static str),
     /// max_memory below twice the output cap: one slow recipient could use it all.
@@ -212,6 +224,10 @@ impl fmt::Display for ConfigError {
             ConfigError::PingNotBeforeIdle => {
                 write!(f, "ping interval must be shorter than the idle timeout")
             }
+            ConfigError::HeartbeatMin => write!(
+                f,
+                "heartbeat min must be above 0 and at most the ping interval"
+            ),
             ConfigError::Zero(name) => write!(f, "{name} must be at least 1"),
             ConfigError::MemoryBelowOutCap => {
                 write!(f, "max memory is below twice the output cap")
@@ -223,6 +239,13 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl Config {
+    /// The shortest heartbeat interval announced to clients: `heartbeat_min` when set,
+    /// else [`DEFAULT_HEARTBEAT_MIN`] capped at the ping interval.
+    pub fn heartbeat_min(&self) -> Duration {
+        self.heartbeat_min
+            .unwrap_or(DEFAULT_HEARTBEAT_MIN.min(self.ping_interval))
+    }
+
     /// Checks that the limits are coherent.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_frame as usize <= HEADER_LEN || self.max_frame > MAX_FRAME_CEILING {
@@ -233,6 +256,12 @@ impl Config {
         }
         if self.ping_interval >= self.idle_timeout {
             return Err(ConfigError::PingNotBeforeIdle);
+        }
+        if self
+            .heartbeat_min
+            .is_some_and(|min| min.is_zero() || min > self.ping_interval)
+        {
+            return Err(ConfigError::HeartbeatMin);
         }
         if self.max_connections == 0 {
             return Err(ConfigError::Zero("max connections"));

@@ -15,8 +15,8 @@ use super::{
 };
 use crate::proto::frame::{write_ack, write_error, write_frame};
 use crate::proto::{
-    device_tag, split_login, ErrorCode, Flags, Header, LoginOk, MessageId, Opcode, RawFrame,
-    UserId, HEADER_LEN,
+    device_tag, split_login, ErrorCode, Flags, Header, HeartbeatBounds, LoginOk, MessageId, Opcode,
+    RawFrame, UserId, HEADER_LEN,
 };
 use crate::ConnId;
 
@@ -111,7 +111,9 @@ impl Relay {
                 ErrorCode::AlreadyLoggedIn,
                 format!("already logged in as {user}"),
             ))
-        } else if let Some(reason) = source_and_flags(&h, Flags::DEVICE, "LOGIN") {
+        } else if let Some(reason) =
+            source_and_flags(&h, Flags::DEVICE.union(Flags::HEARTBEAT), "LOGIN")
+        {
             Some((ErrorCode::InvalidField, reason))
         } else if h.target.is_none() {
             Some((ErrorCode::InvalidField, "user id 0 is reserved".to_string()))
@@ -184,6 +186,11 @@ impl Relay {
             ping_interval_ms: millis_u32(self.config.ping_interval),
             idle_timeout_ms: millis_u32(self.config.idle_timeout),
             out_cap: u32::try_from(self.config.out_cap).unwrap_or(u32::MAX),
+            // The 24-byte form only for a client that asked: older clients expect 16.
+            heartbeat: h.flags.contains(Flags::HEARTBEAT).then(|| HeartbeatBounds {
+                min_ms: millis_u32(self.config.heartbeat_min()),
+                max_ms: millis_u32(self.config.ping_interval),
+            }),
         };
         write_frame(
             self.scratch(),

@@ -48,6 +48,9 @@ public final class ImRelayTest {
                     case "reconnect":
                         reconnect(host, port);
                         break;
+                    case "background":
+                        background(host, port);
+                        break;
                     case "stored-send":
                         storedSend(host, port);
                         break;
@@ -187,6 +190,31 @@ public final class ImRelayTest {
         check(c.reconnects() == 1, "reconnects() after close keeps its count");
         r.onlyThread();
         ok("reconnect-link-works");
+    }
+
+    /**
+     * setForeground(false) under a background policy with no grace: the link is closed (one
+     * onDisconnected saying why, no new onConnected); a message sent meanwhile waits;
+     * setForeground(true) logs in again at once (reconnects() 0 to 1) and the message goes.
+     */
+    static void background(String host, int port) throws Exception {
+        Recorder r = new Recorder("frank");
+        ImRelayClient c = ImRelayClient.connect(host, port, 401, null, "frank-phone", r, 0);
+        r.await("connected", e -> true);
+        c.setForeground(false);
+        Event down = r.await("disconnected", e -> true);
+        check(down.text.contains("background"), "the reason names the background: " + down.text);
+        long id = c.send(401, bytes("after the background"));
+        check(c.reconnects() == 0, "no login while in the background, got " + c.reconnects());
+        ok("background-disconnected");
+        c.setForeground(true);
+        r.await("connected", e -> true);
+        r.await("message", e -> e.a == 401);
+        r.await("delivered", e -> e.a == id);
+        check(c.reconnects() == 1, "one login back in the foreground, got " + c.reconnects());
+        c.close();
+        r.onlyThread();
+        ok("background-foreground-reconnected");
     }
 
     static final long SENDER = 201;

@@ -637,3 +637,59 @@ fn log_labels_never_reuse_a_connection_id_and_name_the_user_and_device() {
     let label = h.relay.conn_label(plain).to_string();
     assert!(label.ends_with(" user 8"), "{label}");
 }
+
+#[test]
+fn login_ok_carries_heartbeat_bounds_only_for_a_login_that_asks() {
+    let config = Config {
+        ping_interval: Duration::from_secs(25),
+        heartbeat_min: Some(Duration::from_millis(7_500)),
+        ..Config::default()
+    };
+    let mut h = Harness::new(config);
+    // Without the flag: the 16 bytes of before.
+    let old = h.open();
+    h.send_frame(old, Frame::login(MessageId(1), UserId(1), b""));
+    let ok = h.take_frames(old);
+    assert_eq!(ok[0].opcode, Opcode::LoginOk);
+    assert_eq!(ok[0].payload.len(), crate::proto::LoginOk::LEN);
+    assert_eq!(ok[0].login_ok().map(|l| l.heartbeat), Some(None));
+    // With it (and DEVICE alongside): 24 bytes, min then the ping interval.
+    let new = h.open();
+    h.send_frame(
+        new,
+        Frame::login_device(MessageId(2), UserId(2), "phone", b"")
+            .with_flags(Flags::DEVICE.union(Flags::HEARTBEAT)),
+    );
+    let ok = h.take_frames(new);
+    assert_eq!(ok[0].opcode, Opcode::LoginOk, "{ok:?}");
+    assert_eq!(ok[0].payload.len(), crate::proto::LoginOk::LEN_HEARTBEAT);
+    let limits = ok[0].login_ok().expect("24-byte LOGIN_OK parses");
+    assert_eq!(limits.ping_interval_ms, 25_000);
+    assert_eq!(
+        limits.heartbeat,
+        Some(crate::proto::HeartbeatBounds {
+            min_ms: 7_500,
+            max_ms: 25_000,
+        })
+    );
+}
+
+#[test]
+fn heartbeat_min_defaults_to_ten_seconds_capped_at_the_ping_interval_and_is_validated() {
+    let config = Config::default();
+    assert_eq!(config.heartbeat_min(), Duration::from_secs(10));
+    let fast = Config {
+        ping_interval: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(600),
+        ..Config::default()
+    };
+    assert_eq!(fast.heartbeat_min(), Duration::from_millis(200));
+    assert_eq!(fast.validate(), Ok(()));
+    for bad in [Duration::ZERO, Duration::from_millis(201)] {
+        let config = Config {
+            heartbeat_min: Some(bad),
+            ..fast.clone()
+        };
+        assert_eq!(config.validate(), Err(ConfigError::HeartbeatMin));
+    }
+}

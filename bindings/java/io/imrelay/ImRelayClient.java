@@ -161,9 +161,32 @@ public final class ImRelayClient implements AutoCloseable {
     public static ImRelayClient connect(
             String host, int port, long user, TokenProvider tokens, String device, Listener listener)
             throws IOException {
+        return connect(host, port, user, tokens, device, listener, -1);
+    }
+
+    /**
+     * As {@link #connect(String, int, long, TokenProvider, String, Listener)}, with a
+     * background policy (see {@link #setForeground}).
+     *
+     * @param backgroundDisconnectAfterMs below 0: keep the link while the app is in the
+     *     background (heartbeating as seldom as the relay allows; the default); 0 or more:
+     *     close it cleanly this many milliseconds after {@code setForeground(false)}, and do
+     *     not reconnect until {@code setForeground(true)}
+     */
+    public static ImRelayClient connect(
+            String host,
+            int port,
+            long user,
+            TokenProvider tokens,
+            String device,
+            Listener listener,
+            long backgroundDisconnectAfterMs)
+            throws IOException {
         Objects.requireNonNull(host, "host");
         Objects.requireNonNull(listener, "listener");
-        return new ImRelayClient(nativeConnect(host, port, user, tokens, device, listener));
+        return new ImRelayClient(
+                nativeConnect(
+                        host, port, user, tokens, device, listener, backgroundDisconnectAfterMs));
     }
 
     /**
@@ -240,6 +263,25 @@ public final class ImRelayClient implements AutoCloseable {
         lock.readLock().lock();
         try {
             nativeRoomSend(live(), room, payload);
+        } finally {
+            lock.readLock().unlock();
+        }
+    }
+
+    /**
+     * Tells the client whether the app is in the foreground: call it from the activity
+     * lifecycle ({@code onStart}/{@code onStop}, or {@code ProcessLifecycleOwner}). In the
+     * background the client heartbeats as seldom as the relay allows; with a background
+     * policy given to {@code connect}, it closes the link after the grace period ({@code
+     * onDisconnected}) and reconnects only when the app is in the foreground again, at
+     * once. Any thread; repeating the current state does nothing.
+     *
+     * @throws IllegalStateException if the client is closed
+     */
+    public void setForeground(boolean foreground) {
+        lock.readLock().lock();
+        try {
+            nativeSetForeground(live(), foreground);
         } finally {
             lock.readLock().unlock();
         }
@@ -347,7 +389,13 @@ public final class ImRelayClient implements AutoCloseable {
     }
 
     private static native long nativeConnect(
-            String host, int port, long user, TokenProvider tokens, String device, Listener listener)
+            String host,
+            int port,
+            long user,
+            TokenProvider tokens,
+            String device,
+            Listener listener,
+            long backgroundDisconnectAfterMs)
             throws IOException;
 
     private static native long nativeSend(long handle, long to, byte[] payload);
@@ -361,6 +409,8 @@ public final class ImRelayClient implements AutoCloseable {
     private static native void nativeRoomSend(long handle, long room, byte[] payload);
 
     private static native void nativeNetworkChanged(long handle);
+
+    private static native void nativeSetForeground(long handle, boolean foreground);
 
     private static native long nativeReconnects(long handle);
 

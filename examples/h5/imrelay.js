@@ -105,7 +105,7 @@ export const ERROR_NAMES = Object.freeze({
   9: "SHUTTING_DOWN", 10: "LOGIN_TIMEOUT", 11: "IDLE_TIMEOUT", 12: "INVALID_FIELD",
   13: "UNSUPPORTED_VERSION", 14: "NOT_IN_ROOM", 15: "FORBIDDEN", 16: "RATE_LIMITED",
   17: "INBOX_FULL", 18: "STORE_FAILED", 19: "FRAME_TIMEOUT", 20: "AUTH_FAILED",
-  21: "TOKEN_EXPIRED",
+  21: "TOKEN_EXPIRED", 22: "CLUSTER_UNAVAILABLE",
 });
 
 const OP_NAMES = Object.fromEntries(Object.entries(Op).map(([name, code]) => [code, name]));

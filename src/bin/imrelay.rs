@@ -80,6 +80,14 @@ struct Args {
     /// the counters: keep it on loopback or a private network.
     #[arg(long)]
     admin_listen: Option<SocketAddr>,
+    /// Cluster mode: act as one relay with every node that shares this Redis (Valkey
+    /// works too), given as redis://HOST:PORT (protocol.md, section 18). Off unless given.
+    #[arg(long)]
+    cluster: Option<String>,
+    /// This node's name in the cluster, for logs and Redis's CLIENT LIST. Default: the
+    /// host name and process id.
+    #[arg(long)]
+    node_name: Option<String>,
     /// Largest frame accepted, header included, in bytes (at most 1 MiB).
     #[arg(long, default_value_t = DEFAULT_MAX_FRAME)]
     max_frame: u32,
@@ -737,6 +745,17 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     }
+    if let Some(url) = &args.cluster {
+        let redis = match redis_addr(url) {
+            Ok(addr) => addr,
+            Err(e) => {
+                error!("--cluster {url}: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let name = args.node_name.clone().unwrap_or_else(default_node_name);
+        server.set_cluster(redis, name, imrelay::rand::Rng::from_entropy().next_u64());
+    }
     if let Some(admin) = args.admin_listen {
         if let Err(e) = server.set_admin(admin) {
             error!("--admin-listen: {e}");
@@ -795,4 +814,36 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The address of `redis://HOST:PORT` (the port defaults to 6379), resolved once at start.
+fn redis_addr(url: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let rest = url
+        .strip_prefix("redis://")
+        .ok_or("give it as redis://HOST:PORT")?;
+    if rest.contains('@') || rest.contains('/') {
+        return Err("user names, passwords and database numbers are not supported".into());
+    }
+    let with_port = if rest
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        rest.to_string()
+    } else {
+        format!("{rest}:6379")
+    };
+    with_port
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {with_port}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{with_port} resolves to no address"))
+}
+
+/// `<host name>-<process id>`: unique among the nodes on one machine and across machines.
+fn default_node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "node".to_string());
+    format!("{host}-{}", std::process::id())
 }

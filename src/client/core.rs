@@ -950,11 +950,13 @@ impl ClientCore {
             return;
         }
         if let Some(m) = self.outbox.get(frame.msg_id) {
-            // "Try later" answers keep the message: RECIPIENT_SLOW always, and
-            // RECIPIENT_OFFLINE for a resend, whose first copy may have been delivered
+            // "Try later" answers keep the message: RECIPIENT_SLOW and CLUSTER_UNAVAILABLE
+            // (a cluster node lost its link to Redis) always, and RECIPIENT_OFFLINE for a
+            // resend, whose first copy may have been delivered
             // before the link died (failing it could make the app send it twice).
             let resend = m.writes > 1;
             let try_later = code == ErrorCode::RecipientSlow as u16
+                || code == ErrorCode::ClusterUnavailable as u16
                 || (resend && code == ErrorCode::RecipientOffline as u16);
             if try_later {
                 debug!("{}: {reason}; trying again later", frame.msg_id);

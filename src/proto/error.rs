@@ -60,6 +60,9 @@ pub enum ErrorCode {
     AuthFailed = 20,
     /// The login token expired and no REFRESH replaced it. Closes.
     TokenExpired = 21,
+    /// Cluster mode: a SEND to a user not on this node while the node's link to the
+    /// cluster (Redis) is down or backed up. Stays open; retry later.
+    ClusterUnavailable = 22,
 }
 
 impl ErrorCode {
@@ -88,6 +91,7 @@ impl ErrorCode {
             19 => FrameTimeout,
             20 => AuthFailed,
             21 => TokenExpired,
+            22 => ClusterUnavailable,
             _ => return None,
         })
     }
@@ -117,11 +121,12 @@ impl ErrorCode {
             FrameTimeout => "FRAME_TIMEOUT",
             AuthFailed => "AUTH_FAILED",
             TokenExpired => "TOKEN_EXPIRED",
+            ClusterUnavailable => "CLUSTER_UNAVAILABLE",
         }
     }
 
     /// Every code, in numeric order (used by metrics and tests).
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownOpcode,
         ErrorCode::FrameTooLarge,
@@ -143,6 +148,7 @@ impl ErrorCode {
         ErrorCode::FrameTimeout,
         ErrorCode::AuthFailed,
         ErrorCode::TokenExpired,
+        ErrorCode::ClusterUnavailable,
     ];
 }
 

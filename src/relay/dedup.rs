@@ -117,6 +117,18 @@ impl Dedup {
         }
     }
 
+    /// Forgets `(sender, msg_id)`: a resend of it is delivered again. For a SEND whose
+    /// fate is unknown (cluster mode lost Redis's answer). Its slot in the window stays, as
+    /// id 0, which no DEDUP SEND carries.
+    pub fn forget(&mut self, sender: UserId, msg_id: MessageId) {
+        let Some(w) = self.senders.get_mut(&sender) else {
+            return;
+        };
+        if let Some(entry) = w.ids.iter_mut().rev().find(|(id, _)| *id == msg_id) {
+            entry.0 = MessageId(0);
+        }
+    }
+
     /// The ACK count remembered for `(sender, msg_id)`, whatever its age.
     pub fn count_of(&self, sender: UserId, msg_id: MessageId) -> Option<u32> {
         let w = self.senders.get(&sender)?;

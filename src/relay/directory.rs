@@ -42,6 +42,11 @@ impl Directory {
         self.users.get(&user).map_or(&[], Devices::as_slice)
     }
 
+    /// Every user with at least one connection, in no particular order.
+    pub fn user_ids(&self) -> impl Iterator<Item = UserId> + '_ {
+        self.users.keys().copied()
+    }
+
     /// Number of users with at least one connection.
     pub fn users(&self) -> usize {
         self.users.len()

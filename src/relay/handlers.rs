@@ -8,6 +8,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use log::{debug, info};
 
+use super::cluster::{self, Channel, PendingSend};
 use super::inbox::INBOX_PREFIX;
 use super::session::{Session, State};
 use super::{
@@ -179,6 +180,9 @@ impl Relay {
         arm(&mut self.timers, s, id, now + self.config.ping_interval);
         self.arm_token_due(id);
         self.directory.insert(h.target, id);
+        if self.directory.devices(h.target).len() == 1 {
+            cluster::subscribe(&mut self.cluster, Channel::User(h.target));
+        }
         self.metrics.logins += 1;
         debug!("{}: logged in", self.conn_label(id));
         let limits = LoginOk {
@@ -213,6 +217,12 @@ impl Relay {
         let dedup = h.flags.contains(Flags::DEDUP);
         if dedup && h.msg_id.0 == 0 {
             let reason = "DEDUP needs a non-zero msg_id";
+            self.reply_error(id, h.msg_id, h.target, ErrorCode::InvalidField, reason);
+            return;
+        }
+        if h.flags.contains(Flags::STORED) && self.cluster.is_some() {
+            let reason = "STORED is not allowed in cluster mode: stored delivery is not \
+                          cluster-wide yet (protocol.md, section 18)";
             self.reply_error(id, h.msg_id, h.target, ErrorCode::InvalidField, reason);
             return;
         }
@@ -254,7 +264,25 @@ impl Relay {
             return;
         }
         let devices = self.directory.devices(h.target);
-        if devices.is_empty() {
+        // Cluster mode: the answer waits for Redis's, which says how many other nodes
+        // got the message (cluster.rs).
+        let via_cluster = match &self.cluster {
+            None => false,
+            Some(c) if c.can_publish() => true,
+            Some(c) if devices.is_empty() => {
+                let reason = c.unavailable_reason();
+                self.reply_error(
+                    id,
+                    h.msg_id,
+                    h.target,
+                    ErrorCode::ClusterUnavailable,
+                    reason,
+                );
+                return;
+            }
+            Some(_) => false, // link down: this node's connections only
+        };
+        if devices.is_empty() && !via_cluster {
             let reason = format!("{} is not connected", h.target);
             self.reply_error(id, h.msg_id, h.target, ErrorCode::RecipientOffline, &reason);
             return;
@@ -281,6 +309,23 @@ impl Relay {
         }
         let deliver = frame.into_deliver(sender);
         let count = devices.len();
+        if via_cluster {
+            let serial = self.sessions.get(id.0).map_or(0, |s| s.serial);
+            let waiting = PendingSend {
+                conn: id,
+                serial,
+                msg_id: h.msg_id,
+                target: h.target,
+                local: u32::try_from(count).unwrap_or(u32::MAX),
+                self_counted: count > 0,
+                ack: !h.flags.contains(Flags::NO_ACK),
+                dedup: dedup.then_some(sender),
+            };
+            if let Some(c) = self.cluster.as_mut() {
+                c.publish(Channel::User(h.target), &deliver, Some(waiting));
+            }
+            self.metrics.cluster_messages_out += 1;
+        }
         // The last device takes the frame itself: no reference count change for the
         // common single-device case (an atomic add and subtract per message otherwise).
         if let Some((&last, others)) = devices.split_last() {
@@ -299,7 +344,7 @@ impl Relay {
         if dedup {
             self.dedup.record(sender, h.msg_id, count as u32, now);
         }
-        if !h.flags.contains(Flags::NO_ACK) {
+        if !h.flags.contains(Flags::NO_ACK) && !via_cluster {
             write_ack(self.scratch(), h.msg_id, h.target, count as u32);
             self.queue_scratch(id);
         }
@@ -457,9 +502,15 @@ impl Relay {
         };
         if let State::Active(user) = s.state {
             self.directory.remove(user, id);
+            if self.directory.devices(user).is_empty() {
+                cluster::unsubscribe(&mut self.cluster, Channel::User(user));
+            }
         }
         for room in std::mem::take(&mut s.rooms) {
             self.rooms.leave(room, id);
+            if self.rooms.count(room) == 0 {
+                cluster::unsubscribe(&mut self.cluster, Channel::Room(room));
+            }
         }
         s.state = State::Closing;
         s.clear_input();

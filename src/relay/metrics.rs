@@ -40,6 +40,15 @@ pub struct Metrics {
     pub room_deliveries_queued: u64,
     /// ROOM_DELIVER frames dropped because the member's queue was past the room cap.
     pub room_deliveries_dropped: u64,
+    /// Cluster mode: messages published to the other nodes.
+    pub cluster_messages_out: u64,
+    /// Cluster mode: messages from other nodes delivered here.
+    pub cluster_messages_in: u64,
+    /// Cluster mode: DELIVERs from other nodes dropped for a connection past its output cap
+    /// or the memory budget (their sender was answered by its own node).
+    pub cluster_deliveries_dropped: u64,
+    /// Cluster mode: messages from Redis that were not well-formed (ignored).
+    pub cluster_messages_refused: u64,
     /// Times a connection's reads were paused because its own output queue was full.
     pub read_pauses: u64,
     /// DEDUP SENDs answered from memory instead of delivered a second time.

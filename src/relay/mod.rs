@@ -32,6 +32,8 @@
 //! for past the loop turn it was read in.
 
 mod auth_handlers;
+mod cluster;
+mod cluster_handlers;
 mod config;
 mod dedup;
 mod demo;
@@ -53,6 +55,7 @@ mod web;
 mod ws;
 
 pub use auth_handlers::MAX_AUTH_FAILURES;
+pub use cluster::{Channel, ClusterOp};
 pub use config::{AuthConfig, Config, ConfigError, DEFAULT_TOKEN_NOTICE};
 pub use devices::DeviceCursor;
 pub use inbox::{InboxLimits, StoreOp};
@@ -145,6 +148,8 @@ pub struct Relay {
     next_serial: u64,
     next_ping_id: u64,
     shutting_down: bool,
+    /// Cluster mode (None: a single relay).
+    cluster: Option<cluster::Cluster>,
     metrics: Metrics,
     /// Open sessions by codec (index: `Codec as usize`), kept as codecs change.
     by_codec: [usize; Codec::ALL.len()],
@@ -194,6 +199,7 @@ impl Relay {
             next_serial: 0,
             next_ping_id: 0,
             shutting_down: false,
+            cluster: None,
             metrics: Metrics::default(),
             by_codec: [0; Codec::ALL.len()],
         }
@@ -779,9 +785,15 @@ impl Relay {
         }
         if let Some(user) = s.user() {
             self.directory.remove(user, id);
+            if self.directory.devices(user).is_empty() {
+                cluster::unsubscribe(&mut self.cluster, cluster::Channel::User(user));
+            }
         }
         for room in s.rooms.drain(..) {
             self.rooms.leave(room, id);
+            if self.rooms.count(room) == 0 {
+                cluster::unsubscribe(&mut self.cluster, cluster::Channel::Room(room));
+            }
         }
         let (lost, held) = s.out.clear();
         self.flush_list.held -= held;

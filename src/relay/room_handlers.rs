@@ -13,6 +13,7 @@ use log::debug;
 use slab::Slab;
 
 use super::auth_handlers::Permission;
+use super::cluster::{self, Channel};
 use super::out_queue::FlushList;
 use super::session::{Session, State};
 use super::{push_output, shared_copy, OutQueue, Relay};
@@ -59,6 +60,9 @@ impl Relay {
             }
             s.rooms.push(room);
             self.rooms.join(room, id);
+            if self.rooms.count(room) == 1 {
+                cluster::subscribe(&mut self.cluster, Channel::Room(room));
+            }
             debug!("{}: joined {room}", s.label());
         }
         self.reply_room_state(id, h.msg_id, room);
@@ -76,6 +80,9 @@ impl Relay {
             if let Some(at) = s.rooms.iter().position(|r| *r == room) {
                 s.rooms.swap_remove(at);
                 self.rooms.leave(room, id);
+                if self.rooms.count(room) == 0 {
+                    cluster::unsubscribe(&mut self.cluster, Channel::Room(room));
+                }
                 debug!("{}: left {room}", s.label());
             }
         }
@@ -123,6 +130,7 @@ impl Relay {
         // One copy of its own for all members: a view into the read buffer would be pinned
         // by every member that does not keep up.
         let deliver = shared_copy(&frame.rewrite(Opcode::RoomDeliver, h.target, sender));
+        self.publish_room_traffic(Channel::Room(room), &deliver);
         let budget = self.room_budget();
         let fanout = Fanout {
             sessions: &mut self.sessions,
@@ -152,24 +160,56 @@ impl Relay {
             return;
         }
         let deliver = shared_copy(&frame.rewrite(Opcode::RoomDeliver, UserId::NONE, sender));
+        self.publish_room_traffic(Channel::All, &deliver);
+        let (queued, dropped) = self.fan_out_to_everyone(deliver, Some(id));
+        self.finish_fanout(id, &h, queued, dropped);
+    }
+
+    /// Queues a ROOM_DELIVER to every logged-in connection but `sender` (a broadcast);
+    /// returns (queued, dropped).
+    pub(super) fn fan_out_to_everyone(
+        &mut self,
+        frame: Bytes,
+        sender: Option<ConnId>,
+    ) -> (u64, u64) {
         let everyone: Vec<ConnId> = self
             .sessions
             .iter()
             .filter(|(_, s)| matches!(s.state, State::Active(_)))
             .map(|(key, _)| ConnId(key))
             .collect();
+        self.fan_out_to(RoomId::ALL, frame, &everyone, sender)
+    }
+
+    /// Queues a ROOM_DELIVER of `room` to `members` but `sender`, under the slow-member
+    /// rule; returns (queued, dropped).
+    pub(super) fn fan_out_to(
+        &mut self,
+        room: RoomId,
+        frame: Bytes,
+        members: &[ConnId],
+        sender: Option<ConnId>,
+    ) -> (u64, u64) {
         let budget = self.room_budget();
         let fanout = Fanout {
             sessions: &mut self.sessions,
             flush_list: &mut self.flush_list,
             cap: self.config.room_cap(),
             budget,
-            room: RoomId::ALL,
-            frame: deliver,
-            sender: id,
+            room,
+            frame,
+            sender: sender.unwrap_or(ConnId(usize::MAX)),
         };
-        let (queued, dropped) = fanout.deliver(everyone.into_iter());
-        self.finish_fanout(id, &h, queued, dropped);
+        fanout.deliver(members.iter().copied())
+    }
+
+    /// Cluster mode: room traffic (a ROOM_DELIVER or broadcast, encoded once) goes to the
+    /// other nodes too. While the link is down it reaches this node's members only.
+    fn publish_room_traffic(&mut self, channel: Channel, deliver: &Bytes) {
+        if let Some(c) = self.cluster.as_mut().filter(|c| c.can_publish()) {
+            c.publish(channel, deliver, None);
+            self.metrics.cluster_messages_out += 1;
+        }
     }
 
     /// Sends ROOM_MISSED for every room that dropped messages for `id`. Called when the

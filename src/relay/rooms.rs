@@ -42,6 +42,11 @@ impl Rooms {
         }
     }
 
+    /// Every room with at least one member, in no particular order.
+    pub fn ids(&self) -> impl Iterator<Item = RoomId> + '_ {
+        self.rooms.keys().copied()
+    }
+
     /// Takes one token of `room`'s total send rate; false when the room is over it. A
     /// room that does not exist has no members to send to: true.
     pub fn take_send_token(

@@ -269,9 +269,10 @@ impl AdminThread {
             },
             ("GET", "/readyz") => match self.snapshot() {
                 Some(s) if !s.accepting => Answer::text(503, "shutting down"),
-                Some(s) => match &s.store_failure {
-                    None => Answer::text(200, "ready"),
-                    Some(e) => Answer::text(503, &format!("the store failed: {e}")),
+                Some(s) => match (&s.store_failure, &s.cluster_down) {
+                    (Some(e), _) => Answer::text(503, &format!("the store failed: {e}")),
+                    (None, Some(e)) => Answer::text(503, &format!("the cluster link is down: {e}")),
+                    (None, None) => Answer::text(200, "ready"),
                 },
                 None => Answer::text(503, "the event loop did not answer"),
             },

@@ -128,6 +128,10 @@ pub struct Snapshot {
     pub store: Option<StoreSnapshot>,
     /// Why the store failed (a write failed; stored SENDs are refused until a restart).
     pub store_failure: Option<String>,
+    /// Cluster mode: why the link to Redis is down (None: up, or not a cluster node).
+    pub cluster_down: Option<String>,
+    /// Cluster mode: whether the link to Redis is up (None: not a cluster node).
+    pub cluster_up: Option<bool>,
     /// Time of each event loop turn, from the poller's return to the next poll.
     pub loop_turn: LatencyHistogram,
 }
@@ -157,6 +161,11 @@ pub const METRIC_NAMES: &[&str] = &[
     "imrelay_room_messages_total",
     "imrelay_room_deliveries_total",
     "imrelay_room_deliveries_dropped_total",
+    "imrelay_cluster_link_up",
+    "imrelay_cluster_messages_published_total",
+    "imrelay_cluster_messages_received_total",
+    "imrelay_cluster_deliveries_dropped_total",
+    "imrelay_cluster_messages_refused_total",
     "imrelay_read_pauses_total",
     "imrelay_websocket_sessions_total",
     "imrelay_http_served_total",
@@ -446,6 +455,40 @@ impl Collector for SnapshotCollector {
             m.room_deliveries_dropped,
         )?;
 
+        // Cluster mode.
+        if let Some(up) = s.cluster_up {
+            out.gauge(
+                "cluster_link_up",
+                "1 while the link to the cluster's Redis is up.",
+                None,
+                u64::from(up),
+            )?;
+            out.counter(
+                "cluster_messages_published",
+                "Messages (SEND, ROOM_SEND, BROADCAST) published to the other nodes.",
+                None,
+                m.cluster_messages_out,
+            )?;
+            out.counter(
+                "cluster_messages_received",
+                "Messages from other nodes delivered to this node's connections.",
+                None,
+                m.cluster_messages_in,
+            )?;
+            out.counter(
+                "cluster_deliveries_dropped",
+                "DELIVERs from other nodes dropped for a connection past its output cap.",
+                None,
+                m.cluster_deliveries_dropped,
+            )?;
+            out.counter(
+                "cluster_messages_refused",
+                "Messages from Redis that were not well-formed (ignored).",
+                None,
+                m.cluster_messages_refused,
+            )?;
+        }
+
         // Memory.
         out.gauge(
             "output_queued",
@@ -577,6 +620,19 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
         assert!(!text.contains("store_commit"), "no store, no store metrics");
+        assert!(
+            !text.contains("cluster"),
+            "not a cluster node, no cluster metrics"
+        );
+        let clustered = Snapshot {
+            cluster_up: Some(true),
+            ..Snapshot::default()
+        };
+        let text = encode(clustered).unwrap();
+        assert!(
+            text.lines().any(|l| l == "imrelay_cluster_link_up 1"),
+            "{text}"
+        );
         // Every family is one the docs list.
         for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
             let name = line["# TYPE ".len()..].split(' ').next().unwrap();

@@ -24,8 +24,10 @@
 
 mod admin;
 mod admin_metrics;
+mod cluster_link;
 pub mod io;
 mod limits;
+mod resp;
 mod store;
 pub mod store_fs;
 mod store_writer;
@@ -166,6 +168,8 @@ pub struct Server {
     last_stats: String,
     /// The durable store's writer thread (None: memory only).
     store: Option<store_writer::StoreWriter>,
+    /// Cluster mode: the link to Redis (None: a single relay).
+    cluster: Option<cluster_link::ClusterLink>,
     /// Reports from the writer, drained each turn.
     store_done: Vec<store_writer::Done>,
     /// Compact the log once it is past this size (and twice the live data).
@@ -217,6 +221,7 @@ impl Server {
             next_stats: None,
             last_stats: String::new(),
             store: None,
+            cluster: None,
             store_done: Vec::new(),
             compact_at: u64::MAX,
             compacting: false,
@@ -239,6 +244,20 @@ impl Server {
     /// own memory budget, so it is fixed by default.
     pub fn set_send_buffer(&mut self, size: Option<usize>) {
         self.send_buffer = size;
+    }
+
+    /// Cluster mode: this relay is node `node_name` (with the random id `node_id`, unique
+    /// among the nodes) of the cluster that shares the Redis at `redis`
+    /// (protocol.md, section 18). Call before [`Server::run`]; the link connects in the
+    /// loop, never blocking it.
+    pub fn set_cluster(&mut self, redis: SocketAddr, node_name: String, node_id: u64) {
+        self.relay.enable_cluster(node_id);
+        info!("cluster node {node_name}: Redis at {redis}");
+        self.cluster = Some(cluster_link::ClusterLink::new(
+            redis,
+            node_name,
+            Instant::now(),
+        ));
     }
 
     /// TLS on the listening port, beside plaintext: a connection whose first byte starts
@@ -303,6 +322,11 @@ impl Server {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(now),
+                    token @ (cluster_link::CMD | cluster_link::SUB) => {
+                        if let Some(link) = &mut self.cluster {
+                            link.handle_event(token, &mut self.relay, self.poll.registry(), now);
+                        }
+                    }
                     WAKER => {
                         if self.shutdown.requested.load(Ordering::SeqCst) {
                             self.begin_shutdown(now);
@@ -344,6 +368,9 @@ impl Server {
             self.expire_tls_closes(now);
             if self.relay.wants_commit() || self.relay.commits_in_flight() > 0 {
                 self.commit_store();
+            }
+            if let Some(link) = &mut self.cluster {
+                link.turn(&mut self.relay, self.poll.registry(), now);
             }
             while let Some(id) = self.relay.poll_transmit() {
                 self.flush_conn(id);
@@ -464,6 +491,11 @@ impl Server {
             metrics: relay.metrics().clone(),
             accepting: self.listener.is_some(),
             store_failure: relay.store_failure().map(str::to_owned),
+            cluster_up: relay.cluster_link_up(),
+            cluster_down: self.cluster.as_ref().and_then(|c| {
+                (relay.cluster_link_up() == Some(false))
+                    .then(|| c.last_error.clone().unwrap_or_else(|| "connecting".into()))
+            }),
             connections_by_codec: relay.sessions_by_codec(),
             users_online: relay.user_count(),
             rooms: relay.room_count(),
@@ -492,6 +524,7 @@ impl Server {
             self.next_stats,
             self.accept_retry,
             self.tls_state.next_close_deadline(),
+            self.cluster.as_ref().and_then(|c| c.next_deadline()),
         ]
         .into_iter()
         .flatten()

@@ -149,13 +149,15 @@ pub fn bystanders_at(
 pub fn wait_until_listening(child: &mut Child) -> String {
     let mut log = BufReader::new(child.stderr.take().expect("piped stderr"));
     let mut line = String::new();
+    let mut before = String::new();
     loop {
         line.clear();
         let n = log.read_line(&mut line).expect("read relay log");
-        assert!(n > 0, "imrelay exited before listening");
+        assert!(n > 0, "imrelay exited before listening:\n{before}");
         if line.contains("listening on") {
             break;
         }
+        before.push_str(&line);
     }
     std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
     line
@@ -189,4 +191,37 @@ pub fn run_to_exit(args: &[&str]) -> (std::process::ExitStatus, String) {
         log.push('\n');
     }
     (child.wait().expect("wait for imrelay"), log)
+}
+
+// ---- for tests that wait on asynchronous events (tests/e2e_cluster.rs) --------------------
+
+impl super::Client {
+    /// The next frame if one arrives within about `wait`, else `None` (what was read of a
+    /// partial frame is kept for the next call). For polling loops that probe for a state
+    /// that comes eventually; panics on EOF or a decode error like [`super::Client::recv`].
+    pub fn recv_within(&mut self, wait: std::time::Duration) -> Option<imrelay::proto::Frame> {
+        use std::io::{ErrorKind, Read};
+        self.stream.set_read_timeout(Some(wait)).unwrap();
+        let got = loop {
+            let decoded = imrelay::proto::decode::decode_frame(&mut self.buf, u32::MAX)
+                .expect("relay framing");
+            if let Some(decoded) = decoded {
+                break Some(decoded.expect("relay sends known opcodes"));
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => panic!("the relay closed the connection"),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
+                    break None
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => panic!("read failed: {e}"),
+            }
+        };
+        self.stream
+            .set_read_timeout(Some(super::SAFETY_TIMEOUT))
+            .unwrap();
+        got
+    }
 }

@@ -588,6 +588,7 @@ fn each_connection_is_flushed_once_per_round() {
 }
 
 mod auth;
+mod cluster;
 mod devices;
 mod hostile;
 mod order;

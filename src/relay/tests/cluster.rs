@@ -1,0 +1,312 @@
+//! Cluster mode in memory: several relay cores joined by a pub/sub that behaves as Redis's
+//! does (a PUBLISH reaches every node subscribed at that moment and is answered with their
+//! number), with the link taken down and brought back by hand.
+
+use std::collections::{HashMap, HashSet};
+
+use super::*;
+use crate::proto::{ErrorCode, RoomId};
+use crate::relay::cluster::Channel;
+
+/// N nodes and the pub/sub between them.
+struct Cluster {
+    nodes: Vec<Harness>,
+    subscribed: HashMap<String, HashSet<usize>>,
+}
+
+impl Cluster {
+    fn new(n: usize) -> Cluster {
+        let config = Config {
+            room_send_rate: 0,
+            room_total_rate: 0,
+            ..Config::default()
+        };
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let mut h = Harness::new(config.clone());
+            h.relay.enable_cluster(100 + i as u64);
+            h.relay.handle_cluster_up();
+            nodes.push(h);
+        }
+        let mut cluster = Cluster {
+            nodes,
+            subscribed: HashMap::new(),
+        };
+        cluster.settle();
+        cluster
+    }
+
+    /// Carries every node's ops through the pub/sub until nothing is left: subscriptions
+    /// first, then publishes in order, each answered at once.
+    fn settle(&mut self) {
+        loop {
+            let mut moved = false;
+            for i in 0..self.nodes.len() {
+                let mut ops = Vec::new();
+                self.nodes[i].relay.take_cluster_ops(&mut ops);
+                for op in ops {
+                    moved = true;
+                    match op {
+                        ClusterOp::Subscribe(ch) => {
+                            self.subscribed.entry(ch.name()).or_default().insert(i);
+                        }
+                        ClusterOp::Unsubscribe(ch) => {
+                            self.subscribed.entry(ch.name()).or_default().remove(&i);
+                        }
+                        ClusterOp::Publish(ch, payload) => {
+                            let name = ch.name();
+                            let to: Vec<usize> = self
+                                .subscribed
+                                .get(&name)
+                                .map(|s| s.iter().copied().collect())
+                                .unwrap_or_default();
+                            for &j in &to {
+                                self.nodes[j]
+                                    .relay
+                                    .handle_cluster_message(name.as_bytes(), &payload);
+                            }
+                            self.nodes[i]
+                                .relay
+                                .handle_cluster_published(to.len() as u64);
+                        }
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn send(&mut self, node: usize, from: ConnId, msg: u64, to: u64) {
+        self.nodes[node].send_frame(from, send(msg, to, b"hi"));
+        self.settle();
+    }
+}
+
+fn ack_count(frame: &Frame) -> u32 {
+    assert_eq!(frame.opcode, Opcode::Ack, "{frame:?}");
+    u32::from_be_bytes(frame.payload[..4].try_into().unwrap())
+}
+
+#[test]
+fn a_send_reaches_the_recipient_on_any_node_and_the_ack_counts_nodes() {
+    let mut c = Cluster::new(3);
+    let alice = c.nodes[0].login(1);
+    let bob_b = c.nodes[1].login(2);
+    c.settle();
+
+    c.send(0, alice, 7, 2);
+    let got = c.nodes[1].take_frames(bob_b);
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].opcode, got[0].msg_id, got[0].source),
+        (Opcode::Deliver, MessageId(7), UserId(1))
+    );
+    assert_eq!(ack_count(&c.nodes[0].take_frames(alice)[0]), 1);
+
+    // Bob also on node C and twice on A: 2 local connections + 2 other nodes.
+    let bob_c = c.nodes[2].login(2);
+    let bob_a1 = c.nodes[0].login(2);
+    let bob_a2 = c.nodes[0].login(2);
+    c.settle();
+    c.send(0, alice, 8, 2);
+    for (node, conn) in [(1, bob_b), (2, bob_c), (0, bob_a1), (0, bob_a2)] {
+        let got = c.nodes[node].take_frames(conn);
+        assert_eq!(got.len(), 1, "node {node}");
+        assert_eq!(got[0].msg_id, MessageId(8));
+    }
+    assert_eq!(ack_count(&c.nodes[0].take_frames(alice)[0]), 4);
+}
+
+#[test]
+fn recipient_offline_only_when_connected_on_no_node() {
+    let mut c = Cluster::new(2);
+    let alice = c.nodes[0].login(1);
+    c.settle();
+    c.send(0, alice, 1, 2);
+    c.nodes[0].expect_error(alice, ErrorCode::RecipientOffline);
+
+    let bob = c.nodes[1].login(2);
+    c.settle();
+    c.send(0, alice, 2, 2);
+    assert_eq!(ack_count(&c.nodes[0].take_frames(alice)[0]), 1);
+
+    c.nodes[1].relay.handle_closed(bob);
+    c.settle();
+    c.send(0, alice, 3, 2);
+    c.nodes[0].expect_error(alice, ErrorCode::RecipientOffline);
+}
+
+#[test]
+fn rooms_and_broadcasts_reach_every_node_once() {
+    let mut c = Cluster::new(3);
+    let members: Vec<(usize, ConnId)> = (0..3)
+        .flat_map(|node| [(node, 10 + node as u64), (node, 20 + node as u64)])
+        .map(|(node, user)| {
+            let id = c.nodes[node].login(user);
+            c.nodes[node].send_frame(id, Frame::join(MessageId(2), RoomId(5)));
+            c.nodes[node].take_frames(id);
+            (node, id)
+        })
+        .collect();
+    c.settle();
+    let (sender_node, sender) = members[0];
+    c.nodes[sender_node].send_frame(
+        sender,
+        Frame::room_send(MessageId(9), RoomId(5), Bytes::from_static(b"gift")),
+    );
+    c.settle();
+    let ack = c.nodes[sender_node].take_frames(sender);
+    assert_eq!(ack_count(&ack[0]), 1, "this node's other member only");
+    for &(node, id) in &members[1..] {
+        let got = c.nodes[node].take_frames(id);
+        assert_eq!(got.len(), 1, "node {node} {id:?}: {got:?}");
+        assert_eq!(
+            (got[0].opcode, got[0].target, got[0].source),
+            (Opcode::RoomDeliver, UserId(5), UserId(10))
+        );
+    }
+
+    // The last member on node C leaves: C no longer gets room 5.
+    for &(node, id) in &members[4..] {
+        c.nodes[node].send_frame(id, Frame::leave(MessageId(3), RoomId(5)));
+        c.nodes[node].take_frames(id);
+    }
+    c.settle();
+    assert!(!c.subscribed[&Channel::Room(RoomId(5)).name()].contains(&2));
+}
+
+#[test]
+fn a_link_down_keeps_local_delivery_refuses_the_rest_and_resubscribes() {
+    let mut c = Cluster::new(2);
+    let alice = c.nodes[0].login(1);
+    let carol = c.nodes[0].login(3);
+    let bob = c.nodes[1].login(2);
+    c.settle();
+
+    // A SEND waiting for Redis's answer when the link drops: answered from what node A
+    // knows (nothing for bob: CLUSTER_UNAVAILABLE).
+    c.nodes[0].send_frame(alice, send(1, 2, b"in flight"));
+    c.nodes[0].relay.handle_cluster_down();
+    c.nodes[0].expect_error(alice, ErrorCode::ClusterUnavailable);
+    let mut dropped = Vec::new();
+    c.nodes[0].relay.take_cluster_ops(&mut dropped);
+    assert!(dropped.is_empty(), "nothing is published while down");
+
+    c.send(0, alice, 2, 2);
+    c.nodes[0].expect_error(alice, ErrorCode::ClusterUnavailable);
+    c.send(0, alice, 3, 3);
+    assert_eq!(ack_count(&c.nodes[0].take_frames(alice)[0]), 1);
+    assert_eq!(c.nodes[0].take_frames(carol).len(), 1);
+
+    // Back up: Redis lost node A's subscriptions with its connection; A subscribes again.
+    for subs in c.subscribed.values_mut() {
+        subs.remove(&0);
+    }
+    c.nodes[0].relay.handle_cluster_up();
+    c.settle();
+    c.send(1, bob, 4, 3);
+    assert_eq!(c.nodes[0].take_frames(carol).len(), 1);
+    assert_eq!(ack_count(&c.nodes[1].take_frames(bob)[0]), 1);
+}
+
+#[test]
+fn messages_from_the_cluster_are_checked() {
+    let mut c = Cluster::new(1);
+    let bob = c.nodes[0].login(2);
+    c.settle();
+    let name = Channel::User(UserId(2)).name();
+    let bad = [
+        Bytes::from_static(b"short"),
+        // A ROOM_DELIVER on a user's channel.
+        {
+            let mut p = 5u64.to_be_bytes().to_vec();
+            p.extend_from_slice(&as_opcode(room_frame(), Opcode::RoomDeliver));
+            Bytes::from(p)
+        },
+        // A length field that does not match.
+        {
+            let mut p = 5u64.to_be_bytes().to_vec();
+            let mut f = as_opcode(send(1, 2, b"x"), Opcode::Deliver).to_vec();
+            f.push(0);
+            p.extend_from_slice(&f);
+            Bytes::from(p)
+        },
+    ];
+    for payload in &bad {
+        c.nodes[0]
+            .relay
+            .handle_cluster_message(name.as_bytes(), payload);
+    }
+    assert!(c.nodes[0].take_frames(bob).is_empty());
+    assert_eq!(c.nodes[0].relay.metrics().cluster_messages_refused, 3);
+    // The node's own messages are skipped: it delivered them when they were sent.
+    let mut own = 100u64.to_be_bytes().to_vec();
+    own.extend_from_slice(&as_opcode(send(1, 2, b"x"), Opcode::Deliver));
+    c.nodes[0]
+        .relay
+        .handle_cluster_message(name.as_bytes(), &Bytes::from(own));
+    assert!(c.nodes[0].take_frames(bob).is_empty());
+}
+
+fn room_frame() -> Frame {
+    Frame::room_send(MessageId(1), RoomId(1), Bytes::new())
+}
+
+/// `frame` encoded with another opcode (as a relay rewrites what it forwards).
+fn as_opcode(mut frame: Frame, opcode: Opcode) -> Bytes {
+    frame.opcode = opcode;
+    frame.to_bytes()
+}
+
+#[test]
+fn stored_sends_are_refused_in_cluster_mode() {
+    let mut c = Cluster::new(1);
+    let alice = c.nodes[0].login(1);
+    c.nodes[0].send_frame(alice, send(1, 2, b"x").with_flags(Flags::STORED));
+    c.nodes[0].expect_error(alice, ErrorCode::InvalidField);
+}
+
+/// DEDUP resends get the final answer: the full count, the same RECIPIENT_OFFLINE, and a
+/// fresh delivery for one whose answer the link lost.
+#[test]
+fn dedup_remembers_the_cluster_answer() {
+    let mut c = Cluster::new(2);
+    let alice = c.nodes[0].login(1);
+    let bob = c.nodes[1].login(2);
+    c.settle();
+    let dedup = |msg: u64, to: u64| send(msg, to, b"d").with_flags(Flags::DEDUP);
+
+    c.nodes[0].send_frame(alice, dedup(1, 2));
+    c.settle();
+    assert_eq!(ack_count(&c.nodes[0].take_frames(alice)[0]), 1);
+    c.nodes[0].send_frame(alice, dedup(1, 2));
+    c.settle();
+    assert_eq!(
+        ack_count(&c.nodes[0].take_frames(alice)[0]),
+        1,
+        "same count"
+    );
+    assert_eq!(c.nodes[1].take_frames(bob).len(), 1, "delivered once");
+
+    c.nodes[0].send_frame(alice, dedup(2, 9));
+    c.settle();
+    c.nodes[0].expect_error(alice, ErrorCode::RecipientOffline);
+    c.nodes[0].send_frame(alice, dedup(2, 9));
+    c.settle();
+    c.nodes[0].expect_error(alice, ErrorCode::RecipientOffline);
+
+    // The link drops before Redis answers: the resend is published again.
+    c.nodes[0].send_frame(alice, dedup(3, 2));
+    let mut lost = Vec::new();
+    c.nodes[0].relay.take_cluster_ops(&mut lost);
+    c.nodes[0].relay.handle_cluster_down();
+    c.nodes[0].expect_error(alice, ErrorCode::ClusterUnavailable);
+    c.nodes[0].relay.handle_cluster_up();
+    c.settle();
+    c.nodes[0].send_frame(alice, dedup(3, 2));
+    c.settle();
+    assert_eq!(ack_count(&c.nodes[0].take_frames(alice)[0]), 1);
+    assert_eq!(c.nodes[1].take_frames(bob).len(), 1);
+}

@@ -1,0 +1,397 @@
+//! The link to Redis in cluster mode (`--cluster redis://HOST:PORT`), driven by the event
+//! loop: two non-blocking connections polled like clients, never waited on.
+//!
+//! - The **command** connection carries PUBLISHes. Everything a loop turn publishes is
+//!   written in one pipelined write; Redis answers each with the number of subscribers
+//!   (nodes) that got it, in order, and each answer goes to the core
+//!   ([`Relay::handle_cluster_published`]).
+//! - The **subscriber** connection carries SUBSCRIBE and UNSUBSCRIBE, and the messages
+//!   other nodes publish ([`Relay::handle_cluster_message`]).
+//!
+//! The link is down when either connection fails or closes, when Redis leaves a PUBLISH
+//! unanswered for [`REPLY_TIMEOUT`], when a connect takes longer than [`CONNECT_TIMEOUT`],
+//! or when more than [`MAX_OUTPUT`] bytes wait for Redis. Then the core is told
+//! ([`Relay::handle_cluster_down`]) and the link connects again after a backoff (100 ms
+//! doubling to 5 s); once both connections are up the core subscribes again to everything.
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use log::{info, warn};
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use super::resp::{self, Value};
+use crate::relay::{ClusterOp, Relay};
+
+/// Token of the command connection.
+pub const CMD: Token = Token(usize::MAX - 3);
+/// Token of the subscriber connection.
+pub const SUB: Token = Token(usize::MAX - 4);
+
+/// A PUBLISH Redis has not answered for this long takes the link down.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connect that has not completed in this time is given up.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bytes waiting to be written to Redis, at most (per connection).
+pub const MAX_OUTPUT: usize = 64 << 20;
+/// Bytes read from Redis and not yet decoded, at most: a message is at most a frame.
+const MAX_INPUT: usize = 64 << 20;
+/// The first wait before connecting again, doubled after each failure up to the next.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// One connection to Redis.
+struct RedisConn {
+    stream: TcpStream,
+    /// The connect completed.
+    connected: bool,
+    out: BytesMut,
+    input: BytesMut,
+}
+
+impl RedisConn {
+    fn open(addr: SocketAddr, token: Token, registry: &Registry) -> std::io::Result<RedisConn> {
+        let mut stream = TcpStream::connect(addr)?;
+        registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
+        let _ = stream.set_nodelay(true);
+        Ok(RedisConn {
+            stream,
+            connected: false,
+            out: BytesMut::new(),
+            input: BytesMut::new(),
+        })
+    }
+
+    /// Writes what is queued until the socket would block.
+    fn flush(&mut self) -> std::io::Result<()> {
+        while self.connected && !self.out.is_empty() {
+            match self.stream.write(&self.out) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    let _ = self.out.split_to(n);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.out.is_empty() && self.out.capacity() > 1 << 20 {
+            self.out = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    /// Reads until the socket would block; an EOF is an error.
+    fn fill(&mut self) -> std::io::Result<()> {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    self.input.extend_from_slice(&chunk[..n]);
+                    if self.input.len() > MAX_INPUT {
+                        return Err(std::io::Error::other("Redis sent more than the input cap"));
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A writable event: the connect completed, or failed.
+    fn check_connected(&mut self) -> std::io::Result<()> {
+        if self.connected {
+            return Ok(());
+        }
+        if let Some(e) = self.stream.take_error()? {
+            return Err(e);
+        }
+        match self.stream.peer_addr() {
+            Ok(_) => {
+                self.connected = true;
+                Ok(())
+            }
+            Err(e) if e.kind() == ErrorKind::NotConnected => Ok(()), // not yet
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The cluster link of a node.
+pub struct ClusterLink {
+    addr: SocketAddr,
+    node_name: String,
+    cmd: Option<RedisConn>,
+    sub: Option<RedisConn>,
+    /// Both connections are up and the core was told.
+    up: bool,
+    /// When the connects started (for [`CONNECT_TIMEOUT`]).
+    connecting_since: Option<Instant>,
+    /// When to connect again, while down.
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// Replies the command connection still owes: the time each PUBLISH was written
+    /// (`None` for a reply that answers no PUBLISH, such as CLIENT SETNAME's).
+    owed: VecDeque<Option<Instant>>,
+    /// Replies the subscriber connection owes before its pushes (CLIENT SETNAME's).
+    sub_owed: usize,
+    ops: Vec<ClusterOp>,
+    /// Why the link is down, for the log and /readyz (None while up or connecting first).
+    pub last_error: Option<String>,
+}
+
+impl ClusterLink {
+    /// A link to the Redis at `addr`, for the node named `node_name`; connects at once.
+    pub fn new(addr: SocketAddr, node_name: String, now: Instant) -> ClusterLink {
+        ClusterLink {
+            addr,
+            node_name,
+            cmd: None,
+            sub: None,
+            up: false,
+            connecting_since: None,
+            retry_at: Some(now),
+            backoff: BACKOFF_MIN,
+            owed: VecDeque::new(),
+            sub_owed: 0,
+            ops: Vec::new(),
+            last_error: None,
+        }
+    }
+
+    /// The next time [`ClusterLink::turn`] has something to do without an event.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let oldest = self
+            .owed
+            .iter()
+            .flatten()
+            .next()
+            .map(|t| *t + REPLY_TIMEOUT);
+        [
+            self.retry_at,
+            self.connecting_since.map(|t| t + CONNECT_TIMEOUT),
+            oldest,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// A readiness event on one of the link's tokens.
+    pub fn handle_event(
+        &mut self,
+        token: Token,
+        relay: &mut Relay,
+        registry: &Registry,
+        now: Instant,
+    ) {
+        let result = if token == CMD {
+            self.cmd_ready(relay)
+        } else {
+            self.sub_ready(relay)
+        };
+        if let Err(e) = result {
+            self.down(relay, registry, &e.to_string(), now);
+            return;
+        }
+        self.maybe_up(relay);
+    }
+
+    /// Once per loop turn, after the core ran: connects when due, writes what the core
+    /// asks (pipelined), and checks the deadlines.
+    pub fn turn(&mut self, relay: &mut Relay, registry: &Registry, now: Instant) {
+        if self.retry_at.is_some_and(|at| at <= now) {
+            self.retry_at = None;
+            self.connect(registry, now);
+        }
+        if self
+            .connecting_since
+            .is_some_and(|t| now >= t + CONNECT_TIMEOUT)
+        {
+            self.down(relay, registry, "connect timed out", now);
+            return;
+        }
+        if self
+            .owed
+            .iter()
+            .flatten()
+            .next()
+            .is_some_and(|t| now >= *t + REPLY_TIMEOUT)
+        {
+            self.down(relay, registry, "Redis did not answer in time", now);
+            return;
+        }
+        relay.take_cluster_ops(&mut self.ops);
+        if self.ops.is_empty() {
+            return;
+        }
+        let (Some(cmd), Some(sub)) = (self.cmd.as_mut(), self.sub.as_mut()) else {
+            self.ops.clear(); // not up: the core subscribes again when it is
+            return;
+        };
+        for op in self.ops.drain(..) {
+            match op {
+                ClusterOp::Publish(channel, payload) => {
+                    let name = channel.name();
+                    resp::command(&mut cmd.out, &[b"PUBLISH", name.as_bytes(), &payload]);
+                    self.owed.push_back(Some(now));
+                }
+                ClusterOp::Subscribe(channel) => {
+                    resp::command(&mut sub.out, &[b"SUBSCRIBE", channel.name().as_bytes()]);
+                }
+                ClusterOp::Unsubscribe(channel) => {
+                    resp::command(&mut sub.out, &[b"UNSUBSCRIBE", channel.name().as_bytes()]);
+                }
+            }
+        }
+        let too_much = cmd.out.len() > MAX_OUTPUT || sub.out.len() > MAX_OUTPUT;
+        let result = cmd.flush().and_then(|()| sub.flush());
+        if too_much {
+            self.down(relay, registry, "Redis does not keep up", now);
+        } else if let Err(e) = result {
+            self.down(relay, registry, &e.to_string(), now);
+        }
+    }
+
+    fn connect(&mut self, registry: &Registry, now: Instant) {
+        let opened = RedisConn::open(self.addr, CMD, registry)
+            .and_then(|cmd| Ok((cmd, RedisConn::open(self.addr, SUB, registry)?)));
+        match opened {
+            Ok((mut cmd, mut sub)) => {
+                // Named, so `CLIENT LIST` on the Redis says which node holds a connection.
+                let name = format!("imrelay-{}", self.node_name);
+                resp::command(&mut cmd.out, &[b"CLIENT", b"SETNAME", name.as_bytes()]);
+                resp::command(&mut sub.out, &[b"CLIENT", b"SETNAME", name.as_bytes()]);
+                self.owed.push_back(None);
+                self.sub_owed = 1;
+                self.cmd = Some(cmd);
+                self.sub = Some(sub);
+                self.connecting_since = Some(now);
+            }
+            Err(e) => {
+                self.last_error = Some(format!("cannot connect to {}: {e}", self.addr));
+                self.retry_at = Some(now + self.next_backoff());
+            }
+        }
+    }
+
+    fn cmd_ready(&mut self, relay: &mut Relay) -> std::io::Result<()> {
+        let Some(cmd) = self.cmd.as_mut() else {
+            return Ok(());
+        };
+        cmd.check_connected()?;
+        if !cmd.connected {
+            return Ok(());
+        }
+        cmd.flush()?;
+        cmd.fill()?;
+        while let Some(value) = resp::decode(&mut cmd.input, MAX_INPUT).map_err(other)? {
+            let Some(owed) = self.owed.pop_front() else {
+                return Err(other("Redis answered a command that was not sent"));
+            };
+            match (owed, value) {
+                (Some(_), Value::Integer(n)) => {
+                    relay.handle_cluster_published(u64::try_from(n).unwrap_or(0));
+                }
+                (None, Value::Simple(_)) => {}
+                (_, Value::Error(e)) => {
+                    return Err(other(format!(
+                        "Redis refused a command: {}",
+                        String::from_utf8_lossy(&e)
+                    )));
+                }
+                (_, other_value) => {
+                    return Err(other(format!("unexpected reply {other_value:?}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn sub_ready(&mut self, relay: &mut Relay) -> std::io::Result<()> {
+        let Some(sub) = self.sub.as_mut() else {
+            return Ok(());
+        };
+        sub.check_connected()?;
+        if !sub.connected {
+            return Ok(());
+        }
+        sub.flush()?;
+        sub.fill()?;
+        while let Some(value) = resp::decode(&mut sub.input, MAX_INPUT).map_err(other)? {
+            match value {
+                Value::Simple(_) if self.sub_owed > 0 => self.sub_owed -= 1,
+                Value::Array(Some(items)) => match items.as_slice() {
+                    [Value::Bulk(Some(kind)), Value::Bulk(Some(channel)), Value::Bulk(Some(payload))]
+                        if kind.as_ref() == b"message" =>
+                    {
+                        relay.handle_cluster_message(channel, payload);
+                    }
+                    [Value::Bulk(Some(kind)), _, Value::Integer(_)]
+                        if kind.as_ref() == b"subscribe" || kind.as_ref() == b"unsubscribe" => {}
+                    _ => return Err(other(format!("unexpected push {items:?}"))),
+                },
+                Value::Error(e) => {
+                    return Err(other(format!(
+                        "Redis refused a subscription: {}",
+                        String::from_utf8_lossy(&e)
+                    )));
+                }
+                other_value => return Err(other(format!("unexpected reply {other_value:?}"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Both connections completed: the core subscribes to everything it holds.
+    fn maybe_up(&mut self, relay: &mut Relay) {
+        let connected = |c: &Option<RedisConn>| c.as_ref().is_some_and(|c| c.connected);
+        if self.up || !connected(&self.cmd) || !connected(&self.sub) {
+            return;
+        }
+        self.up = true;
+        self.connecting_since = None;
+        self.backoff = BACKOFF_MIN;
+        self.last_error = None;
+        info!("cluster: connected to Redis at {}", self.addr);
+        relay.handle_cluster_up();
+    }
+
+    fn down(&mut self, relay: &mut Relay, registry: &Registry, why: &str, now: Instant) {
+        for conn in [self.cmd.take(), self.sub.take()].into_iter().flatten() {
+            let mut stream = conn.stream;
+            let _ = registry.deregister(&mut stream);
+        }
+        let wait = self.next_backoff();
+        if self.up || self.last_error.is_none() {
+            warn!(
+                "cluster: link to Redis at {} down ({why}); connecting again in {wait:?}",
+                self.addr
+            );
+        }
+        self.up = false;
+        self.connecting_since = None;
+        self.owed.clear();
+        self.sub_owed = 0;
+        self.ops.clear();
+        self.last_error = Some(why.to_string());
+        self.retry_at = Some(now + wait);
+        relay.handle_cluster_down();
+    }
+
+    fn next_backoff(&mut self) -> Duration {
+        let wait = self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        wait
+    }
+}
+
+fn other(e: impl ToString) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}

@@ -1,0 +1,959 @@
+//! Cluster mode end to end (`--cluster redis://…`, `--node-name`): three real relay
+//! processes sharing one real Redis (Debian's `redis-server`, installed by
+//! `tests/cluster/setup.sh` and run by each test as its own child on a free loopback port)
+//! act as one relay. Direct messages, presence, rooms and broadcasts cross nodes; a Redis
+//! outage gives clear errors (`CLUSTER_UNAVAILABLE`, `/readyz` 503) and heals; a killed
+//! node drops out of presence; stored sends are refused.
+//!
+//! Cross-node state is eventually consistent: a login, a logout or a JOIN on one node
+//! reaches the others once that node's subscription reached Redis. So every wait here is a
+//! bounded retry loop on a signal (send, look at the answer or at what arrived, retry every
+//! [`POLL`]) under a generous safety timeout; nothing sleeps for a fixed time to let the
+//! cluster settle and nothing asserts a timing. Answers that are allowed while the state
+//! settles are named at each wait; any other answer fails at once.
+//!
+//! A missing redis-server (after setup.sh) fails the tests: they never skip.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use imrelay::proto::{ErrorCode, Flags, Frame, MessageId, Opcode, RoomId, UserId};
+use support::process::RelayProcess;
+use support::{Client, SAFETY_TIMEOUT};
+
+const REDIS_SERVER: &str = "/usr/bin/redis-server";
+/// How often a retry loop tries again.
+const POLL: Duration = Duration::from_millis(20);
+/// How long cross-node state may take to settle before a test fails.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the nodes may take to notice a restarted Redis (their reconnect backoff is up
+/// to a few seconds) and resubscribe.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+// Error codes (protocol.md, section 6). 22 is cluster mode's own.
+const RECIPIENT_OFFLINE: u16 = 6;
+const INVALID_FIELD: u16 = 12;
+const FORBIDDEN: u16 = 15;
+const CLUSTER_UNAVAILABLE: u16 = ErrorCode::ClusterUnavailable as u16;
+
+/// Node indexes in [`Cluster::nodes`].
+const A: usize = 0;
+const B: usize = 1;
+const C: usize = 2;
+
+const ROOM: u64 = 42;
+const WARM_UP: &[u8] = b"warm-up";
+
+// ---- Redis --------------------------------------------------------------------------------
+
+fn setup_redis() {
+    static SETUP: Once = Once::new();
+    SETUP.call_once(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cluster/setup.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .output()
+            .expect("run tests/cluster/setup.sh (bash is required)");
+        assert!(
+            out.status.success(),
+            "tests/cluster/setup.sh failed ({}): these tests need Debian's redis-server.\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    assert!(
+        Path::new(REDIS_SERVER).exists(),
+        "{REDIS_SERVER} is missing after tests/cluster/setup.sh"
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// A redis-server child on a loopback port with a directory of its own and no
+/// persistence; killed (and its directory removed) on drop, even when the test panics.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        setup_redis();
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "cluster-redis-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        let mut redis = Redis {
+            child: None,
+            port: free_port(),
+            dir,
+        };
+        redis.restart();
+        redis
+    }
+
+    /// `redis://127.0.0.1:PORT`, for `--cluster`.
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (`SIGKILL`: no goodbye to its clients) and waits until it is gone.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server (again) on its port and waits until it answers PING.
+    fn restart(&mut self) {
+        assert!(self.child.is_none(), "redis-server is already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("redis.log"))
+            .expect("redis log");
+        let port = self.port.to_string();
+        let child = Command::new(REDIS_SERVER)
+            .args(["--port", &port, "--bind", "127.0.0.1", "--dir"])
+            .arg(&self.dir)
+            .args(["--save", "", "--appendonly", "no"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("redis log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {REDIS_SERVER}: {e}"));
+        self.child = Some(child);
+        let deadline = Instant::now() + SAFETY_TIMEOUT;
+        loop {
+            let last = match self.ping() {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("try_wait") {
+                panic!("redis-server exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING within {SAFETY_TIMEOUT:?} ({last}):\n{}",
+                self.log()
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// One inline `PING`; Ok on `+PONG`.
+    fn ping(&self) -> Result<(), String> {
+        let mut stream =
+            TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| format!("connect: {e}"))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .map_err(|e| e.to_string())?;
+        stream
+            .write_all(b"PING\r\n")
+            .map_err(|e| format!("write: {e}"))?;
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 256];
+        while !got.ends_with(b"\r\n") {
+            match stream.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+        if got.starts_with(b"+PONG") {
+            Ok(())
+        } else {
+            Err(format!("answered {:?}", String::from_utf8_lossy(&got)))
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---- the cluster --------------------------------------------------------------------------
+
+/// One Redis and `n` relay nodes (named `a`, `b`, `c`, …) using it; every node has user 1
+/// as admin and no room send rates (the tests send hundreds of room messages). The nodes
+/// stop before Redis does.
+struct Cluster {
+    redis: Redis,
+    nodes: Vec<RelayProcess>,
+}
+
+impl Cluster {
+    fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, |_| Vec::new())
+    }
+
+    /// [`Cluster::start`], node `i` also given the flags `extra(i)`.
+    fn start_with(n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
+        let redis = Redis::start();
+        let url = redis.url();
+        let nodes = (0..n)
+            .map(|i| {
+                let name = node_name(i);
+                // RelayProcess::start adds `--store memory`.
+                let mut args: Vec<String> = [
+                    "--cluster",
+                    &url,
+                    "--node-name",
+                    &name,
+                    "--admin",
+                    "1",
+                    "--room-rate",
+                    "0",
+                    "--room-total-rate",
+                    "0",
+                ]
+                .map(String::from)
+                .to_vec();
+                args.extend(extra(i));
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                RelayProcess::start(&args)
+            })
+            .collect();
+        Cluster { redis, nodes }
+    }
+
+    /// A client connected to node `node`, not logged in.
+    fn connect(&self, node: usize) -> Client {
+        Client::connect(self.nodes[node].addr)
+    }
+
+    /// A client logged in as `user` on node `node`.
+    fn login(&self, node: usize, user: u64) -> Client {
+        let mut client = self.connect(node);
+        client.login(user);
+        client
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+    }
+}
+
+fn node_name(i: usize) -> String {
+    char::from(b'a' + i as u8).to_string()
+}
+
+// ---- answers and waits --------------------------------------------------------------------
+
+/// What the relay answered a request, in short.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    Ack(u32),
+    Error(u16),
+}
+
+const OFFLINE: Answer = Answer::Error(RECIPIENT_OFFLINE);
+const UNAVAILABLE: Answer = Answer::Error(CLUSTER_UNAVAILABLE);
+
+fn answer_of(frame: &Frame) -> Answer {
+    match frame.opcode {
+        Opcode::Ack => Answer::Ack(frame.ack_count().expect("a 4-byte ACK payload")),
+        Opcode::Error => Answer::Error(frame.error().expect("an error code").0),
+        _ => panic!("not an answer: {frame:?}"),
+    }
+}
+
+/// The answer to request `id`: the next frame, which must be its ACK or ERROR. A DELIVER of
+/// a probe to this client on the way is skipped: a probe answered while the cluster
+/// settled (or while Redis was down) may or may not reach its recipient, or reach it late.
+fn answer(client: &mut Client, id: MessageId) -> Frame {
+    let frame = loop {
+        let frame = client.recv_or(|| format!("waiting for the answer to message {}", id.0));
+        if !(frame.opcode == Opcode::Deliver && frame.payload.starts_with(b"probe ")) {
+            break frame;
+        }
+    };
+    assert!(
+        matches!(frame.opcode, Opcode::Ack | Opcode::Error) && frame.msg_id == id,
+        "expected the answer to message {}: {frame:?}",
+        id.0
+    );
+    frame
+}
+
+/// The payload of a probe: a SEND whose only purpose is to learn the cluster's state.
+fn probe_payload(id: MessageId) -> Bytes {
+    Bytes::from(format!("probe {}", id.0))
+}
+
+/// SENDs a probe from `from` to `to`; returns its id and the answer.
+fn probe(from: &mut Client, to: u64) -> (MessageId, Frame) {
+    let id = from.next_id();
+    from.send_frame(&Frame::send(id, UserId(to), probe_payload(id)));
+    let frame = answer(from, id);
+    (id, frame)
+}
+
+/// Probes from `from` to `to` every [`POLL`] until the answer is `want`, within `timeout`;
+/// returns the id of that probe. An answer in `pass` means "not settled yet"; any other
+/// answer fails the test at once (so `pass` is also what must never be seen).
+fn probe_until(
+    from: &mut Client,
+    to: u64,
+    want: Answer,
+    pass: &[Answer],
+    timeout: Duration,
+) -> MessageId {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (id, frame) = probe(from, to);
+        let got = answer_of(&frame);
+        if got == want {
+            return id;
+        }
+        assert!(
+            pass.contains(&got),
+            "SEND to user {to}: waiting for {want:?}, got {got:?}, which is not allowed on the \
+             way (only {pass:?}): {frame:?}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "SEND to user {to}: still {got:?} after {timeout:?}, waiting for {want:?}: {frame:?}"
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+/// The next DELIVER on `client` (logged in as `me`) must be message `id` from `from` with
+/// `payload`. DELIVERs of earlier probes from `from` are skipped: probes ACKed while the
+/// cluster settled, or sent while Redis was down, may or may not have reached this client.
+fn expect_deliver(client: &mut Client, me: u64, from: u64, id: MessageId, payload: &[u8]) {
+    loop {
+        let got =
+            client.recv_or(|| format!("user {me} waiting for message {} from user {from}", id.0));
+        let earlier_probe = got.opcode == Opcode::Deliver
+            && got.source == UserId(from)
+            && got.msg_id < id
+            && got.payload.starts_with(b"probe ");
+        if earlier_probe {
+            continue;
+        }
+        assert_eq!(
+            (got.opcode, got.msg_id, got.target, got.source),
+            (Opcode::Deliver, id, UserId(me), UserId(from)),
+            "user {me}: {got:?}"
+        );
+        assert_eq!(&got.payload[..], payload, "user {me}: {got:?}");
+        return;
+    }
+}
+
+fn expect_probe(client: &mut Client, me: u64, from: u64, id: MessageId) {
+    expect_deliver(client, me, from, id, &probe_payload(id));
+}
+
+/// SENDs `payload` from `from` (user `from_user`) to `to_user`: it must be ACKed with
+/// `count` and delivered to every one of `to`.
+fn send_checked(
+    from: &mut Client,
+    from_user: u64,
+    to_user: u64,
+    to: &mut [&mut Client],
+    count: u32,
+    payload: &[u8],
+) {
+    let id = from.send(to_user, payload);
+    let ack = answer(from, id);
+    assert_eq!(
+        answer_of(&ack),
+        Answer::Ack(count),
+        "SEND from {from_user} to {to_user}: {ack:?}"
+    );
+    for client in to.iter_mut() {
+        expect_deliver(client, to_user, from_user, id, payload);
+    }
+}
+
+/// The next frame on `client` must answer `id` with ERROR `code`; returns the reason.
+fn expect_error_answer(client: &mut Client, id: MessageId, code: u16) -> String {
+    let frame = answer(client, id);
+    assert_eq!(answer_of(&frame), Answer::Error(code), "{frame:?}");
+    frame.error().unwrap().1
+}
+
+/// Sends the request `build(id)` and returns its id and ACK count (an ERROR fails).
+fn acked(client: &mut Client, build: impl FnOnce(MessageId) -> Frame) -> (MessageId, u32) {
+    let id = client.next_id();
+    client.send_frame(&build(id));
+    let frame = answer(client, id);
+    let count = frame
+        .ack_count()
+        .unwrap_or_else(|| panic!("expected an ACK: {frame:?}"));
+    (id, count)
+}
+
+/// A ROOM_DELIVER of `room` (0: a broadcast) from `source`.
+fn is_room_deliver(frame: &Frame, room: u64, source: u64) -> bool {
+    frame.opcode == Opcode::RoomDeliver
+        && frame.room() == RoomId(room)
+        && frame.source == UserId(source)
+}
+
+/// Room traffic reaches a node once that node's subscription reached Redis: sends the
+/// warm-up message (`build(id)`, a ROOM_SEND or BROADCAST from `source`) every [`POLL`]
+/// until each of `remote` got one. Every ACK must count `local` when given.
+fn warm_up(
+    sender: &mut Client,
+    source: u64,
+    room: u64,
+    build: impl Fn(MessageId) -> Frame,
+    local: Option<u32>,
+    remote: &mut [&mut Client],
+) {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let mut warm = vec![false; remote.len()];
+    while warm.contains(&false) {
+        assert!(
+            Instant::now() < deadline,
+            "room {room}: warm-ups from user {source} did not reach every node within \
+             {SETTLE_TIMEOUT:?} (reached: {warm:?})"
+        );
+        let (_, count) = acked(sender, &build);
+        if let Some(local) = local {
+            assert_eq!(
+                count, local,
+                "room {room}: the ACK counts this node's members"
+            );
+        }
+        for (client, warm) in remote.iter_mut().zip(&mut warm) {
+            if *warm {
+                continue;
+            }
+            if let Some(got) = client.recv_within(POLL) {
+                assert!(
+                    is_room_deliver(&got, room, source) && got.payload[..] == *WARM_UP,
+                    "room {room}: expected a warm-up: {got:?}"
+                );
+                *warm = true;
+            }
+        }
+    }
+}
+
+/// `member` must get exactly `sent` (ids and payloads) in order as ROOM_DELIVERs of `room`
+/// from `source`, after any number of warm-ups.
+fn expect_room_stream(
+    member: &mut Client,
+    name: &str,
+    room: u64,
+    source: u64,
+    sent: &[(MessageId, Bytes)],
+) {
+    let mut i = 0;
+    while i < sent.len() {
+        let got = member.recv_or(|| format!("{name} waiting for room message {i}"));
+        if i == 0 && is_room_deliver(&got, room, source) && got.payload[..] == *WARM_UP {
+            continue;
+        }
+        assert!(
+            is_room_deliver(&got, room, source),
+            "{name}, message {i}: {got:?}"
+        );
+        assert_eq!(
+            (got.msg_id, &got.payload),
+            (sent[i].0, &sent[i].1),
+            "{name}, message {i}: in order, nothing lost"
+        );
+        i += 1;
+    }
+}
+
+fn room_send_frame(room: u64, payload: Bytes) -> impl Fn(MessageId) -> Frame {
+    move |id| Frame::room_send(id, RoomId(room), payload.clone())
+}
+
+fn broadcast_frame(payload: Bytes) -> impl Fn(MessageId) -> Frame {
+    move |id| Frame::broadcast(id, payload.clone())
+}
+
+// ---- HTTP (the admin listener) ------------------------------------------------------------
+
+/// `GET path` over HTTP/1.0; the status and body, or why there is none.
+fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(SAFETY_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut got = Vec::new();
+    stream
+        .read_to_end(&mut got)
+        .map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status line in {text:?}"))?;
+    Ok((status, body.to_string()))
+}
+
+/// Polls `GET path` until its status is `status`, within `timeout`; returns the body.
+fn poll_status(addr: SocketAddr, path: &str, status: u16, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = get(addr, path);
+        if let Ok((got, body)) = &last {
+            if *got == status {
+                return body.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GET {path}: not {status} within {timeout:?}; last: {last:?}"
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+// ---- the tests ----------------------------------------------------------------------------
+
+#[test]
+fn cross_node_direct_messages_and_ack_counts() {
+    let cluster = Cluster::start(3);
+    let mut alice = cluster.login(A, 1);
+    let mut bob = cluster.login(B, 2);
+
+    // a -> b: offline until b's subscription for user 2 reached Redis, then one node.
+    let id = probe_until(&mut alice, 2, Answer::Ack(1), &[OFFLINE], SETTLE_TIMEOUT);
+    expect_probe(&mut bob, 2, 1, id);
+    for i in 0..5 {
+        let payload = format!("hello bob {i}");
+        send_checked(&mut alice, 1, 2, &mut [&mut bob], 1, payload.as_bytes());
+    }
+    // b -> a.
+    let id = probe_until(&mut bob, 1, Answer::Ack(1), &[OFFLINE], SETTLE_TIMEOUT);
+    expect_probe(&mut alice, 1, 2, id);
+    for i in 0..5 {
+        let payload = format!("hello alice {i}");
+        send_checked(&mut bob, 2, 1, &mut [&mut alice], 1, payload.as_bytes());
+    }
+    // An empty payload crosses nodes too.
+    send_checked(&mut alice, 1, 2, &mut [&mut bob], 1, b"");
+
+    // User 3 on a twice, on b twice and on c once. From a: 2 local connections + 2 other
+    // nodes (b counts once however many connections it has there) = 4.
+    let mut carol: Vec<Client> = [A, A, B, B, C]
+        .into_iter()
+        .map(|node| cluster.login(node, 3))
+        .collect();
+    let id = probe_until(
+        &mut alice,
+        3,
+        Answer::Ack(4),
+        &[Answer::Ack(2), Answer::Ack(3)],
+        SETTLE_TIMEOUT,
+    );
+    for c in &mut carol {
+        expect_probe(c, 3, 1, id);
+    }
+    let mut all: Vec<&mut Client> = carol.iter_mut().collect();
+    for i in 0..5 {
+        let payload = format!("hello carol {i}");
+        send_checked(&mut alice, 1, 3, &mut all, 4, payload.as_bytes());
+    }
+
+    // From c: 1 local connection + a + b = 3.
+    let mut dave = cluster.login(C, 4);
+    let id = probe_until(
+        &mut dave,
+        3,
+        Answer::Ack(3),
+        &[Answer::Ack(1), Answer::Ack(2)],
+        SETTLE_TIMEOUT,
+    );
+    for c in all.iter_mut() {
+        expect_probe(c, 3, 4, id);
+    }
+    for i in 0..5 {
+        let payload = format!("from dave {i}");
+        send_checked(&mut dave, 4, 3, &mut all, 3, payload.as_bytes());
+    }
+
+    // Nobody got anything more: each connection's next frame answers its PING.
+    for c in all.iter_mut() {
+        c.round_trip();
+    }
+    alice.round_trip();
+    bob.round_trip();
+}
+
+#[test]
+fn recipient_offline_only_when_connected_nowhere() {
+    let cluster = Cluster::start(3);
+    let mut alice = cluster.login(A, 1);
+
+    // User 5 is connected nowhere.
+    let id = alice.send(5, b"anyone?");
+    expect_error_answer(&mut alice, id, RECIPIENT_OFFLINE);
+
+    // On c: offline until c's subscription reached Redis, then ACKed, and from then on never
+    // offline while the user stays connected.
+    let mut eve_c = cluster.login(C, 5);
+    let id = probe_until(&mut alice, 5, Answer::Ack(1), &[OFFLINE], SETTLE_TIMEOUT);
+    expect_probe(&mut eve_c, 5, 1, id);
+    for i in 0..20 {
+        let payload = format!("to eve on c {i}");
+        send_checked(&mut alice, 1, 5, &mut [&mut eve_c], 1, payload.as_bytes());
+    }
+
+    // Also on b: two nodes, never offline on the way.
+    let mut eve_b = cluster.login(B, 5);
+    let id = probe_until(
+        &mut alice,
+        5,
+        Answer::Ack(2),
+        &[Answer::Ack(1)],
+        SETTLE_TIMEOUT,
+    );
+    expect_probe(&mut eve_c, 5, 1, id);
+    expect_probe(&mut eve_b, 5, 1, id);
+
+    // Gone from c, still on b: b alone, never offline on the way.
+    drop(eve_c);
+    let id = probe_until(
+        &mut alice,
+        5,
+        Answer::Ack(1),
+        &[Answer::Ack(2)],
+        SETTLE_TIMEOUT,
+    );
+    expect_probe(&mut eve_b, 5, 1, id);
+    for i in 0..10 {
+        let payload = format!("to eve on b {i}");
+        send_checked(&mut alice, 1, 5, &mut [&mut eve_b], 1, payload.as_bytes());
+    }
+
+    // Gone from b too: offline once b's unsubscription reached Redis, and then it stays so.
+    eve_b.send_frame(&Frame::bye(MessageId(1)));
+    loop {
+        // Skip whatever was still on its way to it; the BYE answer comes last.
+        let got = eve_b.recv();
+        if got.opcode == Opcode::Bye {
+            break;
+        }
+        assert_eq!(got.opcode, Opcode::Deliver, "{got:?}");
+    }
+    eve_b.expect_closed();
+    probe_until(&mut alice, 5, OFFLINE, &[Answer::Ack(1)], SETTLE_TIMEOUT);
+    for _ in 0..3 {
+        let id = alice.send(5, b"still there?");
+        let frame = answer(&mut alice, id);
+        assert_eq!(answer_of(&frame), OFFLINE, "{frame:?}");
+        assert_eq!(
+            frame.target,
+            UserId(5),
+            "the ERROR echoes the target: {frame:?}"
+        );
+    }
+
+    // Back on the sender's own node: reachable at once (local presence is not eventual).
+    let mut eve_a = cluster.login(A, 5);
+    send_checked(&mut alice, 1, 5, &mut [&mut eve_a], 1, b"welcome back");
+}
+
+#[test]
+fn rooms_span_nodes() {
+    let cluster = Cluster::start(3);
+    // Members: user 1 (the first sender) and user 2 on a, users 3 and 4 on b, user 5 on c.
+    // User 6 on c is logged in but not a member.
+    let mut members: Vec<(String, u64, Client)> = [(A, 1), (A, 2), (B, 3), (B, 4), (C, 5)]
+        .into_iter()
+        .map(|(node, user)| {
+            let mut client = cluster.login(node, user);
+            let state = client.join(ROOM).room_state().expect("ROOM_STATE");
+            assert!(state.is_member, "user {user} joined");
+            (format!("user {user} on {}", node_name(node)), user, client)
+        })
+        .collect();
+    let mut outsider = cluster.login(C, 6);
+
+    // From a member on a: the ACK counts a's other member (user 2) only.
+    {
+        let (sender, rest) = members.split_first_mut().unwrap();
+        let sender = &mut sender.2;
+        let mut remote: Vec<&mut Client> = rest[1..].iter_mut().map(|m| &mut m.2).collect();
+        let warm = room_send_frame(ROOM, Bytes::from_static(WARM_UP));
+        warm_up(sender, 1, ROOM, warm, Some(1), &mut remote);
+        let sent: Vec<(MessageId, Bytes)> = (0..100)
+            .map(|i| {
+                let payload = Bytes::from(format!("room message {i}"));
+                let (id, count) = acked(sender, room_send_frame(ROOM, payload.clone()));
+                assert_eq!(count, 1, "message {i}: the ACK counts this node's members");
+                (id, payload)
+            })
+            .collect();
+        for (name, _, member) in rest.iter_mut() {
+            expect_room_stream(member, name, ROOM, 1, &sent);
+        }
+        // The sending connection got no copy: its next frame answers this PING.
+        sender.round_trip();
+    }
+
+    // From the member on c, alone on its node: ACK 0; a and b's members all get it.
+    {
+        let (sender, rest) = members.split_last_mut().unwrap();
+        let sender = &mut sender.2;
+        let mut remote: Vec<&mut Client> = rest.iter_mut().map(|m| &mut m.2).collect();
+        let warm = room_send_frame(ROOM, Bytes::from_static(WARM_UP));
+        warm_up(sender, 5, ROOM, warm, Some(0), &mut remote);
+        let sent: Vec<(MessageId, Bytes)> = (0..20)
+            .map(|i| {
+                let payload = Bytes::from(format!("from c {i}"));
+                let (id, count) = acked(sender, room_send_frame(ROOM, payload.clone()));
+                assert_eq!(count, 0, "message {i}: no other member on c");
+                (id, payload)
+            })
+            .collect();
+        for (name, _, member) in rest.iter_mut() {
+            expect_room_stream(member, name, ROOM, 5, &sent);
+        }
+        sender.round_trip();
+    }
+
+    // Nobody got more than that, and the non-member on c got nothing.
+    for (_, _, member) in &mut members {
+        member.round_trip();
+    }
+    outsider.round_trip();
+}
+
+#[test]
+fn broadcast_reaches_every_node() {
+    let cluster = Cluster::start(3);
+    let mut admin = cluster.login(A, 1);
+    let mut users: Vec<(String, Client)> = [(A, 2), (B, 3), (C, 4), (C, 5)]
+        .into_iter()
+        .map(|(node, user)| {
+            let name = format!("user {user} on {}", node_name(node));
+            (name, cluster.login(node, user))
+        })
+        .collect();
+    let mut anonymous = cluster.connect(B);
+
+    // Only admins broadcast, on every node.
+    let id = users[1].1.next_id();
+    users[1]
+        .1
+        .send_frame(&Frame::broadcast(id, Bytes::from_static(b"free gifts")));
+    expect_error_answer(&mut users[1].1, id, FORBIDDEN);
+
+    // The ACK's count is not checked: what it counts for a broadcast is the node's business.
+    let mut remote: Vec<&mut Client> = users[1..].iter_mut().map(|u| &mut u.1).collect();
+    let warm = broadcast_frame(Bytes::from_static(WARM_UP));
+    warm_up(&mut admin, 1, 0, warm, None, &mut remote);
+    let sent: Vec<(MessageId, Bytes)> = (0..20)
+        .map(|i| {
+            let payload = Bytes::from(format!("announcement {i}"));
+            let (id, _) = acked(&mut admin, broadcast_frame(payload.clone()));
+            (id, payload)
+        })
+        .collect();
+    for (name, user) in &mut users {
+        expect_room_stream(user, name, 0, 1, &sent);
+        user.round_trip();
+    }
+    admin.round_trip();
+    // Not logged in: no broadcast before the PONG.
+    anonymous.round_trip();
+}
+
+#[test]
+fn redis_restart_gives_clear_errors_then_recovers() {
+    let admin = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut cluster = Cluster::start_with(3, |i| {
+        if i == A {
+            vec!["--admin-listen".to_string(), admin.to_string()]
+        } else {
+            Vec::new()
+        }
+    });
+    let mut alice = cluster.login(A, 1);
+    let mut bob = cluster.login(B, 2);
+    let mut carol: Vec<Client> = (0..2).map(|_| cluster.login(A, 3)).collect();
+
+    // Ready once the link to Redis is up.
+    poll_status(admin, "/readyz", 200, SETTLE_TIMEOUT);
+    let id = probe_until(&mut alice, 2, Answer::Ack(1), &[OFFLINE], SETTLE_TIMEOUT);
+    expect_probe(&mut bob, 2, 1, id);
+    let mut both: Vec<&mut Client> = carol.iter_mut().collect();
+    send_checked(&mut alice, 1, 3, &mut both, 2, b"before the outage");
+
+    cluster.redis.kill();
+
+    // A user connected elsewhere cannot be reached: CLUSTER_UNAVAILABLE once a notices
+    // (an ACK on the way: a had not noticed yet).
+    probe_until(
+        &mut alice,
+        2,
+        UNAVAILABLE,
+        &[Answer::Ack(1)],
+        SETTLE_TIMEOUT,
+    );
+    let id = alice.send(2, b"during the outage");
+    let frame = answer(&mut alice, id);
+    assert_eq!(answer_of(&frame), UNAVAILABLE, "{frame:?}");
+    assert_eq!(
+        frame.target,
+        UserId(2),
+        "the ERROR echoes the target: {frame:?}"
+    );
+    // The other way too, once b noticed.
+    probe_until(&mut bob, 1, UNAVAILABLE, &[Answer::Ack(1)], SETTLE_TIMEOUT);
+
+    // Local users are still served, with the local count.
+    for i in 0..3 {
+        let payload = format!("local during the outage {i}");
+        send_checked(&mut alice, 1, 3, &mut both, 2, payload.as_bytes());
+    }
+
+    // a is alive but not ready.
+    let body = poll_status(admin, "/readyz", 503, SETTLE_TIMEOUT);
+    assert!(
+        body.starts_with("the cluster link is down"),
+        "/readyz body: {body:?}"
+    );
+    assert_eq!(get(admin, "/healthz").expect("/healthz").0, 200);
+
+    cluster.redis.restart();
+
+    // The nodes reconnect and resubscribe: ready again, cross-node SENDs work again (on the
+    // way: still unavailable, or offline until b resubscribed).
+    poll_status(admin, "/readyz", 200, RECOVERY_TIMEOUT);
+    let id = probe_until(
+        &mut alice,
+        2,
+        Answer::Ack(1),
+        &[UNAVAILABLE, OFFLINE],
+        RECOVERY_TIMEOUT,
+    );
+    expect_probe(&mut bob, 2, 1, id);
+    for i in 0..5 {
+        let payload = format!("after the outage {i}");
+        send_checked(&mut alice, 1, 2, &mut [&mut bob], 1, payload.as_bytes());
+    }
+    let id = probe_until(
+        &mut bob,
+        1,
+        Answer::Ack(1),
+        &[UNAVAILABLE, OFFLINE],
+        RECOVERY_TIMEOUT,
+    );
+    expect_probe(&mut alice, 1, 2, id);
+    send_checked(&mut alice, 1, 3, &mut both, 2, b"after the outage, locally");
+    assert_eq!(get(admin, "/healthz").expect("/healthz").0, 200);
+}
+
+#[test]
+fn a_killed_node_drops_out_of_presence() {
+    let mut cluster = Cluster::start(3);
+    let mut alice = cluster.login(A, 1);
+    // User 3 only on c; user 4 on b and on c.
+    let mut carol = cluster.login(C, 3);
+    let mut dave_b = cluster.login(B, 4);
+    let mut dave_c = cluster.login(C, 4);
+
+    let id = probe_until(&mut alice, 3, Answer::Ack(1), &[OFFLINE], SETTLE_TIMEOUT);
+    expect_probe(&mut carol, 3, 1, id);
+    let id = probe_until(
+        &mut alice,
+        4,
+        Answer::Ack(2),
+        &[OFFLINE, Answer::Ack(1)],
+        SETTLE_TIMEOUT,
+    );
+    expect_probe(&mut dave_b, 4, 1, id);
+    expect_probe(&mut dave_c, 4, 1, id);
+
+    // kill -9: c says goodbye to nobody; Redis drops its connection and its subscriptions.
+    cluster.nodes.remove(C).crash();
+    drop((carol, dave_c));
+
+    probe_until(&mut alice, 3, OFFLINE, &[Answer::Ack(1)], SETTLE_TIMEOUT);
+    let id = probe_until(
+        &mut alice,
+        4,
+        Answer::Ack(1),
+        &[Answer::Ack(2)],
+        SETTLE_TIMEOUT,
+    );
+    expect_probe(&mut dave_b, 4, 1, id);
+    for i in 0..3 {
+        let id = alice.send(3, b"carol?");
+        let frame = answer(&mut alice, id);
+        assert_eq!(answer_of(&frame), OFFLINE, "{frame:?}");
+        let payload = format!("dave on b {i}");
+        send_checked(&mut alice, 1, 4, &mut [&mut dave_b], 1, payload.as_bytes());
+    }
+    // b still reaches a.
+    let id = probe_until(&mut dave_b, 1, Answer::Ack(1), &[OFFLINE], SETTLE_TIMEOUT);
+    expect_probe(&mut alice, 1, 4, id);
+}
+
+#[test]
+fn stored_sends_are_refused_in_cluster_mode() {
+    let cluster = Cluster::start(3);
+    let mut alice = cluster.login(A, 1);
+    let mut bob = cluster.login(B, 2);
+    let mut carol = cluster.login(A, 3);
+
+    // To a user on another node, on the same node, and connected nowhere.
+    for to in [2, 3, 99] {
+        let id = alice.next_id();
+        let frame = Frame::send(id, UserId(to), Bytes::from_static(b"keep this"));
+        alice.send_frame(&frame.with_flags(Flags::STORED));
+        let reason = expect_error_answer(&mut alice, id, INVALID_FIELD);
+        assert!(
+            reason.to_lowercase().contains("cluster"),
+            "the reason names cluster mode: {reason:?}"
+        );
+    }
+    // Nothing was delivered, and plain SENDs still work, across nodes and locally.
+    let id = probe_until(&mut alice, 2, Answer::Ack(1), &[OFFLINE], SETTLE_TIMEOUT);
+    expect_probe(&mut bob, 2, 1, id);
+    send_checked(&mut alice, 1, 2, &mut [&mut bob], 1, b"not stored");
+    send_checked(&mut alice, 1, 3, &mut [&mut carol], 1, b"not stored either");
+    bob.round_trip();
+    carol.round_trip();
+}

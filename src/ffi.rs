@@ -29,7 +29,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::client::{
-    ClientConfig, ConnectError, Event, FailReason, Listener, Polled, SendError, SharedClient,
+    tls_setting, ClientConfig, ConnectError, Event, FailReason, Listener, Polled, SendError,
+    SharedClient, TlsCa, TlsRequestError,
 };
 use crate::proto::{RoomId, UserId};
 
@@ -157,8 +158,7 @@ pub struct ImrelayOptions {
     credential: Vec<u8>,
     device: Option<String>,
     provider: Option<crate::client::TokenProvider>,
-    #[cfg(feature = "tls")]
-    tls: Option<crate::client::TlsClientOptions>,
+    tls: Option<crate::client::TlsSetting>,
     background: crate::client::Background,
 }
 
@@ -416,7 +416,6 @@ pub extern "C" fn imrelay_options_new() -> *mut ImrelayOptions {
         credential: Vec::new(),
         device: None,
         provider: None,
-        #[cfg(feature = "tls")]
         tls: None,
         background: crate::client::Background::KeepAlive,
     }))
@@ -606,7 +605,8 @@ pub unsafe extern "C" fn imrelay_options_set_tls(
             (Ok(name), Ok(file)) => (name, file),
             (Err(code), _) | (_, Err(code)) => return code,
         };
-        set_tls(o, name, file.map(|f| TlsCa::File(f.to_owned())))
+        let ca = file.map_or(TlsCa::SystemRoots, |f| TlsCa::File(f.into()));
+        set_tls(o, name, ca)
     };
     // SAFETY: forwarded from the caller's guarantee.
     unsafe { with_options(options, body) }
@@ -639,42 +639,23 @@ pub unsafe extern "C" fn imrelay_options_set_tls_ca_pem(
             Ok(pem) => pem,
             Err(code) => return code,
         };
-        set_tls(o, name, Some(TlsCa::Pem(pem.to_vec())))
+        set_tls(o, name, TlsCa::Pem(pem.to_vec()))
     };
     // SAFETY: forwarded from the caller's guarantee.
     unsafe { with_options(options, body) }
 }
 
-/// Where the CA of `imrelay_options_set_tls*` comes from (None: the system's store).
-#[cfg_attr(not(feature = "tls"), allow(dead_code))]
-enum TlsCa {
-    File(String),
-    Pem(Vec<u8>),
-}
-
-#[cfg(feature = "tls")]
-fn set_tls(o: &mut ImrelayOptions, server_name: &str, ca: Option<TlsCa>) -> i32 {
-    use crate::client::{TlsClientOptions, TlsTrust};
-    let trust = match ca {
-        None => TlsTrust::SystemRoots,
-        Some(TlsCa::File(path)) => TlsTrust::CaFile(path.into()),
-        Some(TlsCa::Pem(pem)) => TlsTrust::CaPem(pem),
-    };
-    match TlsClientOptions::new(server_name, trust) {
+/// `imrelay_options_set_tls*`: the TLS options the Java binding builds too
+/// ([`tls_setting`]), kept on `o`.
+fn set_tls(o: &mut ImrelayOptions, server_name: &str, ca: TlsCa) -> i32 {
+    match tls_setting(server_name, ca) {
         Ok(tls) => {
             o.tls = Some(tls);
             IMRELAY_OK
         }
-        Err(e) => set_error(IMRELAY_ERR_INVALID, e.to_string()),
+        Err(e @ TlsRequestError::Unsupported) => set_error(IMRELAY_ERR_UNSUPPORTED, e.to_string()),
+        Err(e @ TlsRequestError::Invalid(_)) => set_error(IMRELAY_ERR_INVALID, e.to_string()),
     }
-}
-
-#[cfg(not(feature = "tls"))]
-fn set_tls(_: &mut ImrelayOptions, _: &str, _: Option<TlsCa>) -> i32 {
-    set_error(
-        IMRELAY_ERR_UNSUPPORTED,
-        "this library was built without TLS (feature \"tls\")",
-    )
 }
 
 /// A NUL-terminated UTF-8 string from C; `what` names it in the error.
@@ -730,10 +711,7 @@ pub unsafe extern "C" fn imrelay_connect_with(
                 config.device = o.device.clone();
                 config.token_provider = o.provider.clone();
                 config.background = o.background;
-                #[cfg(feature = "tls")]
-                {
-                    config.tls = o.tls.clone();
-                }
+                config.use_tls(o.tls.clone());
             }
             Ok(())
         })

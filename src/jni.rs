@@ -7,6 +7,11 @@
 //! logins), the calls from the SDK's thread into the app's Java `Listener` and
 //! `TokenProvider`, and the mapping of every failure to a Java exception.
 //!
+//! Connect options: `ImRelayClient.Options` reaches `nativeConnect` as plain parameters,
+//! one per option, and becomes a [`ClientConfig`]; TLS there is built by
+//! [`tls_setting`], the helper the C ABI's `imrelay_options_set_tls*` use too, so a build
+//! without the "tls" feature refuses it the same way (`UnsupportedOperationException`).
+//!
 //! Ownership: `nativeConnect` makes the handle; `nativeFree` (called once by `close()`)
 //! frees it. The Java class guards the handle with a read-write lock: every call that uses
 //! the handle holds the read lock, `nativeFree` runs under the write lock with no
@@ -45,7 +50,8 @@ use ::jni::sys::{jboolean, jint, jlong, JNI_FALSE, JNI_TRUE};
 use ::jni::{JNIEnv, JavaVM};
 
 use crate::client::{
-    Background, ClientConfig, Event, Listener, SendError, SharedClient, TokenProvider,
+    tls_setting, Background, ClientConfig, Event, Listener, SendError, SharedClient, TlsCa,
+    TlsRequestError, TlsSetting, TokenProvider,
 };
 use crate::proto::{MessageId, RoomId, UserId};
 
@@ -54,6 +60,7 @@ const ILLEGAL_ARGUMENT: &str = "java/lang/IllegalArgumentException";
 const NULL_POINTER: &str = "java/lang/NullPointerException";
 const IO: &str = "java/io/IOException";
 const UNKNOWN_HOST: &str = "java/net/UnknownHostException";
+const UNSUPPORTED: &str = "java/lang/UnsupportedOperationException";
 
 /// Local references one callback makes (a payload array, a string): the frame's capacity.
 const CALLBACK_FRAME: i32 = 8;
@@ -71,6 +78,9 @@ enum Fail {
     Invalid(String),
     /// The host did not resolve: `UnknownHostException`.
     UnknownHost(String),
+    /// This build of the library lacks what was asked for (TLS without the "tls"
+    /// feature): `UnsupportedOperationException`.
+    Unsupported(String),
     /// The system refused a resource (the wake pipe, the network thread): `IOException`.
     System(String),
     /// The SDK refused a send or a room call.
@@ -96,6 +106,7 @@ impl Fail {
             Fail::Null(_) => NULL_POINTER,
             Fail::Invalid(_) => ILLEGAL_ARGUMENT,
             Fail::UnknownHost(_) => UNKNOWN_HOST,
+            Fail::Unsupported(_) => UNSUPPORTED,
             Fail::System(_) => IO,
             Fail::Send(SendError::TooLarge | SendError::InvalidRecipient) => ILLEGAL_ARGUMENT,
             Fail::Send(_) => ILLEGAL_STATE,
@@ -123,7 +134,7 @@ impl fmt::Display for Fail {
             Fail::Null(what) => write!(f, "{what} is null"),
             Fail::Invalid(why) => f.write_str(why),
             Fail::UnknownHost(host) => write!(f, "cannot resolve {host}"),
-            Fail::System(why) => f.write_str(why),
+            Fail::System(why) | Fail::Unsupported(why) => f.write_str(why),
             Fail::Send(e) => write!(f, "{e}"),
             Fail::Closed => f.write_str("client closed"),
             Fail::CloseFromCallback => f.write_str(
@@ -207,14 +218,22 @@ fn id_out(value: u64) -> jlong {
 
 // ---- connect ------------------------------------------------------------------------------
 
-/// `static native long nativeConnect(String host, int port, long user, TokenProvider
-/// tokens, String device, Listener listener, long backgroundDisconnectAfterMs)`: starts a
-/// client that connects (and reconnects) by itself, and its network thread calling
-/// `listener`. Returns the handle. `backgroundDisconnectAfterMs` < 0 is
-/// [`Background::KeepAlive`], else [`Background::DisconnectAfter`] that many milliseconds.
+/// `static native long nativeConnect(String host, int port, long user, Listener listener,
+/// TokenProvider tokens, String device, long backgroundDisconnectAfterMs, String
+/// tlsServerName, byte[] tlsCaPem)`: starts a client that connects (and reconnects) by
+/// itself, and its network thread calling `listener`. Returns the handle.
+///
+/// The parameters after `listener` are the fields of `ImRelayClient.Options`, one by one
+/// (`OptionArgs`): passed as parameters rather than read from the object by field name,
+/// so nothing here depends on names that R8 could rename, and the method's signature says
+/// everything native code reads. A new option is one more parameter here and in Java.
+///
 /// Throws `UnknownHostException` if `host` does not resolve, `IllegalArgumentException`
-/// for a port out of range, user 0 or an invalid device id, `NullPointerException` for a
-/// null host or listener, `IOException` if the system refuses a pipe or a thread.
+/// for a port out of range, user 0, an invalid device id or unusable TLS options (a server
+/// name that is no DNS name or IP address, a PEM without a certificate, an empty system
+/// trust store), `UnsupportedOperationException` for TLS from a library built without the
+/// "tls" feature, `NullPointerException` for a null host or listener, `IOException` if the
+/// system refuses a pipe or a thread.
 #[no_mangle]
 pub extern "system" fn Java_io_imrelay_ImRelayClient_nativeConnect<'local>(
     mut env: JNIEnv<'local>,
@@ -222,33 +241,47 @@ pub extern "system" fn Java_io_imrelay_ImRelayClient_nativeConnect<'local>(
     host: JString<'local>,
     port: jint,
     user: jlong,
+    listener: JObject<'local>,
     tokens: JObject<'local>,
     device: JString<'local>,
-    listener: JObject<'local>,
     background_disconnect_after_ms: jlong,
+    tls_server_name: JString<'local>,
+    tls_ca_pem: JByteArray<'local>,
 ) -> jlong {
-    let background = match u64::try_from(background_disconnect_after_ms) {
-        Ok(ms) => Background::DisconnectAfter(Duration::from_millis(ms)),
-        Err(_) => Background::KeepAlive,
+    let options = OptionArgs {
+        tokens: &tokens,
+        device: &device,
+        background_disconnect_after_ms,
+        tls_server_name: &tls_server_name,
+        tls_ca_pem: &tls_ca_pem,
     };
     boundary(&mut env, 0, |env| {
-        connect(
-            env, &host, port, user, &tokens, &device, &listener, background,
-        )
+        connect(env, &host, port, user, &listener, &options)
     })
 }
 
-// The Java method's parameters, one by one.
-#[allow(clippy::too_many_arguments)]
+/// The fields of `ImRelayClient.Options` as `nativeConnect` gets them.
+struct OptionArgs<'a, 'local> {
+    /// The `TokenProvider`, or null for an empty credential.
+    tokens: &'a JObject<'local>,
+    /// The device id, or null for the user's default device.
+    device: &'a JString<'local>,
+    /// Below 0: [`Background::KeepAlive`]; else [`Background::DisconnectAfter`] this many
+    /// milliseconds.
+    background_disconnect_after_ms: jlong,
+    /// Null: plain TCP; else TLS, the name the relay's certificate must carry.
+    tls_server_name: &'a JString<'local>,
+    /// With TLS: the CA certificates (PEM) to trust, or null for the system trust store.
+    tls_ca_pem: &'a JByteArray<'local>,
+}
+
 fn connect(
     env: &mut JNIEnv,
     host: &JString,
     port: jint,
     user: jlong,
-    tokens: &JObject,
-    device: &JString,
     listener: &JObject,
-    background: Background,
+    options: &OptionArgs,
 ) -> Result<jlong, Fail> {
     let host = string_arg(env, host, "host")?;
     if listener.is_null() {
@@ -262,22 +295,9 @@ fn connect(
     if user == 0 {
         return Err(Fail::Invalid("user id 0 is reserved".to_string()));
     }
-    let mut config = ClientConfig::new(UserId(user));
-    config.background = background;
-    if !device.is_null() {
-        let device: String = env.get_string(device)?.into();
-        if !crate::proto::device::valid_device(&device) {
-            return Err(Fail::Invalid(
-                "a device id is 1 to 64 bytes of UTF-8 without control characters".to_string(),
-            ));
-        }
-        config.device = Some(device);
-    }
-    let addr = resolve(&host, port)?;
     let vm = Arc::new(env.get_java_vm()?);
-    if !tokens.is_null() {
-        config.token_provider = Some(token_provider(Arc::clone(&vm), env.new_global_ref(tokens)?));
-    }
+    let config = client_config(env, &vm, UserId(user), options)?;
+    let addr = resolve(&host, port)?;
     let listener = env.new_global_ref(listener)?;
     let client = SharedClient::start(addr, config)
         .map_err(|e| Fail::System(format!("cannot start the client: {e}")))?;
@@ -297,6 +317,71 @@ fn connect(
         connected,
     });
     Ok(Box::into_raw(native) as usize as jlong)
+}
+
+/// The client's settings for `user` from the Java options (everything copied, the token
+/// provider held as a global reference).
+fn client_config(
+    env: &mut JNIEnv,
+    vm: &Arc<JavaVM>,
+    user: UserId,
+    options: &OptionArgs,
+) -> Result<ClientConfig, Fail> {
+    let mut config = ClientConfig::new(user);
+    config.device = device_arg(env, options.device)?;
+    config.background = background_arg(options.background_disconnect_after_ms);
+    config.use_tls(tls_arg(env, options.tls_server_name, options.tls_ca_pem)?);
+    if !options.tokens.is_null() {
+        let provider = env.new_global_ref(options.tokens)?;
+        config.token_provider = Some(token_provider(Arc::clone(vm), provider));
+    }
+    Ok(config)
+}
+
+/// A device id (null: none), checked as the relay checks it.
+fn device_arg(env: &mut JNIEnv, device: &JString) -> Result<Option<String>, Fail> {
+    if device.is_null() {
+        return Ok(None);
+    }
+    let device: String = env.get_string(device)?.into();
+    if !crate::proto::device::valid_device(&device) {
+        return Err(Fail::Invalid(
+            "a device id is 1 to 64 bytes of UTF-8 without control characters".to_string(),
+        ));
+    }
+    Ok(Some(device))
+}
+
+/// The background policy: below 0 keep the link, else disconnect after that many ms.
+fn background_arg(disconnect_after_ms: jlong) -> Background {
+    match u64::try_from(disconnect_after_ms) {
+        Ok(ms) => Background::DisconnectAfter(Duration::from_millis(ms)),
+        Err(_) => Background::KeepAlive,
+    }
+}
+
+/// The TLS options (null server name: none, plain TCP), built by the same
+/// [`tls_setting`] as the C ABI's `imrelay_options_set_tls*`: the PEM is copied and
+/// parsed (or the system trust store read) now.
+fn tls_arg(
+    env: &mut JNIEnv,
+    server_name: &JString,
+    ca_pem: &JByteArray,
+) -> Result<Option<TlsSetting>, Fail> {
+    if server_name.is_null() {
+        return Ok(None);
+    }
+    let server_name: String = env.get_string(server_name)?.into();
+    let ca = if ca_pem.is_null() {
+        TlsCa::SystemRoots
+    } else {
+        TlsCa::Pem(env.convert_byte_array(ca_pem)?)
+    };
+    match tls_setting(&server_name, ca) {
+        Ok(tls) => Ok(Some(tls)),
+        Err(e @ TlsRequestError::Unsupported) => Err(Fail::Unsupported(e.to_string())),
+        Err(TlsRequestError::Invalid(why)) => Err(Fail::Invalid(format!("TLS options: {why}"))),
+    }
 }
 
 /// The first address `host:port` resolves to (blocks on DNS for a name).

@@ -14,9 +14,9 @@
 //! used when it exports `Java_io_imrelay_ImRelayClient_nativeConnect`. Otherwise (a plain
 //! `cargo test`, as CI runs, or a copy overwritten since by a build without the feature)
 //! the test builds it itself, once per run: `cargo build --lib --no-default-features
-//! --features java --locked` into its own target directory under `CARGO_TARGET_TMPDIR` (a
-//! separate one, so it never waits on the lock of the build that runs it), which is also
-//! the SDK-only build an Android app ships.
+//! --features java,tls --locked` into its own target directory under `CARGO_TARGET_TMPDIR`
+//! (a separate one, so it never waits on the lock of the build that runs it), which is also
+//! the SDK-only build an Android app ships (TLS included: the `tls` scenario needs it).
 
 mod support;
 
@@ -72,7 +72,10 @@ fn library_dir() -> &'static Path {
     DIR.get_or_init(|| {
         let exe = std::env::current_exe().expect("test exe");
         let deps = exe.parent().expect("deps dir").to_path_buf();
-        if cfg!(feature = "java") && has_jni_methods(&deps.join("libimrelay.so")) {
+        // The deps copy has TLS when this test was built with "tls" (a default feature).
+        if cfg!(all(feature = "java", feature = "tls"))
+            && has_jni_methods(&deps.join("libimrelay.so"))
+        {
             return deps;
         }
         let target = tmp_dir().join("java-cdylib");
@@ -84,7 +87,7 @@ fn library_dir() -> &'static Path {
                 "--lib",
                 "--no-default-features",
                 "--features",
-                "java",
+                "java,tls",
             ])
             .arg("--locked")
             .arg("--target-dir")
@@ -94,7 +97,7 @@ fn library_dir() -> &'static Path {
             .expect("run cargo build for the Java binding's libimrelay.so");
         assert!(
             status.success(),
-            "cargo build --features java failed: {status:?}"
+            "cargo build --features java,tls failed: {status:?}"
         );
         let dir = target.join("debug");
         assert!(
@@ -163,12 +166,30 @@ impl std::fmt::Display for JavaRun {
 /// Runs `ImRelayTest <relay address> <scenarios>` in a JVM with the library; fails the
 /// test unless it exits 0 having printed `ALL OK`.
 fn run_java(relay: &RelayProcess, scenarios: &[&str]) -> JavaRun {
+    run_java_with(relay, &JvmSetup::default(), scenarios)
+}
+
+/// What a scenario needs of its JVM beyond the library: system properties
+/// (`-Dname=value`) and environment variables.
+#[derive(Default)]
+struct JvmSetup {
+    properties: Vec<(&'static str, String)>,
+    env: Vec<(&'static str, PathBuf)>,
+}
+
+/// As [`run_java`], in a JVM set up as `setup` says.
+fn run_java_with(relay: &RelayProcess, setup: &JvmSetup, scenarios: &[&str]) -> JavaRun {
     let classes = classes_dir();
     let library = library_dir();
     require("java");
-    let child = Command::new("java")
-        .arg(format!("-Djava.library.path={}", library.display()))
-        .arg("-Xcheck:jni")
+    let mut java = Command::new("java");
+    java.arg(format!("-Djava.library.path={}", library.display()))
+        .arg("-Xcheck:jni");
+    for (name, value) in &setup.properties {
+        java.arg(format!("-D{name}={value}"));
+    }
+    java.envs(setup.env.iter().map(|(k, v)| (k, v)));
+    let child = java
         .arg("-cp")
         .arg(classes)
         .arg("ImRelayTest")
@@ -274,4 +295,97 @@ fn a_stored_message_reaches_a_java_client_after_the_relay_restarts() {
         .expect_line("OK stored-receive from=201 payload=kept across a restart");
     drop(relay);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- TLS ----------------------------------------------------------------------------------
+
+/// A CA, a relay certificate for `localhost` and 127.0.0.1 it signed, and a second CA that
+/// signed nothing the relay has, as PEM files in a directory of their own (removed on drop).
+struct TlsFiles {
+    dir: PathBuf,
+}
+
+impl TlsFiles {
+    fn new() -> TlsFiles {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair, KeyUsagePurpose,
+        };
+        let dir = tmp_dir().join(format!("java-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the certificate directory");
+        let new_ca = |name: &str| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let key = KeyPair::generate().unwrap();
+            let pem = params.self_signed(&key).unwrap().pem();
+            (pem, Issuer::new(params, key))
+        };
+        let (ca_pem, ca) = new_ca("imrelay java test CA");
+        let (stranger_pem, _) = new_ca("a CA the relay's certificate does not chain to");
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        let mut params = CertificateParams::new(names).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let key = KeyPair::generate().unwrap();
+        let server_pem = params.signed_by(&key, &ca).unwrap().pem();
+        let files = [
+            ("ca.pem", ca_pem),
+            ("stranger-ca.pem", stranger_pem),
+            ("server.pem", server_pem),
+            ("server.key", key.serialize_pem()),
+        ];
+        for (name, pem) in files {
+            std::fs::write(dir.join(name), pem).expect("write a PEM file");
+        }
+        TlsFiles { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn path_str(&self, name: &str) -> String {
+        self.path(name).to_str().expect("a UTF-8 path").to_owned()
+    }
+}
+
+impl Drop for TlsFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn java_clients_speak_tls_with_a_bundled_ca_and_an_untrusted_certificate_is_refused() {
+    let files = TlsFiles::new();
+    let cert = files.path_str("server.pem");
+    let key = files.path_str("server.key");
+    let relay = RelayProcess::start(&["--tls-cert", &cert, "--tls-key", &key]);
+    let setup = JvmSetup {
+        properties: vec![
+            ("imrelay.test.tlsServerName", "localhost".to_string()),
+            ("imrelay.test.caPem", files.path_str("ca.pem")),
+        ],
+        // What `Options.tls(...)` (the system trust store) reads, pinned to a CA that did
+        // not sign the relay's certificate, whatever this machine trusts.
+        env: vec![("SSL_CERT_FILE", files.path("stranger-ca.pem"))],
+    };
+    let run = run_java_with(&relay, &setup, &["tls"]);
+    run.expect_line("OK tls-options-checked");
+    // A PEM without a certificate: IllegalArgumentException naming the problem.
+    run.expect_line("OK tls-bad-pem TLS options: ");
+    // Two clients with the CA as PEM: a message each way, each answered.
+    run.expect_line("OK tls-both-ways");
+    // The system store lacks the CA: onDisconnected names TLS and the certificate.
+    let refused = run.expect_line("OK tls-untrusted-refused reason=TLS handshake failed");
+    assert!(
+        refused.contains("UnknownIssuer") || refused.contains("issuer"),
+        "the reason says whose certificate failed: {refused}\n{run}"
+    );
 }

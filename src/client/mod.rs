@@ -22,6 +22,9 @@
 //! (re)connect and when the relay sends TOKEN_EXPIRING (it then sends REFRESH and reports
 //! `TokenRefreshed` or `RefreshFailed`).
 //!
+//! TLS as the C and Java bindings ask for it, in every build (`tls_request.rs`):
+//! [`tls_setting`] and [`ClientConfig::use_tls`].
+//!
 //! The rest: `config.rs` (settings), `event.rs` (what the app is told), `outbox.rs`,
 //! `seen.rs` (de-duplication of deliveries), `backoff.rs` (its random source is
 //! [`crate::rand`]).
@@ -61,6 +64,7 @@ mod tls;
 #[cfg(not(feature = "tls"))]
 #[path = "tls_off.rs"]
 mod tls;
+mod tls_request;
 mod wait;
 mod wake;
 
@@ -76,6 +80,7 @@ pub use listener::Listener;
 pub use shared::{Polled, SharedClient};
 #[cfg(feature = "tls")]
 pub use tls::{TlsClientOptions, TlsSetupError, TlsTrust};
+pub use tls_request::{tls_setting, TlsCa, TlsRequestError, TlsSetting};
 
 #[cfg(test)]
 mod heartbeat_tests;

@@ -1,6 +1,8 @@
 import io.imrelay.ImRelayClient;
 
 import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Paths;
 import java.util.ArrayList;
 import java.util.Arrays;
 import java.util.LinkedHashSet;
@@ -21,7 +23,11 @@ import java.util.function.Predicate;
  * callback; callbacks on the SDK's thread; a throwing callback; close), {@code reconnect}
  * ({@code networkChanged()} logs in again: reconnects goes 0 to 1), {@code stored-send}
  * (a stored message to user 202, offline) and {@code stored-receive} (user 202 gets it:
- * run after the relay restarted).
+ * run after the relay restarted), {@code tls} (a relay speaking TLS: two clients trusting
+ * its CA exchange messages, a bad PEM is refused, a client trusting only the system store
+ * fails the handshake; needs the system properties {@code imrelay.test.tlsServerName} and
+ * {@code imrelay.test.caPem}, a PEM file, and {@code SSL_CERT_FILE} naming a CA that did
+ * not sign the relay's certificate).
  *
  * <p>Prints an {@code OK <check>} line per check passed, then {@code ALL OK}, and exits 0;
  * on the first failure prints {@code FAIL <why>} and exits 1. Nothing waits on time: every
@@ -56,6 +62,9 @@ public final class ImRelayTest {
                         break;
                     case "stored-receive":
                         storedReceive(host, port);
+                        break;
+                    case "tls":
+                        tls(host, port);
                         break;
                     default:
                         throw new Failure("unknown scenario " + scenario);
@@ -242,6 +251,91 @@ public final class ImRelayTest {
         ok("stored-receive from=" + got.a + " payload=" + text(got.data));
     }
 
+    static final long GRACE = 501;
+    static final long HENRY = 502;
+    static final long IVAN = 503;
+
+    /**
+     * TLS: the relay's certificate is for {@code imrelay.test.tlsServerName}, signed by the
+     * CA in the file {@code imrelay.test.caPem}. Options are checked as they are set; a bad
+     * PEM is an IllegalArgumentException from connect; two clients given the CA with
+     * tlsCaPem exchange a message each way; a client with tls() trusts the system store
+     * (here SSL_CERT_FILE, a CA that did not sign the relay's certificate): its handshake
+     * fails, reported by onDisconnected, and it never logs in.
+     */
+    static void tls(String host, int port) throws Exception {
+        String serverName = requiredProperty("imrelay.test.tlsServerName");
+        byte[] caPem = Files.readAllBytes(Paths.get(requiredProperty("imrelay.test.caPem")));
+
+        // The builder checks what it can at once.
+        expect(IllegalArgumentException.class, () -> new ImRelayClient.Options().device(""));
+        expect(IllegalArgumentException.class,
+                () -> new ImRelayClient.Options().device("tab\there"));
+        expect(IllegalArgumentException.class,
+                () -> new ImRelayClient.Options().backgroundDisconnectAfterMs(-1));
+        expect(NullPointerException.class, () -> new ImRelayClient.Options().tls(null));
+        expect(IllegalArgumentException.class, () -> new ImRelayClient.Options().tls(""));
+        expect(IllegalArgumentException.class,
+                () -> new ImRelayClient.Options().tlsCaPem(serverName, new byte[0]));
+        expect(NullPointerException.class,
+                () -> ImRelayClient.connect(host, port, GRACE, null, new Recorder("nobody")));
+        ok("tls-options-checked");
+
+        // A PEM without a certificate: connect throws, naming the problem.
+        ImRelayClient.Options badPem =
+                new ImRelayClient.Options().tlsCaPem(serverName, bytes("not a certificate"));
+        IllegalArgumentException bad = expect(IllegalArgumentException.class,
+                () -> ImRelayClient.connect(host, port, GRACE, badPem, new Recorder("nobody")));
+        check(bad.getMessage().contains("TLS") && bad.getMessage().contains("CERTIFICATE"),
+                "the message names the problem: " + bad.getMessage());
+        ok("tls-bad-pem " + bad.getMessage());
+
+        // Two clients trusting the relay's CA. Grace's array is overwritten after the setter:
+        // the options hold their own copy.
+        byte[] graceCopy = caPem.clone();
+        ImRelayClient.Options graceOptions =
+                new ImRelayClient.Options().tlsCaPem(serverName, graceCopy).device("grace-phone");
+        Arrays.fill(graceCopy, (byte) 0);
+        Recorder grace = new Recorder("grace");
+        Recorder henry = new Recorder("henry");
+        ImRelayClient g = ImRelayClient.connect(host, port, GRACE, graceOptions, grace);
+        ImRelayClient h = ImRelayClient.connect(host, port, HENRY,
+                new ImRelayClient.Options().tlsCaPem(serverName, caPem), henry);
+        check(grace.await("connected", e -> true).a == GRACE, "grace logged in over TLS");
+        check(henry.await("connected", e -> true).a == HENRY, "henry logged in over TLS");
+        long there = g.send(HENRY, bytes("over tls"));
+        Event got = henry.await("message", e -> e.a == GRACE);
+        check(Arrays.equals(got.data, bytes("over tls")), "henry got " + text(got.data));
+        grace.await("delivered", e -> e.a == there);
+        long back = h.send(GRACE, bytes("and back"));
+        Event reply = grace.await("message", e -> e.a == HENRY);
+        check(Arrays.equals(reply.data, bytes("and back")), "grace got " + text(reply.data));
+        henry.await("delivered", e -> e.a == back);
+        ok("tls-both-ways");
+
+        // The system trust store does not hold the relay's CA: no login, a reason instead.
+        Recorder ivan = new Recorder("ivan");
+        ImRelayClient i = ImRelayClient.connect(
+                host, port, IVAN, new ImRelayClient.Options().tls(serverName), ivan);
+        Event down = ivan.await("disconnected", e -> true);
+        String reason = down.text;
+        check(reason.contains("TLS") && reason.toLowerCase().contains("certificate"),
+                "the reason names TLS and the certificate: " + reason);
+        i.close();
+        // close() returned after onClosed: every event ivan will ever get is recorded.
+        List<Event> all = new ArrayList<>(ivan.skipped);
+        ivan.events.drainTo(all);
+        for (Event e : all) {
+            check(!e.kind.equals("connected"), "ivan must never log in, got " + all);
+        }
+        ok("tls-untrusted-refused reason=" + reason);
+
+        g.close();
+        h.close();
+        grace.onlyThread();
+        henry.onlyThread();
+    }
+
     // ---- helpers -------------------------------------------------------------------------
 
     static final class Failure extends Exception {
@@ -256,6 +350,29 @@ public final class ImRelayTest {
         if (!condition) {
             throw new Failure(what);
         }
+    }
+
+    static String requiredProperty(String name) throws Failure {
+        String value = System.getProperty(name);
+        check(value != null, "system property " + name + " is not set");
+        return value;
+    }
+
+    interface Action {
+        void run() throws Exception;
+    }
+
+    /** Runs {@code action}, which must throw a {@code type}; returns what it threw. */
+    static <T extends Throwable> T expect(Class<T> type, Action action) throws Exception {
+        try {
+            action.run();
+        } catch (Throwable t) {
+            if (type.isInstance(t)) {
+                return type.cast(t);
+            }
+            throw new Failure("expected " + type.getSimpleName() + ", got " + t);
+        }
+        throw new Failure("expected " + type.getSimpleName() + ", nothing was thrown");
     }
 
     static void ok(String what) {

@@ -1,6 +1,7 @@
 package io.imrelay;
 
 import java.io.IOException;
+import java.nio.charset.StandardCharsets;
 import java.util.Objects;
 import java.util.concurrent.locks.ReentrantReadWriteLock;
 
@@ -36,6 +37,14 @@ import java.util.concurrent.locks.ReentrantReadWriteLock;
  * and the network thread live on (they are not garbage collected). Byte arrays are copied
  * both ways: the app may reuse an array it passed to {@code send}, and owns every array
  * a callback gets.
+ *
+ * <h2>TLS</h2>
+ * A production app connects over TLS: {@link Options#tls} trusts the system's CAs, {@link
+ * Options#tlsCaPem} a CA bundled with the app. The handshake is part of connecting: a
+ * certificate that does not verify is an {@code onDisconnected} whose reason says so (then
+ * the usual backoff), not an exception. The native library must be built with the cargo
+ * features {@code java,tls}; without {@code tls}, asking for TLS makes {@code connect}
+ * throw {@code UnsupportedOperationException}.
  *
  * <h2>Ids</h2>
  * User ids, room ids and message ids are unsigned 64-bit numbers carried in a {@code long}
@@ -144,10 +153,191 @@ public final class ImRelayClient implements AutoCloseable {
     }
 
     /**
-     * Starts a client for {@code user} on the relay at {@code host:port} and returns at once:
-     * {@code onConnected} follows when it has logged in (it may come before this method
-     * returns). Resolves {@code host} first, so it may block on DNS: call it off the UI
-     * thread.
+     * How a client connects: its login tokens, its device id, its background policy, and
+     * TLS. Every option has a default (no token, the user's default device, keep the link in
+     * the background, plain TCP); set the ones you need with the fluent setters and pass the
+     * object to {@link ImRelayClient#connect(String, int, long, Options, Listener)}:
+     *
+     * <pre>{@code
+     * ImRelayClient.Options options = new ImRelayClient.Options()
+     *         .device(deviceId)
+     *         .tokens(user -> tokenCache.current())
+     *         .tlsCaPem("relay.example.com", caPemBytes);
+     * ImRelayClient client =
+     *         ImRelayClient.connect("relay.example.com", 7700, me, options, listener);
+     * }</pre>
+     *
+     * <p>Each setter checks its argument at once ({@code NullPointerException} for null,
+     * {@code IllegalArgumentException} for a value out of range) and returns this object.
+     * What only the native library can check (a server name that is neither a DNS name nor
+     * an IP address, a PEM holding no usable certificate, TLS from a library built without
+     * it) is checked by {@code connect}.
+     *
+     * <p>Threads: an {@code Options} is not synchronised: set it up on one thread (or
+     * publish it safely), and do not change it while a {@code connect} with it runs. {@code
+     * connect} copies every value (the PEM bytes included), so changing or reusing the
+     * object afterwards does not affect clients already started; only the {@link
+     * TokenProvider} object itself is shared, held by the client until {@link #close}.
+     */
+    public static final class Options {
+        /** The largest device id, in bytes of UTF-8 (the relay's limit). */
+        private static final int MAX_DEVICE_BYTES = 64;
+
+        private TokenProvider tokens;
+        private String device;
+        private long backgroundDisconnectAfterMs = -1;
+        private String tlsServerName;
+        private byte[] tlsCaPem;
+
+        /** Options with every default: no token, default device, keep-alive, plain TCP. */
+        public Options() {}
+
+        /**
+         * This install's device id: 1 to 64 bytes of UTF-8 without control characters, the
+         * same at every start of the app (each device of a user gets every stored message).
+         * Default: the user's default device, shared by every client that names none.
+         *
+         * @throws NullPointerException if {@code device} is null
+         * @throws IllegalArgumentException if it is empty, longer than 64 bytes of UTF-8, or
+         *     holds a control character
+         */
+        public Options device(String device) {
+            Objects.requireNonNull(device, "device");
+            int bytes = device.getBytes(StandardCharsets.UTF_8).length;
+            boolean control = device.codePoints().anyMatch(Character::isISOControl);
+            if (bytes == 0 || bytes > MAX_DEVICE_BYTES || control) {
+                throw new IllegalArgumentException(
+                        "a device id is 1 to 64 bytes of UTF-8 without control characters");
+            }
+            this.device = device;
+            return this;
+        }
+
+        /**
+         * Where login tokens come from (see {@link TokenProvider}). Default: a static, empty
+         * credential, for a relay that checks no tokens; for a fixed token pass {@code u ->
+         * token}. The provider object is not copied: the client holds it until {@link
+         * ImRelayClient#close}.
+         *
+         * @throws NullPointerException if {@code tokens} is null
+         */
+        public Options tokens(TokenProvider tokens) {
+            this.tokens = Objects.requireNonNull(tokens, "tokens");
+            return this;
+        }
+
+        /**
+         * A background policy (see {@link ImRelayClient#setForeground}): close the link
+         * cleanly this many milliseconds after {@code setForeground(false)} (0: at once),
+         * and do not reconnect until {@code setForeground(true)}. Default: keep the link in
+         * the background, heartbeating as seldom as the relay allows.
+         *
+         * @throws IllegalArgumentException if {@code ms} is negative
+         */
+        public Options backgroundDisconnectAfterMs(long ms) {
+            if (ms < 0) {
+                throw new IllegalArgumentException("backgroundDisconnectAfterMs " + ms + " < 0");
+            }
+            this.backgroundDisconnectAfterMs = ms;
+            return this;
+        }
+
+        /**
+         * Connects over TLS, trusting the system's trust store (on Android the system CA
+         * certificates; user-installed CAs are not read): the relay's certificate must be
+         * valid for {@code serverName} (a DNS name or an IP address, usually the host given
+         * to {@code connect}) and chain to a CA there. Replaces an earlier {@link
+         * #tlsCaPem}. A handshake that fails (an unknown CA, a wrong name) is not an
+         * exception: the client reports it with {@link Listener#onDisconnected} (the reason
+         * names TLS and the certificate problem) and tries again after its backoff.
+         *
+         * <p>{@code connect} throws {@code UnsupportedOperationException} if the native
+         * library was built without TLS (cargo feature {@code tls}), and {@code
+         * IllegalArgumentException} if {@code serverName} is neither a DNS name nor an IP
+         * address or the trust store holds no usable certificate.
+         *
+         * @throws NullPointerException if {@code serverName} is null
+         * @throws IllegalArgumentException if {@code serverName} is empty
+         */
+        public Options tls(String serverName) {
+            this.tlsServerName = serverName(serverName);
+            this.tlsCaPem = null;
+            return this;
+        }
+
+        /**
+         * Connects over TLS, trusting only the CA certificates in {@code pem} (one or more
+         * PEM {@code CERTIFICATE} blocks, as bytes): for a relay with a private CA or a
+         * self-signed certificate, the CA bundled with the app. The array is copied now:
+         * the app may reuse it. Replaces an earlier {@link #tls}; otherwise as {@link #tls}.
+         *
+         * <p>{@code connect} throws {@code IllegalArgumentException} naming the problem if
+         * the PEM is malformed or holds no usable certificate, and {@code
+         * UnsupportedOperationException} if the native library was built without TLS.
+         *
+         * @throws NullPointerException if {@code serverName} or {@code pem} is null
+         * @throws IllegalArgumentException if {@code serverName} or {@code pem} is empty
+         */
+        public Options tlsCaPem(String serverName, byte[] pem) {
+            Objects.requireNonNull(pem, "pem");
+            if (pem.length == 0) {
+                throw new IllegalArgumentException("the CA PEM is empty");
+            }
+            this.tlsServerName = serverName(serverName);
+            this.tlsCaPem = pem.clone();
+            return this;
+        }
+
+        private static String serverName(String serverName) {
+            Objects.requireNonNull(serverName, "serverName");
+            if (serverName.isEmpty()) {
+                throw new IllegalArgumentException("the TLS server name is empty");
+            }
+            return serverName;
+        }
+    }
+
+    /**
+     * Starts a client for {@code user} on the relay at {@code host:port} with {@code
+     * options} and returns at once: {@code onConnected} follows when it has logged in (it
+     * may come before this method returns). Resolves {@code host} first, and with {@link
+     * Options#tls} reads the system trust store, so it may block: call it off the UI thread.
+     * The options are copied (see {@link Options}): changing them later affects no client.
+     *
+     * @param options how to connect ({@code new Options()} for every default)
+     * @param listener the events; held until {@code onClosed}
+     * @throws java.net.UnknownHostException if {@code host} does not resolve
+     * @throws IOException if the system refuses a resource (a thread, a pipe)
+     * @throws IllegalArgumentException for a port out of range, user 0, or TLS options the
+     *     library cannot use (the message names the problem: a bad PEM, a server name that
+     *     is no DNS name or IP address, an empty trust store)
+     * @throws UnsupportedOperationException for TLS options when the native library was
+     *     built without TLS (cargo feature {@code tls})
+     * @throws NullPointerException if {@code host}, {@code options} or {@code listener} is
+     *     null
+     */
+    public static ImRelayClient connect(
+            String host, int port, long user, Options options, Listener listener)
+            throws IOException {
+        Objects.requireNonNull(host, "host");
+        Objects.requireNonNull(options, "options");
+        Objects.requireNonNull(listener, "listener");
+        return new ImRelayClient(
+                nativeConnect(
+                        host,
+                        port,
+                        user,
+                        listener,
+                        options.tokens,
+                        options.device,
+                        options.backgroundDisconnectAfterMs,
+                        options.tlsServerName,
+                        options.tlsCaPem));
+    }
+
+    /**
+     * Starts a client over plain TCP: as {@link #connect(String, int, long, Options,
+     * Listener)} with {@link Options#tokens} and {@link Options#device} set when not null.
      *
      * @param tokens where login tokens come from, or {@code null} for a static, empty
      *     credential (a relay that checks no tokens); for a fixed token pass {@code u -> token}
@@ -166,7 +356,8 @@ public final class ImRelayClient implements AutoCloseable {
 
     /**
      * As {@link #connect(String, int, long, TokenProvider, String, Listener)}, with a
-     * background policy (see {@link #setForeground}).
+     * background policy (see {@link #setForeground} and {@link
+     * Options#backgroundDisconnectAfterMs}).
      *
      * @param backgroundDisconnectAfterMs below 0: keep the link while the app is in the
      *     background (heartbeating as seldom as the relay allows; the default); 0 or more:
@@ -182,11 +373,17 @@ public final class ImRelayClient implements AutoCloseable {
             Listener listener,
             long backgroundDisconnectAfterMs)
             throws IOException {
-        Objects.requireNonNull(host, "host");
-        Objects.requireNonNull(listener, "listener");
-        return new ImRelayClient(
-                nativeConnect(
-                        host, port, user, tokens, device, listener, backgroundDisconnectAfterMs));
+        Options options = new Options();
+        if (tokens != null) {
+            options.tokens(tokens);
+        }
+        if (device != null) {
+            options.device(device);
+        }
+        if (backgroundDisconnectAfterMs >= 0) {
+            options.backgroundDisconnectAfterMs(backgroundDisconnectAfterMs);
+        }
+        return connect(host, port, user, options, listener);
     }
 
     /**
@@ -388,14 +585,21 @@ public final class ImRelayClient implements AutoCloseable {
         return handle;
     }
 
+    /**
+     * The fields of {@link Options} are passed one by one (not read by name from native
+     * code, which R8 could break): {@code tlsServerName} null is plain TCP, {@code
+     * tlsCaPem} null with a server name is the system trust store.
+     */
     private static native long nativeConnect(
             String host,
             int port,
             long user,
+            Listener listener,
             TokenProvider tokens,
             String device,
-            Listener listener,
-            long backgroundDisconnectAfterMs)
+            long backgroundDisconnectAfterMs,
+            String tlsServerName,
+            byte[] tlsCaPem)
             throws IOException;
 
     private static native long nativeSend(long handle, long to, byte[] payload);

@@ -957,3 +957,40 @@ fn stored_sends_are_refused_in_cluster_mode() {
     bob.round_trip();
     carol.round_trip();
 }
+
+/// A DEDUP SEND resent through another node (the app reconnected elsewhere) is answered
+/// with its first copy's ACK and not delivered again; the next message arrives next.
+#[test]
+fn a_dedup_resend_through_another_node_is_delivered_once() {
+    let cluster = Cluster::start(3);
+    let mut alice_a = cluster.login(A, 1);
+    let mut bob = cluster.login(C, 2);
+    let id = probe_until(&mut alice_a, 2, Answer::Ack(1), &[OFFLINE], SETTLE_TIMEOUT);
+    expect_probe(&mut bob, 2, 1, id);
+
+    let (first, count) = acked(&mut alice_a, |id| {
+        Frame::send(id, UserId(2), Bytes::from_static(b"exactly once")).with_flags(Flags::DEDUP)
+    });
+    assert_eq!(count, 1);
+    expect_deliver(&mut bob, 2, 1, first, b"exactly once");
+
+    // The same message id again, through node b.
+    let mut alice_b = cluster.login(B, 1);
+    alice_b.send_frame(
+        &Frame::send(first, UserId(2), Bytes::from_static(b"exactly once"))
+            .with_flags(Flags::DEDUP),
+    );
+    let again = answer(&mut alice_b, first);
+    assert_eq!(answer_of(&again), Answer::Ack(1), "{again:?}");
+    // Nothing between: the next message from b is the next bob sees.
+    let next = loop {
+        let id = alice_b.next_id();
+        alice_b.send_frame(&Frame::send(id, UserId(2), Bytes::from_static(b"next")));
+        match answer_of(&answer(&mut alice_b, id)) {
+            Answer::Ack(1) => break id,
+            OFFLINE => continue, // b's subscription not in Redis yet: not this test's point
+            other => panic!("{other:?}"),
+        }
+    };
+    expect_deliver(&mut bob, 2, 1, next, b"next");
+}

@@ -16,6 +16,15 @@
 //! A published message is the node's id (u64, so a node skips its own messages) followed
 //! by the encoded DELIVER or ROOM_DELIVER, encoded once by the sending node.
 //!
+//! DEDUP across nodes: a DEDUP SEND first claims its key `imrelay:d:<sender>:<msg_id>`
+//! (`SET key p NX GET PX ttl`). A new key means a first copy: it is delivered, and the
+//! key then holds its answer (the ACK count, or `r<code>` for a refusal). A key that was
+//! there means a resend, through this node or another: it is answered with what the key
+//! holds (`CLUSTER_UNAVAILABLE`, retry later, while the first copy is still on its way).
+//! While a connection has SENDs waiting for their claim, its later SENDs wait behind them
+//! (a PING keeps their place among Redis's answers), so one connection's messages keep
+//! their order.
+//!
 //! While the link is down nothing is published or subscribed: local delivery goes on, a
 //! SEND to a user with no connection here is refused with `CLUSTER_UNAVAILABLE`, and
 //! SENDs waiting for Redis's answer are answered from what this node knows. When the link
@@ -67,16 +76,77 @@ impl Channel {
     }
 }
 
-/// What the node asks of Redis, in order.
+/// What the node asks of Redis, in order. Every op but SUBSCRIBE and UNSUBSCRIBE is a
+/// command whose answer goes to
+/// [`Relay::handle_cluster_reply`](super::Relay::handle_cluster_reply), in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClusterOp {
     /// SUBSCRIBE to the channel (on the subscriber connection).
     Subscribe(Channel),
     /// UNSUBSCRIBE from it.
     Unsubscribe(Channel),
-    /// PUBLISH this payload (node id ‖ frame); Redis's answer goes to
-    /// [`Relay::handle_cluster_published`](super::Relay::handle_cluster_published), in order.
+    /// PUBLISH this payload (node id ‖ frame).
     Publish(Channel, Bytes),
+    /// `SET key p NX GET PX ttl_ms`: claims a DEDUP key.
+    Claim {
+        /// The key ([`dedup_key`]).
+        key: String,
+        /// How long Redis keeps it (the DEDUP time to live).
+        ttl_ms: u64,
+    },
+    /// `SET key value PX ttl_ms`: a DEDUP key's answer.
+    Remember {
+        /// The key ([`dedup_key`]).
+        key: String,
+        /// The ACK count, or `r<code>` for a refusal.
+        value: String,
+        /// How long Redis keeps it.
+        ttl_ms: u64,
+    },
+    /// `DEL key`: a DEDUP SEND whose fate is unknown may be sent again.
+    Forget(String),
+    /// `PING`: holds a SEND's place behind its connection's claims.
+    Ping,
+}
+
+/// An answer from Redis to a command, as the driver decoded it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClusterReply {
+    /// `:n`
+    Integer(i64),
+    /// `$...`, or nil
+    Bulk(Option<Bytes>),
+    /// `+OK`, `+PONG`
+    Simple,
+    /// `-ERR ...`
+    Error(String),
+}
+
+/// What waits for the answer to one command.
+#[derive(Debug)]
+pub(super) enum Pending {
+    /// A PUBLISH; the SEND whose answer waits for it, if any.
+    Publish(Option<PendingSend>),
+    /// A DEDUP SEND's claim, or a SEND held behind one (`claim: false`, a PING).
+    Deferred(DeferredSend),
+    /// Nothing (SET of an answer, DEL).
+    Nothing,
+}
+
+/// A SEND held until Redis answers (a claim, or the PING that keeps its place).
+#[derive(Debug)]
+pub(super) struct DeferredSend {
+    pub conn: ConnId,
+    pub serial: u64,
+    /// The SEND frame, copied out of the read buffer.
+    pub frame: BytesMut,
+    /// True for a claim (`SET NX GET`), false for a PING.
+    pub claim: bool,
+}
+
+/// The key of a DEDUP SEND.
+pub fn dedup_key(sender: UserId, msg_id: MessageId) -> String {
+    format!("imrelay:d:{}:{}", sender.0, msg_id.0)
 }
 
 /// A SEND whose answer waits for its PUBLISH's.
@@ -94,7 +164,8 @@ pub(super) struct PendingSend {
     pub self_counted: bool,
     /// The sender wants an ACK (no NO_ACK flag); errors are sent either way.
     pub ack: bool,
-    /// The sender, when the SEND had DEDUP: its remembered answer is set to the final one.
+    /// The sender, when the SEND had DEDUP: its remembered answer (here and in Redis) is
+    /// set to the final one.
     pub dedup: Option<UserId>,
 }
 
@@ -107,8 +178,10 @@ pub struct Cluster {
     pub up: bool,
     /// What this turn asks of Redis.
     pub ops: Vec<ClusterOp>,
-    /// One entry per PUBLISH not yet answered, in order: the SEND waiting for it, if any.
-    pub pending: VecDeque<Option<PendingSend>>,
+    /// One entry per command not yet answered, in order.
+    pub(super) pending: VecDeque<Pending>,
+    /// Bytes of the SENDs held in `pending` (counted in the relay's memory).
+    pub held: usize,
 }
 
 impl Cluster {
@@ -119,16 +192,28 @@ impl Cluster {
             up: false,
             ops: Vec::new(),
             pending: VecDeque::new(),
+            held: 0,
         }
     }
 
+    /// Queues a command and what waits for its answer.
+    pub(super) fn command(&mut self, op: ClusterOp, waiting: Pending) {
+        if let Pending::Deferred(d) = &waiting {
+            self.held += d.frame.len();
+        }
+        self.ops.push(op);
+        self.pending.push_back(waiting);
+    }
+
     /// Publishes `frame` (encoded once) on `channel`, remembering who waits for the answer.
-    pub fn publish(&mut self, channel: Channel, frame: &[u8], waiting: Option<PendingSend>) {
+    pub(super) fn publish(&mut self, channel: Channel, frame: &[u8], waiting: Option<PendingSend>) {
         let mut payload = BytesMut::with_capacity(8 + frame.len());
         payload.put_u64(self.node);
         payload.extend_from_slice(frame);
-        self.ops.push(ClusterOp::Publish(channel, payload.freeze()));
-        self.pending.push_back(waiting);
+        self.command(
+            ClusterOp::Publish(channel, payload.freeze()),
+            Pending::Publish(waiting),
+        );
     }
 
     /// True when a PUBLISH can be queued now.

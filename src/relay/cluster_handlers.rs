@@ -4,10 +4,18 @@
 use bytes::Bytes;
 use log::{debug, info, warn};
 
-use super::cluster::{split_message, Channel, Cluster, ClusterOp, PendingSend};
+use std::time::Instant;
+
+use bytes::BytesMut;
+
+use super::cluster::{
+    dedup_key, split_message, Channel, Cluster, ClusterOp, ClusterReply, DeferredSend, Pending,
+    PendingSend,
+};
+use super::dedup::{refusal, refused};
 use super::{push_output, OutQueue, Relay};
 use crate::proto::frame::write_ack;
-use crate::proto::{ErrorCode, Header, Opcode, HEADER_LEN};
+use crate::proto::{ErrorCode, Flags, Header, Opcode, RawFrame, HEADER_LEN};
 use crate::ConnId;
 
 impl Relay {
@@ -65,27 +73,214 @@ impl Relay {
         };
         c.up = false;
         c.ops.clear();
-        let pending: Vec<PendingSend> = c.pending.drain(..).flatten().collect();
-        if !pending.is_empty() {
+        c.held = 0;
+        let pending: Vec<Pending> = c.pending.drain(..).collect();
+        let waiting = pending
+            .iter()
+            .filter(|p| !matches!(p, Pending::Nothing | Pending::Publish(None)))
+            .count();
+        if waiting > 0 {
             warn!(
                 "cluster link down with {} waiting for Redis's answer",
-                super::counted(pending.len(), "SEND", "SENDs")
+                super::counted(waiting, "SEND", "SENDs")
             );
         }
         for p in pending {
-            self.answer_pending(p, None);
+            match p {
+                Pending::Publish(Some(p)) => self.answer_pending(p, None),
+                Pending::Deferred(d) => self.refuse_deferred(d),
+                Pending::Publish(None) | Pending::Nothing => {}
+            }
         }
     }
 
-    /// Redis answered the oldest PUBLISH not yet answered: `receivers` nodes got it.
-    pub fn handle_cluster_published(&mut self, receivers: u64) {
+    /// Redis answered the oldest command not yet answered.
+    pub fn handle_cluster_reply(&mut self, reply: ClusterReply, now: Instant) {
         let Some(c) = &mut self.cluster else {
             return;
         };
-        if let Some(Some(p)) = c.pending.pop_front() {
-            let others = receivers.saturating_sub(u64::from(p.self_counted));
-            self.answer_pending(p, Some(others));
+        let Some(pending) = c.pending.pop_front() else {
+            warn!("cluster: an answer from Redis to no command");
+            return;
+        };
+        if let Pending::Deferred(d) = &pending {
+            c.held = c.held.saturating_sub(d.frame.len());
         }
+        match (pending, reply) {
+            (Pending::Publish(Some(p)), ClusterReply::Integer(receivers)) => {
+                let receivers = u64::try_from(receivers).unwrap_or(0);
+                let others = receivers.saturating_sub(u64::from(p.self_counted));
+                self.answer_pending(p, Some(others));
+            }
+            (Pending::Publish(Some(p)), _) => self.answer_pending(p, None),
+            (Pending::Deferred(d), reply) => self.resume_deferred(d, reply, now),
+            (Pending::Publish(None) | Pending::Nothing, _) => {}
+        }
+    }
+
+    /// A SEND to hold until Redis answers, in cluster mode with the link up: a DEDUP SEND
+    /// (its claim), or any SEND of a connection that has SENDs held already (a PING keeps
+    /// its place). Returns false when the SEND may go on now; true when it is held, or
+    /// refused because too much waits for Redis.
+    pub(super) fn defer_for_cluster(&mut self, id: ConnId, frame: &RawFrame) -> bool {
+        let h = *frame.header();
+        let dedup = h.flags.contains(Flags::DEDUP);
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            return true;
+        };
+        if !dedup && s.cluster_deferred == 0 {
+            return false;
+        }
+        let serial = s.serial;
+        let sender = s.user().unwrap_or(crate::proto::UserId::NONE);
+        let ttl_ms = u64::try_from(self.config.dedup_ttl.as_millis()).unwrap_or(u64::MAX);
+        let Some(c) = self.cluster.as_mut() else {
+            return false;
+        };
+        if !c.can_publish() {
+            let reason = c.unavailable_reason();
+            self.reply_error(
+                id,
+                h.msg_id,
+                h.target,
+                ErrorCode::ClusterUnavailable,
+                reason,
+            );
+            return true;
+        }
+        s.cluster_deferred += 1;
+        let op = if dedup {
+            ClusterOp::Claim {
+                key: dedup_key(sender, h.msg_id),
+                ttl_ms,
+            }
+        } else {
+            ClusterOp::Ping
+        };
+        let held = DeferredSend {
+            conn: id,
+            serial,
+            frame: BytesMut::from(frame.as_bytes()),
+            claim: dedup,
+        };
+        c.command(op, Pending::Deferred(held));
+        true
+    }
+
+    /// Redis answered a held SEND's claim (or PING): deliver it, or answer it as its first
+    /// copy was answered.
+    fn resume_deferred(&mut self, d: DeferredSend, reply: ClusterReply, now: Instant) {
+        let Some(s) = self
+            .sessions
+            .get_mut(d.conn.0)
+            .filter(|s| s.serial == d.serial)
+        else {
+            return; // the sender is gone
+        };
+        s.cluster_deferred = s.cluster_deferred.saturating_sub(1);
+        let Some(sender) = s.user() else {
+            return; // closing: its frames are no longer handled
+        };
+        let frame = RawFrame::from_owned(d.frame);
+        let h = *frame.header();
+        let first = match (&reply, d.claim) {
+            (ClusterReply::Simple, false) | (ClusterReply::Bulk(None), true) => true,
+            (ClusterReply::Bulk(Some(_)), true) => false,
+            _ => {
+                let reason = format!("Redis refused the DEDUP claim: {reply:?}");
+                self.reply_error(
+                    d.conn,
+                    h.msg_id,
+                    h.target,
+                    ErrorCode::ClusterUnavailable,
+                    &reason,
+                );
+                return;
+            }
+        };
+        if first {
+            self.route_send(d.conn, frame, sender, now);
+            return;
+        }
+        // A resend: the key holds its first copy's answer.
+        let ClusterReply::Bulk(Some(value)) = reply else {
+            return;
+        };
+        self.metrics.duplicates_dropped += 1;
+        debug!(
+            "{}: {} from {sender} is a resend (cluster); not delivered again",
+            self.conn_label(d.conn),
+            h.msg_id
+        );
+        let answer = std::str::from_utf8(&value)
+            .ok()
+            .and_then(|v| match v.strip_prefix('r') {
+                Some(code) => code.parse::<u32>().ok().map(refused_code),
+                None => v.parse::<u32>().ok(),
+            });
+        match answer {
+            Some(count) => {
+                self.dedup.record(sender, h.msg_id, count, now);
+                if let Some(code) = refusal(count) {
+                    let reason = format!("{} was refused when first sent", h.msg_id);
+                    self.reply_error(d.conn, h.msg_id, h.target, code, &reason);
+                } else if !h.flags.contains(Flags::NO_ACK) {
+                    write_ack(self.scratch(), h.msg_id, h.target, count);
+                    self.queue_scratch(d.conn);
+                }
+            }
+            None => {
+                // "p": the first copy is still on its way through some node.
+                let reason = format!("{} is still on its way; send it again later", h.msg_id);
+                self.reply_error(
+                    d.conn,
+                    h.msg_id,
+                    h.target,
+                    ErrorCode::ClusterUnavailable,
+                    &reason,
+                );
+            }
+        }
+    }
+
+    /// A held SEND when the link went down: not delivered, refused.
+    fn refuse_deferred(&mut self, d: DeferredSend) {
+        let Some(s) = self
+            .sessions
+            .get_mut(d.conn.0)
+            .filter(|s| s.serial == d.serial)
+        else {
+            return;
+        };
+        s.cluster_deferred = s.cluster_deferred.saturating_sub(1);
+        let h = Header::read(&d.frame);
+        let reason = "the cluster link went down before the message could be sent";
+        self.reply_error(
+            d.conn,
+            h.msg_id,
+            h.target,
+            ErrorCode::ClusterUnavailable,
+            reason,
+        );
+    }
+
+    /// Records a DEDUP SEND's answer in Redis, for resends through other nodes.
+    fn remember_in_cluster(
+        &mut self,
+        sender: crate::proto::UserId,
+        p: &PendingSend,
+        value: Option<String>,
+    ) {
+        let ttl_ms = u64::try_from(self.config.dedup_ttl.as_millis()).unwrap_or(u64::MAX);
+        let Some(c) = self.cluster.as_mut().filter(|c| c.up) else {
+            return;
+        };
+        let key = dedup_key(sender, p.msg_id);
+        let op = match value {
+            Some(value) => ClusterOp::Remember { key, value, ttl_ms },
+            None => ClusterOp::Forget(key),
+        };
+        c.command(op, Pending::Nothing);
     }
 
     /// The answer to a SEND that waited for the cluster: `other_nodes` is how many other
@@ -104,6 +299,7 @@ impl Relay {
                 if let Some(sender) = p.dedup {
                     // Maybe delivered, maybe not: a resend is sent again.
                     self.dedup.forget(sender, p.msg_id);
+                    self.remember_in_cluster(sender, &p, None);
                 }
                 let reason = "the cluster link went down before Redis answered";
                 self.reply_error(
@@ -116,8 +312,9 @@ impl Relay {
             }
             Some(0) if p.local == 0 => {
                 if let Some(sender) = p.dedup {
-                    let refused = super::dedup::refused(ErrorCode::RecipientOffline);
-                    self.dedup.set_count(sender, p.msg_id, refused);
+                    let code = ErrorCode::RecipientOffline;
+                    self.dedup.set_count(sender, p.msg_id, refused(code));
+                    self.remember_in_cluster(sender, &p, Some(format!("r{}", code as u16)));
                 }
                 let reason = format!("{target} is not connected to any node");
                 self.reply_error(
@@ -133,6 +330,7 @@ impl Relay {
                 let count = p.local.saturating_add(others);
                 if let Some(sender) = p.dedup {
                     self.dedup.set_count(sender, p.msg_id, count);
+                    self.remember_in_cluster(sender, &p, Some(count.to_string()));
                 }
                 if p.ack {
                     write_ack(self.scratch(), p.msg_id, target, count);
@@ -221,4 +419,12 @@ impl Relay {
         self.metrics.cluster_messages_refused += 1;
         warn!("cluster: ignored a message {why}");
     }
+}
+
+/// The value the local DEDUP memory keeps for a refusal with error `code`.
+fn refused_code(code: u32) -> u32 {
+    u16::try_from(code)
+        .ok()
+        .and_then(ErrorCode::from_u16)
+        .map_or(refused(ErrorCode::RecipientOffline), refused)
 }

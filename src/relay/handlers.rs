@@ -263,6 +263,17 @@ impl Relay {
             self.on_stored_send(id, frame, sender, now);
             return;
         }
+        if self.cluster.as_ref().is_some_and(|c| c.up) && self.defer_for_cluster(id, &frame) {
+            return;
+        }
+        self.route_send(id, frame, sender, now);
+    }
+
+    /// The delivery of a SEND that passed its checks (and, in cluster mode, its DEDUP
+    /// claim): to the recipient's connections, and in cluster mode to the other nodes.
+    pub(super) fn route_send(&mut self, id: ConnId, frame: RawFrame, sender: UserId, now: Instant) {
+        let h = *frame.header();
+        let dedup = h.flags.contains(Flags::DEDUP);
         let devices = self.directory.devices(h.target);
         // Cluster mode: the answer waits for Redis's, which says how many other nodes
         // got the message (cluster.rs).

@@ -55,7 +55,7 @@ mod web;
 mod ws;
 
 pub use auth_handlers::MAX_AUTH_FAILURES;
-pub use cluster::{Channel, ClusterOp};
+pub use cluster::{Channel, ClusterOp, ClusterReply};
 pub use config::{AuthConfig, Config, ConfigError, DEFAULT_TOKEN_NOTICE};
 pub use devices::DeviceCursor;
 pub use inbox::{InboxLimits, StoreOp};
@@ -285,7 +285,10 @@ impl Relay {
     /// Bytes all connections hold now (output queues and partial input), which
     /// [`Config::max_memory`] bounds.
     pub fn memory_held(&self) -> usize {
-        self.flush_list.held + self.input_held + self.driver_held
+        self.flush_list.held
+            + self.input_held
+            + self.driver_held
+            + self.cluster.as_ref().map_or(0, |c| c.held)
     }
 
     /// What the driver holds for connections besides the core's buffers (TLS sessions'

@@ -141,6 +141,9 @@ pub struct Session {
     /// Frames (or lines) in a row that were refused with an error; see
     /// [`super::MAX_REFUSED_IN_A_ROW`].
     pub refused_in_a_row: u32,
+    /// Cluster mode: SENDs of this connection waiting for Redis before they are delivered
+    /// (DEDUP claims, and the SENDs behind them): later SENDs wait too, to keep the order.
+    pub cluster_deferred: u32,
     /// What the login token grants (only when the relay checks tokens); boxed, so a
     /// session without one pays a null pointer.
     pub grants: Option<Box<crate::auth::Grants>>,
@@ -232,6 +235,7 @@ impl Session {
             logged_in_as: UserId::NONE,
             acks_held: 0,
             refused_in_a_row: 0,
+            cluster_deferred: 0,
             grants: None,
             expiry_noticed: false,
             auth_failures: 0,

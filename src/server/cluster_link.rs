@@ -1,10 +1,10 @@
 //! The link to Redis in cluster mode (`--cluster redis://HOST:PORT`), driven by the event
 //! loop: two non-blocking connections polled like clients, never waited on.
 //!
-//! - The **command** connection carries PUBLISHes. Everything a loop turn publishes is
-//!   written in one pipelined write; Redis answers each with the number of subscribers
-//!   (nodes) that got it, in order, and each answer goes to the core
-//!   ([`Relay::handle_cluster_published`]).
+//! - The **command** connection carries PUBLISHes (and the DEDUP keys' SETs). Everything
+//!   a loop turn asks is written in one pipelined write; Redis answers each in order (a
+//!   PUBLISH with the number of subscribers, nodes, that got it) and each answer goes to
+//!   the core ([`Relay::handle_cluster_reply`]).
 //! - The **subscriber** connection carries SUBSCRIBE and UNSUBSCRIBE, and the messages
 //!   other nodes publish ([`Relay::handle_cluster_message`]).
 //!
@@ -25,7 +25,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use super::resp::{self, Value};
-use crate::relay::{ClusterOp, Relay};
+use crate::relay::{ClusterOp, ClusterReply, Relay};
 
 /// Token of the command connection.
 pub const CMD: Token = Token(usize::MAX - 3);
@@ -192,7 +192,7 @@ impl ClusterLink {
         now: Instant,
     ) {
         let result = if token == CMD {
-            self.cmd_ready(relay)
+            self.cmd_ready(relay, now)
         } else {
             self.sub_ready(relay)
         };
@@ -242,6 +242,40 @@ impl ClusterLink {
                     resp::command(&mut cmd.out, &[b"PUBLISH", name.as_bytes(), &payload]);
                     self.owed.push_back(Some(now));
                 }
+                ClusterOp::Claim { key, ttl_ms } => {
+                    let ttl = ttl_ms.to_string();
+                    let args: [&[u8]; 7] = [
+                        b"SET",
+                        key.as_bytes(),
+                        b"p",
+                        b"NX",
+                        b"GET",
+                        b"PX",
+                        ttl.as_bytes(),
+                    ];
+                    resp::command(&mut cmd.out, &args);
+                    self.owed.push_back(Some(now));
+                }
+                ClusterOp::Remember { key, value, ttl_ms } => {
+                    let ttl = ttl_ms.to_string();
+                    let args: [&[u8]; 5] = [
+                        b"SET",
+                        key.as_bytes(),
+                        value.as_bytes(),
+                        b"PX",
+                        ttl.as_bytes(),
+                    ];
+                    resp::command(&mut cmd.out, &args);
+                    self.owed.push_back(Some(now));
+                }
+                ClusterOp::Forget(key) => {
+                    resp::command(&mut cmd.out, &[b"DEL", key.as_bytes()]);
+                    self.owed.push_back(Some(now));
+                }
+                ClusterOp::Ping => {
+                    resp::command(&mut cmd.out, &[b"PING"]);
+                    self.owed.push_back(Some(now));
+                }
                 ClusterOp::Subscribe(channel) => {
                     resp::command(&mut sub.out, &[b"SUBSCRIBE", channel.name().as_bytes()]);
                 }
@@ -281,7 +315,7 @@ impl ClusterLink {
         }
     }
 
-    fn cmd_ready(&mut self, relay: &mut Relay) -> std::io::Result<()> {
+    fn cmd_ready(&mut self, relay: &mut Relay, now: Instant) -> std::io::Result<()> {
         let Some(cmd) = self.cmd.as_mut() else {
             return Ok(());
         };
@@ -295,20 +329,17 @@ impl ClusterLink {
             let Some(owed) = self.owed.pop_front() else {
                 return Err(other("Redis answered a command that was not sent"));
             };
-            match (owed, value) {
-                (Some(_), Value::Integer(n)) => {
-                    relay.handle_cluster_published(u64::try_from(n).unwrap_or(0));
-                }
-                (None, Value::Simple(_)) => {}
-                (_, Value::Error(e)) => {
-                    return Err(other(format!(
-                        "Redis refused a command: {}",
-                        String::from_utf8_lossy(&e)
-                    )));
-                }
-                (_, other_value) => {
-                    return Err(other(format!("unexpected reply {other_value:?}")));
-                }
+            let reply = match value {
+                Value::Integer(n) => ClusterReply::Integer(n),
+                Value::Bulk(b) => ClusterReply::Bulk(b),
+                Value::Simple(_) => ClusterReply::Simple,
+                Value::Error(e) => ClusterReply::Error(String::from_utf8_lossy(&e).into_owned()),
+                Value::Array(_) => return Err(other("unexpected array reply")),
+            };
+            match (owed, reply) {
+                (None, ClusterReply::Simple) => {}
+                (None, reply) => return Err(other(format!("CLIENT SETNAME got {reply:?}"))),
+                (Some(_), reply) => relay.handle_cluster_reply(reply, now),
             }
         }
         Ok(())

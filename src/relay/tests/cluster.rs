@@ -7,11 +7,14 @@ use std::collections::{HashMap, HashSet};
 use super::*;
 use crate::proto::{ErrorCode, RoomId};
 use crate::relay::cluster::Channel;
+use crate::relay::ClusterReply;
 
-/// N nodes and the pub/sub between them.
+/// N nodes and the pub/sub (and key-value store) between them.
 struct Cluster {
     nodes: Vec<Harness>,
     subscribed: HashMap<String, HashSet<usize>>,
+    keys: HashMap<String, String>,
+    now: Instant,
 }
 
 impl Cluster {
@@ -31,6 +34,8 @@ impl Cluster {
         let mut cluster = Cluster {
             nodes,
             subscribed: HashMap::new(),
+            keys: HashMap::new(),
+            now: Instant::now(),
         };
         cluster.settle();
         cluster
@@ -65,9 +70,33 @@ impl Cluster {
                                     .relay
                                     .handle_cluster_message(name.as_bytes(), &payload);
                             }
+                            let n = to.len() as i64;
                             self.nodes[i]
                                 .relay
-                                .handle_cluster_published(to.len() as u64);
+                                .handle_cluster_reply(ClusterReply::Integer(n), self.now);
+                        }
+                        ClusterOp::Claim { key, .. } => {
+                            let old = self.keys.get(&key).cloned();
+                            self.keys.entry(key).or_insert_with(|| "p".to_string());
+                            let reply = ClusterReply::Bulk(old.map(Bytes::from));
+                            self.nodes[i].relay.handle_cluster_reply(reply, self.now);
+                        }
+                        ClusterOp::Remember { key, value, .. } => {
+                            self.keys.insert(key, value);
+                            self.nodes[i]
+                                .relay
+                                .handle_cluster_reply(ClusterReply::Simple, self.now);
+                        }
+                        ClusterOp::Forget(key) => {
+                            let n = i64::from(self.keys.remove(&key).is_some());
+                            self.nodes[i]
+                                .relay
+                                .handle_cluster_reply(ClusterReply::Integer(n), self.now);
+                        }
+                        ClusterOp::Ping => {
+                            self.nodes[i]
+                                .relay
+                                .handle_cluster_reply(ClusterReply::Simple, self.now);
                         }
                     }
                 }
@@ -309,4 +338,75 @@ fn dedup_remembers_the_cluster_answer() {
     c.settle();
     assert_eq!(ack_count(&c.nodes[0].take_frames(alice)[0]), 1);
     assert_eq!(c.nodes[1].take_frames(bob).len(), 1);
+}
+
+/// A DEDUP resend through another node (the client reconnected elsewhere) is answered as
+/// the first copy was, and not delivered again; a refusal is remembered the same way.
+#[test]
+fn a_resend_through_another_node_is_not_delivered_twice() {
+    let mut c = Cluster::new(3);
+    let alice_a = c.nodes[0].login(1);
+    let bob = c.nodes[2].login(2);
+    c.settle();
+    let dedup = |msg: u64, to: u64| send(msg, to, b"once").with_flags(Flags::DEDUP);
+    c.nodes[0].send_frame(alice_a, dedup(41, 2));
+    c.settle();
+    assert_eq!(ack_count(&c.nodes[0].take_frames(alice_a)[0]), 1);
+    assert_eq!(c.nodes[2].take_frames(bob).len(), 1);
+
+    // Alice's app reconnects to node B and resends.
+    let alice_b = c.nodes[1].login(1);
+    c.settle();
+    c.nodes[1].send_frame(alice_b, dedup(41, 2));
+    c.settle();
+    assert_eq!(
+        ack_count(&c.nodes[1].take_frames(alice_b)[0]),
+        1,
+        "first count"
+    );
+    assert!(
+        c.nodes[2].take_frames(bob).is_empty(),
+        "not delivered twice"
+    );
+
+    c.nodes[0].send_frame(alice_a, dedup(42, 9));
+    c.settle();
+    c.nodes[0].expect_error(alice_a, ErrorCode::RecipientOffline);
+    let _carol = c.nodes[2].login(9);
+    c.settle();
+    c.nodes[1].send_frame(alice_b, dedup(42, 9));
+    c.settle();
+    c.nodes[1].expect_error(alice_b, ErrorCode::RecipientOffline);
+}
+
+/// SENDs behind a DEDUP claim keep their order, DEDUP or not.
+#[test]
+fn sends_behind_a_claim_keep_their_order() {
+    let mut c = Cluster::new(2);
+    let alice = c.nodes[0].login(1);
+    let bob = c.nodes[1].login(2);
+    c.settle();
+    let mut bytes = Vec::new();
+    for msg in 1..=6u64 {
+        let frame = if msg % 2 == 0 {
+            send(msg, 2, b"plain")
+        } else {
+            send(msg, 2, b"dedup").with_flags(Flags::DEDUP)
+        };
+        bytes.extend_from_slice(&frame.to_bytes());
+    }
+    c.nodes[0].feed(alice, &bytes);
+    c.settle();
+    let got: Vec<u64> = c.nodes[1]
+        .take_frames(bob)
+        .iter()
+        .map(|f| f.msg_id.0)
+        .collect();
+    assert_eq!(got, vec![1, 2, 3, 4, 5, 6]);
+    let acks: Vec<u64> = c.nodes[0]
+        .take_frames(alice)
+        .iter()
+        .map(|f| f.msg_id.0)
+        .collect();
+    assert_eq!(acks, vec![1, 2, 3, 4, 5, 6]);
 }

@@ -994,3 +994,55 @@ fn a_dedup_resend_through_another_node_is_delivered_once() {
     };
     expect_deliver(&mut bob, 2, 1, next, b"next");
 }
+
+/// ROOM_STATE counts the members on every node (against a real Redis: the counting
+/// scripts run there).
+#[test]
+fn room_counts_cover_every_node() {
+    let cluster = Cluster::start(3);
+    let room = 77u64;
+    let mut members = Vec::new();
+    for (i, node) in [A, B, B, C].into_iter().enumerate() {
+        let mut member = cluster.login(node, 100 + i as u64);
+        let state = member.join(room);
+        assert_eq!(state.opcode, Opcode::RoomState, "{state:?}");
+        assert_eq!(
+            room_state_members(&state),
+            i as u32 + 1,
+            "JOIN on node {node}"
+        );
+        members.push(member);
+    }
+    for node in [A, B, C] {
+        let mut viewer = cluster.login(node, 200 + node as u64);
+        let id = viewer.next_id();
+        viewer.send_frame(&Frame::room_info(id, RoomId(room)));
+        let state = viewer.recv();
+        assert_eq!(state.msg_id, id, "{state:?}");
+        assert_eq!(room_state_members(&state), 4, "ROOM_INFO on node {node}");
+    }
+    // A member leaves: every node counts 3.
+    drop(members.pop());
+    for node in [A, B, C] {
+        let mut viewer = cluster.login(node, 300 + node as u64);
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        loop {
+            let id = viewer.next_id();
+            viewer.send_frame(&Frame::room_info(id, RoomId(room)));
+            let state = viewer.recv();
+            assert_eq!(state.msg_id, id, "{state:?}");
+            let n = room_state_members(&state);
+            if n == 3 {
+                break;
+            }
+            assert_eq!(n, 4, "node {node}: only 4 (not yet seen) or 3");
+            assert!(Instant::now() < deadline, "node {node} still counts 4");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn room_state_members(frame: &Frame) -> u32 {
+    assert_eq!(frame.opcode, Opcode::RoomState, "{frame:?}");
+    u32::from_be_bytes(frame.payload[..4].try_into().unwrap())
+}

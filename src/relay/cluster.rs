@@ -107,7 +107,32 @@ pub enum ClusterOp {
     Forget(String),
     /// `PING`: holds a SEND's place behind its connection's claims.
     Ping,
+    /// This node's member count of a room (0: none left), kept in Redis for
+    /// [`ClusterOp::RoomCount`] (a script: the node's key with a time to live of
+    /// [`ROOM_COUNT_TTL_MS`], and the room's set of nodes).
+    SetRoomCount {
+        /// The room.
+        room: RoomId,
+        /// This node's id.
+        node: u64,
+        /// Its members on this node.
+        count: usize,
+    },
+    /// The members of a room on every other node (a script summing their keys); the
+    /// answer is an integer.
+    RoomCount {
+        /// The room.
+        room: RoomId,
+        /// This node's id (its own count is added by the core, as it is now).
+        node: u64,
+    },
 }
+
+/// How long a node's room count stays in Redis unless refreshed: a node that stops
+/// counts in other nodes' ROOM_STATE for at most this long.
+pub const ROOM_COUNT_TTL_MS: u64 = 15_000;
+/// How often a node refreshes the counts of its rooms in Redis.
+pub const ROOM_COUNT_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// An answer from Redis to a command, as the driver decoded it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -129,6 +154,14 @@ pub(super) enum Pending {
     Publish(Option<PendingSend>),
     /// A DEDUP SEND's claim, or a SEND held behind one (`claim: false`, a PING).
     Deferred(DeferredSend),
+    /// A ROOM_STATE (answer to JOIN, LEAVE or ROOM_INFO) waiting for the other nodes'
+    /// member count.
+    RoomState {
+        conn: ConnId,
+        serial: u64,
+        msg_id: MessageId,
+        room: RoomId,
+    },
     /// Nothing (SET of an answer, DEL).
     Nothing,
 }
@@ -182,6 +215,8 @@ pub struct Cluster {
     pub(super) pending: VecDeque<Pending>,
     /// Bytes of the SENDs held in `pending` (counted in the relay's memory).
     pub held: usize,
+    /// Rooms whose member count here changed since it was last written to Redis.
+    pub dirty_rooms: Vec<RoomId>,
 }
 
 impl Cluster {
@@ -193,6 +228,7 @@ impl Cluster {
             ops: Vec::new(),
             pending: VecDeque::new(),
             held: 0,
+            dirty_rooms: Vec::new(),
         }
     }
 
@@ -237,6 +273,14 @@ impl Cluster {
 pub(super) fn subscribe(cluster: &mut Option<Cluster>, channel: Channel) {
     if let Some(c) = cluster.as_mut().filter(|c| c.up) {
         c.ops.push(ClusterOp::Subscribe(channel));
+    }
+}
+
+/// Notes that this node's member count of `room` changed: written to Redis at the end of
+/// the turn.
+pub(super) fn room_count_changed(cluster: &mut Option<Cluster>, room: RoomId) {
+    if let Some(c) = cluster.as_mut().filter(|c| c.up) {
+        c.dirty_rooms.push(room);
     }
 }
 

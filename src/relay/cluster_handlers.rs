@@ -15,7 +15,7 @@ use super::cluster::{
 use super::dedup::{refusal, refused};
 use super::{push_output, OutQueue, Relay};
 use crate::proto::frame::write_ack;
-use crate::proto::{ErrorCode, Flags, Header, Opcode, RawFrame, HEADER_LEN};
+use crate::proto::{ErrorCode, Flags, Header, MessageId, Opcode, RawFrame, RoomId, HEADER_LEN};
 use crate::ConnId;
 
 impl Relay {
@@ -31,11 +31,58 @@ impl Relay {
         self.cluster.as_ref().map(|c| c.up)
     }
 
-    /// Moves what this turn asks of Redis into `out`, in order.
+    /// Moves what this turn asks of Redis into `out`, in order: first this node's room
+    /// counts that changed.
     pub fn take_cluster_ops(&mut self, out: &mut Vec<ClusterOp>) {
-        if let Some(c) = &mut self.cluster {
-            out.append(&mut c.ops);
+        let Some(c) = &mut self.cluster else {
+            return;
+        };
+        if !c.dirty_rooms.is_empty() {
+            let mut dirty = std::mem::take(&mut c.dirty_rooms);
+            dirty.sort_unstable_by_key(|r| r.0);
+            dirty.dedup();
+            for room in dirty {
+                let count = self.rooms.count(room);
+                let node = c.node;
+                c.command(
+                    ClusterOp::SetRoomCount { room, node, count },
+                    Pending::Nothing,
+                );
+            }
         }
+        out.append(&mut c.ops);
+    }
+
+    /// Writes this node's member count of every room it has members in to Redis again:
+    /// each expires after [`ROOM_COUNT_TTL_MS`](super::cluster::ROOM_COUNT_TTL_MS) unless
+    /// refreshed. The driver calls it every
+    /// [`ROOM_COUNT_REFRESH`](super::cluster::ROOM_COUNT_REFRESH).
+    pub fn refresh_cluster_rooms(&mut self) {
+        if let Some(c) = self.cluster.as_mut().filter(|c| c.up) {
+            c.dirty_rooms.extend(self.rooms.ids());
+        }
+    }
+
+    /// Cluster mode with the link up: ROOM_STATE for `room` waits for the other nodes'
+    /// count. False when it can be answered now (this node's count only).
+    pub(super) fn defer_room_state(&mut self, id: ConnId, msg_id: MessageId, room: RoomId) -> bool {
+        let Some(serial) = self.sessions.get(id.0).map(|s| s.serial) else {
+            return false;
+        };
+        let Some(c) = self.cluster.as_mut().filter(|c| c.can_publish()) else {
+            return false;
+        };
+        let node = c.node;
+        c.command(
+            ClusterOp::RoomCount { room, node },
+            Pending::RoomState {
+                conn: id,
+                serial,
+                msg_id,
+                room,
+            },
+        );
+        true
     }
 
     /// The link to Redis is up (again): subscribes to broadcasts and to every user and
@@ -45,6 +92,7 @@ impl Relay {
             return;
         };
         c.up = true;
+        c.dirty_rooms.extend(self.rooms.ids());
         c.ops.push(ClusterOp::Subscribe(Channel::All));
         c.ops.extend(
             self.directory
@@ -73,11 +121,12 @@ impl Relay {
         };
         c.up = false;
         c.ops.clear();
+        c.dirty_rooms.clear();
         c.held = 0;
         let pending: Vec<Pending> = c.pending.drain(..).collect();
         let waiting = pending
             .iter()
-            .filter(|p| !matches!(p, Pending::Nothing | Pending::Publish(None)))
+            .filter(|p| matches!(p, Pending::Publish(Some(_)) | Pending::Deferred(_)))
             .count();
         if waiting > 0 {
             warn!(
@@ -89,6 +138,12 @@ impl Relay {
             match p {
                 Pending::Publish(Some(p)) => self.answer_pending(p, None),
                 Pending::Deferred(d) => self.refuse_deferred(d),
+                Pending::RoomState {
+                    conn,
+                    serial,
+                    msg_id,
+                    room,
+                } => self.answer_room_state(conn, serial, msg_id, room, 0),
                 Pending::Publish(None) | Pending::Nothing => {}
             }
         }
@@ -114,6 +169,21 @@ impl Relay {
             }
             (Pending::Publish(Some(p)), _) => self.answer_pending(p, None),
             (Pending::Deferred(d), reply) => self.resume_deferred(d, reply, now),
+            (
+                Pending::RoomState {
+                    conn,
+                    serial,
+                    msg_id,
+                    room,
+                },
+                reply,
+            ) => {
+                let elsewhere = match reply {
+                    ClusterReply::Integer(n) => u64::try_from(n).unwrap_or(0),
+                    _ => 0,
+                };
+                self.answer_room_state(conn, serial, msg_id, room, elsewhere);
+            }
             (Pending::Publish(None) | Pending::Nothing, _) => {}
         }
     }
@@ -240,6 +310,23 @@ impl Relay {
                     &reason,
                 );
             }
+        }
+    }
+
+    fn answer_room_state(
+        &mut self,
+        conn: ConnId,
+        serial: u64,
+        msg_id: MessageId,
+        room: RoomId,
+        elsewhere: u64,
+    ) {
+        if self
+            .sessions
+            .get(conn.0)
+            .is_some_and(|s| s.serial == serial)
+        {
+            self.write_room_state(conn, msg_id, room, elsewhere);
         }
     }
 

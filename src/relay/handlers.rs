@@ -522,6 +522,7 @@ impl Relay {
             if self.rooms.count(room) == 0 {
                 cluster::unsubscribe(&mut self.cluster, Channel::Room(room));
             }
+            cluster::room_count_changed(&mut self.cluster, room);
         }
         s.state = State::Closing;
         s.clear_input();

@@ -55,7 +55,7 @@ mod web;
 mod ws;
 
 pub use auth_handlers::MAX_AUTH_FAILURES;
-pub use cluster::{Channel, ClusterOp, ClusterReply};
+pub use cluster::{Channel, ClusterOp, ClusterReply, ROOM_COUNT_REFRESH, ROOM_COUNT_TTL_MS};
 pub use config::{AuthConfig, Config, ConfigError, DEFAULT_TOKEN_NOTICE};
 pub use devices::DeviceCursor;
 pub use inbox::{InboxLimits, StoreOp};
@@ -797,6 +797,7 @@ impl Relay {
             if self.rooms.count(room) == 0 {
                 cluster::unsubscribe(&mut self.cluster, cluster::Channel::Room(room));
             }
+            cluster::room_count_changed(&mut self.cluster, room);
         }
         let (lost, held) = s.out.clear();
         self.flush_list.held -= held;

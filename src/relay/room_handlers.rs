@@ -63,6 +63,7 @@ impl Relay {
             if self.rooms.count(room) == 1 {
                 cluster::subscribe(&mut self.cluster, Channel::Room(room));
             }
+            cluster::room_count_changed(&mut self.cluster, room);
             debug!("{}: joined {room}", s.label());
         }
         self.reply_room_state(id, h.msg_id, room);
@@ -83,6 +84,7 @@ impl Relay {
                 if self.rooms.count(room) == 0 {
                     cluster::unsubscribe(&mut self.cluster, Channel::Room(room));
                 }
+                cluster::room_count_changed(&mut self.cluster, room);
                 debug!("{}: left {room}", s.label());
             }
         }
@@ -271,12 +273,28 @@ impl Relay {
     }
 
     fn reply_room_state(&mut self, id: ConnId, msg_id: MessageId, room: RoomId) {
+        // Cluster mode: the count waits for the other nodes' (cluster_handlers.rs).
+        if self.defer_room_state(id, msg_id, room) {
+            return;
+        }
+        self.write_room_state(id, msg_id, room, 0);
+    }
+
+    /// Queues ROOM_STATE for `room` to `id`: this node's members plus `elsewhere`.
+    pub(super) fn write_room_state(
+        &mut self,
+        id: ConnId,
+        msg_id: MessageId,
+        room: RoomId,
+        elsewhere: u64,
+    ) {
+        let members = (self.rooms.count(room) as u64).saturating_add(elsewhere);
         let is_member = self
             .sessions
             .get(id.0)
             .is_some_and(|s| s.rooms.contains(&room));
         let state = RoomState {
-            members: u32::try_from(self.rooms.count(room)).unwrap_or(u32::MAX),
+            members: u32::try_from(members).unwrap_or(u32::MAX),
             is_member,
         };
         write_frame(

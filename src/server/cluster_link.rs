@@ -25,7 +25,8 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use super::resp::{self, Value};
-use crate::relay::{ClusterOp, ClusterReply, Relay};
+use crate::proto::RoomId;
+use crate::relay::{ClusterOp, ClusterReply, Relay, ROOM_COUNT_REFRESH, ROOM_COUNT_TTL_MS};
 
 /// Token of the command connection.
 pub const CMD: Token = Token(usize::MAX - 3);
@@ -142,6 +143,8 @@ pub struct ClusterLink {
     /// Replies the subscriber connection owes before its pushes (CLIENT SETNAME's).
     sub_owed: usize,
     ops: Vec<ClusterOp>,
+    /// When this node's room counts are written to Redis again.
+    next_room_refresh: Option<Instant>,
     /// Why the link is down, for the log and /readyz (None while up or connecting first).
     pub last_error: Option<String>,
 }
@@ -161,6 +164,7 @@ impl ClusterLink {
             owed: VecDeque::new(),
             sub_owed: 0,
             ops: Vec::new(),
+            next_room_refresh: None,
             last_error: None,
         }
     }
@@ -177,10 +181,23 @@ impl ClusterLink {
             self.retry_at,
             self.connecting_since.map(|t| t + CONNECT_TIMEOUT),
             oldest,
+            self.next_room_refresh.filter(|_| self.up),
         ]
         .into_iter()
         .flatten()
         .min()
+    }
+
+    /// Refreshes this node's room counts in Redis when due (every
+    /// [`ROOM_COUNT_REFRESH`]); call before [`ClusterLink::turn`].
+    pub fn refresh_rooms(&mut self, relay: &mut Relay, now: Instant) {
+        if !self.up || self.next_room_refresh.is_some_and(|at| now < at) {
+            return;
+        }
+        if self.next_room_refresh.is_some() {
+            relay.refresh_cluster_rooms();
+        }
+        self.next_room_refresh = Some(now + ROOM_COUNT_REFRESH);
     }
 
     /// A readiness event on one of the link's tokens.
@@ -274,6 +291,33 @@ impl ClusterLink {
                 }
                 ClusterOp::Ping => {
                     resp::command(&mut cmd.out, &[b"PING"]);
+                    self.owed.push_back(Some(now));
+                }
+                ClusterOp::SetRoomCount { room, node, count } => {
+                    let (key, node, count) = (room_key(room), node.to_string(), count.to_string());
+                    let ttl = ROOM_COUNT_TTL_MS.to_string();
+                    let args: [&[u8]; 7] = [
+                        b"EVAL",
+                        SET_ROOM_COUNT.as_bytes(),
+                        b"1",
+                        key.as_bytes(),
+                        node.as_bytes(),
+                        count.as_bytes(),
+                        ttl.as_bytes(),
+                    ];
+                    resp::command(&mut cmd.out, &args);
+                    self.owed.push_back(Some(now));
+                }
+                ClusterOp::RoomCount { room, node } => {
+                    let (key, node) = (room_key(room), node.to_string());
+                    let args: [&[u8]; 5] = [
+                        b"EVAL",
+                        ROOM_COUNT.as_bytes(),
+                        b"1",
+                        key.as_bytes(),
+                        node.as_bytes(),
+                    ];
+                    resp::command(&mut cmd.out, &args);
                     self.owed.push_back(Some(now));
                 }
                 ClusterOp::Subscribe(channel) => {
@@ -408,6 +452,7 @@ impl ClusterLink {
         }
         self.up = false;
         self.connecting_since = None;
+        self.next_room_refresh = None;
         self.owed.clear();
         self.sub_owed = 0;
         self.ops.clear();
@@ -426,3 +471,35 @@ impl ClusterLink {
 fn other(e: impl ToString) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
+
+/// The Redis set of the nodes with members in `room`; each node's count is in
+/// `<set>:<node>`.
+fn room_key(room: RoomId) -> String {
+    format!("imrelay:rc:{}", room.0)
+}
+
+/// Sets (or, at 0, removes) a node's member count of a room, with a time to live, and
+/// keeps the node in the room's set. KEYS[1] the set; ARGV node, count, ttl in ms.
+const SET_ROOM_COUNT: &str = "\
+local k = KEYS[1] .. ':' .. ARGV[1]
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', k, ARGV[2], 'PX', ARGV[3])
+  redis.call('SADD', KEYS[1], ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+else
+  redis.call('DEL', k)
+  redis.call('SREM', KEYS[1], ARGV[1])
+end
+return 1";
+
+/// The members of a room on every node but ARGV[1]; nodes whose count expired leave the
+/// set. KEYS[1] the set.
+const ROOM_COUNT: &str = "\
+local total = 0
+for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if node ~= ARGV[1] then
+    local c = redis.call('GET', KEYS[1] .. ':' .. node)
+    if c then total = total + tonumber(c) else redis.call('SREM', KEYS[1], node) end
+  end
+end
+return total";

@@ -370,6 +370,7 @@ impl Server {
                 self.commit_store();
             }
             if let Some(link) = &mut self.cluster {
+                link.refresh_rooms(&mut self.relay, now);
                 link.turn(&mut self.relay, self.poll.registry(), now);
             }
             while let Some(id) = self.relay.poll_transmit() {

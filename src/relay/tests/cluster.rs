@@ -14,6 +14,8 @@ struct Cluster {
     nodes: Vec<Harness>,
     subscribed: HashMap<String, HashSet<usize>>,
     keys: HashMap<String, String>,
+    /// (room, node id) -> that node's member count.
+    room_counts: HashMap<(u64, u64), usize>,
     now: Instant,
 }
 
@@ -35,6 +37,7 @@ impl Cluster {
             nodes,
             subscribed: HashMap::new(),
             keys: HashMap::new(),
+            room_counts: HashMap::new(),
             now: Instant::now(),
         };
         cluster.settle();
@@ -97,6 +100,25 @@ impl Cluster {
                             self.nodes[i]
                                 .relay
                                 .handle_cluster_reply(ClusterReply::Simple, self.now);
+                        }
+                        ClusterOp::SetRoomCount { room, node, count } => {
+                            if count == 0 {
+                                self.room_counts.remove(&(room.0, node));
+                            } else {
+                                self.room_counts.insert((room.0, node), count);
+                            }
+                            let reply = ClusterReply::Integer(1);
+                            self.nodes[i].relay.handle_cluster_reply(reply, self.now);
+                        }
+                        ClusterOp::RoomCount { room, node } => {
+                            let others: usize = self
+                                .room_counts
+                                .iter()
+                                .filter(|((r, n), _)| *r == room.0 && *n != node)
+                                .map(|(_, c)| c)
+                                .sum();
+                            let reply = ClusterReply::Integer(others as i64);
+                            self.nodes[i].relay.handle_cluster_reply(reply, self.now);
                         }
                     }
                 }
@@ -175,7 +197,8 @@ fn rooms_and_broadcasts_reach_every_node_once() {
         .map(|(node, user)| {
             let id = c.nodes[node].login(user);
             c.nodes[node].send_frame(id, Frame::join(MessageId(2), RoomId(5)));
-            c.nodes[node].take_frames(id);
+            c.settle();
+            assert_eq!(c.nodes[node].take_frames(id)[0].opcode, Opcode::RoomState);
             (node, id)
         })
         .collect();
@@ -200,9 +223,9 @@ fn rooms_and_broadcasts_reach_every_node_once() {
     // The last member on node C leaves: C no longer gets room 5.
     for &(node, id) in &members[4..] {
         c.nodes[node].send_frame(id, Frame::leave(MessageId(3), RoomId(5)));
+        c.settle();
         c.nodes[node].take_frames(id);
     }
-    c.settle();
     assert!(!c.subscribed[&Channel::Room(RoomId(5)).name()].contains(&2));
 }
 
@@ -409,4 +432,43 @@ fn sends_behind_a_claim_keep_their_order() {
         .map(|f| f.msg_id.0)
         .collect();
     assert_eq!(acks, vec![1, 2, 3, 4, 5, 6]);
+}
+
+fn room_members(frame: &Frame) -> u32 {
+    assert_eq!(frame.opcode, Opcode::RoomState, "{frame:?}");
+    u32::from_be_bytes(frame.payload[..4].try_into().unwrap())
+}
+
+/// JOIN, LEAVE and ROOM_INFO count the members on every node; a node whose link is down
+/// answers with its own.
+#[test]
+fn room_state_counts_members_on_every_node() {
+    let mut c = Cluster::new(3);
+    let mut members = Vec::new();
+    for (node, user) in [(0, 1), (1, 2), (1, 3), (2, 4)] {
+        let id = c.nodes[node].login(user);
+        c.nodes[node].send_frame(id, Frame::join(MessageId(2), RoomId(8)));
+        c.settle();
+        let state = c.nodes[node].take_frames(id);
+        assert_eq!(room_members(&state[0]), members.len() as u32 + 1);
+        members.push((node, id));
+    }
+    // A non-member on node 0 asks.
+    let viewer = c.nodes[0].login(9);
+    c.nodes[0].send_frame(viewer, Frame::room_info(MessageId(3), RoomId(8)));
+    c.settle();
+    assert_eq!(room_members(&c.nodes[0].take_frames(viewer)[0]), 4);
+
+    let (node, id) = members[1];
+    c.nodes[node].send_frame(id, Frame::leave(MessageId(4), RoomId(8)));
+    c.settle();
+    assert_eq!(room_members(&c.nodes[node].take_frames(id)[0]), 3);
+
+    c.nodes[0].relay.handle_cluster_down();
+    c.nodes[0].send_frame(viewer, Frame::room_info(MessageId(5), RoomId(8)));
+    assert_eq!(
+        room_members(&c.nodes[0].take_frames(viewer)[0]),
+        1,
+        "own count"
+    );
 }

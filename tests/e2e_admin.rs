@@ -557,18 +557,7 @@ fn the_admin_address_must_not_be_the_client_address() {
 // ---- a real Prometheus --------------------------------------------------------------------
 
 fn setup_prometheus() {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/admin/setup.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .expect("run tests/admin/setup.sh (bash is required)");
-    assert!(
-        out.status.success(),
-        "tests/admin/setup.sh failed ({}): this test needs Debian's prometheus.\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::process::run_setup_script("admin/setup.sh", "this test needs Debian's prometheus");
 }
 
 /// A Prometheus server scraping the relay, killed (and its data removed) on drop, even

@@ -57,17 +57,9 @@ const WARM_UP: &[u8] = b"warm-up";
 fn setup_redis() {
     static SETUP: Once = Once::new();
     SETUP.call_once(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cluster/setup.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .output()
-            .expect("run tests/cluster/setup.sh (bash is required)");
-        assert!(
-            out.status.success(),
-            "tests/cluster/setup.sh failed ({}): these tests need Debian's redis-server.\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        support::process::run_setup_script(
+            "cluster/setup.sh",
+            "these tests need Debian's redis-server",
         );
     });
     assert!(
@@ -1052,73 +1044,18 @@ fn room_state_members(frame: &Frame) -> u32 {
 #[test]
 fn the_chat_example_talks_to_the_echo_bot_across_nodes() {
     let cluster = Cluster::start(2);
-    let bot = Example::start("echo_bot", &["2", &cluster.nodes[B].addr.to_string()]);
+    let bot =
+        support::process::Example::start("echo_bot", &["2", &cluster.nodes[B].addr.to_string()]);
     bot.expect_line("echo bot logged in as 2");
     // User 2 is reachable from node a once b's subscription reached Redis.
     let mut probe = cluster.login(A, 3);
     probe_until(&mut probe, 2, Answer::Ack(1), &[OFFLINE], SETTLE_TIMEOUT);
 
-    let mut chat = Example::start("chat", &["1", &cluster.nodes[A].addr.to_string()]);
+    let mut chat =
+        support::process::Example::start("chat", &["1", &cluster.nodes[A].addr.to_string()]);
     chat.expect_line("connected as 1");
     writeln!(chat.stdin(), "2 hello across nodes").unwrap();
     chat.expect_line("delivered to 2");
     bot.expect_line("echoing 18 bytes to user 1");
     chat.expect_line("2: hello across nodes");
-}
-
-/// An example program running with its stdout lines on a channel; killed on drop.
-struct Example {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Example {
-    fn start(name: &str, args: &[&str]) -> Example {
-        use std::io::BufRead;
-        let exe = std::env::current_exe().expect("test exe");
-        let target = exe.parent().and_then(|d| d.parent()).expect("target dir");
-        let mut child = Command::new(target.join("examples").join(name))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start example {name} (built by `cargo test`): {e}"));
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Example { child, lines }
-    }
-
-    fn expect_line(&self, needle: &str) -> String {
-        loop {
-            let line = self
-                .lines
-                .recv_timeout(SETTLE_TIMEOUT)
-                .unwrap_or_else(|_| panic!("no line containing {needle:?}"));
-            if line.contains(needle) {
-                return line;
-            }
-        }
-    }
-
-    fn stdin(&mut self) -> &mut std::process::ChildStdin {
-        self.child.stdin.as_mut().expect("stdin")
-    }
-}
-
-impl Drop for Example {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

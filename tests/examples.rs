@@ -7,12 +7,11 @@ mod support;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::process::{Command, Stdio};
 
 use imrelay::client::{Client, Event};
 use imrelay::proto::UserId;
-use support::process::RelayProcess;
+use support::process::{Example, RelayProcess};
 use support::{TestRelay, SAFETY_TIMEOUT};
 
 /// target/debug/examples/<name>, built by `cargo test` with the tests.
@@ -25,61 +24,9 @@ fn example(name: &str) -> PathBuf {
     dir.join("examples").join(name)
 }
 
-/// A running example whose stdout lines arrive on a channel; killed on drop.
-struct Running {
-    child: Child,
-    lines: Receiver<String>,
-}
-
-impl Running {
-    fn start(name: &str, args: &[&str]) -> Running {
-        let mut child = Command::new(example(name))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start example {name}: {e}"));
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Running { child, lines }
-    }
-
-    /// Waits for a line containing `needle` and returns it (earlier lines are skipped).
-    fn expect_line(&self, needle: &str) -> String {
-        loop {
-            let line = self
-                .lines
-                .recv_timeout(SAFETY_TIMEOUT)
-                .unwrap_or_else(|_| panic!("no line containing {needle:?}"));
-            if line.contains(needle) {
-                return line;
-            }
-        }
-    }
-
-    fn stdin(&mut self) -> &mut ChildStdin {
-        self.child.stdin.as_mut().expect("stdin")
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn echo_sends_every_line_back() {
-    let echo = Running::start("echo", &["127.0.0.1:0"]);
+    let echo = Example::start("echo", &["127.0.0.1:0"]);
     let line = echo.expect_line("echo server listening on");
     let addr = line.rsplit(' ').next().unwrap();
     let mut socket = TcpStream::connect(addr).unwrap();
@@ -106,7 +53,7 @@ fn echo_sends_every_line_back() {
 fn echo_bot_answers_a_telnet_user() {
     let relay = TestRelay::default_config();
     let addr = relay.addr.to_string();
-    let bot = Running::start("echo_bot", &["9999", &addr]);
+    let bot = Example::start("echo_bot", &["9999", &addr]);
     bot.expect_line("echo bot logged in as 9999");
     let mut telnet = TcpStream::connect(&addr).unwrap();
     telnet.set_read_timeout(Some(SAFETY_TIMEOUT)).unwrap();
@@ -135,7 +82,7 @@ fn echo_bot_answers_a_telnet_user() {
 fn chat_chats_and_reconnects_visibly_when_the_relay_restarts() {
     let relay = RelayProcess::start(&[]);
     let addr = relay.addr;
-    let mut chat = Running::start("chat", &["1", &addr.to_string()]);
+    let mut chat = Example::start("chat", &["1", &addr.to_string()]);
     chat.expect_line("connected as 1");
     let (mut bob, _) = Client::connect(addr, support::quick_sdk(2), SAFETY_TIMEOUT).unwrap();
 

@@ -209,13 +209,7 @@ impl Relay {
         };
         if !c.can_publish() {
             let reason = c.unavailable_reason();
-            self.reply_error(
-                id,
-                h.msg_id,
-                h.target,
-                ErrorCode::ClusterUnavailable,
-                reason,
-            );
+            self.refuse_cluster_unavailable(id, &h, reason);
             return true;
         }
         s.cluster_deferred += 1;
@@ -258,13 +252,7 @@ impl Relay {
             (ClusterReply::Bulk(Some(_)), true) => false,
             _ => {
                 let reason = format!("Redis refused the DEDUP claim: {reply:?}");
-                self.reply_error(
-                    d.conn,
-                    h.msg_id,
-                    h.target,
-                    ErrorCode::ClusterUnavailable,
-                    &reason,
-                );
+                self.refuse_cluster_unavailable(d.conn, &h, &reason);
                 return;
             }
         };
@@ -302,13 +290,7 @@ impl Relay {
             None => {
                 // "p": the first copy is still on its way through some node.
                 let reason = format!("{} is still on its way; send it again later", h.msg_id);
-                self.reply_error(
-                    d.conn,
-                    h.msg_id,
-                    h.target,
-                    ErrorCode::ClusterUnavailable,
-                    &reason,
-                );
+                self.refuse_cluster_unavailable(d.conn, &h, &reason);
             }
         }
     }
@@ -330,6 +312,12 @@ impl Relay {
         }
     }
 
+    /// Answers the SEND `h` from `id` with CLUSTER_UNAVAILABLE.
+    pub(super) fn refuse_cluster_unavailable(&mut self, id: ConnId, h: &Header, reason: &str) {
+        let code = ErrorCode::ClusterUnavailable;
+        self.reply_error(id, h.msg_id, h.target, code, reason);
+    }
+
     /// A held SEND when the link went down: not delivered, refused.
     fn refuse_deferred(&mut self, d: DeferredSend) {
         let Some(s) = self
@@ -342,13 +330,7 @@ impl Relay {
         s.cluster_deferred = s.cluster_deferred.saturating_sub(1);
         let h = Header::read(&d.frame);
         let reason = "the cluster link went down before the message could be sent";
-        self.reply_error(
-            d.conn,
-            h.msg_id,
-            h.target,
-            ErrorCode::ClusterUnavailable,
-            reason,
-        );
+        self.refuse_cluster_unavailable(d.conn, &h, reason);
     }
 
     /// Records a DEDUP SEND's answer in Redis, for resends through other nodes.

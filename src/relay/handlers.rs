@@ -282,13 +282,7 @@ impl Relay {
             Some(c) if c.can_publish() => true,
             Some(c) if devices.is_empty() => {
                 let reason = c.unavailable_reason();
-                self.reply_error(
-                    id,
-                    h.msg_id,
-                    h.target,
-                    ErrorCode::ClusterUnavailable,
-                    reason,
-                );
+                self.refuse_cluster_unavailable(id, &h, reason);
                 return;
             }
             Some(_) => false, // link down: this node's connections only

@@ -225,3 +225,81 @@ impl super::Client {
         got
     }
 }
+
+// ---- tools the tests install, and the example programs --------------------------------------
+
+/// Runs `tests/<script>` (an idempotent installer, e.g. `cluster/setup.sh`) with bash,
+/// failing the test with its output when it fails: `what` says what the test needs.
+pub fn run_setup_script(script: &str, what: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(script);
+    let out = Command::new("bash")
+        .arg(&path)
+        .output()
+        .unwrap_or_else(|e| panic!("run tests/{script} (bash is required): {e}"));
+    assert!(
+        out.status.success(),
+        "tests/{script} failed ({}): {what}.\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An example program (built by `cargo test`) running with its stdout lines on a
+/// channel; killed on drop.
+pub struct Example {
+    pub child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Example {
+    /// Starts `target/<profile>/examples/<name>` with `args`.
+    pub fn start(name: &str, args: &[&str]) -> Example {
+        let exe = std::env::current_exe().expect("test exe");
+        let target = exe.parent().and_then(|d| d.parent()).expect("target dir");
+        let mut child = Command::new(target.join("examples").join(name))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start example {name} (built by `cargo test`): {e}"));
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Example { child, lines }
+    }
+
+    /// Waits for a line containing `needle` and returns it (earlier lines are skipped).
+    pub fn expect_line(&self, needle: &str) -> String {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(super::SAFETY_TIMEOUT)
+                .unwrap_or_else(|_| panic!("no line containing {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// The program's standard input.
+    pub fn stdin(&mut self) -> &mut std::process::ChildStdin {
+        self.child.stdin.as_mut().expect("stdin")
+    }
+}
+
+impl Drop for Example {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -11,6 +11,10 @@
 //! Against `--addr HOST:PORT` or a relay it starts itself (`--spawn`), in which case it
 //! also reports the relay's CPU time per million messages and its memory. `pairs`,
 //! `pingpong`, `fanout` and `logins` speak TLS with `--tls`.
+//! `pairs`, `pingpong` and `fanout` also drive a cluster (protocol.md section 18): with
+//! `--spawn --cluster N` a redis-server and N relay nodes it starts, or `--nodes A,B,…`
+//! already running; users are spread so that every message crosses nodes, and the report
+//! adds the number of nodes, the relay CPU summed over them and Redis's CPU.
 //! Progress on stderr, a summary on stderr, one JSON line on stdout.
 
 mod attack;
@@ -34,7 +38,7 @@ use clap::{Args, Parser, Subcommand};
 use imrelay::proto::Opcode;
 
 use engine::{Conn, Job, Stream};
-use relay_proc::SpawnedRelay;
+use relay_proc::{SpawnedRedis, SpawnedRelay};
 use report::Report;
 use tls::{Sock, TempDir, TlsArgs, TlsClient};
 
@@ -113,6 +117,21 @@ struct Target {
     /// Read CPU and memory of an already running relay with this pid.
     #[arg(long)]
     relay_pid: Option<u32>,
+    /// With --spawn (pairs, pingpong, fanout): start a redis-server and N >= 2 relay nodes
+    /// sharing it (`imrelay --cluster`, protocol.md section 18) and spread the users over
+    /// the nodes so that every message crosses from one node to another.
+    #[arg(long, requires = "spawn")]
+    cluster: Option<usize>,
+    /// The nodes of a running cluster, ADDR,ADDR,… (pairs, pingpong, fanout; instead of
+    /// --addr): users spread over them as with --cluster.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["addr", "spawn"])]
+    nodes: Vec<SocketAddr>,
+    /// With --nodes: the pid of the cluster's redis-server, to report its CPU time.
+    #[arg(long)]
+    redis_pid: Option<u32>,
+    /// The redis-server binary for --spawn --cluster.
+    #[arg(long, default_value = relay_proc::REDIS_SERVER)]
+    redis_bin: String,
     /// Generator threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -239,15 +258,76 @@ fn main() -> ExitCode {
     }
 }
 
-/// Where the relay is, and the process to watch if we know it.
+/// Where the relay is, and the process to watch if we know it. A cluster (--cluster,
+/// --nodes) has several nodes; `addr` and `pid` are its first.
 struct Relay {
     addr: SocketAddr,
     pid: Option<u32>,
+    /// Every node (one without a cluster).
+    nodes: Vec<SocketAddr>,
+    /// The pids of the nodes whose CPU and memory the report sums (all of them, or none).
+    pids: Vec<u32>,
+    /// The cluster's redis-server, to read its CPU time.
+    redis_pid: Option<u32>,
     /// How to speak TLS to it, with --tls.
     tls: Option<TlsClient>,
-    _spawned: Option<SpawnedRelay>,
+    /// Spawned nodes, killed before Redis (fields drop in this order).
+    _spawned: Vec<SpawnedRelay>,
+    _redis: Option<SpawnedRedis>,
     /// Files named by a spawned relay's flags (certificate, key, secret); dropped after it.
     _files: Option<TempDir>,
+}
+
+impl Relay {
+    /// Waits until every node's subscriptions so far reached Redis (no-op for one node):
+    /// called after the workload's users logged in and joined, before the clock starts.
+    fn settle(&self, timeout: Duration) -> Result<(), String> {
+        static ROUND: AtomicU64 = AtomicU64::new(0);
+        let n = self.nodes.len();
+        if n < 2 {
+            return Ok(());
+        }
+        let round = ROUND.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Probe users far above the workload's (base + a few per pair or member).
+        let first = user_base() + 0xF000_0000 + round * n as u64;
+        let users: Vec<u64> = (0..n as u64).map(|i| first + i).collect();
+        let start = Instant::now();
+        let probes = setup::cluster_settle(&self.nodes, &users, self.tls.as_ref(), timeout)?;
+        log::info!(
+            "cluster of {n} settled after {probes} probes in {:?}",
+            start.elapsed()
+        );
+        Ok(())
+    }
+}
+
+/// The node of user `k` of `users` (`node_of(k)`, modulo the number of nodes) for each:
+/// logs them in node by node (pipelined on each) and returns their sockets in the order of
+/// `users`.
+fn login_spread(
+    relay: &Relay,
+    users: &[u64],
+    node_of: impl Fn(usize) -> usize,
+) -> Result<Vec<Sock>, String> {
+    let n = relay.nodes.len();
+    let mut slots: Vec<Option<Sock>> = (0..users.len()).map(|_| None).collect();
+    for node in 0..n {
+        let picked: Vec<usize> = (0..users.len())
+            .filter(|&k| node_of(k) % n == node)
+            .collect();
+        if picked.is_empty() {
+            continue;
+        }
+        let group: Vec<u64> = picked.iter().map(|&k| users[k]).collect();
+        let socks = setup::login_all_with(relay.nodes[node], &group, 1, relay.tls.as_ref())?;
+        for (k, sock) in picked.into_iter().zip(socks) {
+            slots[k] = Some(sock);
+        }
+    }
+    Ok(slots
+        .into_iter()
+        .map(|s| s.expect("every user has a node"))
+        .collect())
 }
 
 fn relay(target: &Target, flags: &[&str]) -> Result<Relay, String> {
@@ -256,8 +336,23 @@ fn relay(target: &Target, flags: &[&str]) -> Result<Relay, String> {
 
 /// Like [`relay`], with TLS when `tls` asks for it (with --spawn: a self-signed certificate
 /// written into `files`, or into a new temp dir), keeping `files` (whose paths `flags` may
-/// name) as long as the relay.
+/// name) as long as the relay. One relay: modes other than pairs, pingpong and fanout
+/// refuse --cluster and --nodes here.
 fn relay_with(
+    target: &Target,
+    flags: &[&str],
+    tls: &TlsArgs,
+    files: Option<TempDir>,
+) -> Result<Relay, String> {
+    if target.cluster.is_some() || !target.nodes.is_empty() {
+        return Err("--cluster and --nodes are for pairs, pingpong and fanout".into());
+    }
+    relay_or_cluster(target, flags, tls, files)
+}
+
+/// Like [`relay_with`], or with --cluster N a redis-server and N nodes (each given `flags`
+/// too), or with --nodes a running cluster; waits until the nodes' links to Redis are up.
+fn relay_or_cluster(
     target: &Target,
     flags: &[&str],
     tls: &TlsArgs,
@@ -303,21 +398,69 @@ fn relay_with(
         if target.busy_poll {
             flags.push("--busy-poll".into());
         }
-        let spawned = SpawnedRelay::spawn(bin, &flags, target.relay_cpu)?;
-        Ok(Relay {
-            addr: spawned.addr,
-            pid: Some(spawned.pid()),
+        let (redis, count) = match target.cluster {
+            Some(n) if n < 2 => return Err("--cluster N needs N >= 2".into()),
+            Some(n) => (Some(SpawnedRedis::spawn(&target.redis_bin)?), n),
+            None => (None, 1),
+        };
+        let mut spawned = Vec::with_capacity(count);
+        for i in 0..count {
+            let mut node_flags = flags.clone();
+            if let Some(redis) = &redis {
+                node_flags.extend([
+                    "--cluster".to_string(),
+                    redis.url(),
+                    "--node-name".to_string(),
+                    format!("n{i}"),
+                ]);
+            }
+            spawned.push(SpawnedRelay::spawn(
+                bin.clone(),
+                &node_flags,
+                target.relay_cpu,
+            )?);
+        }
+        let relay = Relay {
+            addr: spawned[0].addr,
+            pid: Some(spawned[0].pid()),
+            nodes: spawned.iter().map(|s| s.addr).collect(),
+            pids: spawned.iter().map(|s| s.pid()).collect(),
+            redis_pid: redis.as_ref().map(|r| r.pid()),
             tls: client,
-            _spawned: Some(spawned),
+            _spawned: spawned,
+            _redis: redis,
             _files: files,
-        })
+        };
+        // Every node's link up: a probe around the ring of nodes answered with an ACK.
+        relay.settle(Duration::from_secs(20))?;
+        Ok(relay)
+    } else if !target.nodes.is_empty() {
+        let relay = Relay {
+            addr: target.nodes[0],
+            pid: None,
+            nodes: target.nodes.clone(),
+            pids: Vec::new(),
+            redis_pid: target.redis_pid,
+            tls: client,
+            _spawned: Vec::new(),
+            _redis: None,
+            _files: files,
+        };
+        relay.settle(Duration::from_secs(20))?;
+        Ok(relay)
     } else {
-        let addr = target.addr.ok_or("give --addr HOST:PORT or --spawn")?;
+        let addr = target
+            .addr
+            .ok_or("give --addr HOST:PORT, --nodes or --spawn")?;
         Ok(Relay {
             addr,
             pid: target.relay_pid,
+            nodes: vec![addr],
+            pids: target.relay_pid.into_iter().collect(),
+            redis_pid: None,
             tls: client,
-            _spawned: None,
+            _spawned: Vec::new(),
+            _redis: None,
             _files: files,
         })
     }
@@ -335,7 +478,7 @@ fn pairs(a: PairsArgs, floor: bool) -> Result<Report, String> {
         }
         run_pairs(&a, None)?
     } else {
-        let relay = relay_with(&a.target, &[], &a.tls, None)?;
+        let relay = relay_or_cluster(&a.target, &[], &a.tls, None)?;
         run_pairs(&a, Some(&relay))?
     };
     if a.compare_floor && !floor {
@@ -401,7 +544,9 @@ fn run_pairs_with(
                 let mut socks = if devices > 1 {
                     setup::login_devices(r.addr, &users, devices, r.tls.as_ref())?
                 } else {
-                    setup::login_all_with(r.addr, &users, 1, r.tls.as_ref())?
+                    // Pair p's first user on node p, its partner on node p + 1 (modulo
+                    // the nodes): with a cluster every message crosses nodes.
+                    login_spread(r, &users, |k| pairs[k / 2] + k % 2)?
                 };
                 if stored {
                     setup::sync_all(&mut socks)?;
@@ -466,6 +611,9 @@ fn run_pairs_with(
         }
         jobs.push(job);
     }
+    if let Some(r) = relay {
+        r.settle(Duration::from_secs(20))?;
+    }
     let mode = match (relay.is_some(), a.pairs, a.window) {
         (false, _, _) => "floor",
         _ if stored => "stored",
@@ -476,14 +624,7 @@ fn run_pairs_with(
         "pairs": a.pairs, "size": a.size, "messages": a.messages, "window": a.window,
         "acks": a.acks, "threads": threads,
     });
-    let mut report = execute(
-        mode,
-        params,
-        jobs,
-        &a.target,
-        relay.and_then(|r| r.pid),
-        a.size,
-    )?;
+    let mut report = execute(mode, params, jobs, &a.target, relay, a.size)?;
     report.extra(
         "tls",
         serde_json::json!(relay.is_some_and(|r| r.tls.is_some())),
@@ -492,7 +633,7 @@ fn run_pairs_with(
 }
 
 fn fanout(a: FanoutArgs) -> Result<Report, String> {
-    let relay = relay_with(
+    let relay = relay_or_cluster(
         &a.target,
         &["--room-rate", "0", "--room-total-rate", "0"],
         &a.tls,
@@ -519,7 +660,9 @@ fn run_fanout(a: &FanoutArgs, relay: Option<&Relay>) -> Result<Report, String> {
                 Some(r) => {
                     let first = base + (room * (a.members + 1)) as u64 + 1;
                     let users: Vec<u64> = (0..=a.members as u64).map(|i| first + i).collect();
-                    let mut socks = setup::login_all_with(r.addr, &users, 1, r.tls.as_ref())?;
+                    // Members round robin over the nodes (the sender, member 0, on node
+                    // `room`).
+                    let mut socks = login_spread(r, &users, |i| room + i)?;
                     setup::join_all(&mut socks, room_id)?;
                     let sender = job.conns.len();
                     let header = setup::header_for(Opcode::RoomSend, room_id, false).to_bytes();
@@ -553,6 +696,9 @@ fn run_fanout(a: &FanoutArgs, relay: Option<&Relay>) -> Result<Report, String> {
         }
         jobs.push(job);
     }
+    if let Some(r) = relay {
+        r.settle(Duration::from_secs(20))?;
+    }
     let mode = if relay.is_some() {
         "fanout"
     } else {
@@ -562,14 +708,7 @@ fn run_fanout(a: &FanoutArgs, relay: Option<&Relay>) -> Result<Report, String> {
         "rooms": a.rooms, "members": a.members, "size": a.size, "messages": a.messages,
         "window": a.window, "threads": threads,
     });
-    let mut report = execute(
-        mode,
-        params,
-        jobs,
-        &a.target,
-        relay.and_then(|r| r.pid),
-        a.size,
-    )?;
+    let mut report = execute(mode, params, jobs, &a.target, relay, a.size)?;
     report.extra(
         "tls",
         serde_json::json!(relay.is_some_and(|r| r.tls.is_some())),
@@ -630,16 +769,19 @@ fn execute(
     params: serde_json::Value,
     jobs: Vec<Job>,
     target: &Target,
-    pid: Option<u32>,
+    relay: Option<&Relay>,
     size: usize,
 ) -> Result<Report, String> {
+    let pids = relay.map_or(&[][..], |r| &r.pids[..]);
+    let redis_pid = relay.and_then(|r| r.redis_pid);
     let total: u64 = jobs
         .iter()
         .map(|j| j.streams.iter().map(|s| s.receivers as u64).sum::<u64>() * j.messages)
         .sum();
     let progress = Arc::new(AtomicU64::new(0));
     let bar = report::progress_bar(total, mode);
-    let cpu_before = pid.and_then(relay_proc::cpu_seconds);
+    let cpu_before = cpu_of(pids);
+    let redis_before = redis_pid.and_then(relay_proc::cpu_seconds);
     let epoch = Instant::now();
     let deadline = epoch + Duration::from_secs(target.timeout);
     let handles: Vec<_> = jobs
@@ -675,12 +817,34 @@ fn execute(
         .unzip();
     // When the last thread finished, not when this loop, which sleeps, noticed it.
     let elapsed = ends.into_iter().max().unwrap_or(epoch) - epoch;
-    let cpu = match (cpu_before, pid.and_then(relay_proc::cpu_seconds)) {
+    // Per node, then their sum.
+    let cpu_nodes: Option<Vec<f64>> = match (cpu_before, cpu_of(pids)) {
+        (Some(a), Some(b)) => Some(b.iter().zip(&a).map(|(b, a)| b - a).collect()),
+        _ => None,
+    };
+    let redis_cpu = match (redis_before, redis_pid.and_then(relay_proc::cpu_seconds)) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
-    let memory = pid.and_then(relay_proc::memory_kib);
-    Ok(Report::new(
-        mode, params, outcomes, elapsed, size, cpu, memory,
-    ))
+    let cpu = cpu_nodes.as_ref().map(|c| c.iter().sum());
+    // RSS and high-water mark summed over the nodes.
+    let memory = pids
+        .iter()
+        .map(|&p| relay_proc::memory_kib(p))
+        .collect::<Option<Vec<_>>>()
+        .filter(|m| !m.is_empty())
+        .map(|m| m.iter().fold((0, 0), |(r, h), (mr, mh)| (r + mr, h + mh)));
+    let mut report = Report::new(mode, params, outcomes, elapsed, size, cpu, memory);
+    if let Some(r) = relay {
+        report.nodes(r.nodes.len(), cpu_nodes, redis_cpu);
+    }
+    Ok(report)
+}
+
+/// The CPU seconds of each of `pids`; `None` if there are none or one cannot be read.
+fn cpu_of(pids: &[u32]) -> Option<Vec<f64>> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| relay_proc::cpu_seconds(p)).collect()
 }

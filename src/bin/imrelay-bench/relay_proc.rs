@@ -1,10 +1,123 @@
 //! The relay under test as a process: spawning it, pinning it to a CPU, and reading its CPU
-//! time and memory from /proc.
+//! time and memory from /proc. For `--cluster N`, also the redis-server the nodes share.
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::tls::TempDir;
+
+/// Debian's redis-server, started for `--spawn --cluster N`.
+pub const REDIS_SERVER: &str = "/usr/bin/redis-server";
+
+/// A redis-server this bench started on a loopback port, with a temp directory of its own
+/// and no persistence; killed (and the directory removed) when dropped.
+pub struct SpawnedRedis {
+    child: Child,
+    /// Where it listens.
+    pub port: u16,
+    /// Holds its log and working directory; removed after the server is killed.
+    dir: Option<TempDir>,
+}
+
+impl SpawnedRedis {
+    /// Starts `bin` (`--port P --bind 127.0.0.1 --dir <tmp> --save '' --appendonly no`) and
+    /// waits until it answers PING.
+    pub fn spawn(bin: &str) -> Result<SpawnedRedis, String> {
+        let port = free_port()?;
+        let dir = TempDir::new("redis")?;
+        let log = std::fs::File::create(dir.path().join("redis.log"))
+            .map_err(|e| format!("cannot create the redis log: {e}"))?;
+        let child = Command::new(bin)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--dir"])
+            .arg(dir.path())
+            .args(["--save", "", "--appendonly", "no"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {bin}: {e}"))?;
+        let mut redis = SpawnedRedis {
+            child,
+            port,
+            dir: Some(dir),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let last = match ping(port) {
+                Ok(()) => return Ok(redis),
+                Err(e) => e,
+            };
+            if let Ok(Some(status)) = redis.child.try_wait() {
+                return Err(format!("{bin} exited ({status}): {}", redis.log()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{bin} did not answer PING within 10 s ({last}): {}",
+                    redis.log()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `redis://127.0.0.1:PORT`, for the relays' `--cluster`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log(&self) -> String {
+        self.dir
+            .as_ref()
+            .and_then(|d| std::fs::read_to_string(d.path().join("redis.log")).ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for SpawnedRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        drop(self.dir.take());
+    }
+}
+
+/// One inline `PING` to Redis on `port`; Ok on `+PONG`.
+fn ping(port: u16) -> Result<(), String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(1)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"PING\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 64];
+    while !got.ends_with(b"\r\n") {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+    if got.starts_with(b"+PONG") {
+        Ok(())
+    } else {
+        Err(format!("answered {:?}", String::from_utf8_lossy(&got)))
+    }
+}
+
+/// A loopback port free right now.
+fn free_port() -> Result<u16, String> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
+}
 
 /// A relay this bench started; killed when dropped.
 pub struct SpawnedRelay {
@@ -21,10 +134,7 @@ impl SpawnedRelay {
         extra: &[String],
         cpu: Option<usize>,
     ) -> Result<SpawnedRelay, String> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("no free port: {e}"))?
-            .port();
+        let port = free_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut child = Command::new(&bin)
             .arg("--listen")

@@ -33,6 +33,8 @@ pub struct Report {
     reordered: u64,
     errors: u64,
     msgs_per_sec: f64,
+    /// Messages delivered, for figures per million.
+    delivered: u64,
     summary: String,
 }
 
@@ -136,6 +138,7 @@ impl Report {
             reordered: reord,
             errors,
             msgs_per_sec,
+            delivered: received,
             summary,
         }
     }
@@ -150,6 +153,7 @@ impl Report {
             reordered: 0,
             errors,
             msgs_per_sec: 0.0,
+            delivered: 0,
             summary,
         }
     }
@@ -172,6 +176,31 @@ impl Report {
         self.lost += floor.lost;
         self.duplicated += floor.duplicated;
         self.reordered += floor.reordered;
+    }
+
+    /// How many relay nodes served the run; with more than one (a cluster), each node's
+    /// CPU seconds (the report's relay CPU is their sum) and the Redis server's CPU.
+    pub fn nodes(&mut self, nodes: usize, cpu_per_node: Option<Vec<f64>>, redis_cpu: Option<f64>) {
+        self.json.insert("nodes".into(), json!(nodes));
+        if nodes < 2 {
+            return;
+        }
+        let per_million = |c: f64| c / (self.delivered as f64 / 1e6);
+        self.json
+            .insert("relay_cpu_s_per_node".into(), json!(&cpu_per_node));
+        self.json.insert("redis_cpu_s".into(), json!(redis_cpu));
+        self.json.insert(
+            "redis_cpu_s_per_million".into(),
+            json!(redis_cpu.map(per_million)),
+        );
+        self.summary.push_str(&format!("; {nodes} nodes"));
+        if cpu_per_node.is_some() {
+            self.summary.push_str(" (relay CPU and memory summed)");
+        }
+        if let Some(c) = redis_cpu {
+            self.summary
+                .push_str(&format!("; Redis CPU {:.3} s per million", per_million(c)));
+        }
     }
 
     pub fn set_mode(&mut self, mode: &str) {

@@ -3,12 +3,13 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
 
 use bytes::{Bytes, BytesMut};
 use imrelay::proto::decode::decode_frame;
-use imrelay::proto::{Frame, MessageId, Opcode, RoomId, UserId};
+use imrelay::proto::{ErrorCode, Frame, MessageId, Opcode, RoomId, UserId};
 
 use crate::tls::{self, Sock, TlsClient};
 
@@ -135,6 +136,72 @@ pub fn join_all<S: Read + Write>(socks: &mut [S], room: u64) -> Result<(), Strin
 
 /// Reads one frame (byte by byte up to its length) and checks its opcode.
 pub fn expect(s: &mut impl Read, opcode: Opcode) -> Result<Frame, String> {
+    let frame = read_frame(s)?;
+    if frame.opcode != opcode {
+        let why = frame.error().map(|(_, r)| r).unwrap_or_default();
+        return Err(format!("expected {opcode:?}, got {:?} {why}", frame.opcode));
+    }
+    Ok(frame)
+}
+
+/// Waits until the cluster of `nodes` carries messages between every two neighbouring
+/// nodes (and, as each node subscribes in order, to every user and room logged in or
+/// joined on it before this call): logs in `probe_users[i]` on node `i`, then has node
+/// `i + 1` SEND (with ACK) to it until the answer is an ACK rather than RECIPIENT_OFFLINE
+/// or CLUSTER_UNAVAILABLE (a subscription not yet at Redis, a link not yet up). Returns
+/// the probes sent.
+pub fn cluster_settle(
+    nodes: &[SocketAddr],
+    probe_users: &[u64],
+    tls: Option<&TlsClient>,
+    timeout: Duration,
+) -> Result<u64, String> {
+    let mut socks = Vec::with_capacity(nodes.len());
+    for (&node, &user) in nodes.iter().zip(probe_users) {
+        socks.extend(login_all_with(node, &[user], 1, tls)?);
+    }
+    let deadline = Instant::now() + timeout;
+    let mut id = 100;
+    let n = nodes.len();
+    for j in 0..n {
+        let from = (j + 1) % n;
+        loop {
+            id += 1;
+            let probe = Frame::send(MessageId(id), UserId(probe_users[j]), Bytes::new());
+            socks[from]
+                .write_all(&probe.to_bytes())
+                .map_err(|e| e.to_string())?;
+            // Its answer, past any probe DELIVERed to this user meanwhile.
+            let answer = loop {
+                let frame = read_frame(&mut socks[from])?;
+                if frame.msg_id == MessageId(id) && frame.opcode != Opcode::Deliver {
+                    break frame;
+                }
+            };
+            match answer.error_code() {
+                None if answer.opcode == Opcode::Ack => break,
+                Some(ErrorCode::RecipientOffline | ErrorCode::ClusterUnavailable)
+                    if Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                _ => {
+                    return Err(format!(
+                        "the cluster did not settle: a probe from node {} to node {} got {:?} {}",
+                        nodes[from],
+                        nodes[j],
+                        answer.opcode,
+                        answer.error().map(|(_, r)| r).unwrap_or_default()
+                    ))
+                }
+            }
+        }
+    }
+    Ok(id - 100)
+}
+
+/// Reads one frame (byte by byte up to its length).
+pub fn read_frame(s: &mut impl Read) -> Result<Frame, String> {
     let mut header = [0u8; 4];
     s.read_exact(&mut header)
         .map_err(|e| format!("relay closed: {e}"))?;
@@ -147,10 +214,6 @@ pub fn expect(s: &mut impl Read, opcode: Opcode) -> Result<Frame, String> {
         .map_err(|e| e.to_string())?
         .ok_or("short frame")?
         .map_err(|op| format!("unknown opcode {op}"))?;
-    if frame.opcode != opcode {
-        let why = frame.error().map(|(_, r)| r).unwrap_or_default();
-        return Err(format!("expected {opcode:?}, got {:?} {why}", frame.opcode));
-    }
     Ok(frame)
 }
 

@@ -53,6 +53,20 @@ pub enum Channel {
 }
 
 impl Channel {
+    /// The Redis channel name, written into `buf` (no allocation); returns its bytes.
+    pub fn name_in(self, buf: &mut [u8; 40]) -> &[u8] {
+        use std::io::Write;
+        let mut cursor = std::io::Cursor::new(&mut buf[..]);
+        // At most 11 + 20 digits: always fits.
+        let _ = match self {
+            Channel::User(u) => write!(cursor, "imrelay:u:{}", u.0),
+            Channel::Room(r) => write!(cursor, "imrelay:r:{}", r.0),
+            Channel::All => write!(cursor, "imrelay:all"),
+        };
+        let len = usize::try_from(cursor.position()).unwrap_or(0);
+        &buf[..len]
+    }
+
     /// The Redis channel name.
     pub fn name(self) -> String {
         match self {
@@ -87,10 +101,13 @@ pub enum ClusterOp {
     Unsubscribe(Channel),
     /// PUBLISH this payload (node id ‖ frame).
     Publish(Channel, Bytes),
-    /// `SET key p NX GET PX ttl_ms`: claims a DEDUP key.
+    /// `SET key token NX GET PX ttl_ms`: claims a DEDUP key.
     Claim {
         /// The key ([`dedup_key`]).
         key: String,
+        /// What the key holds while the first copy is on its way: `p<node>.<n>`, unique
+        /// to this claim (any value that starts with `p` means "on its way").
+        token: String,
         /// How long Redis keeps it (the DEDUP time to live).
         ttl_ms: u64,
     },
@@ -103,8 +120,14 @@ pub enum ClusterOp {
         /// How long Redis keeps it.
         ttl_ms: u64,
     },
-    /// `DEL key`: a DEDUP SEND whose fate is unknown may be sent again.
-    Forget(String),
+    /// Deletes a DEDUP key if it still holds this node's claim `token` (a script): the
+    /// first copy's fate is unknown, or it was never sent, so a resend is sent again.
+    Forget {
+        /// The key.
+        key: String,
+        /// The claim's token.
+        token: String,
+    },
     /// `PING`: holds a SEND's place behind its connection's claims.
     Ping,
     /// This node's member count of a room (0: none left), kept in Redis for
@@ -162,8 +185,11 @@ pub(super) enum Pending {
         msg_id: MessageId,
         room: RoomId,
     },
-    /// Nothing (SET of an answer, DEL).
+    /// Nothing (a room count).
     Nothing,
+    /// A DEDUP key's answer or forget: written again when the link is up again if the
+    /// link goes down before Redis answered (both are idempotent).
+    DedupWrite(ClusterOp),
 }
 
 /// A SEND held until Redis answers (a claim, or the PING that keeps its place).
@@ -173,8 +199,16 @@ pub(super) struct DeferredSend {
     pub serial: u64,
     /// The SEND frame, copied out of the read buffer.
     pub frame: BytesMut,
-    /// True for a claim (`SET NX GET`), false for a PING.
-    pub claim: bool,
+    /// The claim (`SET NX GET`), or None for a PING.
+    pub claim: Option<DedupClaim>,
+}
+
+/// A DEDUP key this node claimed, and the token it holds while the first copy is on its
+/// way.
+#[derive(Clone, Debug)]
+pub(super) struct DedupClaim {
+    pub key: String,
+    pub token: String,
 }
 
 /// The key of a DEDUP SEND.
@@ -183,7 +217,7 @@ pub fn dedup_key(sender: UserId, msg_id: MessageId) -> String {
 }
 
 /// A SEND whose answer waits for its PUBLISH's.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct PendingSend {
     pub conn: ConnId,
     /// The session's serial: the connection may be gone (and its slot reused) by then.
@@ -197,9 +231,9 @@ pub(super) struct PendingSend {
     pub self_counted: bool,
     /// The sender wants an ACK (no NO_ACK flag); errors are sent either way.
     pub ack: bool,
-    /// The sender, when the SEND had DEDUP: its remembered answer (here and in Redis) is
-    /// set to the final one.
-    pub dedup: Option<UserId>,
+    /// The sender and its claim, when the SEND had DEDUP: its remembered answer (here and
+    /// in Redis) is set to the final one.
+    pub dedup: Option<(UserId, DedupClaim)>,
 }
 
 /// The cluster state of a node.
@@ -217,6 +251,11 @@ pub struct Cluster {
     pub held: usize,
     /// Rooms whose member count here changed since it was last written to Redis.
     pub dirty_rooms: Vec<RoomId>,
+    /// DEDUP answers and forgets decided while the link was down: written first when it
+    /// is up again (at most [`MAX_PENDING`]; past that the keys' time to live ends them).
+    pub backlog: Vec<ClusterOp>,
+    /// Claims made, for their tokens.
+    pub claims: u64,
 }
 
 impl Cluster {
@@ -229,6 +268,26 @@ impl Cluster {
             pending: VecDeque::new(),
             held: 0,
             dirty_rooms: Vec::new(),
+            backlog: Vec::new(),
+            claims: 0,
+        }
+    }
+
+    /// A new claim of the DEDUP key of `(sender, msg_id)`.
+    pub(super) fn new_claim(&mut self, sender: UserId, msg_id: MessageId) -> DedupClaim {
+        self.claims += 1;
+        DedupClaim {
+            key: dedup_key(sender, msg_id),
+            token: format!("p{}.{}", self.node, self.claims),
+        }
+    }
+
+    /// Writes a DEDUP key's answer or forget now, or when the link is up again.
+    pub(super) fn write_dedup(&mut self, op: ClusterOp) {
+        if self.up {
+            self.command(op.clone(), Pending::DedupWrite(op));
+        } else if self.backlog.len() < MAX_PENDING {
+            self.backlog.push(op);
         }
     }
 

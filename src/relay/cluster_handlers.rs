@@ -9,7 +9,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 
 use super::cluster::{
-    dedup_key, split_message, Channel, Cluster, ClusterOp, ClusterReply, DeferredSend, Pending,
+    split_message, Channel, Cluster, ClusterOp, ClusterReply, DedupClaim, DeferredSend, Pending,
     PendingSend,
 };
 use super::dedup::{refusal, refused};
@@ -92,6 +92,9 @@ impl Relay {
             return;
         };
         c.up = true;
+        for op in std::mem::take(&mut c.backlog) {
+            c.command(op.clone(), Pending::DedupWrite(op));
+        }
         c.dirty_rooms.extend(self.rooms.ids());
         c.ops.push(ClusterOp::Subscribe(Channel::All));
         c.ops.extend(
@@ -144,6 +147,13 @@ impl Relay {
                     msg_id,
                     room,
                 } => self.answer_room_state(conn, serial, msg_id, room, 0),
+                Pending::DedupWrite(op) => {
+                    if let Some(c) = self.cluster.as_mut() {
+                        if c.backlog.len() < super::cluster::MAX_PENDING {
+                            c.backlog.push(op);
+                        }
+                    }
+                }
                 Pending::Publish(None) | Pending::Nothing => {}
             }
         }
@@ -184,7 +194,7 @@ impl Relay {
                 };
                 self.answer_room_state(conn, serial, msg_id, room, elsewhere);
             }
-            (Pending::Publish(None) | Pending::Nothing, _) => {}
+            (Pending::Publish(None) | Pending::Nothing | Pending::DedupWrite(_), _) => {}
         }
     }
 
@@ -213,19 +223,20 @@ impl Relay {
             return true;
         }
         s.cluster_deferred += 1;
-        let op = if dedup {
-            ClusterOp::Claim {
-                key: dedup_key(sender, h.msg_id),
+        let claim = dedup.then(|| c.new_claim(sender, h.msg_id));
+        let op = match &claim {
+            Some(claim) => ClusterOp::Claim {
+                key: claim.key.clone(),
+                token: claim.token.clone(),
                 ttl_ms,
-            }
-        } else {
-            ClusterOp::Ping
+            },
+            None => ClusterOp::Ping,
         };
         let held = DeferredSend {
             conn: id,
             serial,
             frame: BytesMut::from(frame.as_bytes()),
-            claim: dedup,
+            claim,
         };
         c.command(op, Pending::Deferred(held));
         true
@@ -234,22 +245,29 @@ impl Relay {
     /// Redis answered a held SEND's claim (or PING): deliver it, or answer it as its first
     /// copy was answered.
     fn resume_deferred(&mut self, d: DeferredSend, reply: ClusterReply, now: Instant) {
-        let Some(s) = self
+        // A claim that made this node the first copy's sender: released if the SEND goes
+        // no further (its sender gone, or refused), else handed on with the SEND.
+        let claimed = match (&reply, &d.claim) {
+            (ClusterReply::Bulk(None), Some(claim)) => Some(claim.clone()),
+            _ => None,
+        };
+        let sender = self
             .sessions
             .get_mut(d.conn.0)
             .filter(|s| s.serial == d.serial)
-        else {
-            return; // the sender is gone
-        };
-        s.cluster_deferred = s.cluster_deferred.saturating_sub(1);
-        let Some(sender) = s.user() else {
-            return; // closing: its frames are no longer handled
+            .and_then(|s| {
+                s.cluster_deferred = s.cluster_deferred.saturating_sub(1);
+                s.user() // None while closing: its frames are no longer handled
+            });
+        let Some(sender) = sender else {
+            self.release_claim(claimed);
+            return;
         };
         let frame = RawFrame::from_owned(d.frame);
         let h = *frame.header();
-        let first = match (&reply, d.claim) {
-            (ClusterReply::Simple, false) | (ClusterReply::Bulk(None), true) => true,
-            (ClusterReply::Bulk(Some(_)), true) => false,
+        let first = match (&reply, &d.claim) {
+            (ClusterReply::Simple, None) | (ClusterReply::Bulk(None), Some(_)) => true,
+            (ClusterReply::Bulk(Some(_)), Some(_)) => false,
             _ => {
                 let reason = format!("Redis refused the DEDUP claim: {reply:?}");
                 self.refuse_cluster_unavailable(d.conn, &h, &reason);
@@ -257,7 +275,7 @@ impl Relay {
             }
         };
         if first {
-            self.route_send(d.conn, frame, sender, now);
+            self.route_send(d.conn, frame, sender, now, claimed);
             return;
         }
         // A resend: the key holds its first copy's answer.
@@ -320,6 +338,9 @@ impl Relay {
 
     /// A held SEND when the link went down: not delivered, refused.
     fn refuse_deferred(&mut self, d: DeferredSend) {
+        // Redis may have taken the claim before the link went down: released (once the
+        // link is up again) if it still holds this claim's token.
+        self.release_claim(d.claim);
         let Some(s) = self
             .sessions
             .get_mut(d.conn.0)
@@ -333,28 +354,40 @@ impl Relay {
         self.refuse_cluster_unavailable(d.conn, &h, reason);
     }
 
-    /// Records a DEDUP SEND's answer in Redis, for resends through other nodes.
-    fn remember_in_cluster(
-        &mut self,
-        sender: crate::proto::UserId,
-        p: &PendingSend,
-        value: Option<String>,
-    ) {
-        let ttl_ms = u64::try_from(self.config.dedup_ttl.as_millis()).unwrap_or(u64::MAX);
-        let Some(c) = self.cluster.as_mut().filter(|c| c.up) else {
-            return;
-        };
-        let key = dedup_key(sender, p.msg_id);
-        let op = match value {
-            Some(value) => ClusterOp::Remember { key, value, ttl_ms },
-            None => ClusterOp::Forget(key),
-        };
-        c.command(op, Pending::Nothing);
-    }
-
     /// The answer to a SEND that waited for the cluster: `other_nodes` is how many other
     /// nodes hold the recipient (`None`: unknown, the link went down).
     fn answer_pending(&mut self, p: PendingSend, other_nodes: Option<u64>) {
+        let target = p.target;
+        let others = u32::try_from(other_nodes.unwrap_or(0)).unwrap_or(u32::MAX);
+        let count = p.local.saturating_add(others);
+        let lost = other_nodes.is_none() && p.local == 0;
+        let offline = other_nodes == Some(0) && p.local == 0;
+        // The DEDUP memory (here and in Redis) first, even when the sender is gone: a
+        // resend through any node must find the answer, or be sent again.
+        if let Some((sender, claim)) = p.dedup.clone() {
+            let key = claim.key.clone();
+            let ttl_ms = self.dedup_ttl_ms();
+            let op = if lost {
+                // Maybe delivered, maybe not: a resend is sent again.
+                self.dedup.forget(sender, p.msg_id);
+                ClusterOp::Forget {
+                    key,
+                    token: claim.token,
+                }
+            } else if offline {
+                let code = ErrorCode::RecipientOffline;
+                self.dedup.set_count(sender, p.msg_id, refused(code));
+                let value = format!("r{}", code as u16);
+                ClusterOp::Remember { key, value, ttl_ms }
+            } else {
+                self.dedup.set_count(sender, p.msg_id, count);
+                let value = count.to_string();
+                ClusterOp::Remember { key, value, ttl_ms }
+            };
+            if let Some(c) = self.cluster.as_mut() {
+                c.write_dedup(op);
+            }
+        }
         if self
             .sessions
             .get(p.conn.0)
@@ -362,50 +395,33 @@ impl Relay {
         {
             return; // the sender is gone
         }
-        let target = p.target;
-        match other_nodes {
-            None if p.local == 0 => {
-                if let Some(sender) = p.dedup {
-                    // Maybe delivered, maybe not: a resend is sent again.
-                    self.dedup.forget(sender, p.msg_id);
-                    self.remember_in_cluster(sender, &p, None);
-                }
-                let reason = "the cluster link went down before Redis answered";
-                self.reply_error(
-                    p.conn,
-                    p.msg_id,
-                    target,
-                    ErrorCode::ClusterUnavailable,
-                    reason,
-                );
-            }
-            Some(0) if p.local == 0 => {
-                if let Some(sender) = p.dedup {
-                    let code = ErrorCode::RecipientOffline;
-                    self.dedup.set_count(sender, p.msg_id, refused(code));
-                    self.remember_in_cluster(sender, &p, Some(format!("r{}", code as u16)));
-                }
-                let reason = format!("{target} is not connected to any node");
-                self.reply_error(
-                    p.conn,
-                    p.msg_id,
-                    target,
-                    ErrorCode::RecipientOffline,
-                    &reason,
-                );
-            }
-            other => {
-                let others = u32::try_from(other.unwrap_or(0)).unwrap_or(u32::MAX);
-                let count = p.local.saturating_add(others);
-                if let Some(sender) = p.dedup {
-                    self.dedup.set_count(sender, p.msg_id, count);
-                    self.remember_in_cluster(sender, &p, Some(count.to_string()));
-                }
-                if p.ack {
-                    write_ack(self.scratch(), p.msg_id, target, count);
-                    self.queue_scratch(p.conn);
-                }
-            }
+        if lost {
+            let code = ErrorCode::ClusterUnavailable;
+            let reason = "the cluster link went down before Redis answered";
+            self.reply_error(p.conn, p.msg_id, target, code, reason);
+        } else if offline {
+            let reason = format!("{target} is not connected to any node");
+            let code = ErrorCode::RecipientOffline;
+            self.reply_error(p.conn, p.msg_id, target, code, &reason);
+        } else if p.ack {
+            write_ack(self.scratch(), p.msg_id, target, count);
+            self.queue_scratch(p.conn);
+        }
+    }
+
+    /// The DEDUP time to live, in milliseconds (the keys' in Redis).
+    fn dedup_ttl_ms(&self) -> u64 {
+        u64::try_from(self.config.dedup_ttl.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Gives up a DEDUP claim whose SEND was not sent (refused, or its sender gone): a
+    /// resend through any node is sent again.
+    pub(super) fn release_claim(&mut self, claim: Option<DedupClaim>) {
+        if let (Some(claim), Some(c)) = (claim, self.cluster.as_mut()) {
+            c.write_dedup(ClusterOp::Forget {
+                key: claim.key,
+                token: claim.token,
+            });
         }
     }
 
@@ -461,18 +477,18 @@ impl Relay {
     fn deliver_from_cluster(&mut self, user: crate::proto::UserId, frame: Bytes) {
         let cap = self.config.out_cap;
         let cost = OutQueue::cost(frame.len());
-        let devices = self.directory.devices(user).to_vec();
-        for device in devices {
-            let over_budget = self.over_budget(cost);
+        let mut budget = self.config.max_memory.saturating_sub(self.memory_held());
+        for &device in self.directory.devices(user) {
             let Some(s) = self.sessions.get_mut(device.0) else {
                 continue;
             };
-            if s.out.held() + cost > cap || over_budget {
+            if s.out.held() + cost > cap || cost > budget {
                 self.metrics.cluster_deliveries_dropped += 1;
                 debug!("{}: dropped a DELIVER from the cluster (slow)", s.label());
                 continue;
             }
             push_output(s, &mut self.flush_list, device, frame.clone());
+            budget -= cost;
             self.metrics.deliveries_queued += 1;
             self.work += 1;
         }

@@ -21,6 +21,10 @@ use crate::proto::{ErrorCode, MessageId, UserId};
 /// ERROR code the first copy got (see [`refused`], [`refusal`]).
 const REFUSED: u32 = 0x8000_0000;
 
+/// The value [`Dedup::record`] keeps for a SEND whose answer is not known yet (cluster
+/// mode: its PUBLISH waits for Redis's answer).
+pub const PENDING: u32 = 0x4000_0000;
+
 /// The value [`Dedup::record`] keeps for a SEND refused with `code`.
 pub fn refused(code: ErrorCode) -> u32 {
     REFUSED | code as u32

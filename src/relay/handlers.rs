@@ -8,7 +8,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use log::{debug, info};
 
-use super::cluster::{self, Channel, PendingSend};
+use super::cluster::{self, Channel, DedupClaim, PendingSend};
 use super::inbox::INBOX_PREFIX;
 use super::session::{Session, State};
 use super::{
@@ -231,6 +231,12 @@ impl Relay {
         }
         if dedup {
             if let Some(count) = self.dedup.lookup(sender, h.msg_id, now) {
+                if count == super::dedup::PENDING {
+                    // Cluster mode: its first copy waits for Redis's answer.
+                    let reason = format!("{} is still on its way; send it again later", h.msg_id);
+                    self.refuse_cluster_unavailable(id, &h, &reason);
+                    return;
+                }
                 debug!(
                     "{}: {} from {sender} is a resend; not delivered again",
                     self.conn_label(id),
@@ -263,15 +269,33 @@ impl Relay {
             self.on_stored_send(id, frame, sender, now);
             return;
         }
-        if self.cluster.as_ref().is_some_and(|c| c.up) && self.defer_for_cluster(id, &frame) {
-            return;
+        if let Some(c) = &self.cluster {
+            if dedup && !c.up {
+                // De-duplication across nodes needs Redis: delivered now, a resend through
+                // another node could not know (protocol.md, section 18).
+                let reason = "the cluster link is down: a DEDUP SEND cannot be checked";
+                self.refuse_cluster_unavailable(id, &h, reason);
+                return;
+            }
+            if c.up && self.defer_for_cluster(id, &frame) {
+                return;
+            }
         }
-        self.route_send(id, frame, sender, now);
+        self.route_send(id, frame, sender, now, None);
     }
 
     /// The delivery of a SEND that passed its checks (and, in cluster mode, its DEDUP
     /// claim): to the recipient's connections, and in cluster mode to the other nodes.
-    pub(super) fn route_send(&mut self, id: ConnId, frame: RawFrame, sender: UserId, now: Instant) {
+    /// `claim`: the DEDUP key this node claimed for it in cluster mode (released when the
+    /// SEND is refused here).
+    pub(super) fn route_send(
+        &mut self,
+        id: ConnId,
+        frame: RawFrame,
+        sender: UserId,
+        now: Instant,
+        claim: Option<DedupClaim>,
+    ) {
         let h = *frame.header();
         let dedup = h.flags.contains(Flags::DEDUP);
         let devices = self.directory.devices(h.target);
@@ -282,6 +306,7 @@ impl Relay {
             Some(c) if c.can_publish() => true,
             Some(c) if devices.is_empty() => {
                 let reason = c.unavailable_reason();
+                self.release_claim(claim);
                 self.refuse_cluster_unavailable(id, &h, reason);
                 return;
             }
@@ -289,6 +314,7 @@ impl Relay {
         };
         if devices.is_empty() && !via_cluster {
             let reason = format!("{} is not connected", h.target);
+            self.release_claim(claim);
             self.reply_error(id, h.msg_id, h.target, ErrorCode::RecipientOffline, &reason);
             return;
         }
@@ -301,6 +327,7 @@ impl Relay {
         });
         if let Some(full) = full {
             let reason = format!("{} has a full output queue on {full}", h.target);
+            self.release_claim(claim);
             self.reply_error(id, h.msg_id, h.target, ErrorCode::RecipientSlow, &reason);
             return;
         }
@@ -309,6 +336,7 @@ impl Relay {
                 "the relay's memory budget ({} bytes) is used up",
                 self.config.max_memory
             );
+            self.release_claim(claim);
             self.reply_error(id, h.msg_id, h.target, ErrorCode::RecipientSlow, &reason);
             return;
         }
@@ -324,7 +352,7 @@ impl Relay {
                 local: u32::try_from(count).unwrap_or(u32::MAX),
                 self_counted: count > 0,
                 ack: !h.flags.contains(Flags::NO_ACK),
-                dedup: dedup.then_some(sender),
+                dedup: claim.map(|claim| (sender, claim)),
             };
             if let Some(c) = self.cluster.as_mut() {
                 c.publish(Channel::User(h.target), &deliver, Some(waiting));
@@ -347,7 +375,14 @@ impl Relay {
         self.metrics.deliveries_queued += count as u64;
         self.work += count;
         if dedup {
-            self.dedup.record(sender, h.msg_id, count as u32, now);
+            // In cluster mode the answer is known once Redis answers: until then a resend
+            // here is told to wait, as through another node.
+            let remembered = if via_cluster {
+                super::dedup::PENDING
+            } else {
+                count as u32
+            };
+            self.dedup.record(sender, h.msg_id, remembered, now);
         }
         if !h.flags.contains(Flags::NO_ACK) && !via_cluster {
             write_ack(self.scratch(), h.msg_id, h.target, count as u32);

@@ -15,7 +15,7 @@
 //! doubling to 5 s); once both connections are up the core subscribes again to everything.
 
 use std::collections::VecDeque;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -86,14 +86,17 @@ impl RedisConn {
         Ok(())
     }
 
-    /// Reads until the socket would block; an EOF is an error.
+    /// Reads until the socket would block (straight into the input buffer); an EOF is an
+    /// error.
     fn fill(&mut self) -> std::io::Result<()> {
-        let mut chunk = [0u8; 16 * 1024];
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.stream);
         loop {
-            match self.stream.read(&mut chunk) {
+            if self.input.capacity() - self.input.len() < 4096 {
+                self.input.reserve(64 * 1024);
+            }
+            match crate::net::read_into(fd, &mut self.input) {
                 Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
-                Ok(n) => {
-                    self.input.extend_from_slice(&chunk[..n]);
+                Ok(_) => {
                     if self.input.len() > MAX_INPUT {
                         return Err(std::io::Error::other("Redis sent more than the input cap"));
                     }
@@ -255,16 +258,17 @@ impl ClusterLink {
         for op in self.ops.drain(..) {
             match op {
                 ClusterOp::Publish(channel, payload) => {
-                    let name = channel.name();
-                    resp::command(&mut cmd.out, &[b"PUBLISH", name.as_bytes(), &payload]);
+                    let mut name = [0u8; 40];
+                    let name = channel.name_in(&mut name);
+                    resp::command(&mut cmd.out, &[b"PUBLISH", name, &payload]);
                     self.owed.push_back(Some(now));
                 }
-                ClusterOp::Claim { key, ttl_ms } => {
+                ClusterOp::Claim { key, token, ttl_ms } => {
                     let ttl = ttl_ms.to_string();
                     let args: [&[u8]; 7] = [
                         b"SET",
                         key.as_bytes(),
-                        b"p",
+                        token.as_bytes(),
                         b"NX",
                         b"GET",
                         b"PX",
@@ -285,8 +289,15 @@ impl ClusterLink {
                     resp::command(&mut cmd.out, &args);
                     self.owed.push_back(Some(now));
                 }
-                ClusterOp::Forget(key) => {
-                    resp::command(&mut cmd.out, &[b"DEL", key.as_bytes()]);
+                ClusterOp::Forget { key, token } => {
+                    let args: [&[u8]; 5] = [
+                        b"EVAL",
+                        FORGET_CLAIM.as_bytes(),
+                        b"1",
+                        key.as_bytes(),
+                        token.as_bytes(),
+                    ];
+                    resp::command(&mut cmd.out, &args);
                     self.owed.push_back(Some(now));
                 }
                 ClusterOp::Ping => {
@@ -503,3 +514,9 @@ for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   end
 end
 return total";
+
+/// Deletes a DEDUP key if it still holds the claim token ARGV[1]: a later answer or
+/// another node's claim is left alone.
+const FORGET_CLAIM: &str = "\
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0";

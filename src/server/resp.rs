@@ -59,30 +59,50 @@ pub fn command(out: &mut BytesMut, args: &[&[u8]]) {
     }
 }
 
+/// `n` in decimal and a CRLF, without an allocation.
 fn put_decimal(out: &mut BytesMut, n: usize) {
-    out.extend_from_slice(n.to_string().as_bytes());
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
     out.extend_from_slice(b"\r\n");
 }
 
 /// Takes one whole value off the front of `buf`; `Ok(None)` while it is incomplete. A
 /// bulk string longer than `max_bulk` is an error as soon as its length is read.
+///
+/// Bulk strings are views into one allocation taken off `buf` (no copy each): the first
+/// pass finds where the value ends, the second builds it from that part.
 pub fn decode(buf: &mut BytesMut, max_bulk: usize) -> Result<Option<Value>, RespError> {
-    match parse(buf, 0, max_bulk, 0)? {
-        Some((value, used)) => {
-            let _ = buf.split_to(used);
-            Ok(Some(value))
-        }
-        None => Ok(None),
+    let Some((_, used)) = parse(buf, 0, max_bulk, 0, None)? else {
+        return Ok(None);
+    };
+    let whole = buf.split_to(used).freeze();
+    match parse(&whole, 0, max_bulk, 0, Some(&whole))? {
+        Some((value, _)) => Ok(Some(value)),
+        None => Err(RespError::Malformed("a value that was whole is not")),
     }
 }
 
 /// Parses a value at `at`: the value and where it ends, or `None` if incomplete.
+/// Parses a value at `at`. Without `whole` it only finds where the value ends (the values
+/// it returns hold nothing); with it, bulk strings are slices of `whole` (which is `buf`).
 fn parse(
     buf: &[u8],
     at: usize,
     max_bulk: usize,
     depth: usize,
+    whole: Option<&Bytes>,
 ) -> Result<Option<(Value, usize)>, RespError> {
+    let take = |from: usize, to: usize| whole.map_or_else(Bytes::new, |w| w.slice(from..to));
     let Some(line_end) = find_crlf(buf, at + 1)? else {
         return Ok(None);
     };
@@ -92,8 +112,8 @@ fn parse(
     let line = &buf[at + 1..line_end];
     let next = line_end + 2;
     Ok(Some(match kind {
-        b'+' => (Value::Simple(Bytes::copy_from_slice(line)), next),
-        b'-' => (Value::Error(Bytes::copy_from_slice(line)), next),
+        b'+' => (Value::Simple(take(at + 1, line_end)), next),
+        b'-' => (Value::Error(take(at + 1, line_end)), next),
         b':' => (Value::Integer(number(line)?), next),
         b'$' => {
             let len = number(line)?;
@@ -111,10 +131,7 @@ fn parse(
             if &buf[end..end + 2] != b"\r\n" {
                 return Err(RespError::Malformed("bulk string without CRLF"));
             }
-            (
-                Value::Bulk(Some(Bytes::copy_from_slice(&buf[next..end]))),
-                end + 2,
-            )
+            (Value::Bulk(Some(take(next, end))), end + 2)
         }
         b'*' => {
             let n = number(line)?;
@@ -128,12 +145,14 @@ fn parse(
             if depth >= MAX_DEPTH {
                 return Err(RespError::Malformed("arrays nested too deep"));
             }
-            let mut items = Vec::with_capacity(n);
+            let mut items = Vec::with_capacity(if whole.is_some() { n } else { 0 });
             let mut pos = next;
             for _ in 0..n {
-                match parse(buf, pos, max_bulk, depth + 1)? {
+                match parse(buf, pos, max_bulk, depth + 1, whole)? {
                     Some((item, end)) => {
-                        items.push(item);
+                        if whole.is_some() {
+                            items.push(item);
+                        }
                         pos = end;
                     }
                     None => return Ok(None),

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::*;
 use crate::proto::{ErrorCode, RoomId};
-use crate::relay::cluster::Channel;
+use crate::relay::cluster::{dedup_key, Channel};
 use crate::relay::ClusterReply;
 
 /// N nodes and the pub/sub (and key-value store) between them.
@@ -78,9 +78,9 @@ impl Cluster {
                                 .relay
                                 .handle_cluster_reply(ClusterReply::Integer(n), self.now);
                         }
-                        ClusterOp::Claim { key, .. } => {
+                        ClusterOp::Claim { key, token, .. } => {
                             let old = self.keys.get(&key).cloned();
-                            self.keys.entry(key).or_insert_with(|| "p".to_string());
+                            self.keys.entry(key).or_insert(token);
                             let reply = ClusterReply::Bulk(old.map(Bytes::from));
                             self.nodes[i].relay.handle_cluster_reply(reply, self.now);
                         }
@@ -90,8 +90,12 @@ impl Cluster {
                                 .relay
                                 .handle_cluster_reply(ClusterReply::Simple, self.now);
                         }
-                        ClusterOp::Forget(key) => {
-                            let n = i64::from(self.keys.remove(&key).is_some());
+                        ClusterOp::Forget { key, token } => {
+                            let ours = self.keys.get(&key) == Some(&token);
+                            if ours {
+                                self.keys.remove(&key);
+                            }
+                            let n = i64::from(ours);
                             self.nodes[i]
                                 .relay
                                 .handle_cluster_reply(ClusterReply::Integer(n), self.now);
@@ -470,5 +474,57 @@ fn room_state_counts_members_on_every_node() {
         room_members(&c.nodes[0].take_frames(viewer)[0]),
         1,
         "own count"
+    );
+}
+
+/// Found by tests/sim_cluster.rs: a resend on the same node while the first copy waits
+/// for Redis is told to wait (not ACKed from a guess), and with the link down a DEDUP
+/// SEND is refused even to a user on this node (a resend through another node could not
+/// know it was delivered).
+#[test]
+fn dedup_waits_for_redis_and_needs_the_link() {
+    let mut c = Cluster::new(2);
+    let alice = c.nodes[0].login(1);
+    let carol = c.nodes[0].login(3);
+    c.settle();
+    let dedup = |msg: u64, to: u64| send(msg, to, b"d").with_flags(Flags::DEDUP);
+
+    // Claim answered, PUBLISH not yet: a resend here waits.
+    c.nodes[0].send_frame(alice, dedup(1, 3));
+    let mut ops = Vec::new();
+    c.nodes[0].relay.take_cluster_ops(&mut ops);
+    let ClusterOp::Claim { key, token, .. } = &ops[0] else {
+        panic!("{ops:?}");
+    };
+    c.keys.insert(key.clone(), token.clone());
+    c.nodes[0]
+        .relay
+        .handle_cluster_reply(ClusterReply::Bulk(None), c.now);
+    assert_eq!(c.nodes[0].take_frames(carol).len(), 1, "delivered here");
+    c.nodes[0].send_frame(alice, dedup(1, 3));
+    c.nodes[0].expect_error(alice, ErrorCode::ClusterUnavailable);
+
+    // The link goes down before Redis answers the PUBLISH: answered from what this node
+    // knows (carol got it here), and that answer is written to Redis once the link is up.
+    c.nodes[0].relay.handle_cluster_down();
+    assert_eq!(ack_count(&c.nodes[0].take_frames(alice)[0]), 1);
+    c.nodes[0].send_frame(alice, dedup(2, 3));
+    c.nodes[0].expect_error(alice, ErrorCode::ClusterUnavailable);
+    c.nodes[0].send_frame(alice, send(3, 3, b"plain"));
+    assert_eq!(ack_count(&c.nodes[0].take_frames(alice)[0]), 1);
+    assert_eq!(c.nodes[0].take_frames(carol).len(), 1);
+
+    c.nodes[0].relay.handle_cluster_up();
+    c.settle();
+    let key = dedup_key(UserId(1), MessageId(1));
+    assert_eq!(c.keys.get(&key).map(String::as_str), Some("1"));
+    let bob = c.nodes[1].login(1);
+    c.settle();
+    c.nodes[1].send_frame(bob, dedup(1, 3));
+    c.settle();
+    assert_eq!(ack_count(&c.nodes[1].take_frames(bob)[0]), 1);
+    assert!(
+        c.nodes[0].take_frames(carol).is_empty(),
+        "not delivered twice"
     );
 }

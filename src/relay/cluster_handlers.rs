@@ -488,6 +488,7 @@ impl Relay {
                 continue;
             }
             push_output(s, &mut self.flush_list, device, frame.clone());
+            self.metrics.count_out(&frame, 1);
             budget -= cost;
             self.metrics.deliveries_queued += 1;
             self.work += 1;

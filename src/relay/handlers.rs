@@ -342,6 +342,7 @@ impl Relay {
         }
         let deliver = frame.into_deliver(sender);
         let count = devices.len();
+        self.metrics.count_out(&deliver, count as u64);
         if via_cluster {
             let serial = self.sessions.get(id.0).map_or(0, |s| s.serial);
             let waiting = PendingSend {
@@ -581,12 +582,14 @@ impl Relay {
     /// [`Relay::queue`] for a frame that may be a view into the read buffer.
     pub(super) fn queue_view(&mut self, id: ConnId, frame: Bytes) {
         if let Some(s) = self.sessions.get_mut(id.0) {
+            self.metrics.count_out(&frame, 1);
             push_output_view(s, &mut self.flush_list, id, frame);
         }
     }
 
     pub(super) fn queue(&mut self, id: ConnId, frame: Bytes) {
         if let Some(s) = self.sessions.get_mut(id.0) {
+            self.metrics.count_out(&frame, 1);
             push_output(s, &mut self.flush_list, id, frame);
         }
     }

@@ -433,6 +433,7 @@ impl Relay {
             if next.origin == s.device {
                 continue; // this device's own message: it has it
             }
+            self.metrics.count_out(&next.frame, 1);
             push_output(s, &mut self.flush_list, id, next.frame.clone());
         }
     }

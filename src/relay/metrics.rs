@@ -18,6 +18,13 @@ pub struct Metrics {
     pub frames_in: u64,
     /// Frames decoded from clients, by opcode byte (an unknown opcode has its slot too).
     pub frames_in_by_opcode: OpcodeCounts,
+    /// Bytes of the frames decoded from clients, by opcode.
+    pub bytes_in_by_opcode: OpcodeCounts,
+    /// Frames queued to connections, by opcode (text lines and WebSocket messages by the
+    /// frame they render).
+    pub frames_out_by_opcode: OpcodeCounts,
+    /// Bytes of the frames queued to connections, by opcode (as binary frames).
+    pub bytes_out_by_opcode: OpcodeCounts,
     /// Bytes of frames decoded from clients.
     pub bytes_in: u64,
     /// Successful LOGINs.
@@ -100,6 +107,12 @@ impl OpcodeCounts {
         self.0[usize::from(opcode)] += 1;
     }
 
+    /// Adds `n` for opcode byte `opcode`.
+    #[inline]
+    pub fn add(&mut self, opcode: u8, n: u64) {
+        self.0[usize::from(opcode)] += n;
+    }
+
     /// Frames counted with opcode byte `opcode`.
     pub fn get(&self, opcode: u8) -> u64 {
         self.0[usize::from(opcode)]
@@ -107,6 +120,17 @@ impl OpcodeCounts {
 }
 
 impl Metrics {
+    /// Counts `n` copies of `frame` queued to connections, by its opcode; text the core
+    /// wrote itself (HELP, usage) is not a frame and is not counted.
+    #[inline]
+    pub fn count_out(&mut self, frame: &[u8], n: u64) {
+        if frame.len() >= crate::proto::HEADER_LEN && frame[4] == crate::proto::VERSION {
+            self.frames_out_by_opcode.add(frame[5], n);
+            self.bytes_out_by_opcode
+                .add(frame[5], n * frame.len() as u64);
+        }
+    }
+
     /// Counts one ERROR frame.
     pub fn count_error(&mut self, code: ErrorCode) {
         self.errors_sent[code as usize - 1] += 1;

@@ -552,10 +552,10 @@ impl Relay {
     #[inline]
     fn handle_counted(&mut self, id: ConnId, frame: RawFrame, now: Instant) {
         self.metrics.frames_in += 1;
-        self.metrics
-            .frames_in_by_opcode
-            .count(frame.header().opcode);
-        self.metrics.bytes_in += frame.as_bytes().len() as u64;
+        let (opcode, len) = (frame.header().opcode, frame.as_bytes().len() as u64);
+        self.metrics.frames_in_by_opcode.count(opcode);
+        self.metrics.bytes_in_by_opcode.add(opcode, len);
+        self.metrics.bytes_in += len;
         self.work += FRAME_WORK;
         self.handle_frame(id, frame, now);
     }
@@ -722,7 +722,11 @@ impl Relay {
                     frame.encode(&mut encoded);
                     if let Ok(Some(raw)) = decode_raw(&mut encoded, max_frame) {
                         self.metrics.frames_in += 1;
-                        self.metrics.frames_in_by_opcode.count(raw.header().opcode);
+                        let opcode = raw.header().opcode;
+                        self.metrics.frames_in_by_opcode.count(opcode);
+                        self.metrics
+                            .bytes_in_by_opcode
+                            .add(opcode, line.len() as u64);
                         self.metrics.bytes_in += line.len() as u64;
                         self.work += FRAME_WORK;
                         let errors = self.metrics.errors_total;

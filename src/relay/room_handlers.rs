@@ -133,6 +133,7 @@ impl Relay {
         // by every member that does not keep up.
         let deliver = shared_copy(&frame.rewrite(Opcode::RoomDeliver, h.target, sender));
         self.publish_room_traffic(Channel::Room(room), &deliver);
+        let counted = deliver.clone();
         let budget = self.room_budget();
         let fanout = Fanout {
             sessions: &mut self.sessions,
@@ -144,6 +145,7 @@ impl Relay {
             sender: id,
         };
         let (queued, dropped) = fanout.deliver(self.rooms.members(room).iter().copied());
+        self.metrics.count_out(&counted, queued);
         self.rooms.count_dropped(room, dropped);
         self.finish_fanout(id, &h, queued, dropped);
     }
@@ -193,6 +195,7 @@ impl Relay {
         sender: Option<ConnId>,
     ) -> (u64, u64) {
         let budget = self.room_budget();
+        let counted = frame.clone();
         let fanout = Fanout {
             sessions: &mut self.sessions,
             flush_list: &mut self.flush_list,
@@ -202,7 +205,9 @@ impl Relay {
             frame,
             sender: sender.unwrap_or(ConnId(usize::MAX)),
         };
-        fanout.deliver(members.iter().copied())
+        let (queued, dropped) = fanout.deliver(members.iter().copied());
+        self.metrics.count_out(&counted, queued);
+        (queued, dropped)
     }
 
     /// Cluster mode: room traffic (a ROOM_DELIVER or broadcast, encoded once) goes to the

@@ -18,7 +18,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::proto::{ErrorCode, Opcode};
-use crate::relay::{Codec, Metrics};
+use crate::relay::{Codec, Metrics, OpcodeCounts};
 
 /// Upper bounds of the latency histograms' buckets, in nanoseconds: 10 us to 10 s, about
 /// three per decade (a loop turn is tens of microseconds; an fsync is milliseconds).
@@ -151,6 +151,9 @@ pub const METRIC_NAMES: &[&str] = &[
     "imrelay_token_refreshes_total",
     "imrelay_tokens_expired_total",
     "imrelay_frames_received_total",
+    "imrelay_frames_received_bytes_total",
+    "imrelay_frames_sent_total",
+    "imrelay_frames_sent_bytes_total",
     "imrelay_received_bytes_total",
     "imrelay_sent_bytes_total",
     "imrelay_lost_on_reset_bytes_total",
@@ -229,12 +232,13 @@ impl Out<'_, '_> {
         &mut self,
         name: &str,
         help: &str,
+        unit: Option<Unit>,
         label: &'static str,
         series: &[(&str, u64)],
     ) -> Fmt {
-        let mut m = self
-            .encoder
-            .encode_descriptor(name, help, None, MetricType::Counter)?;
+        let mut m =
+            self.encoder
+                .encode_descriptor(name, help, unit.as_ref(), MetricType::Counter)?;
         for &(value, v) in series {
             let labels = [(label, value)];
             ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
@@ -306,6 +310,7 @@ impl Collector for SnapshotCollector {
         out.counters_by(
             "connections_refused",
             "Connections refused, by reason.",
+            None,
             "reason",
             &[
                 ("shutting_down", r.shutting_down),
@@ -343,13 +348,33 @@ impl Collector for SnapshotCollector {
         )?;
 
         // Traffic.
-        let by_opcode = frames_by_opcode(m);
-        let series: Vec<(&str, u64)> = by_opcode.iter().map(|&(op, n)| (op, n)).collect();
         out.counters_by(
             "frames_received",
             "Frames (and text lines) decoded from clients, by opcode.",
+            None,
             "opcode",
-            &series,
+            &by_opcode(&m.frames_in_by_opcode),
+        )?;
+        out.counters_by(
+            "frames_received",
+            "Bytes of the frames (and text lines) decoded from clients, by opcode.",
+            bytes(),
+            "opcode",
+            &by_opcode(&m.bytes_in_by_opcode),
+        )?;
+        out.counters_by(
+            "frames_sent",
+            "Frames queued to connections, by opcode (text and WebSocket by the frame they render).",
+            None,
+            "opcode",
+            &by_opcode(&m.frames_out_by_opcode),
+        )?;
+        out.counters_by(
+            "frames_sent",
+            "Bytes of the frames queued to connections, by opcode (as binary frames).",
+            bytes(),
+            "opcode",
+            &by_opcode(&m.bytes_out_by_opcode),
         )?;
         out.counter(
             "received",
@@ -371,6 +396,7 @@ impl Collector for SnapshotCollector {
         out.counters_by(
             "errors_sent",
             "ERROR frames sent, by code.",
+            None,
             "code",
             &errors,
         )?;
@@ -558,15 +584,15 @@ impl Collector for SnapshotCollector {
     }
 }
 
-/// Frames received by opcode: every opcode protocol v1 defines, by its protocol.md name,
-/// then every undefined opcode byte together as `unknown`.
-fn frames_by_opcode(m: &Metrics) -> Vec<(&'static str, u64)> {
+/// Counts by opcode: every opcode protocol v1 defines, by its protocol.md name, then
+/// every undefined opcode byte together as `unknown`.
+fn by_opcode(counts: &OpcodeCounts) -> Vec<(&'static str, u64)> {
     let mut unknown = 0;
     let mut series = Vec::new();
     for byte in 0..=u8::MAX {
         match Opcode::from_u8(byte) {
-            Some(op) => series.push((op.name(), m.frames_in_by_opcode.get(byte))),
-            None => unknown += m.frames_in_by_opcode.get(byte),
+            Some(op) => series.push((op.name(), counts.get(byte))),
+            None => unknown += counts.get(byte),
         }
     }
     series.push(("unknown", unknown));
@@ -601,6 +627,7 @@ mod tests {
         s.metrics.logins = 3;
         s.metrics.frames_in_by_opcode.count(Opcode::Send as u8);
         s.metrics.frames_in_by_opcode.count(0xee);
+        s.metrics.count_out(&imrelay_frame(Opcode::Deliver, 40), 3);
         s.metrics.count_error(ErrorCode::LimitReached);
         s.loop_turn.record(Duration::from_millis(2));
         let text = encode(s).unwrap();
@@ -610,6 +637,8 @@ mod tests {
             "imrelay_connections{codec=\"binary\"} 2",
             "imrelay_frames_received_total{opcode=\"SEND\"} 1",
             "imrelay_frames_received_total{opcode=\"unknown\"} 1",
+            "imrelay_frames_sent_total{opcode=\"DELIVER\"} 3",
+            "imrelay_frames_sent_bytes_total{opcode=\"DELIVER\"} 120",
             "imrelay_errors_sent_total{code=\"LIMIT_REACHED\"} 1",
             "imrelay_loop_turn_seconds_bucket{le=\"0.001\"} 0",
             "imrelay_loop_turn_seconds_bucket{le=\"0.0025\"} 1",
@@ -641,5 +670,14 @@ mod tests {
                 "{name} is not in METRIC_NAMES"
             );
         }
+    }
+
+    /// An encoded frame of `opcode`, `len` bytes long.
+    fn imrelay_frame(opcode: Opcode, len: usize) -> Vec<u8> {
+        let mut f = vec![0u8; len];
+        f[..4].copy_from_slice(&(len as u32).to_be_bytes());
+        f[4] = crate::proto::VERSION;
+        f[5] = opcode as u8;
+        f
     }
 }

@@ -694,3 +694,28 @@ fn heartbeat_min_defaults_to_ten_seconds_capped_at_the_ping_interval_and_is_vali
         assert_eq!(config.validate(), Err(ConfigError::HeartbeatMin));
     }
 }
+
+#[test]
+fn frames_and_bytes_are_counted_by_opcode_both_ways() {
+    let mut h = Harness::new(Config::default());
+    let alice = h.login(1);
+    let bob = h.login(2);
+    let sent = send(5, 2, b"hello");
+    let len = sent.to_bytes().len() as u64;
+    h.send_frame(alice, sent);
+    h.take_frames(bob);
+    h.take_frames(alice);
+    let m = h.relay.metrics();
+    let (send_op, deliver, ack) = (Opcode::Send as u8, Opcode::Deliver as u8, Opcode::Ack as u8);
+    assert_eq!(m.frames_in_by_opcode.get(send_op), 1);
+    assert_eq!(m.bytes_in_by_opcode.get(send_op), len);
+    assert_eq!(m.frames_out_by_opcode.get(deliver), 1);
+    assert_eq!(
+        m.bytes_out_by_opcode.get(deliver),
+        len,
+        "a DELIVER is its SEND rewritten"
+    );
+    assert_eq!(m.frames_out_by_opcode.get(ack), 1);
+    assert_eq!(m.bytes_out_by_opcode.get(ack), 36);
+    assert_eq!(m.frames_out_by_opcode.get(Opcode::LoginOk as u8), 2);
+}

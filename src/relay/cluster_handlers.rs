@@ -248,7 +248,7 @@ impl Relay {
         // A claim that made this node the first copy's sender: released if the SEND goes
         // no further (its sender gone, or refused), else handed on with the SEND.
         let claimed = match (&reply, &d.claim) {
-            (ClusterReply::Bulk(None), Some(claim)) => Some(claim.clone()),
+            (ClusterReply::Bulk(None), Some(claim)) => Some(Box::new(claim.clone())),
             _ => None,
         };
         let sender = self
@@ -340,7 +340,7 @@ impl Relay {
     fn refuse_deferred(&mut self, d: DeferredSend) {
         // Redis may have taken the claim before the link went down: released (once the
         // link is up again) if it still holds this claim's token.
-        self.release_claim(d.claim);
+        self.release_claim(d.claim.map(Box::new));
         let Some(s) = self
             .sessions
             .get_mut(d.conn.0)
@@ -416,11 +416,11 @@ impl Relay {
 
     /// Gives up a DEDUP claim whose SEND was not sent (refused, or its sender gone): a
     /// resend through any node is sent again.
-    pub(super) fn release_claim(&mut self, claim: Option<DedupClaim>) {
+    pub(super) fn release_claim(&mut self, claim: Option<Box<DedupClaim>>) {
         if let (Some(claim), Some(c)) = (claim, self.cluster.as_mut()) {
             c.write_dedup(ClusterOp::Forget {
-                key: claim.key,
-                token: claim.token,
+                key: claim.key.clone(),
+                token: claim.token.clone(),
             });
         }
     }

@@ -885,6 +885,7 @@ impl Server {
             self.tls_state.goodbye(layer, &mut conn.stream);
         }
         let _ = self.poll.registry().deregister(&mut conn.stream);
+        drain_unread(&conn.stream);
         drop(conn);
         // Named before the core forgets the connection.
         let label =
@@ -892,6 +893,19 @@ impl Server {
         self.relay.handle_closed(id);
         if let Some(label) = label {
             debug!("{label}: closed");
+        }
+    }
+}
+
+/// Reads (and drops) what the peer sent that was not read yet, up to 256 KiB: closing a
+/// socket with unread input makes the kernel reset the connection, and the peer may then
+/// lose what was written last (a WebSocket close frame, a closing ERROR).
+fn drain_unread(stream: &TcpStream) {
+    let mut sink = [0u8; 4096];
+    for _ in 0..64 {
+        match std::io::Read::read(&mut &*stream, &mut sink) {
+            Ok(n) if n > 0 => {}
+            _ => break,
         }
     }
 }

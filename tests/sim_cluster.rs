@@ -539,13 +539,19 @@ impl World {
     /// The ledger's view of a PUBLISH Redis processes: which attempt it carries, and
     /// whether Redis counts a node without a connection of the recipient.
     fn note_publish(&mut self, from: usize, payload: &Bytes, receivers: &[usize]) {
-        let Some(frame) = payload.get(8..).and_then(|f| {
-            let mut buf = BytesMut::from(f);
-            decode_frame(&mut buf, u32::MAX).ok().flatten()?.ok()
-        }) else {
+        // A PUBLISH carries every frame one loop turn sent on its channel.
+        let Some(frames) = published_frames(payload) else {
             self.fail("protocol", format!("node {from} published {payload:?}"));
             return;
         };
+        for frame in frames {
+            self.note_published_frame(from, &frame, receivers);
+        }
+    }
+
+    /// One frame of a PUBLISH: which attempt it carries, and whether Redis counts a node
+    /// without a connection of the recipient.
+    fn note_published_frame(&mut self, from: usize, frame: &Frame, receivers: &[usize]) {
         let Some((conn, seq)) = parse_payload(&frame.payload) else {
             return; // not a SEND's (nothing else is sent)
         };
@@ -1146,15 +1152,12 @@ fn parse_payload(payload: &[u8]) -> Option<(u64, u64)> {
 fn op_label(op: &ClusterOp) -> String {
     match op {
         ClusterOp::Publish(ch, payload) => {
-            let detail = payload
-                .get(8..)
-                .and_then(|f| {
-                    let mut buf = BytesMut::from(f);
-                    decode_frame(&mut buf, u32::MAX).ok().flatten()?.ok()
-                })
+            let detail: Vec<String> = published_frames(payload)
+                .unwrap_or_default()
+                .iter()
                 .map(|f| format!("({}, {})", f.source.0, f.msg_id.0))
-                .unwrap_or_default();
-            format!("PUBLISH {} {detail}", ch.name())
+                .collect();
+            format!("PUBLISH {} {}", ch.name(), detail.join(" "))
         }
         ClusterOp::Subscribe(ch) => format!("SUBSCRIBE {}", ch.name()),
         ClusterOp::Unsubscribe(ch) => format!("UNSUBSCRIBE {}", ch.name()),
@@ -1242,4 +1245,15 @@ fn cluster_simulation() {
         ));
     }
     panic!("{failed} of {seeds} seeds failed:{report}");
+}
+
+/// The frames of a published message (after the node id), or `None` if it is not whole
+/// frames.
+fn published_frames(payload: &Bytes) -> Option<Vec<Frame>> {
+    let mut buf = BytesMut::from(payload.get(8..)?);
+    let mut frames = Vec::new();
+    while !buf.is_empty() {
+        frames.push(decode_frame(&mut buf, u32::MAX).ok()??.ok()?);
+    }
+    Some(frames)
 }

@@ -14,7 +14,9 @@
 //! - `imrelay:all`: BROADCAST, always subscribed.
 //!
 //! A published message is the node's id (u64, so a node skips its own messages) followed
-//! by the encoded DELIVER or ROOM_DELIVER, encoded once by the sending node.
+//! by one or more encoded DELIVERs or ROOM_DELIVERs, each encoded once by the sending node:
+//! every frame a loop turn publishes on one channel goes in one PUBLISH (up to
+//! [`MAX_BATCH`] bytes), since Redis's cost is per command.
 //!
 //! DEDUP across nodes: a DEDUP SEND first claims its key `imrelay:d:<sender>:<msg_id>`
 //! (`SET key p NX GET PX ttl`). A new key means a first copy: it is delivered, and the
@@ -34,6 +36,8 @@ use std::collections::VecDeque;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::hashing::{id_map, IdMap};
+
 use crate::proto::{MessageId, RoomId, UserId};
 use crate::ConnId;
 
@@ -41,8 +45,12 @@ use crate::ConnId;
 /// this a SEND that needs the cluster is refused with `CLUSTER_UNAVAILABLE`.
 pub const MAX_PENDING: usize = 65_536;
 
+/// The most bytes of frames one PUBLISH carries; a turn's frames for one channel past
+/// this go in another.
+pub const MAX_BATCH: usize = 64 * 1024;
+
 /// A pub/sub channel of the cluster.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Channel {
     /// A user's direct messages.
     User(UserId),
@@ -173,8 +181,8 @@ pub enum ClusterReply {
 /// What waits for the answer to one command.
 #[derive(Debug)]
 pub(super) enum Pending {
-    /// A PUBLISH; the SEND whose answer waits for it, if any.
-    Publish(Option<PendingSend>),
+    /// A PUBLISH; the SENDs whose answers wait for it (none for room traffic).
+    Publish(Vec<PendingSend>),
     /// A DEDUP SEND's claim, or a SEND held behind one (`claim: false`, a PING).
     Deferred(DeferredSend),
     /// A ROOM_STATE (answer to JOIN, LEAVE or ROOM_INFO) waiting for the other nodes'
@@ -247,6 +255,13 @@ pub struct Cluster {
     pub ops: Vec<ClusterOp>,
     /// One entry per command not yet answered, in order.
     pub(super) pending: VecDeque<Pending>,
+    /// Entries taken off the front of `pending` so far (positions count from the first).
+    popped: u64,
+    /// This turn's PUBLISHes still open for more frames: channel -> (index in `ops`,
+    /// index in `batches`, position in `pending`).
+    open: IdMap<Channel, (usize, usize, u64)>,
+    /// Their payloads, filled into `ops` when the turn's ops are taken.
+    batches: Vec<BytesMut>,
     /// Bytes of the SENDs held in `pending` (counted in the relay's memory).
     pub held: usize,
     /// Rooms whose member count here changed since it was last written to Redis.
@@ -266,6 +281,9 @@ impl Cluster {
             up: false,
             ops: Vec::new(),
             pending: VecDeque::new(),
+            popped: 0,
+            open: id_map(node ^ 0x9e37_79b9_7f4a_7c15),
+            batches: Vec::new(),
             held: 0,
             dirty_rooms: Vec::new(),
             backlog: Vec::new(),
@@ -300,15 +318,67 @@ impl Cluster {
         self.pending.push_back(waiting);
     }
 
-    /// Publishes `frame` (encoded once) on `channel`, remembering who waits for the answer.
+    /// Publishes `frame` (encoded once) on `channel`, remembering who waits for the answer:
+    /// in this turn's PUBLISH on that channel if it has room, else in a new one.
     pub(super) fn publish(&mut self, channel: Channel, frame: &[u8], waiting: Option<PendingSend>) {
+        if let Some(&(_, batch, at)) = self.open.get(&channel) {
+            if self.batches[batch].len() + frame.len() <= MAX_BATCH {
+                self.batches[batch].extend_from_slice(frame);
+                if let Some(waiting) = waiting {
+                    let index = usize::try_from(at - self.popped).unwrap_or(usize::MAX);
+                    if let Some(Pending::Publish(sends)) = self.pending.get_mut(index) {
+                        sends.push(waiting);
+                    }
+                }
+                return;
+            }
+        }
         let mut payload = BytesMut::with_capacity(8 + frame.len());
         payload.put_u64(self.node);
         payload.extend_from_slice(frame);
+        let at = self.popped + self.pending.len() as u64;
+        self.open
+            .insert(channel, (self.ops.len(), self.batches.len(), at));
+        self.batches.push(payload);
+        // The payload is filled in when the turn's ops are taken.
         self.command(
-            ClusterOp::Publish(channel, payload.freeze()),
-            Pending::Publish(waiting),
+            ClusterOp::Publish(channel, Bytes::new()),
+            Pending::Publish(waiting.into_iter().collect()),
         );
+    }
+
+    /// This turn's ops, with the PUBLISHes' payloads, moved into `out`; the next turn's
+    /// frames go in new PUBLISHes.
+    pub(super) fn take_ops(&mut self, out: &mut Vec<ClusterOp>) {
+        for (_, (op, batch, _)) in self.open.drain() {
+            if let Some(ClusterOp::Publish(_, payload)) = self.ops.get_mut(op) {
+                *payload = std::mem::take(&mut self.batches[batch]).freeze();
+            }
+        }
+        self.batches.clear();
+        out.append(&mut self.ops);
+    }
+
+    /// The oldest command's answer came: what waited for it.
+    pub(super) fn pop_pending(&mut self) -> Option<Pending> {
+        let pending = self.pending.pop_front()?;
+        self.popped += 1;
+        if let Pending::Deferred(d) = &pending {
+            self.held = self.held.saturating_sub(d.frame.len());
+        }
+        Some(pending)
+    }
+
+    /// The link is down: nothing more is sent; returns what waited for an answer.
+    pub(super) fn drop_all(&mut self) -> Vec<Pending> {
+        self.up = false;
+        self.ops.clear();
+        self.open.clear();
+        self.batches.clear();
+        self.dirty_rooms.clear();
+        self.held = 0;
+        self.popped += self.pending.len() as u64;
+        self.pending.drain(..).collect()
     }
 
     /// True when a PUBLISH can be queued now.
@@ -351,10 +421,21 @@ pub(super) fn unsubscribe(cluster: &mut Option<Cluster>, channel: Channel) {
     }
 }
 
-/// Splits a message from the cluster into the publishing node and the frame.
+/// Splits a message from the cluster into the publishing node and its frames (checked
+/// for their length only).
 pub fn split_message(payload: &Bytes) -> Option<(u64, Bytes)> {
     let node = u64::from_be_bytes(payload.get(..8)?.try_into().ok()?);
     Some((node, payload.slice(8..)))
+}
+
+/// The next frame at the front of `frames` (a message's frames, after the node id): cut
+/// off by its length field; `None` at the end or when what is left is not a whole frame.
+pub fn next_frame(frames: &mut Bytes) -> Option<Bytes> {
+    let len = u32::from_be_bytes(frames.get(..4)?.try_into().ok()?) as usize;
+    if len < crate::proto::HEADER_LEN || len > frames.len() {
+        return None;
+    }
+    Some(frames.split_to(len))
 }
 
 #[cfg(test)]
@@ -386,14 +467,22 @@ mod tests {
         let mut c = Cluster::new(7);
         c.up = true;
         c.publish(Channel::All, b"frame", None);
-        let Some(ClusterOp::Publish(Channel::All, payload)) = c.ops.pop() else {
-            panic!("no publish");
+        c.publish(Channel::All, b"+more", None);
+        c.publish(Channel::Room(RoomId(1)), b"other", None);
+        let mut ops = Vec::new();
+        c.take_ops(&mut ops);
+        assert_eq!(ops.len(), 2, "one PUBLISH per channel and turn");
+        let ClusterOp::Publish(Channel::All, payload) = &ops[0] else {
+            panic!("{ops:?}");
         };
         assert_eq!(
-            split_message(&payload),
-            Some((7, Bytes::from_static(b"frame")))
+            split_message(payload),
+            Some((7, Bytes::from_static(b"frame+more")))
         );
         assert_eq!(split_message(&Bytes::from_static(b"short")), None);
-        assert_eq!(c.pending.len(), 1);
+        assert_eq!(c.pending.len(), 2);
+        c.publish(Channel::All, b"next turn", None);
+        c.take_ops(&mut ops);
+        assert_eq!(ops.len(), 3, "a new turn, a new PUBLISH");
     }
 }

@@ -9,13 +9,13 @@ use std::time::Instant;
 use bytes::BytesMut;
 
 use super::cluster::{
-    split_message, Channel, Cluster, ClusterOp, ClusterReply, DedupClaim, DeferredSend, Pending,
-    PendingSend,
+    next_frame, split_message, Channel, Cluster, ClusterOp, ClusterReply, DedupClaim, DeferredSend,
+    Pending, PendingSend,
 };
 use super::dedup::{refusal, refused};
 use super::{push_output, OutQueue, Relay};
 use crate::proto::frame::write_ack;
-use crate::proto::{ErrorCode, Flags, Header, MessageId, Opcode, RawFrame, RoomId, HEADER_LEN};
+use crate::proto::{ErrorCode, Flags, Header, MessageId, Opcode, RawFrame, RoomId};
 use crate::ConnId;
 
 impl Relay {
@@ -50,7 +50,7 @@ impl Relay {
                 );
             }
         }
-        out.append(&mut c.ops);
+        c.take_ops(out);
     }
 
     /// Writes this node's member count of every room it has members in to Redis again:
@@ -122,15 +122,15 @@ impl Relay {
         let Some(c) = &mut self.cluster else {
             return;
         };
-        c.up = false;
-        c.ops.clear();
-        c.dirty_rooms.clear();
-        c.held = 0;
-        let pending: Vec<Pending> = c.pending.drain(..).collect();
-        let waiting = pending
+        let pending = c.drop_all();
+        let waiting: usize = pending
             .iter()
-            .filter(|p| matches!(p, Pending::Publish(Some(_)) | Pending::Deferred(_)))
-            .count();
+            .map(|p| match p {
+                Pending::Publish(sends) => sends.len(),
+                Pending::Deferred(_) => 1,
+                _ => 0,
+            })
+            .sum();
         if waiting > 0 {
             warn!(
                 "cluster link down with {} waiting for Redis's answer",
@@ -139,7 +139,11 @@ impl Relay {
         }
         for p in pending {
             match p {
-                Pending::Publish(Some(p)) => self.answer_pending(p, None),
+                Pending::Publish(sends) => {
+                    for p in sends {
+                        self.answer_pending(p, None);
+                    }
+                }
                 Pending::Deferred(d) => self.refuse_deferred(d),
                 Pending::RoomState {
                     conn,
@@ -154,7 +158,7 @@ impl Relay {
                         }
                     }
                 }
-                Pending::Publish(None) | Pending::Nothing => {}
+                Pending::Nothing => {}
             }
         }
     }
@@ -164,20 +168,23 @@ impl Relay {
         let Some(c) = &mut self.cluster else {
             return;
         };
-        let Some(pending) = c.pending.pop_front() else {
+        let Some(pending) = c.pop_pending() else {
             warn!("cluster: an answer from Redis to no command");
             return;
         };
-        if let Pending::Deferred(d) = &pending {
-            c.held = c.held.saturating_sub(d.frame.len());
-        }
         match (pending, reply) {
-            (Pending::Publish(Some(p)), ClusterReply::Integer(receivers)) => {
+            (Pending::Publish(sends), ClusterReply::Integer(receivers)) => {
                 let receivers = u64::try_from(receivers).unwrap_or(0);
-                let others = receivers.saturating_sub(u64::from(p.self_counted));
-                self.answer_pending(p, Some(others));
+                for p in sends {
+                    let others = receivers.saturating_sub(u64::from(p.self_counted));
+                    self.answer_pending(p, Some(others));
+                }
             }
-            (Pending::Publish(Some(p)), _) => self.answer_pending(p, None),
+            (Pending::Publish(sends), _) => {
+                for p in sends {
+                    self.answer_pending(p, None);
+                }
+            }
             (Pending::Deferred(d), reply) => self.resume_deferred(d, reply, now),
             (
                 Pending::RoomState {
@@ -194,7 +201,7 @@ impl Relay {
                 };
                 self.answer_room_state(conn, serial, msg_id, room, elsewhere);
             }
-            (Pending::Publish(None) | Pending::Nothing | Pending::DedupWrite(_), _) => {}
+            (Pending::Nothing | Pending::DedupWrite(_), _) => {}
         }
     }
 
@@ -438,7 +445,7 @@ impl Relay {
             debug!("cluster: a message on a channel that is not ours");
             return;
         };
-        let Some((from, frame)) = split_message(payload) else {
+        let Some((from, mut frames)) = split_message(payload) else {
             self.cluster_message_refused("shorter than a node id");
             return;
         };
@@ -449,15 +456,26 @@ impl Relay {
             Channel::User(_) => Opcode::Deliver,
             Channel::Room(_) | Channel::All => Opcode::RoomDeliver,
         };
-        if frame.len() < HEADER_LEN {
-            self.cluster_message_refused("shorter than a frame header");
-            return;
+        // Checked whole before any of it is delivered.
+        let mut checked = Vec::new();
+        while !frames.is_empty() {
+            let Some(frame) = next_frame(&mut frames) else {
+                self.cluster_message_refused("not whole frames");
+                return;
+            };
+            if Header::read(&frame).opcode != expected as u8 {
+                self.cluster_message_refused("not a frame of its channel");
+                return;
+            }
+            checked.push(frame);
         }
-        let h = Header::read(&frame);
-        if h.len as usize != frame.len() || h.opcode != expected as u8 {
-            self.cluster_message_refused("not a frame of its channel");
-            return;
+        for frame in checked {
+            self.deliver_cluster_frame(channel, frame);
         }
+    }
+
+    /// One frame of a message from another node, to this node's recipients.
+    fn deliver_cluster_frame(&mut self, channel: Channel, frame: Bytes) {
         self.metrics.cluster_messages_in += 1;
         match channel {
             Channel::User(user) => self.deliver_from_cluster(user, frame),

@@ -528,3 +528,40 @@ fn dedup_waits_for_redis_and_needs_the_link() {
         "not delivered twice"
     );
 }
+
+/// The SENDs of one read to one user go out in one PUBLISH; each gets its own ACK with
+/// the count Redis gave the batch, and the other node delivers them in order.
+#[test]
+fn a_turns_sends_to_one_user_share_one_publish() {
+    let mut c = Cluster::new(2);
+    let alice = c.nodes[0].login(1);
+    let bob = c.nodes[1].login(2);
+    c.settle();
+    let mut bytes = Vec::new();
+    for msg in 10..15u64 {
+        bytes.extend_from_slice(&send(msg, 2, b"batched").to_bytes());
+    }
+    c.nodes[0].feed(alice, &bytes);
+    let mut ops = Vec::new();
+    c.nodes[0].relay.take_cluster_ops(&mut ops);
+    assert_eq!(ops.len(), 1, "{ops:?}");
+    let ClusterOp::Publish(channel, payload) = ops.pop().unwrap() else {
+        panic!("not a PUBLISH");
+    };
+    let name = channel.name();
+    c.nodes[1]
+        .relay
+        .handle_cluster_message(name.as_bytes(), &payload);
+    c.nodes[0]
+        .relay
+        .handle_cluster_reply(ClusterReply::Integer(1), c.now);
+    let got: Vec<u64> = c.nodes[1]
+        .take_frames(bob)
+        .iter()
+        .map(|f| f.msg_id.0)
+        .collect();
+    assert_eq!(got, vec![10, 11, 12, 13, 14]);
+    let acks = c.nodes[0].take_frames(alice);
+    assert_eq!(acks.len(), 5);
+    assert!(acks.iter().all(|a| ack_count(a) == 1));
+}

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::heartbeat::PROBE_AFTER;
+use super::tests::{events, written};
 use super::*;
-use crate::proto::decode::decode_frame;
 use crate::proto::{Flags, Frame, HeartbeatBounds, LoginOk, MessageId, Opcode, UserId};
 
 const ME: UserId = UserId(1001);
@@ -23,20 +23,6 @@ fn config() -> ClientConfig {
     c.heartbeat_timeout = secs(10);
     c.stored_inbox = false;
     c
-}
-
-fn written(core: &mut ClientCore) -> Vec<Frame> {
-    let mut buf = BytesMut::from(core.output());
-    core.consume_output(buf.len());
-    let mut frames = Vec::new();
-    while let Some(frame) = decode_frame(&mut buf, 1 << 20).unwrap() {
-        frames.push(frame.unwrap());
-    }
-    frames
-}
-
-fn events(core: &mut ClientCore) -> Vec<Event> {
-    std::iter::from_fn(|| core.poll_event()).collect()
 }
 
 fn feed(core: &mut ClientCore, frame: Frame, now: Instant) {

@@ -23,7 +23,7 @@ fn config() -> ClientConfig {
 }
 
 /// Takes every frame the core wants written.
-fn written(core: &mut ClientCore) -> Vec<Frame> {
+pub(super) fn written(core: &mut ClientCore) -> Vec<Frame> {
     let mut buf = BytesMut::from(core.output());
     core.consume_output(buf.len());
     let mut frames = Vec::new();
@@ -33,7 +33,7 @@ fn written(core: &mut ClientCore) -> Vec<Frame> {
     frames
 }
 
-fn events(core: &mut ClientCore) -> Vec<Event> {
+pub(super) fn events(core: &mut ClientCore) -> Vec<Event> {
     std::iter::from_fn(|| core.poll_event()).collect()
 }
 

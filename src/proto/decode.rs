@@ -61,10 +61,17 @@ impl RawFrame {
     /// Rewrites the header in place (opcode, target, source; flags cleared) and freezes the
     /// frame. Length, message id and payload stay. Used for DELIVER, PONG and BYE replies.
     pub fn rewrite(mut self, opcode: Opcode, target: UserId, source: UserId) -> Bytes {
-        self.bytes[offset::OPCODE] = opcode as u8;
-        BigEndian::write_u16(&mut self.bytes[offset::FLAGS..], Flags::EMPTY.0);
-        BigEndian::write_u64(&mut self.bytes[offset::TARGET..], target.0);
-        BigEndian::write_u64(&mut self.bytes[offset::SOURCE..], source.0);
+        // One length check for the whole header (a RawFrame always has one), then fixed
+        // offsets: no check per field (about 10 instructions per forwarded SEND).
+        if let Some(header) = self.bytes.get_mut(..HEADER_LEN) {
+            if let Ok(header) = <&mut [u8; HEADER_LEN]>::try_from(header) {
+                header[offset::OPCODE] = opcode as u8;
+                header[offset::FLAGS..offset::FLAGS + 2]
+                    .copy_from_slice(&Flags::EMPTY.0.to_be_bytes());
+                header[offset::TARGET..offset::TARGET + 8].copy_from_slice(&target.0.to_be_bytes());
+                header[offset::SOURCE..offset::SOURCE + 8].copy_from_slice(&source.0.to_be_bytes());
+            }
+        }
         self.bytes.freeze()
     }
 

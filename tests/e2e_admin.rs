@@ -33,27 +33,8 @@ fn free_addr() -> SocketAddr {
         .expect("local addr")
 }
 
-/// One HTTP request (`HTTP/1.0`: the answer ends with the connection, never chunked);
-/// returns the status and the body.
-fn http_request(addr: SocketAddr, request: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(SAFETY_TIMEOUT))?;
-    stream.set_write_timeout(Some(SAFETY_TIMEOUT))?;
-    stream.write_all(request.as_bytes())?;
-    let mut got = Vec::new();
-    stream.read_to_end(&mut got)?;
-    let text = String::from_utf8_lossy(&got).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    Ok((status, body.to_string()))
-}
-
 fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    http_request(
+    support::http_request(
         addr,
         &format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: e2e_admin\r\n\r\n"),
     )
@@ -258,7 +239,8 @@ fn health_readiness_and_metrics_follow_the_traffic() {
     assert_eq!(get(admin, "/").0, 404);
     assert_eq!(get(admin, "/metrics/extra").0, 404);
     let (status, _) =
-        http_request(admin, "POST /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n").expect("POST");
+        support::http_request(admin, "POST /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+            .expect("POST");
     assert_eq!(status, 404);
 
     // A head past 8 KiB is refused with 400 (or the connection closed under it), and the
@@ -283,7 +265,7 @@ fn health_readiness_and_metrics_follow_the_traffic() {
         String::from_utf8_lossy(&answer)
     );
     // Garbage is 400.
-    let (status, _) = http_request(admin, "\x01\x02 nonsense\r\n\r\n").expect("garbage");
+    let (status, _) = support::http_request(admin, "\x01\x02 nonsense\r\n\r\n").expect("garbage");
     assert_eq!(status, 400);
 
     assert_eq!(get(admin, "/healthz").0, 200);
@@ -615,7 +597,7 @@ impl Prometheus {
                 panic!("prometheus exited ({status}):\n{}", self.log());
             }
             let request = format!("GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr);
-            let last = match http_request(self.addr, &request) {
+            let last = match support::http_request(self.addr, &request) {
                 Ok((200, body)) => {
                     let json: serde_json::Value =
                         serde_json::from_str(&body).expect("Prometheus answers JSON");

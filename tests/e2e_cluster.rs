@@ -497,25 +497,8 @@ fn broadcast_frame(payload: Bytes) -> impl Fn(MessageId) -> Frame {
 
 /// `GET path` over HTTP/1.0; the status and body, or why there is none.
 fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(SAFETY_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .map_err(|e| format!("write: {e}"))?;
-    let mut got = Vec::new();
-    stream
-        .read_to_end(&mut got)
-        .map_err(|e| format!("read: {e}"))?;
-    let text = String::from_utf8_lossy(&got).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("no status line in {text:?}"))?;
-    Ok((status, body.to_string()))
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    support::http_request(addr, &request).map_err(|e| e.to_string())
 }
 
 /// Polls `GET path` until its status is `status`, within `timeout`; returns the body.

@@ -12,7 +12,7 @@ use super::cluster::{
     next_frame, split_message, Channel, Cluster, ClusterOp, ClusterReply, DedupClaim, DeferredSend,
     Pending, PendingSend,
 };
-use super::dedup::{refusal, refused};
+use super::dedup::refused;
 use super::{push_output, OutQueue, Relay};
 use crate::proto::frame::write_ack;
 use crate::proto::{ErrorCode, Flags, Header, MessageId, Opcode, RawFrame, RoomId};
@@ -289,12 +289,6 @@ impl Relay {
         let ClusterReply::Bulk(Some(value)) = reply else {
             return;
         };
-        self.metrics.duplicates_dropped += 1;
-        debug!(
-            "{}: {} from {sender} is a resend (cluster); not delivered again",
-            self.conn_label(d.conn),
-            h.msg_id
-        );
         let answer = std::str::from_utf8(&value)
             .ok()
             .and_then(|v| match v.strip_prefix('r') {
@@ -304,19 +298,10 @@ impl Relay {
         match answer {
             Some(count) => {
                 self.dedup.record(sender, h.msg_id, count, now);
-                if let Some(code) = refusal(count) {
-                    let reason = format!("{} was refused when first sent", h.msg_id);
-                    self.reply_error(d.conn, h.msg_id, h.target, code, &reason);
-                } else if !h.flags.contains(Flags::NO_ACK) {
-                    write_ack(self.scratch(), h.msg_id, h.target, count);
-                    self.queue_scratch(d.conn);
-                }
+                self.answer_resend(d.conn, &h, count);
             }
-            None => {
-                // "p": the first copy is still on its way through some node.
-                let reason = format!("{} is still on its way; send it again later", h.msg_id);
-                self.refuse_cluster_unavailable(d.conn, &h, &reason);
-            }
+            // "p…": the first copy is still on its way through some node.
+            None => self.answer_resend(d.conn, &h, super::dedup::PENDING),
         }
     }
 
@@ -456,10 +441,10 @@ impl Relay {
             Channel::User(_) => Opcode::Deliver,
             Channel::Room(_) | Channel::All => Opcode::RoomDeliver,
         };
-        // Checked whole before any of it is delivered.
-        let mut checked = Vec::new();
-        while !frames.is_empty() {
-            let Some(frame) = next_frame(&mut frames) else {
+        // Checked whole (over a view of the same bytes) before any of it is delivered.
+        let mut check = frames.clone();
+        while !check.is_empty() {
+            let Some(frame) = next_frame(&mut check) else {
                 self.cluster_message_refused("not whole frames");
                 return;
             };
@@ -467,9 +452,8 @@ impl Relay {
                 self.cluster_message_refused("not a frame of its channel");
                 return;
             }
-            checked.push(frame);
         }
-        for frame in checked {
+        while let Some(frame) = next_frame(&mut frames) {
             self.deliver_cluster_frame(channel, frame);
         }
     }
@@ -480,13 +464,11 @@ impl Relay {
         match channel {
             Channel::User(user) => self.deliver_from_cluster(user, frame),
             Channel::Room(room) => {
-                let members: Vec<ConnId> = self.rooms.members(room).to_vec();
-                let (queued, dropped) = self.fan_out_to(room, frame, &members, None);
-                self.rooms.count_dropped(room, dropped);
+                let (queued, dropped) = self.fan_out(room, frame, None);
                 self.count_cluster_fanout(queued, dropped);
             }
             Channel::All => {
-                let (queued, dropped) = self.fan_out_to_everyone(frame, None);
+                let (queued, dropped) = self.fan_out(RoomId::ALL, frame, None);
                 self.count_cluster_fanout(queued, dropped);
             }
         }

@@ -231,37 +231,7 @@ impl Relay {
         }
         if dedup {
             if let Some(count) = self.dedup.lookup(sender, h.msg_id, now) {
-                if count == super::dedup::PENDING {
-                    // Cluster mode: its first copy waits for Redis's answer.
-                    let reason = format!("{} is still on its way; send it again later", h.msg_id);
-                    self.refuse_cluster_unavailable(id, &h, &reason);
-                    return;
-                }
-                debug!(
-                    "{}: {} from {sender} is a resend; not delivered again",
-                    self.conn_label(id),
-                    h.msg_id
-                );
-                self.metrics.duplicates_dropped += 1;
-                if let Some(code) = super::dedup::refusal(count) {
-                    // Refused the first time: the same answer, so a message stored since
-                    // is never overtaken by this one (protocol.md, section 13); once the
-                    // refusal is on disk, if it is still on its way there.
-                    let reason = format!("{} was refused when first sent", h.msg_id);
-                    if h.flags.contains(Flags::STORED) {
-                        self.hold_refusal(id, h.msg_id, h.target, code, &reason);
-                    } else {
-                        self.reply_error(id, h.msg_id, h.target, code, &reason);
-                    }
-                } else if h.flags.contains(Flags::STORED) {
-                    // Its first ACK may still wait for the disk: this one waits too.
-                    if !h.flags.contains(Flags::NO_ACK) {
-                        self.ack_stored(id, h.msg_id, h.target, count);
-                    }
-                } else if !h.flags.contains(Flags::NO_ACK) {
-                    write_ack(self.scratch(), h.msg_id, h.target, count);
-                    self.queue_scratch(id);
-                }
+                self.answer_resend(id, &h, count);
                 return;
             }
         }
@@ -282,6 +252,46 @@ impl Relay {
             }
         }
         self.route_send(id, frame, sender, now, None);
+    }
+
+    /// Answers a DEDUP resend with what its first copy got (`count`, as the DEDUP memory
+    /// keeps it: an ACK count, a refusal, or PENDING), without delivering it again.
+    pub(super) fn answer_resend(&mut self, id: ConnId, h: &Header, count: u32) {
+        if count == super::dedup::PENDING {
+            // Cluster mode: its first copy waits for Redis's answer.
+            let reason = format!("{} is still on its way; send it again later", h.msg_id);
+            self.refuse_cluster_unavailable(id, h, &reason);
+            return;
+        }
+        debug!(
+            "{}: {} from {} is a resend; not delivered again",
+            self.conn_label(id),
+            h.msg_id,
+            self.sessions
+                .get(id.0)
+                .and_then(Session::user)
+                .unwrap_or(UserId::NONE)
+        );
+        self.metrics.duplicates_dropped += 1;
+        if let Some(code) = super::dedup::refusal(count) {
+            // Refused the first time: the same answer, so a message stored since is never
+            // overtaken by this one (protocol.md, section 13); once the refusal is on disk,
+            // if it is still on its way there.
+            let reason = format!("{} was refused when first sent", h.msg_id);
+            if h.flags.contains(Flags::STORED) {
+                self.hold_refusal(id, h.msg_id, h.target, code, &reason);
+            } else {
+                self.reply_error(id, h.msg_id, h.target, code, &reason);
+            }
+        } else if h.flags.contains(Flags::STORED) {
+            // Its first ACK may still wait for the disk: this one waits too.
+            if !h.flags.contains(Flags::NO_ACK) {
+                self.ack_stored(id, h.msg_id, h.target, count);
+            }
+        } else if !h.flags.contains(Flags::NO_ACK) {
+            write_ack(self.scratch(), h.msg_id, h.target, count);
+            self.queue_scratch(id);
+        }
     }
 
     /// A SEND to a user with no connection (on any node, in cluster mode).
@@ -374,12 +384,8 @@ impl Relay {
         }
         let deliver = frame.into_deliver(sender);
         let count = devices.len();
-        let deliver_op = Opcode::Deliver as u8;
         self.metrics
-            .frames_out_by_opcode
-            .add(deliver_op, count as u64);
-        let bytes = u64::from(h.len) * count as u64;
-        self.metrics.bytes_out_by_opcode.add(deliver_op, bytes);
+            .count_frames_out(Opcode::Deliver as u8, h.len as usize, count as u64);
         if via_cluster {
             let serial = self.sessions.get(id.0).map_or(0, |s| s.serial);
             let waiting = PendingSend {

@@ -125,10 +125,15 @@ impl Metrics {
     #[inline]
     pub fn count_out(&mut self, frame: &[u8], n: u64) {
         if frame.len() >= crate::proto::HEADER_LEN && frame[4] == crate::proto::VERSION {
-            self.frames_out_by_opcode.add(frame[5], n);
-            self.bytes_out_by_opcode
-                .add(frame[5], n * frame.len() as u64);
+            self.count_frames_out(frame[5], frame.len(), n);
         }
+    }
+
+    /// Counts `n` frames of opcode byte `opcode`, `len` bytes each, queued to connections.
+    #[inline]
+    pub fn count_frames_out(&mut self, opcode: u8, len: usize, n: u64) {
+        self.frames_out_by_opcode.add(opcode, n);
+        self.bytes_out_by_opcode.add(opcode, n * len as u64);
     }
 
     /// Counts one ERROR frame.

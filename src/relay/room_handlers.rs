@@ -133,20 +133,7 @@ impl Relay {
         // by every member that does not keep up.
         let deliver = shared_copy(&frame.rewrite(Opcode::RoomDeliver, h.target, sender));
         self.publish_room_traffic(Channel::Room(room), &deliver);
-        let counted = deliver.clone();
-        let budget = self.room_budget();
-        let fanout = Fanout {
-            sessions: &mut self.sessions,
-            flush_list: &mut self.flush_list,
-            cap: self.config.room_cap(),
-            budget,
-            room,
-            frame: deliver,
-            sender: id,
-        };
-        let (queued, dropped) = fanout.deliver(self.rooms.members(room).iter().copied());
-        self.metrics.count_out(&counted, queued);
-        self.rooms.count_dropped(room, dropped);
+        let (queued, dropped) = self.fan_out(room, deliver, Some(id));
         self.finish_fanout(id, &h, queued, dropped);
     }
 
@@ -165,37 +152,31 @@ impl Relay {
         }
         let deliver = shared_copy(&frame.rewrite(Opcode::RoomDeliver, UserId::NONE, sender));
         self.publish_room_traffic(Channel::All, &deliver);
-        let (queued, dropped) = self.fan_out_to_everyone(deliver, Some(id));
+        let (queued, dropped) = self.fan_out(RoomId::ALL, deliver, Some(id));
         self.finish_fanout(id, &h, queued, dropped);
     }
 
-    /// Queues a ROOM_DELIVER to every logged-in connection but `sender` (a broadcast);
-    /// returns (queued, dropped).
-    pub(super) fn fan_out_to_everyone(
-        &mut self,
-        frame: Bytes,
-        sender: Option<ConnId>,
-    ) -> (u64, u64) {
-        let everyone: Vec<ConnId> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| matches!(s.state, State::Active(_)))
-            .map(|(key, _)| ConnId(key))
-            .collect();
-        self.fan_out_to(RoomId::ALL, frame, &everyone, sender)
-    }
-
-    /// Queues a ROOM_DELIVER of `room` to `members` but `sender`, under the slow-member
-    /// rule; returns (queued, dropped).
-    pub(super) fn fan_out_to(
+    /// Queues the ROOM_DELIVER `frame` to every member of `room` but `sender` (to every
+    /// logged-in connection for [`RoomId::ALL`], a broadcast: a scan of the connections,
+    /// by definition), under the slow-member rule; counts what was dropped. Returns
+    /// (queued, dropped).
+    pub(super) fn fan_out(
         &mut self,
         room: RoomId,
         frame: Bytes,
-        members: &[ConnId],
         sender: Option<ConnId>,
     ) -> (u64, u64) {
+        let everyone: Vec<ConnId> = if room == RoomId::ALL {
+            self.sessions
+                .iter()
+                .filter(|(_, s)| matches!(s.state, State::Active(_)))
+                .map(|(key, _)| ConnId(key))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let len = frame.len();
         let budget = self.room_budget();
-        let counted = frame.clone();
         let fanout = Fanout {
             sessions: &mut self.sessions,
             flush_list: &mut self.flush_list,
@@ -205,8 +186,15 @@ impl Relay {
             frame,
             sender: sender.unwrap_or(ConnId(usize::MAX)),
         };
-        let (queued, dropped) = fanout.deliver(members.iter().copied());
-        self.metrics.count_out(&counted, queued);
+        let (queued, dropped) = if room == RoomId::ALL {
+            fanout.deliver(everyone.into_iter())
+        } else {
+            let (queued, dropped) = fanout.deliver(self.rooms.members(room).iter().copied());
+            self.rooms.count_dropped(room, dropped);
+            (queued, dropped)
+        };
+        self.metrics
+            .count_frames_out(Opcode::RoomDeliver as u8, len, queued);
         (queued, dropped)
     }
 

@@ -108,6 +108,18 @@ impl RedisConn {
         }
     }
 
+    /// A readiness event: once connected, writes what waits and reads what came; false
+    /// while the connect has not completed.
+    fn ready(&mut self) -> std::io::Result<bool> {
+        self.check_connected()?;
+        if !self.connected {
+            return Ok(false);
+        }
+        self.flush()?;
+        self.fill()?;
+        Ok(true)
+    }
+
     /// A writable event: the connect completed, or failed.
     fn check_connected(&mut self) -> std::io::Result<()> {
         if self.connected {
@@ -374,12 +386,9 @@ impl ClusterLink {
         let Some(cmd) = self.cmd.as_mut() else {
             return Ok(());
         };
-        cmd.check_connected()?;
-        if !cmd.connected {
+        if !cmd.ready()? {
             return Ok(());
         }
-        cmd.flush()?;
-        cmd.fill()?;
         while let Some(value) = resp::decode(&mut cmd.input, MAX_INPUT).map_err(other)? {
             let Some(owed) = self.owed.pop_front() else {
                 return Err(other("Redis answered a command that was not sent"));
@@ -404,12 +413,9 @@ impl ClusterLink {
         let Some(sub) = self.sub.as_mut() else {
             return Ok(());
         };
-        sub.check_connected()?;
-        if !sub.connected {
+        if !sub.ready()? {
             return Ok(());
         }
-        sub.flush()?;
-        sub.fill()?;
         while let Some(value) = resp::decode(&mut sub.input, MAX_INPUT).map_err(other)? {
             match value {
                 Value::Simple(_) if self.sub_owed > 0 => self.sub_owed -= 1,

@@ -306,3 +306,22 @@ pub fn read_until_closed(stream: &mut TcpStream, reset_ok: bool) -> Vec<u8> {
         }
     }
 }
+
+/// One HTTP request (`HTTP/1.0`: the answer ends with the connection, never chunked);
+/// returns the status and the body.
+pub fn http_request(addr: SocketAddr, request: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(SAFETY_TIMEOUT))?;
+    stream.set_write_timeout(Some(SAFETY_TIMEOUT))?;
+    stream.write_all(request.as_bytes())?;
+    let mut got = Vec::new();
+    stream.read_to_end(&mut got)?;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    Ok((status, body.to_string()))
+}

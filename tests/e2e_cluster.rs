@@ -3,7 +3,7 @@
 //! `tests/cluster/setup.sh` and run by each test as its own child on a free loopback port)
 //! act as one relay. Direct messages, presence, rooms and broadcasts cross nodes; a Redis
 //! outage gives clear errors (`CLUSTER_UNAVAILABLE`, `/readyz` 503) and heals; a killed
-//! node drops out of presence; stored sends are refused.
+//! node drops out of presence. Stored delivery across nodes is in `e2e_cluster_stored.rs`.
 //!
 //! Cross-node state is eventually consistent: a login, a logout or a JOIN on one node
 //! reaches the others once that node's subscription reached Redis. So every wait here is a
@@ -16,22 +16,15 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Once;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use imrelay::proto::{ErrorCode, Flags, Frame, MessageId, Opcode, RoomId, UserId};
-use support::process::RelayProcess;
-use support::{Client, SAFETY_TIMEOUT};
+use support::redis::{node_name, Cluster, POLL};
+use support::Client;
 
-const REDIS_SERVER: &str = "/usr/bin/redis-server";
-/// How often a retry loop tries again.
-const POLL: Duration = Duration::from_millis(20);
 /// How long cross-node state may take to settle before a test fails.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the nodes may take to notice a restarted Redis (their reconnect backoff is up
@@ -40,7 +33,6 @@ const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 // Error codes (protocol.md, section 6). 22 is cluster mode's own.
 const RECIPIENT_OFFLINE: u16 = 6;
-const INVALID_FIELD: u16 = 12;
 const FORBIDDEN: u16 = 15;
 const CLUSTER_UNAVAILABLE: u16 = ErrorCode::ClusterUnavailable as u16;
 
@@ -51,214 +43,6 @@ const C: usize = 2;
 
 const ROOM: u64 = 42;
 const WARM_UP: &[u8] = b"warm-up";
-
-// ---- Redis --------------------------------------------------------------------------------
-
-fn setup_redis() {
-    static SETUP: Once = Once::new();
-    SETUP.call_once(|| {
-        support::process::run_setup_script(
-            "cluster/setup.sh",
-            "these tests need Debian's redis-server",
-        );
-    });
-    assert!(
-        Path::new(REDIS_SERVER).exists(),
-        "{REDIS_SERVER} is missing after tests/cluster/setup.sh"
-    );
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind a free port")
-        .local_addr()
-        .expect("local addr")
-        .port()
-}
-
-/// A redis-server child on a loopback port with a directory of its own and no
-/// persistence; killed (and its directory removed) on drop, even when the test panics.
-struct Redis {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        setup_redis();
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-            "cluster-redis-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("redis dir");
-        let mut redis = Redis {
-            child: None,
-            port: free_port(),
-            dir,
-        };
-        redis.restart();
-        redis
-    }
-
-    /// `redis://127.0.0.1:PORT`, for `--cluster`.
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Kills the server (`SIGKILL`: no goodbye to its clients) and waits until it is gone.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts the server (again) on its port and waits until it answers PING.
-    fn restart(&mut self) {
-        assert!(self.child.is_none(), "redis-server is already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("redis.log"))
-            .expect("redis log");
-        let port = self.port.to_string();
-        let child = Command::new(REDIS_SERVER)
-            .args(["--port", &port, "--bind", "127.0.0.1", "--dir"])
-            .arg(&self.dir)
-            .args(["--save", "", "--appendonly", "no"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("redis log"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {REDIS_SERVER}: {e}"));
-        self.child = Some(child);
-        let deadline = Instant::now() + SAFETY_TIMEOUT;
-        loop {
-            let last = match self.ping() {
-                Ok(()) => return,
-                Err(e) => e,
-            };
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("try_wait") {
-                panic!("redis-server exited ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not answer PING within {SAFETY_TIMEOUT:?} ({last}):\n{}",
-                self.log()
-            );
-            std::thread::sleep(POLL);
-        }
-    }
-
-    /// One inline `PING`; Ok on `+PONG`.
-    fn ping(&self) -> Result<(), String> {
-        let mut stream =
-            TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| format!("connect: {e}"))?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(1)))
-            .map_err(|e| e.to_string())?;
-        stream
-            .write_all(b"PING\r\n")
-            .map_err(|e| format!("write: {e}"))?;
-        let mut got = Vec::new();
-        let mut chunk = [0u8; 256];
-        while !got.ends_with(b"\r\n") {
-            match stream.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => got.extend_from_slice(&chunk[..n]),
-                Err(e) => return Err(format!("read: {e}")),
-            }
-        }
-        if got.starts_with(b"+PONG") {
-            Ok(())
-        } else {
-            Err(format!("answered {:?}", String::from_utf8_lossy(&got)))
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-// ---- the cluster --------------------------------------------------------------------------
-
-/// One Redis and `n` relay nodes (named `a`, `b`, `c`, …) using it; every node has user 1
-/// as admin and no room send rates (the tests send hundreds of room messages). The nodes
-/// stop before Redis does.
-struct Cluster {
-    redis: Redis,
-    nodes: Vec<RelayProcess>,
-}
-
-impl Cluster {
-    fn start(n: usize) -> Cluster {
-        Cluster::start_with(n, |_| Vec::new())
-    }
-
-    /// [`Cluster::start`], node `i` also given the flags `extra(i)`.
-    fn start_with(n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
-        let redis = Redis::start();
-        let url = redis.url();
-        let nodes = (0..n)
-            .map(|i| {
-                let name = node_name(i);
-                // RelayProcess::start adds `--store memory`.
-                let mut args: Vec<String> = [
-                    "--cluster",
-                    &url,
-                    "--node-name",
-                    &name,
-                    "--admin",
-                    "1",
-                    "--room-rate",
-                    "0",
-                    "--room-total-rate",
-                    "0",
-                ]
-                .map(String::from)
-                .to_vec();
-                args.extend(extra(i));
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                RelayProcess::start(&args)
-            })
-            .collect();
-        Cluster { redis, nodes }
-    }
-
-    /// A client connected to node `node`, not logged in.
-    fn connect(&self, node: usize) -> Client {
-        Client::connect(self.nodes[node].addr)
-    }
-
-    /// A client logged in as `user` on node `node`.
-    fn login(&self, node: usize, user: u64) -> Client {
-        let mut client = self.connect(node);
-        client.login(user);
-        client
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.nodes.clear();
-    }
-}
-
-fn node_name(i: usize) -> String {
-    char::from(b'a' + i as u8).to_string()
-}
 
 // ---- answers and waits --------------------------------------------------------------------
 
@@ -904,33 +688,6 @@ fn a_killed_node_drops_out_of_presence() {
     // b still reaches a.
     let id = probe_until(&mut dave_b, 1, Answer::Ack(1), &[OFFLINE], SETTLE_TIMEOUT);
     expect_probe(&mut alice, 1, 4, id);
-}
-
-#[test]
-fn stored_sends_are_refused_in_cluster_mode() {
-    let cluster = Cluster::start(3);
-    let mut alice = cluster.login(A, 1);
-    let mut bob = cluster.login(B, 2);
-    let mut carol = cluster.login(A, 3);
-
-    // To a user on another node, on the same node, and connected nowhere.
-    for to in [2, 3, 99] {
-        let id = alice.next_id();
-        let frame = Frame::send(id, UserId(to), Bytes::from_static(b"keep this"));
-        alice.send_frame(&frame.with_flags(Flags::STORED));
-        let reason = expect_error_answer(&mut alice, id, INVALID_FIELD);
-        assert!(
-            reason.to_lowercase().contains("cluster"),
-            "the reason names cluster mode: {reason:?}"
-        );
-    }
-    // Nothing was delivered, and plain SENDs still work, across nodes and locally.
-    let id = probe_until(&mut alice, 2, Answer::Ack(1), &[OFFLINE], SETTLE_TIMEOUT);
-    expect_probe(&mut bob, 2, 1, id);
-    send_checked(&mut alice, 1, 2, &mut [&mut bob], 1, b"not stored");
-    send_checked(&mut alice, 1, 3, &mut [&mut carol], 1, b"not stored either");
-    bob.round_trip();
-    carol.round_trip();
 }
 
 /// A DEDUP SEND resent through another node (the app reconnected elsewhere) is answered

@@ -36,6 +36,7 @@ use std::collections::VecDeque;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::cluster_inbox::{InboxOp, InboxWait};
 use super::hashing::{id_map, IdMap};
 
 use crate::proto::{MessageId, RoomId, UserId};
@@ -157,6 +158,9 @@ pub enum ClusterOp {
         /// This node's id (its own count is added by the core, as it is now).
         node: u64,
     },
+    /// Stored delivery: a function of the inbox library, or a fetch
+    /// (`cluster_inbox.rs`).
+    Inbox(InboxOp),
 }
 
 /// How long a node's room count stays in Redis unless refreshed: a node that stops
@@ -176,6 +180,8 @@ pub enum ClusterReply {
     Simple,
     /// `-ERR ...`
     Error(String),
+    /// `*...` (a nil array is empty)
+    Array(Vec<ClusterReply>),
 }
 
 /// What waits for the answer to one command.
@@ -198,6 +204,8 @@ pub(super) enum Pending {
     /// A DEDUP key's answer or forget: written again when the link is up again if the
     /// link goes down before Redis answered (both are idempotent).
     DedupWrite(ClusterOp),
+    /// Stored delivery (`cluster_inbox.rs`).
+    Inbox(InboxWait),
 }
 
 /// A SEND held until Redis answers (a claim, or the PING that keeps its place).
@@ -271,6 +279,13 @@ pub struct Cluster {
     pub backlog: Vec<ClusterOp>,
     /// Claims made, for their tokens.
     pub claims: u64,
+    /// User channels subscribed to and not yet confirmed by Redis (SUBSCRIBEs sent,
+    /// minus confirmations): an INBOX_SYNC of such a user waits for the confirmation.
+    pub subscribing: IdMap<UserId, u32>,
+    /// The epoch of the inboxes in Redis, once known.
+    pub epoch: Option<u64>,
+    /// Epoch candidates drawn so far.
+    candidates: u64,
 }
 
 impl Cluster {
@@ -288,6 +303,9 @@ impl Cluster {
             dirty_rooms: Vec::new(),
             backlog: Vec::new(),
             claims: 0,
+            subscribing: id_map(node ^ 0x6a09_e667_f3bc_c908),
+            epoch: None,
+            candidates: 0,
         }
     }
 
@@ -370,6 +388,7 @@ impl Cluster {
     }
 
     /// The link is down: nothing more is sent; returns what waited for an answer.
+    /// (`subscribing` is left for the caller, which answers the syncs waiting on it.)
     pub(super) fn drop_all(&mut self) -> Vec<Pending> {
         self.up = false;
         self.ops.clear();
@@ -379,6 +398,22 @@ impl Cluster {
         self.held = 0;
         self.popped += self.pending.len() as u64;
         self.pending.drain(..).collect()
+    }
+
+    /// The epoch Redis's inboxes get if they are new (never 0): a different one each
+    /// time, so inboxes Redis lost and made again never share an epoch with the old ones.
+    pub(super) fn epoch_candidate(&mut self) -> u64 {
+        self.candidates += 1;
+        let mixed = crate::rand::Rng::seeded(self.node ^ self.candidates.rotate_left(32)).next_u64();
+        mixed.max(1)
+    }
+
+    /// Queues a SUBSCRIBE; a user channel counts as not yet confirmed until Redis says.
+    pub(super) fn subscribe(&mut self, channel: Channel) {
+        if let Channel::User(user) = channel {
+            *self.subscribing.entry(user).or_insert(0) += 1;
+        }
+        self.ops.push(ClusterOp::Subscribe(channel));
     }
 
     /// True when a PUBLISH can be queued now.
@@ -401,7 +436,7 @@ impl Cluster {
 /// may hold a session borrowed meanwhile.
 pub(super) fn subscribe(cluster: &mut Option<Cluster>, channel: Channel) {
     if let Some(c) = cluster.as_mut().filter(|c| c.up) {
-        c.ops.push(ClusterOp::Subscribe(channel));
+        c.subscribe(channel);
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 
+use super::cluster_inbox::{InboxOp, InboxWait, STORED_NOTICE};
 use super::cluster::{
     next_frame, split_message, Channel, Cluster, ClusterOp, ClusterReply, DedupClaim, DeferredSend,
     Pending, PendingSend,
@@ -23,6 +24,12 @@ impl Relay {
     /// draws it at random). The link starts down: call [`Relay::handle_cluster_up`] once
     /// it is connected.
     pub fn enable_cluster(&mut self, node: u64) {
+        // Two ids are not a node's: STORED_NOTICE marks Redis's own notices, and 0 is not
+        // a valid epoch (a node's id names the store's epoch when it is the first).
+        let node = match node {
+            0 | STORED_NOTICE => 1,
+            node => node,
+        };
         self.cluster = Some(Cluster::new(node));
     }
 
@@ -95,13 +102,17 @@ impl Relay {
         for op in std::mem::take(&mut c.backlog) {
             c.command(op.clone(), Pending::DedupWrite(op));
         }
+        // Did Redis keep the inboxes? (A new epoch: it lost them.)
+        let candidate = c.epoch_candidate();
+        c.command(
+            ClusterOp::Inbox(InboxOp::Epoch { candidate }),
+            Pending::Inbox(InboxWait::Epoch),
+        );
         c.dirty_rooms.extend(self.rooms.ids());
         c.ops.push(ClusterOp::Subscribe(Channel::All));
-        c.ops.extend(
-            self.directory
-                .user_ids()
-                .map(|u| ClusterOp::Subscribe(Channel::User(u))),
-        );
+        for user in self.directory.user_ids() {
+            c.subscribe(Channel::User(user));
+        }
         c.ops.extend(
             self.rooms
                 .ids()
@@ -123,6 +134,7 @@ impl Relay {
             return;
         };
         let pending = c.drop_all();
+        let subscribing: Vec<_> = c.subscribing.drain().map(|(user, _)| user).collect();
         let waiting: usize = pending
             .iter()
             .map(|p| match p {
@@ -158,8 +170,17 @@ impl Relay {
                         }
                     }
                 }
+                Pending::Inbox(wait) => self.inbox_wait_lost(wait),
                 Pending::Nothing => {}
             }
+        }
+        self.cluster_inbox_down(subscribing);
+    }
+
+    /// Redis confirmed a SUBSCRIBE on the subscriber connection.
+    pub fn handle_cluster_subscribed(&mut self, channel: &[u8]) {
+        if let Some(Channel::User(user)) = Channel::parse(channel) {
+            self.cluster_user_subscribed(user);
         }
     }
 
@@ -186,6 +207,7 @@ impl Relay {
                 }
             }
             (Pending::Deferred(d), reply) => self.resume_deferred(d, reply, now),
+            (Pending::Inbox(wait), reply) => self.handle_inbox_reply(wait, reply, now),
             (
                 Pending::RoomState {
                     conn,
@@ -436,6 +458,13 @@ impl Relay {
         };
         if from == node {
             return; // our own, delivered here when it was sent
+        }
+        if from == STORED_NOTICE {
+            match channel {
+                Channel::User(user) => self.handle_stored_notice(user, frames),
+                _ => self.cluster_message_refused("a stored-message notice off a user channel"),
+            }
+            return;
         }
         let expected = match channel {
             Channel::User(_) => Opcode::Deliver,

@@ -220,13 +220,12 @@ impl Relay {
             self.reply_error(id, h.msg_id, h.target, ErrorCode::InvalidField, reason);
             return;
         }
-        if h.flags.contains(Flags::STORED) && self.cluster.is_some() {
-            let reason = "STORED is not allowed in cluster mode: stored delivery is not \
-                          cluster-wide yet (protocol.md, section 18)";
-            self.reply_error(id, h.msg_id, h.target, ErrorCode::InvalidField, reason);
+        if h.flags.contains(Flags::STORED) && !self.stored_send_fits(id, &frame) {
             return;
         }
-        if h.flags.contains(Flags::STORED) && !self.stored_send_fits(id, &frame) {
+        if h.flags.contains(Flags::STORED) && self.cluster.is_some() {
+            // Stored in Redis, which also answers DEDUP for it (cluster_inbox.rs).
+            self.cluster_stored_send(id, &frame, sender);
             return;
         }
         if dedup {

@@ -208,7 +208,7 @@ impl Relay {
     /// WebSocket in text mode) the line `SAVED <id> <n>` (protocol.md, section 12), so a
     /// person does not read the `ACK <id> 0` of a message kept for an offline recipient as
     /// a failure.
-    fn queue_stored_ack(&mut self, id: ConnId, msg_id: MessageId, target: UserId, count: u32) {
+    pub(super) fn queue_stored_ack(&mut self, id: ConnId, msg_id: MessageId, target: UserId, count: u32) {
         let lines = self.sessions.get(id.0).is_some_and(|s| match s.codec {
             Codec::Text => true,
             Codec::WebSocket => (s.extra.as_ref().and_then(|e| e.ws.as_ref()))
@@ -315,6 +315,10 @@ impl Relay {
         let payload = frame.payload();
         let epoch = u64::from_be_bytes(payload[..8].try_into().unwrap_or_default());
         let last = u64::from_be_bytes(payload[8..16].try_into().unwrap_or_default());
+        if self.cluster.is_some() {
+            self.cluster_inbox_sync(id, user, h.msg_id, epoch, last);
+            return;
+        }
         // Numbers from another store (or a fresh client) mean nothing here.
         let client_last = (epoch == self.inboxes.epoch()).then_some(last);
         let last = client_last.unwrap_or(0);
@@ -364,6 +368,10 @@ impl Relay {
             return;
         };
         let upto = u64::from_be_bytes(frame.payload()[..8].try_into().unwrap_or_default());
+        if self.cluster.is_some() {
+            self.cluster_inbox_ack(id, user, upto);
+            return;
+        }
         let device = self.sessions.get(id.0).map_or(0, |s| s.device);
         let now_ms = self.unix_ms(now);
         let mark = self.store_ops.len();
@@ -409,6 +417,10 @@ impl Relay {
     /// Queues to a synced connection the stored messages it has not been sent, in order,
     /// while its output queue is below half its cap.
     pub(super) fn pump_inbox(&mut self, id: ConnId) {
+        if self.cluster.is_some() {
+            self.fetch_inbox(id, false);
+            return;
+        }
         let Some(s) = self.sessions.get_mut(id.0) else {
             return;
         };

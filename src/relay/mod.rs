@@ -34,6 +34,7 @@
 mod auth_handlers;
 mod cluster;
 mod cluster_handlers;
+mod cluster_inbox;
 mod config;
 mod dedup;
 mod demo;
@@ -56,9 +57,10 @@ mod ws;
 
 pub use auth_handlers::MAX_AUTH_FAILURES;
 pub use cluster::{Channel, ClusterOp, ClusterReply, ROOM_COUNT_REFRESH, ROOM_COUNT_TTL_MS};
+pub use cluster_inbox::{InboxOp, InboxParams, StoreRequest, FETCH_BATCH, STORED_NOTICE};
 pub use config::{AuthConfig, Config, ConfigError, DEFAULT_TOKEN_NOTICE};
 pub use devices::DeviceCursor;
-pub use inbox::{InboxLimits, StoreOp};
+pub use inbox::{InboxLimits, StoreOp, NO_ORIGIN};
 pub use metrics::{Metrics, OpcodeCounts, RefusedCounts};
 pub use out_queue::{OutQueue, FRAME_OVERHEAD};
 pub use session::{Codec, ConnLabel, State};

@@ -168,6 +168,8 @@ pub struct Extra {
     /// The device id named at LOGIN, for log lines ([`ConnLabel`]); a binary session that
     /// names a device allocates its `Extra` for it.
     pub device_name: Option<Box<str>>,
+    /// Cluster mode: this connection's place in its user's inbox in Redis.
+    pub cluster_inbox: super::cluster_inbox::ClusterCursor,
 }
 
 impl Session {

@@ -58,7 +58,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use imrelay::proto::decode::decode_frame;
 use imrelay::proto::{ErrorCode, Flags, Frame, MessageId, Opcode, UserId};
-use imrelay::relay::{Channel, ClusterOp, ClusterReply, Config, Relay};
+use imrelay::relay::{Channel, ClusterOp, ClusterReply, Config, InboxOp, Relay};
 use imrelay::ConnId;
 
 const DEFAULT_SEEDS: u64 = 500;
@@ -454,6 +454,11 @@ impl World {
                     .or_default()
                     .entry(i)
                     .or_insert(step);
+                // Confirmed on the subscriber connection (this model has no stored
+                // delivery, so the confirmation's timing does not matter here).
+                self.nodes[i]
+                    .relay
+                    .handle_cluster_subscribed(ch.name().as_bytes());
                 None
             }
             ClusterOp::Unsubscribe(ch) => {
@@ -508,6 +513,11 @@ impl World {
             ClusterOp::Ping => Some(ClusterReply::Simple),
             ClusterOp::SetRoomCount { .. } => Some(ClusterReply::Integer(1)),
             ClusterOp::RoomCount { .. } => Some(ClusterReply::Integer(0)),
+            // The inboxes' epoch, asked at link up; this model sends no stored message.
+            ClusterOp::Inbox(InboxOp::Epoch { .. }) => {
+                Some(ClusterReply::Bulk(Some(Bytes::from_static(b"1"))))
+            }
+            ClusterOp::Inbox(op) => panic!("stored delivery is not modelled here: {op:?}"),
         };
         if let Some(reply) = reply {
             self.nodes[i].replies.push_back(reply);

@@ -125,6 +125,11 @@ struct InboxCursor {
     acked: u64,
     /// When to send INBOX_ACK for `app_seq`.
     ack_due: Option<Instant>,
+    /// The INBOX_SYNC of this link, until its INBOX_STATE.
+    sync_id: Option<MessageId>,
+    /// When to send INBOX_SYNC again: a cluster node refused it (`CLUSTER_UNAVAILABLE`:
+    /// its link to Redis, where the inboxes are, is down).
+    sync_retry: Option<Instant>,
 }
 
 /// One client's session state (see the module docs for the calling order).
@@ -607,14 +612,15 @@ impl ClientCore {
             }
             _ => None,
         };
-        let ack = match self.phase {
-            Phase::Ready => self.inbox.ack_due,
-            _ => None,
+        let (ack, sync) = match self.phase {
+            Phase::Ready => (self.inbox.ack_due, self.inbox.sync_retry),
+            _ => (None, None),
         };
         [
             phase,
             release,
             ack,
+            sync,
             self.suspend_at,
             self.outbox.next_deadline(self.config.send_timeout),
         ]
@@ -629,6 +635,9 @@ impl ClientCore {
         self.last_now = now;
         if self.phase == Phase::Ready && self.inbox.ack_due.is_some_and(|t| t <= now) {
             self.send_inbox_ack();
+        }
+        if self.phase == Phase::Ready && self.inbox.sync_retry.is_some_and(|t| t <= now) {
+            self.send_inbox_sync();
         }
         for (id, reason) in self.outbox.expire(now, self.config.send_timeout) {
             self.fail(id, reason);
@@ -824,12 +833,7 @@ impl ClientCore {
             //   message), so the replayed copies are shown.
             // Gap events queued and not taken go too; the relay's INBOX_STATE reports the
             // expiry again, counted from `app_seq`.
-            let id = self.next_id();
-            self.inbox.received = self.inbox.app_seq;
-            Frame::inbox_sync(id, self.inbox.epoch, self.inbox.app_seq).encode(&mut self.out);
-            self.inbox.acked = self.inbox.app_seq;
-            self.inbox.ack_due = None;
-            self.events.retain(|(_, seq)| *seq == 0);
+            self.send_inbox_sync();
         }
         for i in 0..self.rooms.len() {
             let id = self.next_id();
@@ -838,7 +842,21 @@ impl ClientCore {
         self.pump(now);
     }
 
+    /// INBOX_SYNC from `app_seq` (at LOGIN_OK, and again when a cluster node could not
+    /// answer it).
+    fn send_inbox_sync(&mut self) {
+        let id = self.next_id();
+        self.inbox.received = self.inbox.app_seq;
+        Frame::inbox_sync(id, self.inbox.epoch, self.inbox.app_seq).encode(&mut self.out);
+        self.inbox.acked = self.inbox.app_seq;
+        self.inbox.ack_due = None;
+        self.inbox.sync_id = Some(id);
+        self.inbox.sync_retry = None;
+        self.events.retain(|(_, seq)| *seq == 0);
+    }
+
     fn on_inbox_state(&mut self, state: crate::proto::InboxState) {
+        self.inbox.sync_id = None;
         if state.epoch != self.inbox.epoch {
             // A store we have no numbers for (first sync, or the relay's store was
             // replaced): count from its start.
@@ -942,6 +960,14 @@ impl ClientCore {
             // backoff (which grows with each refusal, and resets only at a LOGIN_OK), so
             // a bad token does not hammer the relay; that attempt asks the provider again.
             self.link_down(DisconnectReason::LoginRejected { code, reason }, now);
+            return;
+        }
+        if self.inbox.sync_id == Some(frame.msg_id) && code == ErrorCode::ClusterUnavailable as u16
+        {
+            // The node cannot reach the inboxes now: sync again after the retry interval.
+            debug!("INBOX_SYNC refused ({reason}); syncing again later");
+            self.inbox.sync_id = None;
+            self.inbox.sync_retry = Some(now + self.config.retry_interval);
             return;
         }
         if self.refresh_id.is_some() && self.refresh_id == Some(frame.msg_id) {

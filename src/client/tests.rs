@@ -748,6 +748,48 @@ mod stored {
     }
 
     #[test]
+    fn a_sync_a_cluster_node_could_not_answer_is_sent_again_after_the_retry_interval() {
+        let t0 = Instant::now();
+        let mut core = ClientCore::new(inbox_config(), t0, 5);
+        let sync = login(&mut core, t0);
+        let mut err = BytesMut::new();
+        let reason = "the cluster link is down: stored messages live in Redis; sync again";
+        write_error(
+            &mut err,
+            sync.msg_id,
+            UserId::NONE,
+            ErrorCode::ClusterUnavailable,
+            reason,
+        );
+        feed(&mut core, &err, t0);
+        assert!(written(&mut core).is_empty(), "not at once");
+        let due = core.poll_timeout().unwrap();
+        assert_eq!(due, t0 + core.config().retry_interval);
+        core.handle_timeout(due);
+        let again = written(&mut core);
+        assert_eq!(again.len(), 1, "{again:?}");
+        assert_eq!(again[0].opcode, Opcode::InboxSync);
+        assert_eq!(
+            again[0].payload, sync.payload,
+            "the same place in the inbox"
+        );
+        assert_ne!(again[0].msg_id, sync.msg_id);
+        // Answered this time: no more syncs.
+        feed(&mut core, &state(9, 1, 0, 0), due);
+        let later = core.poll_timeout().unwrap();
+        core.handle_timeout(later);
+        assert!(written(&mut core)
+            .iter()
+            .all(|f| f.opcode != Opcode::InboxSync));
+        assert!(
+            !events(&mut core)
+                .iter()
+                .any(|e| matches!(e, Event::Error { .. })),
+            "the refusal is not the app's concern"
+        );
+    }
+
+    #[test]
     fn the_next_sync_says_what_the_app_has_and_expiries_become_a_gap() {
         let t0 = Instant::now();
         let mut core = ClientCore::new(inbox_config(), t0, 6);

@@ -404,7 +404,8 @@ impl Cluster {
     /// time, so inboxes Redis lost and made again never share an epoch with the old ones.
     pub(super) fn epoch_candidate(&mut self) -> u64 {
         self.candidates += 1;
-        let mixed = crate::rand::Rng::seeded(self.node ^ self.candidates.rotate_left(32)).next_u64();
+        let mixed =
+            crate::rand::Rng::seeded(self.node ^ self.candidates.rotate_left(32)).next_u64();
         mixed.max(1)
     }
 

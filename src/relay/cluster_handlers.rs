@@ -8,11 +8,11 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 
-use super::cluster_inbox::{InboxOp, InboxWait, STORED_NOTICE};
 use super::cluster::{
     next_frame, split_message, Channel, Cluster, ClusterOp, ClusterReply, DedupClaim, DeferredSend,
     Pending, PendingSend,
 };
+use super::cluster_inbox::{InboxOp, InboxWait, STORED_NOTICE};
 use super::dedup::refused;
 use super::{push_output, OutQueue, Relay};
 use crate::proto::frame::write_ack;

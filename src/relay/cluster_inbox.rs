@@ -251,7 +251,13 @@ impl Relay {
         };
         if !c.can_publish() {
             let reason = "the cluster link is down: stored messages live in Redis; sync again";
-            self.reply_error(id, msg_id, UserId::NONE, ErrorCode::ClusterUnavailable, reason);
+            self.reply_error(
+                id,
+                msg_id,
+                UserId::NONE,
+                ErrorCode::ClusterUnavailable,
+                reason,
+            );
             return;
         }
         let subscribing = c.subscribing.get(&user).copied().unwrap_or(0) > 0;
@@ -376,7 +382,11 @@ impl Relay {
                 target,
                 ..
             } => {
-                if self.sessions.get(conn.0).is_some_and(|s| s.serial == serial) {
+                if self
+                    .sessions
+                    .get(conn.0)
+                    .is_some_and(|s| s.serial == serial)
+                {
                     let reason = "the cluster link went down before Redis answered: the \
                                   message may or may not be stored; send it again (with DEDUP)";
                     let code = ErrorCode::ClusterUnavailable;
@@ -394,7 +404,12 @@ impl Relay {
     }
 
     /// Redis's answer to an inbox command.
-    pub(super) fn handle_inbox_reply(&mut self, wait: InboxWait, reply: ClusterReply, now: Instant) {
+    pub(super) fn handle_inbox_reply(
+        &mut self,
+        wait: InboxWait,
+        reply: ClusterReply,
+        now: Instant,
+    ) {
         let reply = Some(reply);
         match wait {
             InboxWait::Stored {
@@ -441,7 +456,11 @@ impl Relay {
         let h = Header {
             len: 0,
             opcode: Opcode::Send as u8,
-            flags: if ack { Flags::STORED } else { Flags::STORED.union(Flags::NO_ACK) },
+            flags: if ack {
+                Flags::STORED
+            } else {
+                Flags::STORED.union(Flags::NO_ACK)
+            },
             msg_id,
             target,
             source: UserId::NONE,

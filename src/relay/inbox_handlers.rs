@@ -208,7 +208,13 @@ impl Relay {
     /// WebSocket in text mode) the line `SAVED <id> <n>` (protocol.md, section 12), so a
     /// person does not read the `ACK <id> 0` of a message kept for an offline recipient as
     /// a failure.
-    pub(super) fn queue_stored_ack(&mut self, id: ConnId, msg_id: MessageId, target: UserId, count: u32) {
+    pub(super) fn queue_stored_ack(
+        &mut self,
+        id: ConnId,
+        msg_id: MessageId,
+        target: UserId,
+        count: u32,
+    ) {
         let lines = self.sessions.get(id.0).is_some_and(|s| match s.codec {
             Codec::Text => true,
             Codec::WebSocket => (s.extra.as_ref().and_then(|e| e.ws.as_ref()))

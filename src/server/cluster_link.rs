@@ -505,9 +505,13 @@ fn cluster_reply(value: Value) -> ClusterReply {
         Value::Bulk(b) => ClusterReply::Bulk(b),
         Value::Simple(_) => ClusterReply::Simple,
         Value::Error(e) => ClusterReply::Error(String::from_utf8_lossy(&e).into_owned()),
-        Value::Array(items) => {
-            ClusterReply::Array(items.unwrap_or_default().into_iter().map(cluster_reply).collect())
-        }
+        Value::Array(items) => ClusterReply::Array(
+            items
+                .unwrap_or_default()
+                .into_iter()
+                .map(cluster_reply)
+                .collect(),
+        ),
     }
 }
 
@@ -530,41 +534,48 @@ fn inbox_command(out: &mut bytes::BytesMut, op: InboxOp) {
             let [sb, sh, sv] = keys(r.sender);
             let (dedup_key, dedup_ttl) = r.dedup.clone().unwrap_or_default();
             let p = r.params;
-            let copy_header: &[u8] = if r.sender == r.recipient { b"" } else { &r.header };
+            let copy_header: &[u8] = if r.sender == r.recipient {
+                b""
+            } else {
+                &r.header
+            };
             let refusal = format!("r{}", ErrorCode::InboxFull as u16);
-            resp::command(out, &[
-                b"FCALL",
-                b"imrelay_store",
-                b"11",
-                rb.as_bytes(),
-                rh.as_bytes(),
-                rv.as_bytes(),
-                sb.as_bytes(),
-                sh.as_bytes(),
-                sv.as_bytes(),
-                EPOCH_KEY,
-                HIGH_KEY,
-                dedup_key.as_bytes(),
-                Channel::User(r.recipient).name().as_bytes(),
-                Channel::User(r.sender).name().as_bytes(),
-                s(r.candidate).as_bytes(),
-                &r.header,
-                copy_header,
-                &r.payload,
-                &STORED_NOTICE.to_be_bytes(),
-                &NO_ORIGIN.to_be_bytes(),
-                &r.device.to_be_bytes(),
-                s(r.device).as_bytes(),
-                n(p.max_messages).as_bytes(),
-                n(p.max_bytes).as_bytes(),
-                s(p.ttl_ms).as_bytes(),
-                s(p.retention_ms).as_bytes(),
-                n(p.max_devices).as_bytes(),
-                s(dedup_ttl).as_bytes(),
-                r.recipient.to_string().as_bytes(),
-                r.sender.to_string().as_bytes(),
-                refusal.as_bytes(),
-            ]);
+            resp::command(
+                out,
+                &[
+                    b"FCALL",
+                    b"imrelay_store",
+                    b"11",
+                    rb.as_bytes(),
+                    rh.as_bytes(),
+                    rv.as_bytes(),
+                    sb.as_bytes(),
+                    sh.as_bytes(),
+                    sv.as_bytes(),
+                    EPOCH_KEY,
+                    HIGH_KEY,
+                    dedup_key.as_bytes(),
+                    Channel::User(r.recipient).name().as_bytes(),
+                    Channel::User(r.sender).name().as_bytes(),
+                    s(r.candidate).as_bytes(),
+                    &r.header,
+                    copy_header,
+                    &r.payload,
+                    &STORED_NOTICE.to_be_bytes(),
+                    &NO_ORIGIN.to_be_bytes(),
+                    &r.device.to_be_bytes(),
+                    s(r.device).as_bytes(),
+                    n(p.max_messages).as_bytes(),
+                    n(p.max_bytes).as_bytes(),
+                    s(p.ttl_ms).as_bytes(),
+                    s(p.retention_ms).as_bytes(),
+                    n(p.max_devices).as_bytes(),
+                    s(dedup_ttl).as_bytes(),
+                    r.recipient.to_string().as_bytes(),
+                    r.sender.to_string().as_bytes(),
+                    refusal.as_bytes(),
+                ],
+            );
         }
         InboxOp::Sync {
             user,
@@ -575,23 +586,26 @@ fn inbox_command(out: &mut bytes::BytesMut, op: InboxOp) {
             params: p,
         } => {
             let [b, h, v] = keys(user);
-            resp::command(out, &[
-                b"FCALL",
-                b"imrelay_sync",
-                b"5",
-                b.as_bytes(),
-                h.as_bytes(),
-                v.as_bytes(),
-                EPOCH_KEY,
-                HIGH_KEY,
-                s(candidate).as_bytes(),
-                s(epoch).as_bytes(),
-                s(last).as_bytes(),
-                s(device).as_bytes(),
-                s(p.ttl_ms).as_bytes(),
-                s(p.retention_ms).as_bytes(),
-                n(p.max_devices).as_bytes(),
-            ]);
+            resp::command(
+                out,
+                &[
+                    b"FCALL",
+                    b"imrelay_sync",
+                    b"5",
+                    b.as_bytes(),
+                    h.as_bytes(),
+                    v.as_bytes(),
+                    EPOCH_KEY,
+                    HIGH_KEY,
+                    s(candidate).as_bytes(),
+                    s(epoch).as_bytes(),
+                    s(last).as_bytes(),
+                    s(device).as_bytes(),
+                    s(p.ttl_ms).as_bytes(),
+                    s(p.retention_ms).as_bytes(),
+                    n(p.max_devices).as_bytes(),
+                ],
+            );
         }
         InboxOp::Ack {
             user,
@@ -600,41 +614,50 @@ fn inbox_command(out: &mut bytes::BytesMut, op: InboxOp) {
             params: p,
         } => {
             let [b, h, v] = keys(user);
-            resp::command(out, &[
-                b"FCALL",
-                b"imrelay_ack",
-                b"3",
-                b.as_bytes(),
-                h.as_bytes(),
-                v.as_bytes(),
-                s(device).as_bytes(),
-                s(upto).as_bytes(),
-                s(p.ttl_ms).as_bytes(),
-                s(p.retention_ms).as_bytes(),
-                n(p.max_devices).as_bytes(),
-            ]);
+            resp::command(
+                out,
+                &[
+                    b"FCALL",
+                    b"imrelay_ack",
+                    b"3",
+                    b.as_bytes(),
+                    h.as_bytes(),
+                    v.as_bytes(),
+                    s(device).as_bytes(),
+                    s(upto).as_bytes(),
+                    s(p.ttl_ms).as_bytes(),
+                    s(p.retention_ms).as_bytes(),
+                    n(p.max_devices).as_bytes(),
+                ],
+            );
         }
         InboxOp::Fetch { user, after } => {
             let [b, _, _] = keys(user);
             let from = format!("({after}-0");
             let count = n(FETCH_BATCH);
-            resp::command(out, &[
-                b"XRANGE",
-                b.as_bytes(),
-                from.as_bytes(),
-                b"+",
-                b"COUNT",
-                count.as_bytes(),
-            ]);
+            resp::command(
+                out,
+                &[
+                    b"XRANGE",
+                    b.as_bytes(),
+                    from.as_bytes(),
+                    b"+",
+                    b"COUNT",
+                    count.as_bytes(),
+                ],
+            );
         }
         InboxOp::Epoch { candidate } => {
-            resp::command(out, &[
-                b"FCALL",
-                b"imrelay_epoch",
-                b"1",
-                EPOCH_KEY,
-                s(candidate).as_bytes(),
-            ]);
+            resp::command(
+                out,
+                &[
+                    b"FCALL",
+                    b"imrelay_epoch",
+                    b"1",
+                    EPOCH_KEY,
+                    s(candidate).as_bytes(),
+                ],
+            );
         }
     }
 }

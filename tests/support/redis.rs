@@ -239,4 +239,3 @@ impl Drop for Cluster {
 pub fn node_name(i: usize) -> String {
     char::from(b'a' + i as u8).to_string()
 }
-

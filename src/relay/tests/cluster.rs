@@ -9,6 +9,8 @@ use crate::proto::{ErrorCode, RoomId};
 use crate::relay::cluster::{dedup_key, Channel};
 use crate::relay::ClusterReply;
 
+use super::inbox_model::InboxModel;
+
 /// N nodes and the pub/sub (and key-value store) between them.
 struct Cluster {
     nodes: Vec<Harness>,
@@ -16,6 +18,11 @@ struct Cluster {
     keys: HashMap<String, String>,
     /// (room, node id) -> that node's member count.
     room_counts: HashMap<(u64, u64), usize>,
+    /// The inboxes of stored delivery.
+    inbox: InboxModel,
+    /// SUBSCRIBE confirmations held back (node, channel) while `hold_confirmations`.
+    held_confirmations: Vec<(usize, String)>,
+    hold_confirmations: bool,
     now: Instant,
 }
 
@@ -38,6 +45,9 @@ impl Cluster {
             subscribed: HashMap::new(),
             keys: HashMap::new(),
             room_counts: HashMap::new(),
+            inbox: InboxModel::default(),
+            held_confirmations: Vec::new(),
+            hold_confirmations: false,
             now: Instant::now(),
         };
         cluster.settle();
@@ -57,6 +67,13 @@ impl Cluster {
                     match op {
                         ClusterOp::Subscribe(ch) => {
                             self.subscribed.entry(ch.name()).or_default().insert(i);
+                            if self.hold_confirmations {
+                                self.held_confirmations.push((i, ch.name()));
+                            } else {
+                                self.nodes[i]
+                                    .relay
+                                    .handle_cluster_subscribed(ch.name().as_bytes());
+                            }
                         }
                         ClusterOp::Unsubscribe(ch) => {
                             self.subscribed.entry(ch.name()).or_default().remove(&i);
@@ -113,6 +130,17 @@ impl Cluster {
                             }
                             let reply = ClusterReply::Integer(1);
                             self.nodes[i].relay.handle_cluster_reply(reply, self.now);
+                        }
+                        ClusterOp::Inbox(op) => {
+                            let reply = self.inbox.handle(i, op, &mut self.subscribed);
+                            for (j, channel, payload) in reply.notices {
+                                self.nodes[j]
+                                    .relay
+                                    .handle_cluster_message(channel.as_bytes(), &payload);
+                            }
+                            self.nodes[i]
+                                .relay
+                                .handle_cluster_reply(reply.answer, self.now);
                         }
                         ClusterOp::RoomCount { room, node } => {
                             let others: usize = self
@@ -316,12 +344,122 @@ fn as_opcode(mut frame: Frame, opcode: Opcode) -> Bytes {
     frame.to_bytes()
 }
 
+impl Cluster {
+    /// Redis confirms the SUBSCRIBEs it held back.
+    fn confirm_subscriptions(&mut self) {
+        for (i, name) in std::mem::take(&mut self.held_confirmations) {
+            self.nodes[i]
+                .relay
+                .handle_cluster_subscribed(name.as_bytes());
+        }
+        self.settle();
+    }
+}
+
+fn stored(msg: u64, to: u64, payload: &'static [u8]) -> Frame {
+    send(msg, to, payload).with_flags(Flags::STORED)
+}
+
+/// (seq, payload) of each INBOX_DELIVER in `frames`.
+fn stored_payloads(frames: &[Frame]) -> Vec<(u64, Bytes)> {
+    frames
+        .iter()
+        .filter_map(|f| f.inbox_deliver().map(|(seq, _, p)| (seq, p)))
+        .collect()
+}
+
 #[test]
-fn stored_sends_are_refused_in_cluster_mode() {
-    let mut c = Cluster::new(1);
+fn a_stored_message_reaches_a_synced_connection_on_another_node_and_its_ack_counts_nodes() {
+    let mut c = Cluster::new(2);
     let alice = c.nodes[0].login(1);
-    c.nodes[0].send_frame(alice, send(1, 2, b"x").with_flags(Flags::STORED));
-    c.nodes[0].expect_error(alice, ErrorCode::InvalidField);
+    c.nodes[0].send_frame(alice, stored(1, 2, b"offline"));
+    c.settle();
+    assert_eq!(
+        ack_count(&c.nodes[0].take_frames(alice)[0]),
+        0,
+        "bob is nowhere"
+    );
+
+    let bob = c.nodes[1].login(2);
+    c.settle();
+    c.nodes[1].send_frame(bob, Frame::inbox_sync(MessageId(5), 0, 0));
+    c.settle();
+    let got = c.nodes[1].take_frames(bob);
+    assert_eq!(got[0].opcode, Opcode::InboxState, "{got:?}");
+    assert!(got[0].flags.contains(Flags::NEW_DEVICE));
+    assert_eq!(
+        stored_payloads(&got[1..]),
+        [(1, Bytes::from_static(b"offline"))]
+    );
+
+    c.nodes[0].send_frame(alice, stored(2, 2, b"online"));
+    c.settle();
+    assert_eq!(
+        ack_count(&c.nodes[0].take_frames(alice)[0]),
+        1,
+        "one node holds bob"
+    );
+    let got = c.nodes[1].take_frames(bob);
+    assert_eq!(stored_payloads(&got), [(2, Bytes::from_static(b"online"))]);
+}
+
+/// An INBOX_SYNC waits until Redis confirmed the node's subscription to the user's
+/// channel, so a message stored meanwhile is not missed; it comes after INBOX_STATE.
+#[test]
+fn a_sync_waits_for_the_subscription_and_misses_nothing_stored_meanwhile() {
+    let mut c = Cluster::new(2);
+    let alice = c.nodes[0].login(1);
+    c.settle();
+    c.hold_confirmations = true;
+    let bob = c.nodes[1].login(2);
+    c.nodes[1].send_frame(bob, Frame::inbox_sync(MessageId(5), 0, 0));
+    c.settle();
+    assert!(c.nodes[1].take_frames(bob).is_empty(), "no INBOX_STATE yet");
+    c.nodes[0].send_frame(alice, stored(1, 2, b"meanwhile"));
+    c.settle();
+    c.hold_confirmations = false;
+    c.confirm_subscriptions();
+    let got = c.nodes[1].take_frames(bob);
+    assert_eq!(got[0].opcode, Opcode::InboxState, "{got:?}");
+    assert_eq!(
+        stored_payloads(&got[1..]),
+        [(1, Bytes::from_static(b"meanwhile"))]
+    );
+}
+
+/// While a node's link is down it misses notices; once it is up and subscribed again, each
+/// synced connection fetches what it missed, in order. Stored SENDs and syncs on the node
+/// are refused meanwhile.
+#[test]
+fn a_node_back_from_a_link_outage_fetches_what_its_connections_missed() {
+    let mut c = Cluster::new(2);
+    let alice = c.nodes[0].login(1);
+    let bob = c.nodes[1].login(2);
+    c.settle();
+    c.nodes[1].send_frame(bob, Frame::inbox_sync(MessageId(5), 0, 0));
+    c.settle();
+    c.nodes[1].take_frames(bob);
+
+    c.nodes[1].relay.handle_cluster_down();
+    for set in c.subscribed.values_mut() {
+        set.remove(&1); // Redis dropped the node's subscriptions with its connection
+    }
+    c.nodes[0].send_frame(alice, stored(1, 2, b"one"));
+    c.nodes[0].send_frame(alice, stored(2, 2, b"two"));
+    c.nodes[0].send_frame(alice, stored(3, 2, b"three"));
+    c.settle();
+    assert!(c.nodes[1].take_frames(bob).is_empty());
+    c.nodes[1].send_frame(bob, stored(9, 1, b"down"));
+    c.nodes[1].expect_error(bob, ErrorCode::ClusterUnavailable);
+    c.nodes[1].send_frame(bob, Frame::inbox_sync(MessageId(10), 0, 0));
+    c.nodes[1].expect_error(bob, ErrorCode::ClusterUnavailable);
+
+    c.nodes[1].relay.handle_cluster_up();
+    c.settle();
+    let got = stored_payloads(&c.nodes[1].take_frames(bob));
+    let seqs: Vec<u64> = got.iter().map(|g| g.0).collect();
+    assert_eq!(seqs, [1, 2, 3], "{got:?}");
+    assert_eq!(got[2].1, Bytes::from_static(b"three"));
 }
 
 /// DEDUP resends get the final answer: the full count, the same RECIPIENT_OFFLINE, and a

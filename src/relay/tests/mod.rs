@@ -591,6 +591,7 @@ mod auth;
 mod cluster;
 mod devices;
 mod hostile;
+mod inbox_model;
 mod order;
 mod rooms;
 mod stored;

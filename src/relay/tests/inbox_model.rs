@@ -1,0 +1,228 @@
+//! A model of the Redis inbox functions (`server/cluster_inbox.lua`) for the in-memory
+//! cluster tests: stores, syncs, acknowledgements and fetches, with the notices a store
+//! publishes. Limits, expiry and device eviction are left to the end-to-end tests against
+//! the real functions (`tests/e2e_cluster_stored.rs`).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use bytes::Bytes;
+
+use crate::relay::cluster::ClusterReply;
+use crate::relay::{InboxOp, NO_ORIGIN, STORED_NOTICE};
+
+/// One stored message: its INBOX_DELIVER frame and the device a copy came from.
+struct Entry {
+    frame: Bytes,
+    origin: u64,
+}
+
+#[derive(Default)]
+struct UserInbox {
+    entries: BTreeMap<u64, Entry>,
+    last: u64,
+    /// device -> acknowledged up to.
+    devices: HashMap<u64, u64>,
+}
+
+/// The inboxes, as Redis would hold them.
+#[derive(Default)]
+pub struct InboxModel {
+    users: HashMap<u64, UserInbox>,
+    high: u64,
+    epoch: Option<u64>,
+    dedup: HashMap<(u64, u64), String>,
+}
+
+/// The answer to one command, and the notices it published: (node, channel, payload).
+pub struct ModelReply {
+    pub answer: ClusterReply,
+    pub notices: Vec<(usize, String, Bytes)>,
+}
+
+fn bulk(s: impl Into<Bytes>) -> ClusterReply {
+    ClusterReply::Bulk(Some(s.into()))
+}
+
+impl InboxModel {
+    /// Runs `op` for node `node`; `subscribed` is who gets a PUBLISH.
+    pub fn handle(
+        &mut self,
+        _node: usize,
+        op: InboxOp,
+        subscribed: &mut HashMap<String, HashSet<usize>>,
+    ) -> ModelReply {
+        let mut notices = Vec::new();
+        let answer = match op {
+            InboxOp::Epoch { candidate } => bulk(self.epoch(candidate).to_string()),
+            InboxOp::Store(r) => {
+                let epoch = self.epoch(r.candidate);
+                let dedup = r.dedup.as_ref().map(|_| {
+                    (
+                        r.sender.0,
+                        u64::from_be_bytes(r.header[8..16].try_into().unwrap_or_default()),
+                    )
+                });
+                if let Some(value) = dedup.and_then(|k| self.dedup.get(&k)) {
+                    return ModelReply {
+                        answer: ClusterReply::Array(vec![bulk("dup"), bulk(value.clone())]),
+                        notices,
+                    };
+                }
+                let copy = r.sender != r.recipient
+                    && self
+                        .users
+                        .get(&r.sender.0)
+                        .is_some_and(|u| u.devices.keys().any(|&d| d != r.device));
+                let (seq, nodes) = self.append(
+                    r.recipient.0,
+                    &r.header,
+                    &r.payload,
+                    NO_ORIGIN,
+                    subscribed,
+                    &mut notices,
+                );
+                if copy {
+                    self.append(
+                        r.sender.0,
+                        &r.header,
+                        &r.payload,
+                        r.device,
+                        subscribed,
+                        &mut notices,
+                    );
+                }
+                if let Some(k) = dedup {
+                    self.dedup.insert(k, nodes.to_string());
+                }
+                ClusterReply::Array(vec![
+                    bulk("ok"),
+                    bulk(epoch.to_string()),
+                    ClusterReply::Integer(seq as i64),
+                    ClusterReply::Integer(nodes as i64),
+                ])
+            }
+            InboxOp::Sync {
+                user,
+                device,
+                epoch: client_epoch,
+                last,
+                candidate,
+                ..
+            } => {
+                let epoch = self.epoch(candidate);
+                let high = self.high;
+                let inbox = self.users.entry(user.0).or_insert_with(|| UserInbox {
+                    last: high,
+                    ..UserInbox::default()
+                });
+                let client = if client_epoch == epoch {
+                    last.min(inbox.last)
+                } else {
+                    0
+                };
+                let known = inbox.devices.contains_key(&device);
+                let new_device = !known && client == 0;
+                let acked = inbox.devices.get(&device).copied().unwrap_or(0).max(client);
+                inbox.devices.insert(device, acked);
+                let min = inbox.devices.values().copied().min().unwrap_or(0);
+                inbox.entries.retain(|&seq, _| seq > min);
+                let first = inbox
+                    .entries
+                    .keys()
+                    .next()
+                    .copied()
+                    .unwrap_or(inbox.last + 1);
+                let after = if new_device { 0 } else { client };
+                let mut answer = vec![bulk(epoch.to_string())];
+                answer.extend(
+                    [first, inbox.last, 0, u64::from(new_device), after]
+                        .map(|n| ClusterReply::Integer(n as i64)),
+                );
+                ClusterReply::Array(answer)
+            }
+            InboxOp::Ack {
+                user, device, upto, ..
+            } => {
+                if let Some(inbox) = self.users.get_mut(&user.0) {
+                    let acked = inbox.devices.entry(device).or_insert(0);
+                    *acked = (*acked).max(upto.min(inbox.last));
+                    let min = inbox.devices.values().copied().min().unwrap_or(0);
+                    inbox.entries.retain(|&seq, _| seq > min);
+                }
+                ClusterReply::Integer(1)
+            }
+            InboxOp::Fetch { user, after } => {
+                let entries = self.users.get(&user.0).map_or(Vec::new(), |inbox| {
+                    inbox
+                        .entries
+                        .range(after + 1..)
+                        .take(crate::relay::FETCH_BATCH)
+                        .map(|(seq, e)| {
+                            ClusterReply::Array(vec![
+                                bulk(format!("{seq}-0")),
+                                ClusterReply::Array(vec![
+                                    bulk("f"),
+                                    bulk(e.frame.clone()),
+                                    bulk("o"),
+                                    bulk(Bytes::copy_from_slice(&e.origin.to_be_bytes())),
+                                    bulk("t"),
+                                    bulk("0"),
+                                ]),
+                            ])
+                        })
+                        .collect()
+                });
+                ClusterReply::Array(entries)
+            }
+        };
+        ModelReply { answer, notices }
+    }
+
+    fn epoch(&mut self, candidate: u64) -> u64 {
+        *self.epoch.get_or_insert(candidate)
+    }
+
+    fn append(
+        &mut self,
+        user: u64,
+        header: &[u8],
+        payload: &[u8],
+        origin: u64,
+        subscribed: &mut HashMap<String, HashSet<usize>>,
+        notices: &mut Vec<(usize, String, Bytes)>,
+    ) -> (u64, usize) {
+        let high = self.high;
+        let inbox = self.users.entry(user).or_insert_with(|| UserInbox {
+            last: high,
+            ..UserInbox::default()
+        });
+        inbox.last += 1;
+        let seq = inbox.last;
+        self.high = self.high.max(seq);
+        let mut frame = header.to_vec();
+        frame.extend_from_slice(&seq.to_be_bytes());
+        frame.extend_from_slice(&1_700_000_000_000u64.to_be_bytes());
+        frame.extend_from_slice(payload);
+        let frame = Bytes::from(frame);
+        inbox.entries.insert(
+            seq,
+            Entry {
+                frame: frame.clone(),
+                origin,
+            },
+        );
+        let channel = format!("imrelay:u:{user}");
+        let mut notice = STORED_NOTICE.to_be_bytes().to_vec();
+        notice.extend_from_slice(&origin.to_be_bytes());
+        notice.extend_from_slice(&frame);
+        let notice = Bytes::from(notice);
+        let to: Vec<usize> = subscribed
+            .get(&channel)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        for &j in &to {
+            notices.push((j, channel.clone(), notice.clone()));
+        }
+        (seq, to.len())
+    }
+}

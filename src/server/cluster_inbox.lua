@@ -105,8 +105,10 @@ local function trim(stream, hash, upto, cutoff)
   local del, exp = hnum(hash, 'del'), hnum(hash, 'exp')
   if upto > last then upto = last end
   local n, b = hnum(hash, 'n'), hnum(hash, 'b')
+  -- The head alone first: most calls drop nothing, and a backlog is not read for that.
+  local count = 1
   while true do
-    local batch = redis.call('XRANGE', stream, '-', '+', 'COUNT', 64)
+    local batch = redis.call('XRANGE', stream, '-', '+', 'COUNT', count)
     local cut, stop = 0, false
     for _, e in ipairs(batch) do
       local seq, f = seq_of(e[1]), e[2]
@@ -123,7 +125,8 @@ local function trim(stream, hash, upto, cutoff)
       b = b - (#f[2] + COST)
     end
     if cut > 0 then redis.call('XTRIM', stream, 'MINID', cut + 1) end
-    if stop or #batch < 64 then break end
+    if stop or #batch < count then break end
+    count = 64
   end
   if upto > del then del = upto end
   local first = last + 1

@@ -11,7 +11,7 @@
 //! Against `--addr HOST:PORT` or a relay it starts itself (`--spawn`), in which case it
 //! also reports the relay's CPU time per million messages and its memory. `pairs`,
 //! `pingpong`, `fanout` and `logins` speak TLS with `--tls`.
-//! `pairs`, `pingpong` and `fanout` also drive a cluster (protocol.md section 18): with
+//! `pairs`, `pingpong`, `fanout` and `stored` also drive a cluster (protocol.md section 18): with
 //! `--spawn --cluster N` a redis-server and N relay nodes it starts, or `--nodes A,B,…`
 //! already running; users are spread so that every message crosses nodes, and the report
 //! adds the number of nodes, the relay CPU summed over them and Redis's CPU.
@@ -117,12 +117,12 @@ struct Target {
     /// Read CPU and memory of an already running relay with this pid.
     #[arg(long)]
     relay_pid: Option<u32>,
-    /// With --spawn (pairs, pingpong, fanout): start a redis-server and N >= 2 relay nodes
+    /// With --spawn (pairs, pingpong, fanout, stored): start a redis-server and N >= 2 relay nodes
     /// sharing it (`imrelay --cluster`, protocol.md section 18) and spread the users over
     /// the nodes so that every message crosses from one node to another.
     #[arg(long, requires = "spawn")]
     cluster: Option<usize>,
-    /// The nodes of a running cluster, ADDR,ADDR,… (pairs, pingpong, fanout; instead of
+    /// The nodes of a running cluster, ADDR,ADDR,… (pairs, pingpong, fanout, stored; instead of
     /// --addr): users spread over them as with --cluster.
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["addr", "spawn"])]
     nodes: Vec<SocketAddr>,
@@ -497,7 +497,12 @@ fn stored(a: StoredArgs) -> Result<Report, String> {
     let dir = tmp
         .as_ref()
         .map_or(a.store.clone(), |t| t.path().to_string_lossy().into_owned());
-    let relay = relay(&a.target, &["--store", &dir])?;
+    // A cluster keeps the inboxes in Redis: the nodes' own store is not used.
+    let relay = if a.target.cluster.is_some() || !a.target.nodes.is_empty() {
+        relay_or_cluster(&a.target, &["--store", "memory"], &TlsArgs::default(), None)?
+    } else {
+        relay(&a.target, &["--store", &dir])?
+    };
     let pairs = PairsArgs {
         pairs: a.pairs,
         size: a.size,

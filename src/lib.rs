@@ -43,6 +43,11 @@
 
 #![deny(missing_docs)]
 
+// So code written against the public API (the cluster tests' inbox model, shared with
+// tests/sim_cluster.rs) can name this crate `imrelay` from inside it too.
+#[cfg(test)]
+extern crate self as imrelay;
+
 #[cfg(feature = "server")]
 pub mod auth;
 pub mod client;

@@ -591,6 +591,7 @@ mod auth;
 mod cluster;
 mod devices;
 mod hostile;
+#[path = "../../../tests/sim/inbox_model.rs"]
 mod inbox_model;
 mod order;
 mod rooms;

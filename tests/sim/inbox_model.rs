@@ -1,14 +1,15 @@
-//! A model of the Redis inbox functions (`server/cluster_inbox.lua`) for the in-memory
-//! cluster tests: stores, syncs, acknowledgements and fetches, with the notices a store
-//! publishes. Limits, expiry and device eviction are left to the end-to-end tests against
-//! the real functions (`tests/e2e_cluster_stored.rs`).
+//! A model of the Redis inbox functions (`src/server/cluster_inbox.lua`) for the in-memory
+//! cluster tests (`src/relay/tests/cluster.rs`) and the cluster simulation
+//! (`tests/sim_cluster.rs`): stores, syncs, acknowledgements and fetches, with the notices a
+//! store publishes. Limits, expiry and device eviction are left to the end-to-end tests
+//! against the real functions (`tests/e2e_cluster_stored.rs`). Written against the
+//! crate's public API only, so both can include it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use bytes::Bytes;
 
-use crate::relay::cluster::ClusterReply;
-use crate::relay::{InboxOp, NO_ORIGIN, STORED_NOTICE};
+use imrelay::relay::{ClusterReply, InboxOp, FETCH_BATCH, NO_ORIGIN, STORED_NOTICE};
 
 /// One stored message: its INBOX_DELIVER frame and the device a copy came from.
 struct Entry {
@@ -156,7 +157,7 @@ impl InboxModel {
                     inbox
                         .entries
                         .range(after + 1..)
-                        .take(crate::relay::FETCH_BATCH)
+                        .take(FETCH_BATCH)
                         .map(|(seq, e)| {
                             ClusterReply::Array(vec![
                                 bulk(format!("{seq}-0")),

@@ -234,6 +234,36 @@ fn a_full_inbox_answers_inbox_full() {
     assert_eq!(payloads(&inbox(&mut bob, 3)), ["m0", "m1", "m2"]);
 }
 
+/// `--inbox-ttl 0.5`: messages older than that are dropped when their inbox is next
+/// written (Redis's clock), and the recipient's next INBOX_SYNC reports them as a gap
+/// (`expired_upto`); what came after them is delivered.
+#[test]
+fn expired_messages_are_dropped_and_reported_as_a_gap() {
+    let ttl = || ["--inbox-ttl", "0.5"].map(String::from).to_vec();
+    let cluster = Cluster::start_with(2, |_| ttl());
+    let mut bob = cluster.login(B, BOB.0);
+    let (first, _) = sync(&mut bob, 0, 0);
+    drop(bob);
+    let mut alice = cluster.login(A, ALICE.0);
+    // Until node B sees bob's close, a store still counts it there; either way it is kept.
+    stored(&mut alice, BOB, "old 1");
+    stored(&mut alice, BOB, "old 2");
+    // The age limit is the condition under test: only time passing can meet it.
+    std::thread::sleep(Duration::from_millis(800));
+    stored(&mut alice, BOB, "new");
+
+    let mut bob = cluster.login(A, BOB.0);
+    let (state, _) = sync(&mut bob, first.epoch, first.last_seq);
+    assert_eq!(
+        state.expired_upto,
+        first.last_seq + 2,
+        "both old ones expired: {state:?}"
+    );
+    assert_eq!(state.first_seq, first.last_seq + 3, "{state:?}");
+    let got = inbox(&mut bob, 1);
+    assert_eq!((got[0].0, got[0].3.as_str()), (first.last_seq + 3, "new"));
+}
+
 /// Without Redis nothing can be stored: a stored SEND and an INBOX_SYNC get
 /// CLUSTER_UNAVAILABLE; once Redis is back (empty: it had no persistence), storing works
 /// again under a new epoch.

@@ -7,7 +7,8 @@
 --                 t (when it was stored, Unix ms, Redis's clock). Expires ttl after its
 --                 newest message, so an abandoned inbox leaves nothing behind.
 --   imrelay:ih:U  a hash: last (last seq handed out), exp (expired up to), del (deleted
---                 by acknowledgements up to), n (messages held), b (bytes charged).
+--                 by acknowledgements up to), n (messages held), b (bytes charged), due
+--                 (when the oldest message expires).
 --   imrelay:iv:U  a hash: device tag (decimal) -> "<acked>:<seen ms>".
 -- Shared: imrelay:epoch (the store's epoch), imrelay:ihigh (the highest seq handed out
 -- by any inbox: an inbox whose hash expired numbers on after it, so no number is reused).
@@ -40,8 +41,15 @@ local function epoch(key, candidate)
   return e
 end
 
-local function hnum(h, field)
-  return tonumber(redis.call('HGET', h, field) or '0')
+-- The store's epoch and the highest sequence number any inbox handed out, in one read.
+local function meta(epoch_key, high_key, candidate)
+  local v = redis.call('MGET', epoch_key, high_key)
+  local e = v[1]
+  if not e then
+    redis.call('SET', epoch_key, candidate)
+    e = candidate
+  end
+  return e, tonumber(v[2]) or 0
 end
 
 local function seq_of(id)
@@ -97,85 +105,116 @@ local function min_acked(d)
   return m
 end
 
+-- An inbox's counters, read with one HMGET: last (last seq handed out), del (deleted by
+-- acknowledgements up to), exp (expired up to), n (messages held), b (bytes charged),
+-- due (when the oldest message expires; 0: empty). A new inbox (or one whose hash
+-- expired) numbers on after `high`, the highest number any inbox handed out.
+local function load(hash, high)
+  local v = redis.call('HMGET', hash, 'last', 'del', 'exp', 'n', 'b', 'due')
+  local s = {
+    last = tonumber(v[1]),
+    del = tonumber(v[2]) or 0,
+    exp = tonumber(v[3]) or 0,
+    n = tonumber(v[4]) or 0,
+    b = tonumber(v[5]) or 0,
+    due = tonumber(v[6]) or 0,
+  }
+  if s.last == nil then
+    s.fresh = true
+    s.last = high or 0
+    s.del = s.last
+    s.exp, s.n, s.b, s.due = 0, 0, 0, 0
+  end
+  return s
+end
+
+local function save(hash, s)
+  redis.call('HSET', hash, 'last', s.last, 'del', s.del, 'exp', s.exp, 'n', s.n, 'b', s.b,
+    'due', s.due)
+end
+
 -- Drops the front of the inbox: messages up to `upto` (acknowledged by every tracked
--- device) and messages stored before `cutoff` (expired); keeps n, b, del and exp right.
--- Messages that vanished with the stream key's time to live count as expired.
-local function trim(stream, hash, upto, cutoff)
-  local last = hnum(hash, 'last')
-  local del, exp = hnum(hash, 'del'), hnum(hash, 'exp')
-  if upto > last then upto = last end
-  local n, b = hnum(hash, 'n'), hnum(hash, 'b')
+-- device) and messages stored before `cutoff` (expired), keeping the counters `s` right;
+-- returns the first seq held. Messages that vanished with the stream key's time to live
+-- count as expired.
+local function trim(stream, s, upto, cutoff, ttl)
+  if upto > s.last then upto = s.last end
   -- The head alone first: most calls drop nothing, and a backlog is not read for that.
   local count = 1
+  local head = nil
   while true do
     local batch = redis.call('XRANGE', stream, '-', '+', 'COUNT', count)
-    local cut, stop = 0, false
+    local cut = 0
+    head = nil
     for _, e in ipairs(batch) do
       local seq, f = seq_of(e[1]), e[2]
       if seq <= upto then
-        if seq > del then del = seq end
+        if seq > s.del then s.del = seq end
       elseif tonumber(f[6]) < cutoff then
-        if seq > exp then exp = seq end
+        if seq > s.exp then s.exp = seq end
       else
-        stop = true
+        head = { seq, tonumber(f[6]) }
         break
       end
       cut = seq
-      n = n - 1
-      b = b - (#f[2] + COST)
+      s.n = s.n - 1
+      s.b = s.b - (#f[2] + COST)
     end
     if cut > 0 then redis.call('XTRIM', stream, 'MINID', cut + 1) end
-    if stop or #batch < count then break end
+    if head or #batch < count then break end
     count = 64
   end
-  if upto > del then del = upto end
-  local first = last + 1
-  local head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
-  if #head > 0 then
-    first = seq_of(head[1][1])
+  if upto > s.del then s.del = upto end
+  local first = s.last + 1
+  if head then
+    first = head[1]
+    s.due = head[2] + ttl
   else
-    n, b = 0, 0
+    s.n, s.b, s.due = 0, 0, 0
   end
-  if first - 1 > del and first - 1 > exp then exp = first - 1 end
-  if n < 0 then n = 0 end
-  if b < 0 then b = 0 end
-  redis.call('HSET', hash, 'del', del, 'exp', exp, 'n', n, 'b', b)
-  return first, last, exp, n, b
+  if first - 1 > s.del and first - 1 > s.exp then s.exp = first - 1 end
+  if s.n < 0 then s.n = 0 end
+  if s.b < 0 then s.b = 0 end
+  return first
 end
 
--- The inbox's last number: its own, or (a new or forgotten inbox) the highest any had.
-local function last_seq(hash, high)
-  local last = redis.call('HGET', hash, 'last')
-  if last then return tonumber(last) end
-  last = tonumber(redis.call('GET', high) or '0')
-  redis.call('HSET', hash, 'last', last, 'del', last, 'exp', 0, 'n', 0, 'b', 0)
-  return last
+-- Expires what is due (only when the oldest message is: most calls read nothing).
+local function expire(stream, s, now, ttl)
+  if s.due > 0 and now >= s.due then
+    trim(stream, s, 0, now - ttl, ttl)
+    return true
+  end
+  return false
 end
 
--- Appends `frame` (its header, then seq and the time written here, then the payload)
--- and publishes it as a notice on `channel`; returns seq and the nodes that got it.
-local function append(stream, hash, high, channel, header, payload, notice, origin, now,
+-- Appends `frame` (its header, then seq and the time written here, then the payload),
+-- saves the counters and publishes it as a notice on `channel`; returns seq and the
+-- nodes that got it.
+local function append(stream, hash, s, high, channel, header, payload, notice, origin, now,
                       ttl, keep)
-  local seq = last_seq(hash, high) + 1
+  local seq = s.last + 1
   local frame = header .. u64(seq) .. u64(now) .. payload
   redis.call('XADD', stream, seq .. '-0', 'f', frame, 'o', origin, 't', now)
-  redis.call('HSET', hash, 'last', seq)
-  redis.call('HINCRBY', hash, 'n', 1)
-  redis.call('HINCRBY', hash, 'b', #frame + COST)
-  if seq > tonumber(redis.call('GET', high) or '0') then redis.call('SET', high, seq) end
+  s.last = seq
+  s.n = s.n + 1
+  s.b = s.b + #frame + COST
+  if s.due == 0 then s.due = now + ttl end
+  save(hash, s)
+  if seq > high.value then
+    redis.call('SET', high.key, seq)
+    high.value = seq
+  end
   redis.call('PEXPIRE', stream, ttl)
   redis.call('PEXPIRE', hash, keep)
-  local nodes = redis.call('PUBLISH', channel, notice .. origin .. frame)
-  return seq, nodes
+  return seq, redis.call('PUBLISH', channel, notice .. origin .. frame)
 end
 
-local function room_for(hash, len, max_messages, max_bytes, who)
-  local n, b = hnum(hash, 'n'), hnum(hash, 'b')
-  if n + 1 > max_messages then
+local function room_for(s, len, max_messages, max_bytes, who)
+  if s.n + 1 > max_messages then
     return who .. "'s inbox holds its limit of " .. max_messages .. ' messages'
   end
-  if b + len + COST > max_bytes then
-    return who .. "'s inbox holds " .. b .. ' of its ' .. max_bytes .. ' bytes'
+  if s.b + len + COST > max_bytes then
+    return who .. "'s inbox holds " .. s.b .. ' of its ' .. max_bytes .. ' bytes'
   end
   return nil
 end
@@ -199,40 +238,43 @@ local function store(keys, args)
   local now = now_ms()
   local ttl, retention = tonumber(args[11]), tonumber(args[12])
   local keep = ttl + retention
-  local e = epoch(keys[7], args[1])
+  local e, top = meta(keys[7], keys[8], args[1])
+  local high = { key = keys[8], value = top }
   local len = #args[4] + 48
   local max_messages, max_bytes = tonumber(args[9]), tonumber(args[10])
-  trim(keys[1], keys[2], 0, now - ttl)
-  local full = room_for(keys[2], len, max_messages, max_bytes, args[15])
+  local r = load(keys[2], top)
+  local trimmed = expire(keys[1], r, now, ttl)
+  local full = room_for(r, len, max_messages, max_bytes, args[15])
   local copy = false
-  local sd, sn
+  local sd, sn, ss, strimmed
   if full == nil and args[3] ~= '' then
     sd, sn = devices(keys[6], now, retention)
     for tag, _ in pairs(sd) do
       if tag ~= args[8] then copy = true end
     end
     if copy then
-      trim(keys[4], keys[5], 0, now - ttl)
-      full = room_for(keys[5], len, max_messages, max_bytes, args[16])
+      ss = load(keys[5], top)
+      strimmed = expire(keys[4], ss, now, ttl)
+      full = room_for(ss, len, max_messages, max_bytes, args[16])
     end
   end
   if full then
+    if trimmed then save(keys[2], r) end
+    if strimmed then save(keys[5], ss) end
     if dedup > 0 then redis.call('SET', keys[9], args[17], 'PX', dedup) end
     return { 'full', full }
   end
-  local seq, nodes = append(keys[1], keys[2], keys[8], keys[10], args[2], args[4], args[5],
+  local seq, nodes = append(keys[1], keys[2], r, high, keys[10], args[2], args[4], args[5],
     args[6], now, ttl, keep)
-  redis.call('PEXPIRE', keys[3], keep)
   if copy then
     -- The sender's other devices get it as "sent from another device"; the device it
     -- came from skips it (its cursor moves past it when it has everything before).
-    local cseq = append(keys[4], keys[5], keys[8], keys[11], args[3], args[4], args[5],
+    local cseq = append(keys[4], keys[5], ss, high, keys[11], args[3], args[4], args[5],
       args[7], now, ttl, keep)
     local mine = sd[args[8]]
     if mine and mine[1] == cseq - 1 then
       redis.call('HSET', keys[6], args[8], cseq .. ':' .. now)
     end
-    redis.call('PEXPIRE', keys[6], keep)
   end
   if dedup > 0 then redis.call('SET', keys[9], nodes, 'PX', dedup) end
   return { 'ok', e, seq, nodes }
@@ -246,7 +288,7 @@ end
 local function sync(keys, args)
   local now = now_ms()
   local ttl, retention = tonumber(args[5]), tonumber(args[6])
-  local e = epoch(keys[4], args[1])
+  local e, top = meta(keys[4], keys[5], args[1])
   local client = 0
   if args[2] == e then client = tonumber(args[3]) end
   local d, n = devices(keys[3], now, retention)
@@ -254,9 +296,10 @@ local function sync(keys, args)
   local mine = d[tag]
   local others = n
   if mine then others = n - 1 end
-  local last = last_seq(keys[2], keys[5])
-  local first, _, exp = trim(keys[1], keys[2], 0, now - ttl)
-  local reported = exp
+  local s = load(keys[2], top)
+  local first = trim(keys[1], s, 0, now - ttl, ttl)
+  local last = s.last
+  local reported = s.exp
   local new_device = 0
   if client > last then client = last end
   local after = client
@@ -273,7 +316,8 @@ local function sync(keys, args)
   if mine and mine[1] > acked then acked = mine[1] end
   track(keys[3], d, n, tag, acked, now, tonumber(args[7]))
   local m = min_acked(d)
-  if m and m > 0 then first = trim(keys[1], keys[2], m, now - ttl) end
+  if m and m > 0 then first = trim(keys[1], s, m, now - ttl, ttl) end
+  save(keys[2], s)
   redis.call('PEXPIRE', keys[2], ttl + retention)
   redis.call('PEXPIRE', keys[3], ttl + retention)
   return { e, first, last, reported, new_device, after }
@@ -285,15 +329,20 @@ end
 local function ack(keys, args)
   local now = now_ms()
   local ttl, retention = tonumber(args[3]), tonumber(args[4])
-  local last = tonumber(redis.call('HGET', keys[2], 'last') or '0')
+  local s = load(keys[2], nil)
   local upto = tonumber(args[2])
-  if upto > last then upto = last end
+  if upto > s.last then upto = s.last end
   local d, n = devices(keys[3], now, retention)
   local mine = d[args[1]]
   if mine and mine[1] > upto then upto = mine[1] end
   track(keys[3], d, n, args[1], upto, now, tonumber(args[5]))
   local m = min_acked(d)
-  trim(keys[1], keys[2], m or 0, now - ttl)
+  if not s.fresh then
+    -- (An acknowledgement to an inbox that is gone makes none: it would number from 0.)
+    trim(keys[1], s, m or 0, now - ttl, ttl)
+    save(keys[2], s)
+    redis.call('PEXPIRE', keys[2], ttl + retention)
+  end
   redis.call('PEXPIRE', keys[3], ttl + retention)
   return 1
 end

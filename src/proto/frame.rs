@@ -105,7 +105,7 @@ pub fn write_frame(
 /// Writes a 32-byte header for a frame of `len` bytes in all; the caller writes the
 /// payload after it.
 pub fn write_header(
-    dst: &mut BytesMut,
+    dst: &mut impl BufMut,
     len: u32,
     opcode: Opcode,
     flags: Flags,

@@ -21,7 +21,7 @@
 
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use log::{info, warn};
 
 use super::cluster::{self, ClusterOp, ClusterReply, Pending};
@@ -196,10 +196,10 @@ impl Relay {
             self.refuse_cluster_unavailable(id, &h, reason);
             return;
         }
-        let mut header = BytesMut::with_capacity(HEADER_LEN);
+        let mut fixed = [0u8; HEADER_LEN];
         let len = u32::try_from(h.len as usize + 16).unwrap_or(u32::MAX);
         write_header(
-            &mut header,
+            &mut &mut fixed[..],
             len,
             Opcode::InboxDeliver,
             Flags::EMPTY,
@@ -207,8 +207,6 @@ impl Relay {
             h.target,
             sender,
         );
-        let mut fixed = [0u8; HEADER_LEN];
-        fixed.copy_from_slice(&header);
         let request = StoreRequest {
             recipient: h.target,
             sender,

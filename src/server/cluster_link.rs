@@ -24,12 +24,10 @@ use log::{info, warn};
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
+use super::cluster_inbox;
 use super::resp::{self, Value};
-use crate::proto::{ErrorCode, RoomId, UserId};
-use crate::relay::{
-    Channel, ClusterOp, ClusterReply, InboxOp, Relay, FETCH_BATCH, NO_ORIGIN, ROOM_COUNT_REFRESH,
-    ROOM_COUNT_TTL_MS, STORED_NOTICE,
-};
+use crate::proto::RoomId;
+use crate::relay::{ClusterOp, ClusterReply, Relay, ROOM_COUNT_REFRESH, ROOM_COUNT_TTL_MS};
 
 /// Token of the command connection.
 pub const CMD: Token = Token(usize::MAX - 3);
@@ -347,7 +345,7 @@ impl ClusterLink {
                     self.owed.push_back(Some(now));
                 }
                 ClusterOp::Inbox(op) => {
-                    inbox_command(&mut cmd.out, op);
+                    cluster_inbox::command(&mut cmd.out, &op);
                     self.owed.push_back(Some(now));
                 }
                 ClusterOp::Subscribe(channel) => {
@@ -379,7 +377,7 @@ impl ClusterLink {
                 self.owed.push_back(None);
                 // The inbox functions of stored delivery (replaced: every node loads its own
                 // version's, so a Redis restarted empty gets them again).
-                let library = INBOX_LIBRARY.as_bytes();
+                let library = cluster_inbox::LIBRARY.as_bytes();
                 resp::command(&mut cmd.out, &[b"FUNCTION", b"LOAD", b"REPLACE", library]);
                 self.owed.push_back(None);
                 self.sub_owed = 1;
@@ -514,158 +512,6 @@ fn cluster_reply(value: Value) -> ClusterReply {
         ),
     }
 }
-
-/// The inbox library (`cluster_inbox.lua`): stored delivery's functions.
-const INBOX_LIBRARY: &str = include_str!("cluster_inbox.lua");
-
-/// Writes the command of an inbox op: an `FCALL` of the library, or an `XRANGE`.
-fn inbox_command(out: &mut bytes::BytesMut, op: InboxOp) {
-    let keys = |user: UserId| {
-        [
-            format!("imrelay:ib:{}", user.0),
-            format!("imrelay:ih:{}", user.0),
-            format!("imrelay:iv:{}", user.0),
-        ]
-    };
-    let (s, n) = (|v: u64| v.to_string(), |v: usize| v.to_string());
-    match op {
-        InboxOp::Store(r) => {
-            let [rb, rh, rv] = keys(r.recipient);
-            let [sb, sh, sv] = keys(r.sender);
-            let (dedup_key, dedup_ttl) = r.dedup.clone().unwrap_or_default();
-            let p = r.params;
-            let copy_header: &[u8] = if r.sender == r.recipient {
-                b""
-            } else {
-                &r.header
-            };
-            let refusal = format!("r{}", ErrorCode::InboxFull as u16);
-            resp::command(
-                out,
-                &[
-                    b"FCALL",
-                    b"imrelay_store",
-                    b"11",
-                    rb.as_bytes(),
-                    rh.as_bytes(),
-                    rv.as_bytes(),
-                    sb.as_bytes(),
-                    sh.as_bytes(),
-                    sv.as_bytes(),
-                    EPOCH_KEY,
-                    HIGH_KEY,
-                    dedup_key.as_bytes(),
-                    Channel::User(r.recipient).name().as_bytes(),
-                    Channel::User(r.sender).name().as_bytes(),
-                    s(r.candidate).as_bytes(),
-                    &r.header,
-                    copy_header,
-                    &r.payload,
-                    &STORED_NOTICE.to_be_bytes(),
-                    &NO_ORIGIN.to_be_bytes(),
-                    &r.device.to_be_bytes(),
-                    s(r.device).as_bytes(),
-                    n(p.max_messages).as_bytes(),
-                    n(p.max_bytes).as_bytes(),
-                    s(p.ttl_ms).as_bytes(),
-                    s(p.retention_ms).as_bytes(),
-                    n(p.max_devices).as_bytes(),
-                    s(dedup_ttl).as_bytes(),
-                    r.recipient.to_string().as_bytes(),
-                    r.sender.to_string().as_bytes(),
-                    refusal.as_bytes(),
-                ],
-            );
-        }
-        InboxOp::Sync {
-            user,
-            device,
-            epoch,
-            last,
-            candidate,
-            params: p,
-        } => {
-            let [b, h, v] = keys(user);
-            resp::command(
-                out,
-                &[
-                    b"FCALL",
-                    b"imrelay_sync",
-                    b"5",
-                    b.as_bytes(),
-                    h.as_bytes(),
-                    v.as_bytes(),
-                    EPOCH_KEY,
-                    HIGH_KEY,
-                    s(candidate).as_bytes(),
-                    s(epoch).as_bytes(),
-                    s(last).as_bytes(),
-                    s(device).as_bytes(),
-                    s(p.ttl_ms).as_bytes(),
-                    s(p.retention_ms).as_bytes(),
-                    n(p.max_devices).as_bytes(),
-                ],
-            );
-        }
-        InboxOp::Ack {
-            user,
-            device,
-            upto,
-            params: p,
-        } => {
-            let [b, h, v] = keys(user);
-            resp::command(
-                out,
-                &[
-                    b"FCALL",
-                    b"imrelay_ack",
-                    b"3",
-                    b.as_bytes(),
-                    h.as_bytes(),
-                    v.as_bytes(),
-                    s(device).as_bytes(),
-                    s(upto).as_bytes(),
-                    s(p.ttl_ms).as_bytes(),
-                    s(p.retention_ms).as_bytes(),
-                    n(p.max_devices).as_bytes(),
-                ],
-            );
-        }
-        InboxOp::Fetch { user, after } => {
-            let [b, _, _] = keys(user);
-            let from = format!("({after}-0");
-            let count = n(FETCH_BATCH);
-            resp::command(
-                out,
-                &[
-                    b"XRANGE",
-                    b.as_bytes(),
-                    from.as_bytes(),
-                    b"+",
-                    b"COUNT",
-                    count.as_bytes(),
-                ],
-            );
-        }
-        InboxOp::Epoch { candidate } => {
-            resp::command(
-                out,
-                &[
-                    b"FCALL",
-                    b"imrelay_epoch",
-                    b"1",
-                    EPOCH_KEY,
-                    s(candidate).as_bytes(),
-                ],
-            );
-        }
-    }
-}
-
-/// The store's epoch.
-const EPOCH_KEY: &[u8] = b"imrelay:epoch";
-/// The highest sequence number any inbox handed out.
-const HIGH_KEY: &[u8] = b"imrelay:ihigh";
 
 fn other(e: impl ToString) -> std::io::Error {
     std::io::Error::other(e.to_string())

@@ -24,6 +24,7 @@
 
 mod admin;
 mod admin_metrics;
+mod cluster_inbox;
 mod cluster_link;
 pub mod io;
 mod limits;

@@ -1,0 +1,251 @@
+//! The Redis commands of stored delivery in cluster mode (protocol.md, section 18.1): the
+//! library of inbox functions (`cluster_inbox.lua`) and how each [`InboxOp`] is written as
+//! RESP. Written straight into the link's output, keys and numbers formatted on the stack:
+//! a stored message costs no allocation here.
+
+use bytes::BytesMut;
+
+use crate::proto::UserId;
+use crate::relay::{InboxOp, FETCH_BATCH, NO_ORIGIN, STORED_NOTICE};
+
+/// The inbox library: stored delivery's functions, loaded at every connect.
+pub const LIBRARY: &str = include_str!("cluster_inbox.lua");
+
+/// The store's epoch.
+const EPOCH_KEY: &[u8] = b"imrelay:epoch";
+/// The highest sequence number any inbox handed out.
+const HIGH_KEY: &[u8] = b"imrelay:ihigh";
+/// What a DEDUP key remembers of a refusal for a full inbox.
+const INBOX_FULL_REFUSAL: &[u8] = b"r17";
+
+/// A short byte string built on the stack: a key (`prefix` and an id) or a number.
+struct Small {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl Small {
+    /// `prefix` followed by `n` in decimal (a prefix of at most 28 bytes).
+    fn new(prefix: &[u8], n: u64) -> Small {
+        let mut s = Small {
+            buf: [0; 48],
+            len: 0,
+        };
+        let prefix = &prefix[..prefix.len().min(28)];
+        s.buf[..prefix.len()].copy_from_slice(prefix);
+        s.len = prefix.len();
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut n = n;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let digits = &digits[at..];
+        s.buf[s.len..s.len + digits.len()].copy_from_slice(digits);
+        s.len += digits.len();
+        s
+    }
+
+    fn num(n: impl TryInto<u64>) -> Small {
+        Small::new(b"", n.try_into().unwrap_or(u64::MAX))
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// The three keys of `user`'s inbox: stream, counters, device cursors.
+fn keys(user: UserId) -> [Small; 3] {
+    [
+        Small::new(b"imrelay:ib:", user.0),
+        Small::new(b"imrelay:ih:", user.0),
+        Small::new(b"imrelay:iv:", user.0),
+    ]
+}
+
+/// Appends the command of `op`: an `FCALL` of the library, or an `XRANGE`.
+pub fn command(out: &mut BytesMut, op: &InboxOp) {
+    match op {
+        InboxOp::Store(r) => {
+            let [rb, rh, rv] = keys(r.recipient);
+            let [sb, sh, sv] = keys(r.sender);
+            let (dedup_key, dedup_ttl) = match &r.dedup {
+                Some((key, ttl)) => (key.as_bytes(), *ttl),
+                None => (&b""[..], 0),
+            };
+            let p = r.params;
+            let copy_header: &[u8] = if r.sender == r.recipient {
+                b""
+            } else {
+                &r.header
+            };
+            put(
+                out,
+                &[
+                    b"FCALL",
+                    b"imrelay_store",
+                    b"11",
+                    rb.bytes(),
+                    rh.bytes(),
+                    rv.bytes(),
+                    sb.bytes(),
+                    sh.bytes(),
+                    sv.bytes(),
+                    EPOCH_KEY,
+                    HIGH_KEY,
+                    dedup_key,
+                    Small::new(b"imrelay:u:", r.recipient.0).bytes(),
+                    Small::new(b"imrelay:u:", r.sender.0).bytes(),
+                    Small::num(r.candidate).bytes(),
+                    &r.header,
+                    copy_header,
+                    &r.payload,
+                    &STORED_NOTICE.to_be_bytes(),
+                    &NO_ORIGIN.to_be_bytes(),
+                    &r.device.to_be_bytes(),
+                    Small::num(r.device).bytes(),
+                    Small::num(p.max_messages).bytes(),
+                    Small::num(p.max_bytes).bytes(),
+                    Small::num(p.ttl_ms).bytes(),
+                    Small::num(p.retention_ms).bytes(),
+                    Small::num(p.max_devices).bytes(),
+                    Small::num(dedup_ttl).bytes(),
+                    Small::new(b"user ", r.recipient.0).bytes(),
+                    Small::new(b"user ", r.sender.0).bytes(),
+                    INBOX_FULL_REFUSAL,
+                ],
+            );
+        }
+        InboxOp::Sync {
+            user,
+            device,
+            epoch,
+            last,
+            candidate,
+            params: p,
+        } => {
+            let [b, h, v] = keys(*user);
+            put(
+                out,
+                &[
+                    b"FCALL",
+                    b"imrelay_sync",
+                    b"5",
+                    b.bytes(),
+                    h.bytes(),
+                    v.bytes(),
+                    EPOCH_KEY,
+                    HIGH_KEY,
+                    Small::num(*candidate).bytes(),
+                    Small::num(*epoch).bytes(),
+                    Small::num(*last).bytes(),
+                    Small::num(*device).bytes(),
+                    Small::num(p.ttl_ms).bytes(),
+                    Small::num(p.retention_ms).bytes(),
+                    Small::num(p.max_devices).bytes(),
+                ],
+            );
+        }
+        InboxOp::Ack {
+            user,
+            device,
+            upto,
+            params: p,
+        } => {
+            let [b, h, v] = keys(*user);
+            put(
+                out,
+                &[
+                    b"FCALL",
+                    b"imrelay_ack",
+                    b"3",
+                    b.bytes(),
+                    h.bytes(),
+                    v.bytes(),
+                    Small::num(*device).bytes(),
+                    Small::num(*upto).bytes(),
+                    Small::num(p.ttl_ms).bytes(),
+                    Small::num(p.retention_ms).bytes(),
+                    Small::num(p.max_devices).bytes(),
+                ],
+            );
+        }
+        InboxOp::Fetch { user, after } => {
+            let [b, _, _] = keys(*user);
+            let mut from = Small::new(b"(", *after);
+            from.buf[from.len..from.len + 2].copy_from_slice(b"-0");
+            from.len += 2;
+            put(
+                out,
+                &[
+                    b"XRANGE",
+                    b.bytes(),
+                    from.bytes(),
+                    b"+",
+                    b"COUNT",
+                    Small::num(FETCH_BATCH).bytes(),
+                ],
+            );
+        }
+        InboxOp::Epoch { candidate } => {
+            put(
+                out,
+                &[
+                    b"FCALL",
+                    b"imrelay_epoch",
+                    b"1",
+                    EPOCH_KEY,
+                    Small::num(*candidate).bytes(),
+                ],
+            );
+        }
+    }
+}
+
+/// [`super::resp::command`], with the whole command reserved at once.
+fn put(out: &mut BytesMut, args: &[&[u8]]) {
+    let len: usize = args.iter().map(|a| a.len() + 16).sum();
+    out.reserve(len + 16);
+    super::resp::command(out, args);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::ErrorCode;
+
+    #[test]
+    fn keys_and_numbers_are_written_without_allocating_and_match_the_refusal_code() {
+        assert_eq!(Small::new(b"imrelay:ib:", 1002).bytes(), b"imrelay:ib:1002");
+        assert_eq!(Small::num(0u64).bytes(), b"0");
+        assert_eq!(
+            Small::num(u64::MAX).bytes(),
+            u64::MAX.to_string().as_bytes()
+        );
+        let refusal = format!("r{}", ErrorCode::InboxFull as u16);
+        assert_eq!(INBOX_FULL_REFUSAL, refusal.as_bytes());
+    }
+
+    #[test]
+    fn a_fetch_is_an_exclusive_xrange_of_one_batch() {
+        let mut out = BytesMut::new();
+        command(
+            &mut out,
+            &InboxOp::Fetch {
+                user: UserId(7),
+                after: 41,
+            },
+        );
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert_eq!(
+            text,
+            "*6\r\n$6\r\nXRANGE\r\n$12\r\nimrelay:ib:7\r\n$5\r\n(41-0\r\n$1\r\n+\r\n$5\r\nCOUNT\r\n$2\r\n64\r\n"
+        );
+    }
+}

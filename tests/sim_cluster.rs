@@ -10,22 +10,39 @@
 //!   delivered back: Redis processes a random number of a node's commands per step, in
 //!   order, and a random number of answers reach the node per step. A PUBLISH reaches every
 //!   node subscribed at the moment Redis processes it, at once and in order.
+//! - Stored delivery: the inbox functions are `sim/inbox_model.rs` (the model the core
+//!   tests use: store with DEDUP and the sender's copy, sync, ack, fetch of 64), run in
+//!   order with the node's other commands; a store's notices reach the nodes subscribed
+//!   when it runs, at once, like a PUBLISH. So a notice may reach a node before answers
+//!   Redis produced earlier (they travel on the command connection, the notice on the
+//!   subscriber connection).
+//! - SUBSCRIBE confirmations (`handle_cluster_subscribed`) reach the node 0 to
+//!   `confirm_delay` steps after Redis processed the SUBSCRIBE, in order; a message on the
+//!   subscriber connection (PUBLISH or notice) first delivers the confirmations ahead of
+//!   it, as Redis sends them in order.
 //! - Link faults: a node's link goes down (`handle_cluster_down`; Redis forgets its
-//!   subscriptions; its queued commands and undelivered answers are lost) and comes back
-//!   after some steps (`handle_cluster_up`).
+//!   subscriptions; its queued commands, undelivered answers and confirmations are lost)
+//!   and comes back after some steps (`handle_cluster_up`).
 //! - Client faults: a connection drops (`handle_closed`, its unread output lost); the
 //!   client reconnects to a random node after some steps, logs in again and resends every
 //!   DEDUP message it has no final answer for (same msg_id, as the SDK does).
-//! - Workload: SENDs to random users (the sender included), most with DEDUP, some
-//!   without. A DEDUP SEND answered `CLUSTER_UNAVAILABLE` is sent again some steps later;
+//! - Workload: SENDs to random users (the sender included, online or not), most with
+//!   DEDUP, some without, and STORED ones, always with DEDUP as the SDK sends them. A DEDUP
+//!   SEND answered `CLUSTER_UNAVAILABLE` is sent again some steps later;
 //!   `RECIPIENT_OFFLINE` is final. Each attempt's payload names its connection and its
-//!   sequence number on that connection, so a DELIVER says which attempt it came from.
+//!   sequence number on that connection, so a DELIVER or INBOX_DELIVER says which attempt
+//!   it came from. After each LOGIN_OK a client sends INBOX_SYNC with the store epoch and
+//!   the highest stored seq it has received (0 and 0 at first); one answered
+//!   `CLUSTER_UNAVAILABLE` is sent again some steps later; now and then it sends
+//!   INBOX_ACK of everything it has. Each user has one device (LOGIN without DEVICE).
 //!
 //! **The invariants**, checked as events happen (every step) and at the end:
 //! 1. `answer`: every attempt on a live connection gets exactly one answer (ACK or ERROR),
 //!    never an answer to a msg_id with no attempt waiting on that connection; the only
 //!    errors are RECIPIENT_OFFLINE, CLUSTER_UNAVAILABLE and RECIPIENT_SLOW; an ACK never
-//!    counts 0 (no connection anywhere is RECIPIENT_OFFLINE). `same-answer`: the final
+//!    counts 0 (no connection anywhere is RECIPIENT_OFFLINE). A STORED SEND is answered
+//!    ACK, counting the nodes Redis's store counted (0 included), or CLUSTER_UNAVAILABLE
+//!    (no INBOX_FULL: the model has no limits). `same-answer`: the final
 //!    answers (ACK or refusal) of one DEDUP message agree ("a resend through any node is
 //!    answered as its first copy was"), unless a duplicate was allowed (below).
 //! 2. `duplicate`: a message is delivered at most once to each recipient connection,
@@ -40,26 +57,46 @@
 //!    until the answer.
 //! 4. `order`: DELIVERs from one sender connection to one recipient connection come in
 //!    the order the sender sent them.
-//! 5. `liveness`: once every link is up and the faults stop, every client's outstanding
-//!    messages are answered within `QUIET_STEPS` steps.
+//! 5. `liveness`: once every link is up and the faults stop, within `QUIET_STEPS` steps
+//!    every client's outstanding messages are answered, every client is logged in and
+//!    synced, and every connection has each message its user's inbox holds after the seq
+//!    its replay started after.
+//! 6. `sync-answer`: every INBOX_SYNC on a live connection gets exactly one answer
+//!    (INBOX_STATE, or ERROR CLUSTER_UNAVAILABLE), and no INBOX_DELIVER comes before the
+//!    connection's INBOX_STATE.
+//! 7. `inbox-order`: after each INBOX_STATE, a connection's INBOX_DELIVER seqs are
+//!    strictly increasing and above the last seq it synced with (0 when its epoch was not
+//!    the store's). `inbox-gap`: an INBOX_DELIVER never skips a seq the inbox still holds
+//!    (one device per user: only its own acknowledgements delete).
+//! 8. `stored-lost`: at the end every client logs in again on a fresh connection and
+//!    syncs with 0/0; every STORED message ever ACKed must then have reached its
+//!    recipient, over the run or in that replay. `stored-twice`: Redis stored one message
+//!    at most once, unless one of its attempts was answered CLUSTER_UNAVAILABLE after
+//!    Redis had run its store (it may or may not be stored).
 //!
 //! Also `protocol`: frames the client does not expect, DELIVERs to the wrong user or of
-//! messages nobody sent, a refused connection or LOGIN, ops queued while the link is down.
+//! messages nobody sent (or stored), a seq numbering two messages, a refused connection or
+//! LOGIN, ops queued while the link is down.
 //!
 //! **Running it.** `cargo test --test sim_cluster` sweeps `DEFAULT_SEEDS` seeds;
 //! `SIM_CLUSTER_SEEDS=n` sweeps n (`SIM_CLUSTER_FIRST_SEED` moves the window);
 //! `SIM_CLUSTER_SEED=n` replays one seed and prints the end of its trace on failure
-//! (`SIM_CLUSTER_TRACE=1`: the whole trace).
+//! (`SIM_CLUSTER_TRACE=1`: the whole trace). See `Knobs` for the exploration switches.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+#[path = "sim/inbox_model.rs"]
+mod inbox_model;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use imrelay::proto::decode::decode_frame;
 use imrelay::proto::{ErrorCode, Flags, Frame, MessageId, Opcode, UserId};
-use imrelay::relay::{Channel, ClusterOp, ClusterReply, Config, InboxOp, Relay};
+use imrelay::relay::{Channel, ClusterOp, ClusterReply, Config, InboxOp, Relay, NO_ORIGIN};
+
 use imrelay::ConnId;
+use inbox_model::InboxModel;
 
 const DEFAULT_SEEDS: u64 = 500;
 /// Steps after the faults stop within which every outstanding message must be answered.
@@ -117,8 +154,15 @@ struct Params {
     steps: u64,
     /// Per client and step: a new SEND.
     p_send: f64,
-    /// Share of SENDs with DEDUP.
+    /// Share of SENDs with DEDUP (of those not STORED).
     p_dedup: f64,
+    /// Share of SENDs with STORED (always with DEDUP, as the SDK sends them).
+    p_stored: f64,
+    /// Per synced client and step: an INBOX_ACK of everything it has.
+    p_inbox_ack: f64,
+    /// Most steps a SUBSCRIBE's confirmation takes to reach the node after Redis
+    /// processed it.
+    confirm_delay: u64,
     /// Per client and step: reads its output.
     p_read: f64,
     /// Per step: one node's link goes down.
@@ -144,6 +188,9 @@ impl Params {
             p_drop: rng.float(0.0, 0.04),
             redis_ops: rng.range(1, 4),
             redis_replies: rng.range(1, 4),
+            p_stored: rng.float(0.2, 0.7),
+            p_inbox_ack: rng.float(0.0, 0.2),
+            confirm_delay: rng.range(0, 10),
         }
     }
 }
@@ -168,7 +215,8 @@ struct Attempt {
     conn: u64,
     seq: u64,
     sent: u64,
-    /// Redis processed this attempt's PUBLISH.
+    /// Redis processed this attempt's PUBLISH (a STORED one: ran its store function,
+    /// whether it stored or answered from DEDUP).
     published: bool,
     answer: Option<Answer>,
 }
@@ -177,6 +225,14 @@ struct Attempt {
 struct Msg {
     to: u64,
     dedup: bool,
+    /// A STORED SEND (always with DEDUP).
+    stored: bool,
+    /// STORED: how many times Redis's store function stored it (not answering from
+    /// DEDUP), and the nodes each store counted.
+    stores: u32,
+    store_nodes: Vec<u32>,
+    /// STORED: recipient connection -> INBOX_DELIVERs it got.
+    inbox_delivered: BTreeMap<u64, u32>,
     first_sent: u64,
     attempts: Vec<Attempt>,
     /// The first final answer.
@@ -200,6 +256,18 @@ struct ConnInfo {
     next_seq: u64,
     login_msg: u64,
     logged_in: bool,
+    /// The INBOX_SYNC waiting for its answer: (msg_id, epoch, last_seq).
+    sync: Option<(u64, u64, u64)>,
+    /// Got an INBOX_STATE.
+    synced: bool,
+    /// The last INBOX_STATE's replay starts after this.
+    floor: u64,
+    /// The last INBOX_DELIVER's seq since the last INBOX_STATE (`floor` before any).
+    last_inbox: u64,
+    /// Seqs of the INBOX_DELIVERs since the last INBOX_STATE.
+    got: BTreeSet<u64>,
+    /// The connection of the end's check, which syncs with 0/0.
+    final_replay: bool,
 }
 
 struct Client {
@@ -211,6 +279,13 @@ struct Client {
     unanswered: BTreeSet<u64>,
     /// DEDUP messages answered CLUSTER_UNAVAILABLE -> when to send them again.
     retry_at: BTreeMap<u64, u64>,
+    /// The store epoch and the highest stored seq it received (what an INBOX_SYNC
+    /// carries), and the last INBOX_ACK it sent.
+    epoch: u64,
+    last_seq: u64,
+    acked: u64,
+    /// An INBOX_SYNC answered CLUSTER_UNAVAILABLE: when to sync again.
+    sync_retry_at: Option<u64>,
 }
 
 struct Node {
@@ -220,7 +295,10 @@ struct Node {
     /// Commands taken from the core, not yet processed by Redis.
     ops: VecDeque<ClusterOp>,
     /// Answers Redis produced that have not reached the node yet.
-    replies: VecDeque<ClusterReply>,
+    /// Each with, for the answer to a FETCH, (user, whether it is empty).
+    replies: VecDeque<(ClusterReply, Option<(u64, bool)>)>,
+    /// SUBSCRIBE confirmations on their way to the node: (due step, channel), in order.
+    confirms: VecDeque<(u64, String)>,
 }
 
 #[derive(Default)]
@@ -229,6 +307,8 @@ struct Redis {
     subs: BTreeMap<String, BTreeMap<usize, u64>>,
     /// Key -> (value, expiry in ms of simulated time).
     keys: BTreeMap<String, (String, u64)>,
+    /// The inboxes of stored delivery (the functions of `cluster_inbox.lua`).
+    inbox: InboxModel,
 }
 
 #[derive(Debug)]
@@ -249,6 +329,15 @@ struct Stats {
     link_downs: u64,
     drops: u64,
     allowed_duplicates: u64,
+    stored_sends: u64,
+    stored_acks: u64,
+    stores: u64,
+    syncs: u64,
+    syncs_unavailable: u64,
+    inbox_states: u64,
+    inbox_delivers: u64,
+    inbox_acks: u64,
+    confirms: u64,
 }
 
 struct World {
@@ -264,6 +353,13 @@ struct World {
     msgs: BTreeMap<Key, Msg>,
     /// (sender connection, recipient connection) -> last delivered (seq, message).
     order: BTreeMap<(u64, u64), (u64, Key)>,
+    /// (user, stored seq) -> the message it numbered.
+    user_seqs: BTreeMap<(u64, u64), Key>,
+    /// The end's check: every client on a fresh connection syncing with 0/0.
+    final_phase: bool,
+    /// Stored notices that reached a node before an empty FETCH answer of the same user
+    /// Redis had produced earlier: (node, user, seq, step).
+    crossings: Vec<(usize, u64, u64, u64)>,
     failure: Option<Failure>,
     trace: Vec<String>,
     full_trace: bool,
@@ -274,12 +370,19 @@ struct World {
 /// Exploration switches that leave a class of faults out (the invariants stay as they
 /// are): `SIM_CLUSTER_NO_LINK_FAULTS=1`, `SIM_CLUSTER_NO_DROPS=1`, and
 /// `SIM_CLUSTER_DROP_IDLE_ONLY=1` (only connections with no SEND waiting for its answer
-/// drop).
+/// drop); and `SIM_CLUSTER_UNORDERED_CONFIRMS=1`, which lets a message on the subscriber
+/// connection overtake an earlier SUBSCRIBE confirmation (Redis does not: by default a
+/// message delivered to a node first delivers the confirmations ahead of it);
+/// `SIM_CLUSTER_ORDERED_REPLIES=1`, which delivers the answers Redis produced for a node
+/// before a message it then sent the node (as if commands and subscriptions shared one
+/// connection; the real driver has two, which a message may cross).
 #[derive(Clone, Copy, Default)]
 struct Knobs {
     no_link_faults: bool,
     no_drops: bool,
     drop_idle_only: bool,
+    unordered_confirms: bool,
+    ordered_replies: bool,
 }
 
 impl Knobs {
@@ -289,6 +392,8 @@ impl Knobs {
             no_link_faults: on("SIM_CLUSTER_NO_LINK_FAULTS"),
             no_drops: on("SIM_CLUSTER_NO_DROPS"),
             drop_idle_only: on("SIM_CLUSTER_DROP_IDLE_ONLY"),
+            unordered_confirms: on("SIM_CLUSTER_UNORDERED_CONFIRMS"),
+            ordered_replies: on("SIM_CLUSTER_ORDERED_REPLIES"),
         }
     }
 }
@@ -313,6 +418,7 @@ impl World {
                 down_until: 0,
                 ops: VecDeque::new(),
                 replies: VecDeque::new(),
+                confirms: VecDeque::new(),
             });
         }
         let clients = (0..p.users)
@@ -323,6 +429,10 @@ impl World {
                 next_msg: 1,
                 unanswered: BTreeSet::new(),
                 retry_at: BTreeMap::new(),
+                epoch: 0,
+                last_seq: 0,
+                acked: 0,
+                sync_retry_at: None,
             })
             .collect();
         let mut w = World {
@@ -337,6 +447,9 @@ impl World {
             next_gid: 1,
             msgs: BTreeMap::new(),
             order: BTreeMap::new(),
+            user_seqs: BTreeMap::new(),
+            final_phase: false,
+            crossings: Vec::new(),
             failure: None,
             trace: Vec::new(),
             full_trace,
@@ -399,15 +512,16 @@ impl World {
         self.stats.link_downs += 1;
         let n = &mut self.nodes[i];
         n.up = false;
-        let lost = (n.ops.len(), n.replies.len());
+        let lost = (n.ops.len(), n.replies.len(), n.confirms.len());
         n.ops.clear();
         n.replies.clear();
+        n.confirms.clear();
         for subs in self.redis.subs.values_mut() {
             subs.remove(&i);
         }
         self.log(format!(
-            "node {i}: link DOWN ({} ops, {} answers lost)",
-            lost.0, lost.1
+            "node {i}: link DOWN ({} ops, {} answers, {} confirmations lost)",
+            lost.0, lost.1, lost.2
         ));
         // A PUBLISH Redis processed whose answer the link lost: the node cannot know the
         // first copy went out, forgets its DEDUP key, and a resend may be delivered again
@@ -445,6 +559,10 @@ impl World {
             return;
         };
         let now_ms = self.now_ms();
+        let fetch_user = match &op {
+            ClusterOp::Inbox(InboxOp::Fetch { user, .. }) => Some(user.0),
+            _ => None,
+        };
         let reply = match op {
             ClusterOp::Subscribe(ch) => {
                 let step = self.step;
@@ -454,11 +572,13 @@ impl World {
                     .or_default()
                     .entry(i)
                     .or_insert(step);
-                // Confirmed on the subscriber connection (this model has no stored
-                // delivery, so the confirmation's timing does not matter here).
-                self.nodes[i]
-                    .relay
-                    .handle_cluster_subscribed(ch.name().as_bytes());
+                // Confirmed on the subscriber connection some steps later, in order.
+                let delay = self.rng.range(0, self.p.confirm_delay);
+                let confirms = &mut self.nodes[i].confirms;
+                let due = confirms
+                    .back()
+                    .map_or(step + delay, |&(d, _)| d.max(step + delay));
+                confirms.push_back((due, ch.name()));
                 None
             }
             ClusterOp::Unsubscribe(ch) => {
@@ -477,10 +597,7 @@ impl World {
                     .unwrap_or_default();
                 self.note_publish(i, &payload, &receivers);
                 for &j in &receivers {
-                    self.nodes[j]
-                        .relay
-                        .handle_cluster_message(name.as_bytes(), &payload);
-                    self.pump(j);
+                    self.deliver_message(j, &name, &payload);
                 }
                 Some(ClusterReply::Integer(receivers.len() as i64))
             }
@@ -513,15 +630,167 @@ impl World {
             ClusterOp::Ping => Some(ClusterReply::Simple),
             ClusterOp::SetRoomCount { .. } => Some(ClusterReply::Integer(1)),
             ClusterOp::RoomCount { .. } => Some(ClusterReply::Integer(0)),
-            // The inboxes' epoch, asked at link up; this model sends no stored message.
-            ClusterOp::Inbox(InboxOp::Epoch { .. }) => {
-                Some(ClusterReply::Bulk(Some(Bytes::from_static(b"1"))))
-            }
-            ClusterOp::Inbox(op) => panic!("stored delivery is not modelled here: {op:?}"),
+            ClusterOp::Inbox(op) => Some(self.redis_inbox(i, op)),
         };
         if let Some(reply) = reply {
-            self.nodes[i].replies.push_back(reply);
+            let tag =
+                fetch_user.map(|u| (u, matches!(&reply, ClusterReply::Array(v) if v.is_empty())));
+            self.nodes[i].replies.push_back((reply, tag));
         }
+    }
+
+    /// A message on node `j`'s subscriber connection (a PUBLISH or a stored notice): the
+    /// SUBSCRIBE confirmations ahead of it first, as Redis sends them in order.
+    fn deliver_message(&mut self, j: usize, channel: &str, payload: &Bytes) {
+        if !self.knobs.unordered_confirms {
+            self.deliver_confirms(j, u64::MAX);
+        }
+        if self.knobs.ordered_replies {
+            while !self.nodes[j].replies.is_empty() {
+                self.redis_reply(j);
+            }
+        }
+        self.nodes[j]
+            .relay
+            .handle_cluster_message(channel.as_bytes(), payload);
+        self.pump(j);
+    }
+
+    /// Node `i` gets the SUBSCRIBE confirmations due by step `upto`.
+    fn deliver_confirms(&mut self, i: usize, upto: u64) {
+        while let Some(&(due, _)) = self.nodes[i].confirms.front() {
+            if due > upto {
+                break;
+            }
+            let (_, name) = self.nodes[i].confirms.pop_front().expect("front");
+            self.stats.confirms += 1;
+            self.log(format!("redis -> node {i}: subscribe {name} confirmed"));
+            self.nodes[i]
+                .relay
+                .handle_cluster_subscribed(name.as_bytes());
+            self.pump(i);
+        }
+    }
+
+    /// An inbox function run for node `i` by the model: its notices reach the nodes
+    /// subscribed now; the ledger learns which attempt a store carried.
+    fn redis_inbox(&mut self, i: usize, op: InboxOp) -> ClusterReply {
+        let store = match &op {
+            InboxOp::Store(r) => {
+                let msg = u64::from_be_bytes(r.header[8..16].try_into().expect("8 bytes"));
+                Some(((r.sender.0, msg), parse_payload(&r.payload)))
+            }
+            _ => None,
+        };
+        let mut subscribed: HashMap<String, HashSet<usize>> = self
+            .redis
+            .subs
+            .iter()
+            .map(|(name, nodes)| (name.clone(), nodes.keys().copied().collect()))
+            .collect();
+        let label = op_label(&ClusterOp::Inbox(op.clone()));
+        let reply = self.redis.inbox.handle(i, op, &mut subscribed);
+        if let Some((key, attempt)) = store {
+            self.note_store(i, key, attempt, &reply.answer);
+        } else {
+            let answer = match &reply.answer {
+                ClusterReply::Array(items) if label.starts_with("FETCH") => {
+                    let seqs: Vec<u64> = items
+                        .iter()
+                        .filter_map(|e| model_entry(e).map(|(seq, _)| seq))
+                        .collect();
+                    format!("seqs {seqs:?}")
+                }
+                other => format!("{other:?}"),
+            };
+            self.log(format!("redis: {label} for node {i}: {answer}"));
+        }
+        // The model's notices come in hash order across nodes; each node's stay in order.
+        let mut notices = reply.notices;
+        notices.sort_by_key(|n| n.0);
+        for (j, channel, payload) in notices {
+            self.log(format!("redis: notice on {channel} to node {j}"));
+            let user = channel
+                .strip_prefix("imrelay:u:")
+                .and_then(|u| u.parse::<u64>().ok());
+            let seq = payload
+                .get(16 + 32..16 + 40)
+                .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
+            if let (Some(user), Some(seq)) = (user, seq) {
+                let crossing = self.nodes[j]
+                    .replies
+                    .iter()
+                    .any(|(_, tag)| *tag == Some((user, true)));
+                if crossing {
+                    self.crossings.push((j, user, seq, self.step));
+                    self.log(format!(
+                        "redis: the notice of user {user}'s seq {seq} overtakes an empty FETCH \
+                         answer on its way to node {j}"
+                    ));
+                }
+            }
+            self.deliver_message(j, &channel, &payload);
+        }
+        reply.answer
+    }
+
+    /// Redis ran the store function for `key`'s attempt `attempt` (conn, seq).
+    fn note_store(
+        &mut self,
+        from: usize,
+        key: Key,
+        attempt: Option<(u64, u64)>,
+        answer: &ClusterReply,
+    ) {
+        let items = match answer {
+            ClusterReply::Array(items) => items.as_slice(),
+            _ => &[],
+        };
+        let text = |v: Option<&ClusterReply>| match v {
+            Some(ClusterReply::Bulk(Some(b))) => String::from_utf8_lossy(b).into_owned(),
+            _ => String::new(),
+        };
+        let int = |v: Option<&ClusterReply>| match v {
+            Some(ClusterReply::Integer(n)) => *n,
+            _ => -1,
+        };
+        let kind = text(items.first());
+        let Some(m) = self.msgs.get_mut(&key).filter(|m| m.stored) else {
+            self.fail("protocol", format!("node {from} stored unknown {key:?}"));
+            return;
+        };
+        let Some((conn, seq)) = attempt else {
+            self.fail(
+                "protocol",
+                format!("node {from} stored {key:?} with a bad payload"),
+            );
+            return;
+        };
+        if let Some(a) = m
+            .attempts
+            .iter_mut()
+            .find(|a| a.conn == conn && a.seq == seq)
+        {
+            a.published = true;
+        }
+        let line = match kind.as_str() {
+            "ok" => {
+                let (stored_seq, nodes) = (int(items.get(2)), int(items.get(3)));
+                m.stores += 1;
+                m.store_nodes.push(nodes as u32);
+                self.stats.stores += 1;
+                format!(
+                    "redis: store {key:?} (conn {conn} seq {seq}) from node {from}: seq \
+                     {stored_seq}, {nodes} nodes (store {})",
+                    m.stores
+                )
+            }
+            _ => format!(
+                "redis: store {key:?} (conn {conn} seq {seq}) from node {from}: {kind} {:?}",
+                text(items.get(1))
+            ),
+        };
+        self.log(line);
     }
 
     fn expire_key(&mut self, key: &str, now_ms: u64) {
@@ -537,7 +806,7 @@ impl World {
 
     /// Node `i` gets Redis's oldest undelivered answer.
     fn redis_reply(&mut self, i: usize) {
-        let Some(reply) = self.nodes[i].replies.pop_front() else {
+        let Some((reply, _)) = self.nodes[i].replies.pop_front() else {
             return;
         };
         self.log(format!("redis -> node {i}: {reply:?}"));
@@ -628,6 +897,12 @@ impl World {
                 next_seq: 1,
                 login_msg,
                 logged_in: false,
+                sync: None,
+                synced: false,
+                floor: 0,
+                last_inbox: 0,
+                got: BTreeSet::new(),
+                final_replay: self.final_phase,
             },
         );
         self.log(format!("user {user}: conn {gid} to node {node} ({id})"));
@@ -636,6 +911,7 @@ impl World {
         // Resend what has no final answer (the SDK does, with the same msg_id).
         let c = &mut self.clients[client];
         c.retry_at.clear();
+        c.sync_retry_at = None;
         let resend: Vec<u64> = c.unanswered.iter().copied().collect();
         for msg in resend {
             self.attempt(client, msg);
@@ -649,10 +925,17 @@ impl World {
         if self.knobs.drop_idle_only && !self.conns[&gid].outstanding.is_empty() {
             return;
         }
-        self.clients[client].conn = None;
         self.stats.drops += 1;
         let delay = self.rng.range(0, 30);
         self.clients[client].reconnect_at = self.step + delay;
+        self.close_conn(client);
+    }
+
+    /// Closes `client`'s connection (its unread output is lost).
+    fn close_conn(&mut self, client: usize) {
+        let Some(gid) = self.clients[client].conn.take() else {
+            return;
+        };
         let step = self.step;
         let c = self.conns.get_mut(&gid).expect("live connection");
         c.closed = Some(step);
@@ -673,7 +956,8 @@ impl World {
             return;
         }
         let to = self.rng.range(1, self.p.users as u64);
-        let dedup = self.rng.chance(self.p.dedup_share());
+        let stored = self.rng.chance(self.p.p_stored);
+        let dedup = stored || self.rng.chance(self.p.dedup_share());
         let c = &mut self.clients[client];
         let msg = c.next_msg;
         c.next_msg += 1;
@@ -682,11 +966,16 @@ impl World {
         }
         let key = (c.user, msg);
         self.stats.sends += 1;
+        self.stats.stored_sends += u64::from(stored);
         self.msgs.insert(
             key,
             Msg {
                 to,
                 dedup,
+                stored,
+                stores: 0,
+                store_nodes: Vec::new(),
+                inbox_delivered: BTreeMap::new(),
                 first_sent: self.step,
                 attempts: Vec::new(),
                 final_answer: None,
@@ -724,12 +1013,15 @@ impl World {
         payload.extend_from_slice(&gid.to_be_bytes());
         payload.extend_from_slice(&seq.to_be_bytes());
         let mut frame = Frame::send(MessageId(msg), UserId(m.to), Bytes::from(payload));
-        if m.dedup {
+        if m.stored {
+            frame = frame.with_flags(Flags::STORED.union(Flags::DEDUP));
+        } else if m.dedup {
             frame = frame.with_flags(Flags::DEDUP);
         }
         let line = format!(
-            "conn {gid}: SEND {key:?} to user {}{} seq {seq} (attempt {})",
+            "conn {gid}: SEND {key:?} to user {}{}{} seq {seq} (attempt {})",
             m.to,
+            if m.stored { " STORED" } else { "" },
             if m.dedup { " DEDUP" } else { "" },
             m.attempts.len()
         );
@@ -794,6 +1086,7 @@ impl World {
                 let conn = self.conns.get_mut(&gid).expect("live connection");
                 if frame.msg_id.0 == conn.login_msg && !conn.logged_in {
                     conn.logged_in = true;
+                    self.send_sync(client, gid);
                 } else {
                     self.fail("protocol", format!("conn {gid}: unexpected {frame:?}"));
                 }
@@ -808,9 +1101,18 @@ impl World {
                     self.fail("protocol", format!("conn {gid}: LOGIN refused: {frame:?}"));
                     return;
                 }
+                if self.conns[&gid]
+                    .sync
+                    .is_some_and(|(msg, _, _)| msg == frame.msg_id.0)
+                {
+                    self.on_sync_refused(client, gid, code);
+                    return;
+                }
                 self.on_answer(client, gid, frame.msg_id.0, Answer::Err(code));
             }
             Opcode::Deliver => self.on_deliver(gid, frame),
+            Opcode::InboxState => self.on_inbox_state(client, gid, frame),
+            Opcode::InboxDeliver => self.on_inbox_deliver(client, gid, frame),
             _ => self.fail("protocol", format!("conn {gid}: unexpected {frame:?}")),
         }
     }
@@ -835,18 +1137,31 @@ impl World {
         let attempt = &mut m.attempts[index];
         attempt.answer = Some(answer);
         let published = attempt.published;
+        let (stored, store_nodes) = (m.stored, m.store_nodes.clone());
         let offline = ErrorCode::RecipientOffline as u16;
         let unavailable = ErrorCode::ClusterUnavailable as u16;
         let slow = ErrorCode::RecipientSlow as u16;
         match answer {
+            // A stored message's ACK counts the nodes subscribed to the recipient when it
+            // was stored (0 included); a resend's, its first store's.
+            Answer::Ack(n) if stored => {
+                self.stats.stored_acks += 1;
+                if !store_nodes.contains(&n) {
+                    let msg = format!(
+                        "conn {gid}: stored {key:?} ACKed with count {n}, but Redis's store \
+                         counted {store_nodes:?} nodes"
+                    );
+                    self.fail("answer", msg);
+                }
+            }
             Answer::Ack(0) => {
                 let msg = format!("conn {gid}: ACK counting 0 connections for {key:?}");
                 self.fail("answer", msg);
             }
             Answer::Ack(_) => self.stats.acks += 1,
-            Answer::Err(c) if c == offline => self.stats.offline += 1,
             Answer::Err(c) if c == unavailable => self.stats.unavailable += 1,
-            Answer::Err(c) if c == slow => self.stats.slow += 1,
+            Answer::Err(c) if c == offline && !stored => self.stats.offline += 1,
+            Answer::Err(c) if c == slow && !stored => self.stats.slow += 1,
             Answer::Err(c) => {
                 self.fail("answer", format!("conn {gid}: error {c} for {key:?}"));
             }
@@ -881,7 +1196,7 @@ impl World {
         let c = &mut self.clients[client];
         c.unanswered.remove(&msg);
         c.retry_at.remove(&msg);
-        if answer == Answer::Err(offline) {
+        if answer == Answer::Err(offline) && !stored {
             let holders: Vec<(usize, u64)> = self
                 .redis
                 .subs
@@ -918,6 +1233,10 @@ impl World {
             );
             return;
         };
+        if m.stored {
+            self.fail("protocol", format!("conn {gid}: DELIVER of stored {key:?}"));
+            return;
+        }
         if m.to != user
             || !m
                 .attempts
@@ -962,6 +1281,254 @@ impl World {
             _ => {
                 self.order.insert(pair, (seq, key));
             }
+        }
+    }
+
+    // ---- stored delivery -----------------------------------------------------------------
+
+    /// INBOX_SYNC on `client`'s connection `gid`, with the epoch and last seq it holds
+    /// (0 and 0 on the end's check connections).
+    fn send_sync(&mut self, client: usize, gid: u64) {
+        let c = &mut self.clients[client];
+        let conn = self.conns.get_mut(&gid).expect("live connection");
+        let (epoch, last) = if conn.final_replay {
+            (0, 0)
+        } else {
+            (c.epoch, c.last_seq)
+        };
+        let msg = c.next_msg;
+        c.next_msg += 1;
+        c.sync_retry_at = None;
+        conn.sync = Some((msg, epoch, last));
+        self.stats.syncs += 1;
+        self.log(format!(
+            "conn {gid}: INBOX_SYNC msg {msg} epoch {epoch:#x} last {last}"
+        ));
+        self.feed(
+            gid,
+            &Frame::inbox_sync(MessageId(msg), epoch, last).to_bytes(),
+        );
+    }
+
+    fn on_sync_refused(&mut self, client: usize, gid: u64, code: u16) {
+        let conn = self.conns.get_mut(&gid).expect("live connection");
+        let (msg, _, _) = conn.sync.take().expect("a sync waits");
+        self.log(format!(
+            "conn {gid}: INBOX_SYNC msg {msg} refused with {code}"
+        ));
+        if code != ErrorCode::ClusterUnavailable as u16 {
+            self.fail(
+                "sync-answer",
+                format!("conn {gid}: INBOX_SYNC refused with {code}"),
+            );
+            return;
+        }
+        self.stats.syncs_unavailable += 1;
+        let delay = self.rng.range(3, 30);
+        self.clients[client].sync_retry_at = Some(self.step + delay);
+    }
+
+    fn on_inbox_state(&mut self, client: usize, gid: u64, frame: Frame) {
+        self.stats.inbox_states += 1;
+        let user = self.clients[client].user;
+        let conn = self.conns.get_mut(&gid).expect("live connection");
+        let sync = conn.sync.take();
+        let Some((_, epoch, last)) = sync.filter(|&(msg, _, _)| msg == frame.msg_id.0) else {
+            let msg = format!("conn {gid}: {frame:?} answers no INBOX_SYNC (waiting: {sync:?})");
+            self.fail("sync-answer", msg);
+            return;
+        };
+        let Some(state) = frame.inbox_state().filter(|_| frame.target.0 == user) else {
+            self.fail("protocol", format!("conn {gid}: bad INBOX_STATE {frame:?}"));
+            return;
+        };
+        // The replay starts after the client's last seq when it named this store.
+        let floor = if epoch == state.epoch {
+            last.min(state.last_seq)
+        } else {
+            0
+        };
+        conn.synced = true;
+        conn.floor = floor;
+        conn.last_inbox = floor;
+        conn.got.clear();
+        let c = &mut self.clients[client];
+        if c.epoch != state.epoch {
+            c.epoch = state.epoch;
+            c.last_seq = 0;
+            c.acked = 0;
+        }
+        self.log(format!(
+            "conn {gid}: INBOX_STATE epoch {:#x} first {} last {} expired {} flags {:?}; \
+             replay after {floor}",
+            state.epoch, state.first_seq, state.last_seq, state.expired_upto, frame.flags
+        ));
+    }
+
+    fn on_inbox_deliver(&mut self, client: usize, gid: u64, frame: Frame) {
+        self.stats.inbox_delivers += 1;
+        let user = self.clients[client].user;
+        let key = (frame.source.0, frame.msg_id.0);
+        let Some((seq, _, payload)) = frame.inbox_deliver() else {
+            self.fail(
+                "protocol",
+                format!("conn {gid}: bad INBOX_DELIVER {frame:?}"),
+            );
+            return;
+        };
+        let conn = self.conns.get_mut(&gid).expect("live connection");
+        if !conn.synced {
+            let msg = format!("conn {gid}: INBOX_DELIVER {key:?} seq {seq} before INBOX_STATE");
+            self.fail("sync-answer", msg);
+            return;
+        }
+        let (prev, floor) = (conn.last_inbox, conn.floor);
+        conn.last_inbox = seq;
+        conn.got.insert(seq);
+        self.log(format!("conn {gid}: INBOX_DELIVER {key:?} seq {seq}"));
+        if seq <= prev {
+            let msg = format!(
+                "conn {gid} (user {user}): INBOX_DELIVER {key:?} seq {seq} after seq {prev} \
+                 (replay after {floor})"
+            );
+            self.fail("inbox-order", msg);
+        }
+        // Nothing the inbox still holds is skipped (one device per user: only this
+        // client's own INBOX_ACKs delete, and it acknowledges what it got).
+        let skipped: Vec<u64> = self
+            .model_entries(user, prev)
+            .into_iter()
+            .filter(|&(s, origin)| s < seq && origin == NO_ORIGIN)
+            .map(|(s, _)| s)
+            .collect();
+        if !skipped.is_empty() {
+            let note = self.crossing_note(gid, &skipped);
+            let msg = format!(
+                "conn {gid} (user {user}): INBOX_DELIVER {key:?} seq {seq} after seq {prev}, \
+                 but the inbox holds seqs {skipped:?} between{note}"
+            );
+            self.fail("inbox-gap", msg);
+        }
+        if frame.target.0 != user {
+            self.fail("protocol", format!("conn {gid} of user {user}: {frame:?}"));
+            return;
+        }
+        match self.user_seqs.get(&(user, seq)) {
+            Some(&k) if k != key => {
+                let msg = format!("user {user}: seq {seq} numbers {k:?} and {key:?}");
+                self.fail("protocol", msg);
+                return;
+            }
+            Some(_) => {}
+            None => {
+                self.user_seqs.insert((user, seq), key);
+            }
+        }
+        let c = &mut self.clients[client];
+        c.last_seq = c.last_seq.max(seq);
+        let Some((sender_conn, attempt_seq)) = parse_payload(&payload) else {
+            self.fail("protocol", format!("conn {gid}: INBOX_DELIVER {frame:?}"));
+            return;
+        };
+        let known = self.msgs.get_mut(&key).filter(|m| {
+            m.stored
+                && m.to == user
+                && m.attempts
+                    .iter()
+                    .any(|a| a.conn == sender_conn && a.seq == attempt_seq && a.published)
+        });
+        let Some(m) = known else {
+            let msg = format!(
+                "conn {gid}: INBOX_DELIVER {key:?} of no stored attempt (conn {sender_conn} \
+                 seq {attempt_seq})"
+            );
+            self.fail("protocol", msg);
+            return;
+        };
+        *m.inbox_delivered.entry(gid).or_insert(0) += 1;
+    }
+
+    /// INBOX_ACK of everything `client` has.
+    fn send_inbox_ack(&mut self, client: usize, gid: u64) {
+        let c = &mut self.clients[client];
+        if c.last_seq <= c.acked {
+            return;
+        }
+        let msg = c.next_msg;
+        c.next_msg += 1;
+        c.acked = c.last_seq;
+        let upto = c.last_seq;
+        self.stats.inbox_acks += 1;
+        self.log(format!("conn {gid}: INBOX_ACK upto {upto}"));
+        self.feed(gid, &Frame::inbox_ack(MessageId(msg), upto).to_bytes());
+    }
+
+    /// What the model's inbox of `user` holds after `after`: (seq, origin).
+    fn model_entries(&mut self, user: u64, after: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut after = after;
+        loop {
+            let op = InboxOp::Fetch {
+                user: UserId(user),
+                after,
+            };
+            let reply = self.redis.inbox.handle(0, op, &mut HashMap::new());
+            let ClusterReply::Array(entries) = reply.answer else {
+                return out;
+            };
+            if entries.is_empty() {
+                return out;
+            }
+            for entry in entries {
+                let (seq, origin) = model_entry(&entry).expect("a model entry");
+                out.push((seq, origin));
+                after = seq;
+            }
+        }
+    }
+
+    /// Why connection `gid` is not caught up with its user's inbox, if it is not.
+    fn behind(&mut self, gid: u64) -> Option<String> {
+        let (user, floor) = {
+            let c = &self.conns[&gid];
+            if !c.synced {
+                return Some(format!("conn {gid}: not synced (waiting {:?})", c.sync));
+            }
+            (c.user, c.floor)
+        };
+        let missing: Vec<u64> = self
+            .model_entries(user, floor)
+            .into_iter()
+            .filter(|&(seq, origin)| origin == NO_ORIGIN && !self.conns[&gid].got.contains(&seq))
+            .map(|(seq, _)| seq)
+            .collect();
+        (!missing.is_empty()).then(|| {
+            format!(
+                "conn {gid} (user {user}, replay after {floor}, got {:?}) is missing seqs \
+                 {missing:?} the inbox holds{}",
+                self.conns[&gid].got,
+                self.crossing_note(gid, &missing)
+            )
+        })
+    }
+
+    /// For a connection missing `seqs`: the notices of them that overtook an empty FETCH
+    /// answer to its node.
+    fn crossing_note(&self, gid: u64, seqs: &[u64]) -> String {
+        let (node, user) = (self.conns[&gid].node, self.conns[&gid].user);
+        let hits: Vec<String> = self
+            .crossings
+            .iter()
+            .filter(|&&(j, u, seq, _)| j == node && u == user && seqs.contains(&seq))
+            .map(|(_, _, seq, step)| format!("seq {seq} at step {step}"))
+            .collect();
+        if hits.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (its notice overtook an empty FETCH answer to node {node}: {})",
+                hits.join(", ")
+            )
         }
     }
 
@@ -1010,6 +1577,8 @@ impl World {
                 self.redis_reply(i);
                 k += 1;
             }
+            let upto = if quiet { u64::MAX } else { self.step };
+            self.deliver_confirms(i, upto);
         }
         // Clients.
         if !quiet && self.rng.chance(self.p.p_drop) && !self.knobs.no_drops {
@@ -1034,6 +1603,20 @@ impl World {
                 self.clients[c].retry_at.remove(&msg);
                 self.attempt(c, msg);
             }
+            let gid = self.clients[c].conn.expect("connected");
+            let (logged_in, synced, syncing) = {
+                let conn = &self.conns[&gid];
+                (conn.logged_in, conn.synced, conn.sync.is_some())
+            };
+            let sync_due = self.clients[c]
+                .sync_retry_at
+                .is_some_and(|at| at <= self.step);
+            if sync_due && logged_in && !synced && !syncing {
+                self.send_sync(c, gid);
+            }
+            if !quiet && synced && self.rng.chance(self.p.p_inbox_ack) {
+                self.send_inbox_ack(c, gid);
+            }
             if !quiet && self.rng.chance(self.p.p_send) {
                 self.new_send(c);
             }
@@ -1046,10 +1629,15 @@ impl World {
         }
     }
 
-    /// True when nothing is left to answer or carry.
-    fn settled(&self) -> bool {
-        self.clients.iter().all(|c| {
-            c.unanswered.is_empty() && c.conn.is_some_and(|gid| self.conns[&gid].logged_in)
+    /// True when nothing is left to answer or carry, and every client is synced and has
+    /// what its user's inbox holds.
+    fn settled(&mut self) -> bool {
+        let quiet = self.clients.iter().all(|c| {
+            c.unanswered.is_empty()
+                && c.conn.is_some_and(|gid| {
+                    let conn = &self.conns[&gid];
+                    conn.logged_in && conn.synced && conn.sync.is_none()
+                })
         }) && self
             .conns
             .values()
@@ -1057,7 +1645,74 @@ impl World {
             && self
                 .nodes
                 .iter()
-                .all(|n| n.up && n.ops.is_empty() && n.replies.is_empty())
+                .all(|n| n.up && n.ops.is_empty() && n.replies.is_empty() && n.confirms.is_empty());
+        if !quiet {
+            return false;
+        }
+        let gids: Vec<u64> = self.clients.iter().filter_map(|c| c.conn).collect();
+        gids.into_iter().all(|gid| self.behind(gid).is_none())
+    }
+
+    /// Runs quiet steps until everything settled (at most `QUIET_STEPS`), then one more
+    /// so every answer is read; a `liveness` failure if it did not settle.
+    fn quiet_period(&mut self, what: &str) {
+        let quiet_from = self.step;
+        while !self.settled() && self.step - quiet_from < QUIET_STEPS {
+            self.step(true);
+            if self.failure.is_some() {
+                return;
+            }
+        }
+        // A last turn so every answer and DELIVER is read.
+        self.step(true);
+        if self.failure.is_some() || self.settled() {
+            return;
+        }
+        let mut lines = Vec::new();
+        for c in &self.clients {
+            for &msg in &c.unanswered {
+                let key = (c.user, msg);
+                let m = &self.msgs[&key];
+                let first = m.attempts.first().map(|a| (a.conn, a.seq, a.sent));
+                lines.push(format!(
+                    "{key:?} to user {} ({} attempts, first (conn, seq, step) {first:?}, \
+                     last answer {:?})",
+                    m.to,
+                    m.attempts.len(),
+                    m.attempts.last().and_then(|a| a.answer)
+                ));
+            }
+            match c.conn {
+                None => lines.push(format!("user {}: not connected", c.user)),
+                Some(gid) if !self.conns[&gid].logged_in => {
+                    lines.push(format!("user {}: conn {gid} not logged in", c.user));
+                }
+                Some(_) => {}
+            }
+        }
+        for (gid, c) in &self.conns {
+            if c.closed.is_none() && !c.outstanding.is_empty() {
+                lines.push(format!("conn {gid}: waiting {:?}", c.outstanding));
+            }
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            if !n.confirms.is_empty() {
+                lines.push(format!("node {i}: confirmations {:?}", n.confirms));
+            }
+        }
+        let gids: Vec<u64> = self.clients.iter().filter_map(|c| c.conn).collect();
+        for gid in gids {
+            if self.conns[&gid].logged_in {
+                if let Some(why) = self.behind(gid) {
+                    lines.push(why);
+                }
+            }
+        }
+        let msg = format!(
+            "not settled {QUIET_STEPS} steps after the faults stopped ({what}): {}",
+            lines.join("; ")
+        );
+        self.fail("liveness", msg);
     }
 
     fn run(&mut self) {
@@ -1068,47 +1723,64 @@ impl World {
             }
         }
         self.log("faults stop".to_string());
-        let quiet_from = self.step;
-        while !self.settled() && self.step - quiet_from < QUIET_STEPS {
-            self.step(true);
-            if self.failure.is_some() {
-                return;
-            }
-        }
-        // A last turn so every answer and DELIVER is read.
-        self.step(true);
+        self.quiet_period("faults stopped");
         if self.failure.is_some() {
             return;
         }
-        if !self.settled() {
-            let mut lines = Vec::new();
-            for c in &self.clients {
-                for &msg in &c.unanswered {
-                    let key = (c.user, msg);
-                    let m = &self.msgs[&key];
-                    let first = m.attempts.first().map(|a| (a.conn, a.seq, a.sent));
-                    lines.push(format!(
-                        "{key:?} to user {} ({} attempts, first (conn, seq, step) {first:?}, \
-                         last answer {:?})",
-                        m.to,
-                        m.attempts.len(),
-                        m.attempts.last().and_then(|a| a.answer)
-                    ));
-                }
-            }
-            for (gid, c) in &self.conns {
-                if c.closed.is_none() && !c.outstanding.is_empty() {
-                    lines.push(format!("conn {gid}: waiting {:?}", c.outstanding));
-                }
-            }
-            let msg = format!(
-                "not settled {QUIET_STEPS} steps after the faults stopped: {}",
-                lines.join("; ")
-            );
-            self.fail("liveness", msg);
+        self.final_checks();
+        if self.failure.is_some() {
             return;
         }
-        self.final_checks();
+        // The end's check: every client on a fresh connection (to a random node) syncs
+        // with 0/0 and gets what its inbox holds.
+        self.log("final replay".to_string());
+        self.final_phase = true;
+        for c in 0..self.clients.len() {
+            self.close_conn(c);
+        }
+        self.quiet_period("final replay");
+        if self.failure.is_some() {
+            return;
+        }
+        self.stored_checks();
+    }
+
+    /// `stored-lost` and `stored-twice`.
+    fn stored_checks(&mut self) {
+        let mut problems = Vec::new();
+        for (key, m) in &self.msgs {
+            if !m.stored {
+                continue;
+            }
+            let acked = m
+                .attempts
+                .iter()
+                .any(|a| matches!(a.answer, Some(Answer::Ack(_))));
+            if acked && m.inbox_delivered.is_empty() {
+                problems.push((
+                    "stored-lost",
+                    format!(
+                        "{key:?} to user {} was ACKed as stored (stores {}, nodes {:?}) but \
+                         no connection of its recipient got it, nor the final replay; \
+                         attempts {:?}",
+                        m.to, m.stores, m.store_nodes, m.attempts
+                    ),
+                ));
+            }
+            if m.stores > 1 && !m.dup_allowed {
+                problems.push((
+                    "stored-twice",
+                    format!(
+                        "{key:?} to user {} stored {} times, and no attempt was answered \
+                         CLUSTER_UNAVAILABLE after Redis ran its store; attempts {:?}",
+                        m.to, m.stores, m.attempts
+                    ),
+                ));
+            }
+        }
+        if let Some((invariant, p)) = problems.into_iter().next() {
+            self.fail(invariant, p);
+        }
     }
 
     fn final_checks(&mut self) {
@@ -1117,7 +1789,7 @@ impl World {
             let Some(Answer::Ack(n)) = m.final_answer else {
                 continue;
             };
-            if n == 0 || !m.delivered.is_empty() || m.stale {
+            if m.stored || n == 0 || !m.delivered.is_empty() || m.stale {
                 continue;
             }
             let sent = m
@@ -1159,6 +1831,28 @@ fn parse_payload(payload: &[u8]) -> Option<(u64, u64)> {
     Some((conn, seq))
 }
 
+/// (seq, origin) of one stream entry of the model (`[id, [f, frame, o, origin, ..]]`).
+fn model_entry(entry: &ClusterReply) -> Option<(u64, u64)> {
+    let ClusterReply::Array(parts) = entry else {
+        return None;
+    };
+    let (Some(ClusterReply::Bulk(Some(id))), Some(ClusterReply::Array(fields))) =
+        (parts.first(), parts.get(1))
+    else {
+        return None;
+    };
+    let seq = std::str::from_utf8(id)
+        .ok()?
+        .strip_suffix("-0")?
+        .parse()
+        .ok()?;
+    let origin = match fields.get(3) {
+        Some(ClusterReply::Bulk(Some(o))) => u64::from_be_bytes(o.as_ref().try_into().ok()?),
+        _ => return None,
+    };
+    Some((seq, origin))
+}
+
 fn op_label(op: &ClusterOp) -> String {
     match op {
         ClusterOp::Publish(ch, payload) => {
@@ -1171,6 +1865,25 @@ fn op_label(op: &ClusterOp) -> String {
         }
         ClusterOp::Subscribe(ch) => format!("SUBSCRIBE {}", ch.name()),
         ClusterOp::Unsubscribe(ch) => format!("UNSUBSCRIBE {}", ch.name()),
+        ClusterOp::Inbox(InboxOp::Store(r)) => {
+            let msg = u64::from_be_bytes(r.header[8..16].try_into().unwrap_or_default());
+            format!(
+                "STORE ({}, {msg}) to user {} {:?} dedup {}",
+                r.sender.0,
+                r.recipient.0,
+                parse_payload(&r.payload),
+                r.dedup.is_some()
+            )
+        }
+        ClusterOp::Inbox(InboxOp::Sync {
+            user, epoch, last, ..
+        }) => format!("SYNC user {} epoch {epoch:#x} last {last}", user.0),
+        ClusterOp::Inbox(InboxOp::Ack { user, upto, .. }) => {
+            format!("ACK user {} upto {upto}", user.0)
+        }
+        ClusterOp::Inbox(InboxOp::Fetch { user, after }) => {
+            format!("FETCH user {} after {after}", user.0)
+        }
         other => format!("{other:?}"),
     }
 }
@@ -1232,6 +1945,15 @@ fn cluster_simulation() {
         total.link_downs += s.link_downs;
         total.drops += s.drops;
         total.allowed_duplicates += s.allowed_duplicates;
+        total.stored_sends += s.stored_sends;
+        total.stored_acks += s.stored_acks;
+        total.stores += s.stores;
+        total.syncs += s.syncs;
+        total.syncs_unavailable += s.syncs_unavailable;
+        total.inbox_states += s.inbox_states;
+        total.inbox_delivers += s.inbox_delivers;
+        total.inbox_acks += s.inbox_acks;
+        total.confirms += s.confirms;
         if let Some(f) = out.failure {
             let e = failures
                 .entry(f.invariant)

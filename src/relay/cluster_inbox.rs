@@ -139,8 +139,13 @@ pub(super) enum InboxWait {
         serial: u64,
         msg_id: MessageId,
     },
-    /// A fetch for one connection.
-    Fetched { conn: ConnId, serial: u64 },
+    /// A fetch for one connection; `known` is the highest number it knew of when the
+    /// fetch was sent (Redis had every one up to it by then).
+    Fetched {
+        conn: ConnId,
+        serial: u64,
+        known: u64,
+    },
     /// The epoch check at link up.
     Epoch,
     /// An INBOX_ACK.
@@ -396,7 +401,7 @@ impl Relay {
                 serial,
                 msg_id,
             } => self.answer_sync(conn, serial, msg_id, None),
-            InboxWait::Fetched { conn, serial } => self.take_fetched(conn, serial, None),
+            InboxWait::Fetched { conn, serial, .. } => self.take_fetched(conn, serial, 0, None),
             InboxWait::Epoch | InboxWait::Nothing => {}
         }
     }
@@ -422,7 +427,11 @@ impl Relay {
                 serial,
                 msg_id,
             } => self.answer_sync(conn, serial, msg_id, reply),
-            InboxWait::Fetched { conn, serial } => self.take_fetched(conn, serial, reply),
+            InboxWait::Fetched {
+                conn,
+                serial,
+                known,
+            } => self.take_fetched(conn, serial, known, reply),
             InboxWait::Epoch => self.check_epoch(reply, now),
             InboxWait::Nothing => {
                 if let Some(ClusterReply::Error(e)) = reply {
@@ -616,13 +625,28 @@ impl Relay {
             return; // fetched again once the subscription is confirmed
         };
         cursor.fetching = true;
+        let known = cursor.known;
         c.command(
             ClusterOp::Inbox(InboxOp::Fetch { user, after }),
-            Pending::Inbox(InboxWait::Fetched { conn: id, serial }),
+            Pending::Inbox(InboxWait::Fetched {
+                conn: id,
+                serial,
+                known,
+            }),
         );
     }
 
-    fn take_fetched(&mut self, id: ConnId, serial: u64, reply: Option<ClusterReply>) {
+    /// A fetch's answer. A short answer (less than a batch) also says that every number
+    /// up to `known_then` it did not hold is gone (acknowledged or expired): Redis had them
+    /// all before it ran the fetch. Numbers learnt since (a notice that overtook this
+    /// answer on the other connection) are fetched again, never assumed gone.
+    fn take_fetched(
+        &mut self,
+        id: ConnId,
+        serial: u64,
+        known_then: u64,
+        reply: Option<ClusterReply>,
+    ) {
         let Some(s) = self.sessions.get_mut(id.0).filter(|s| s.serial == serial) else {
             return;
         };
@@ -635,7 +659,7 @@ impl Relay {
                 return;
             }
         };
-        let empty = entries.is_empty();
+        let short = entries.len() < super::FETCH_BATCH;
         for entry in entries {
             let Some((frame, origin)) = stream_entry(entry) else {
                 warn!("cluster: a stored message in Redis that is not one");
@@ -646,11 +670,10 @@ impl Relay {
         let Some(s) = self.sessions.get_mut(id.0) else {
             return;
         };
-        let known = s.extra_mut().cluster_inbox.known;
-        if empty && known > s.inbox_pushed {
+        if short && known_then > s.inbox_pushed {
             // Gone from the stream (acknowledged or expired) before this connection got
             // them: nothing more to send up to there.
-            s.inbox_pushed = known;
+            s.inbox_pushed = known_then;
         }
         let pushed = s.inbox_pushed;
         let cursor = &mut s.extra_mut().cluster_inbox;

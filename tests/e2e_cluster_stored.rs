@@ -234,6 +234,45 @@ fn a_full_inbox_answers_inbox_full() {
     assert_eq!(payloads(&inbox(&mut bob, 3)), ["m0", "m1", "m2"]);
 }
 
+/// Stored SENDs that arrive in one read are stored by one function call: each is still
+/// answered on its own, a resend inside the batch is answered as its first copy, and the
+/// inbox limit refuses the one past it.
+#[test]
+fn one_reads_stored_sends_are_answered_one_by_one() {
+    let limit = || ["--inbox-max-messages", "2"].map(String::from).to_vec();
+    let cluster = Cluster::start_with(2, |_| limit());
+    let mut alice = cluster.login(A, ALICE.0);
+    let frame = |id: u64, text: &'static [u8]| {
+        Frame::send(MessageId(id), BOB, Bytes::from_static(text))
+            .with_flags(Flags::STORED.union(Flags::DEDUP))
+            .to_bytes()
+    };
+    let mut burst = Vec::new();
+    for (id, text) in [
+        (11, &b"first"[..]),
+        (11, b"first"),
+        (12, b"second"),
+        (13, b"third"),
+    ] {
+        burst.extend_from_slice(&frame(id, text));
+    }
+    alice.send_raw(&burst);
+    assert_eq!(answer(&mut alice, MessageId(11)), Ok(0));
+    assert_eq!(
+        answer(&mut alice, MessageId(11)),
+        Ok(0),
+        "the resend: as the first"
+    );
+    assert_eq!(answer(&mut alice, MessageId(12)), Ok(0));
+    let (code, reason) = answer(&mut alice, MessageId(13)).expect_err("past the limit");
+    assert_eq!(code, ErrorCode::InboxFull as u16, "{reason}");
+
+    let mut bob = cluster.login(B, BOB.0);
+    let (state, _) = sync(&mut bob, 0, 0);
+    assert_eq!(state.last_seq - state.first_seq, 1, "{state:?}");
+    assert_eq!(payloads(&inbox(&mut bob, 2)), ["first", "second"]);
+}
+
 /// `--inbox-ttl 0.5`: messages older than that are dropped when their inbox is next
 /// written (Redis's clock), and the recipient's next INBOX_SYNC reports them as a gap
 /// (`expired_upto`); what came after them is delivered.

@@ -173,6 +173,9 @@ struct Params {
     redis_ops: u64,
     /// Most answers that reach a node per step (at least 1).
     redis_replies: u64,
+    /// Per frame a client sends: the node's ops wait for the end of the step (so a
+    /// step's frames share a loop turn: stored SENDs to one user go in one store).
+    p_same_turn: f64,
 }
 
 impl Params {
@@ -189,6 +192,7 @@ impl Params {
             redis_ops: rng.range(1, 4),
             redis_replies: rng.range(1, 4),
             p_stored: rng.float(0.2, 0.7),
+            p_same_turn: rng.float(0.0, 0.9),
             p_inbox_ack: rng.float(0.0, 0.2),
             confirm_delay: rng.range(0, 10),
         }
@@ -675,11 +679,17 @@ impl World {
     /// An inbox function run for node `i` by the model: its notices reach the nodes
     /// subscribed now; the ledger learns which attempt a store carried.
     fn redis_inbox(&mut self, i: usize, op: InboxOp) -> ClusterReply {
-        let store = match &op {
-            InboxOp::Store(r) => {
-                let msg = u64::from_be_bytes(r.header[8..16].try_into().expect("8 bytes"));
-                Some(((r.sender.0, msg), parse_payload(&r.payload)))
-            }
+        // A store's messages, in order: (key, attempt) each.
+        let store: Option<Vec<_>> = match &op {
+            InboxOp::Store(r) => Some(
+                r.messages
+                    .iter()
+                    .map(|m| {
+                        let msg = u64::from_be_bytes(m.header[8..16].try_into().expect("8 bytes"));
+                        ((r.sender.0, msg), parse_payload(&m.payload))
+                    })
+                    .collect(),
+            ),
             _ => None,
         };
         let mut subscribed: HashMap<String, HashSet<usize>> = self
@@ -690,8 +700,20 @@ impl World {
             .collect();
         let label = op_label(&ClusterOp::Inbox(op.clone()));
         let reply = self.redis.inbox.handle(i, op, &mut subscribed);
-        if let Some((key, attempt)) = store {
-            self.note_store(i, key, attempt, &reply.answer);
+        if let Some(messages) = store {
+            let answers = match &reply.answer {
+                ClusterReply::Array(items) if items.len() == messages.len() => items.clone(),
+                other => {
+                    self.fail(
+                        "protocol",
+                        format!("a store of {} answered {other:?}", messages.len()),
+                    );
+                    return reply.answer;
+                }
+            };
+            for ((key, attempt), answer) in messages.into_iter().zip(answers) {
+                self.note_store(i, key, attempt, &answer);
+            }
         } else {
             let answer = match &reply.answer {
                 ClusterReply::Array(items) if label.starts_with("FETCH") => {
@@ -866,7 +888,9 @@ impl World {
         };
         let now = self.now();
         self.nodes[node].relay.handle_input(id, bytes, now);
-        self.pump(node);
+        if !self.rng.chance(self.p.p_same_turn) {
+            self.pump(node);
+        }
     }
 
     fn connect(&mut self, client: usize, node: usize) {
@@ -1624,8 +1648,9 @@ impl World {
                 self.read(c);
             }
         }
-        for n in &mut self.nodes {
-            while n.relay.poll_transmit().is_some() {}
+        for i in 0..self.nodes.len() {
+            self.pump(i); // the end of the loop turn
+            while self.nodes[i].relay.poll_transmit().is_some() {}
         }
     }
 
@@ -1866,14 +1891,20 @@ fn op_label(op: &ClusterOp) -> String {
         ClusterOp::Subscribe(ch) => format!("SUBSCRIBE {}", ch.name()),
         ClusterOp::Unsubscribe(ch) => format!("UNSUBSCRIBE {}", ch.name()),
         ClusterOp::Inbox(InboxOp::Store(r)) => {
-            let msg = u64::from_be_bytes(r.header[8..16].try_into().unwrap_or_default());
-            format!(
-                "STORE ({}, {msg}) to user {} {:?} dedup {}",
-                r.sender.0,
-                r.recipient.0,
-                parse_payload(&r.payload),
-                r.dedup.is_some()
-            )
+            let messages: Vec<String> = r
+                .messages
+                .iter()
+                .map(|m| {
+                    let msg = u64::from_be_bytes(m.header[8..16].try_into().unwrap_or_default());
+                    format!(
+                        "({}, {msg}) {:?} dedup {}",
+                        r.sender.0,
+                        parse_payload(&m.payload),
+                        m.dedup_key.is_some()
+                    )
+                })
+                .collect();
+            format!("STORE to user {}: {}", r.recipient.0, messages.join(", "))
         }
         ClusterOp::Inbox(InboxOp::Sync {
             user, epoch, last, ..

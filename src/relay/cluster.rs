@@ -36,7 +36,9 @@ use std::collections::VecDeque;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::cluster_inbox::{InboxOp, InboxWait};
+use super::cluster_inbox::{
+    InboxOp, InboxWait, StoreRequest, StoredMessage, StoredWait, STORE_BATCH,
+};
 use super::hashing::{id_map, IdMap};
 
 use crate::proto::{MessageId, RoomId, UserId};
@@ -286,6 +288,9 @@ pub struct Cluster {
     pub epoch: Option<u64>,
     /// Epoch candidates drawn so far.
     candidates: u64,
+    /// This turn's inbox stores still open for more messages: (recipient, sender, device)
+    /// -> (index in `ops`, position in `pending`).
+    open_stores: IdMap<(u64, u64, u64), (usize, u64)>,
 }
 
 impl Cluster {
@@ -306,6 +311,7 @@ impl Cluster {
             subscribing: id_map(node ^ 0x6a09_e667_f3bc_c908),
             epoch: None,
             candidates: 0,
+            open_stores: id_map(node ^ 0x3c6e_f372_fe94_f82b),
         }
     }
 
@@ -365,9 +371,45 @@ impl Cluster {
         );
     }
 
+    /// Queues a stored SEND: in this turn's store of the same `batch` (recipient, sender,
+    /// device) if it has room, else in a new one (`request` makes it, given an epoch
+    /// candidate), so one function call stores a turn's messages to one recipient.
+    pub(super) fn store(
+        &mut self,
+        batch: (u64, u64, u64),
+        message: StoredMessage,
+        wait: StoredWait,
+        request: impl FnOnce(u64) -> StoreRequest,
+    ) {
+        if let Some(&(op, at)) = self.open_stores.get(&batch) {
+            let index = usize::try_from(at - self.popped).unwrap_or(usize::MAX);
+            if let (
+                Some(ClusterOp::Inbox(InboxOp::Store(r))),
+                Some(Pending::Inbox(InboxWait::Stored(waits))),
+            ) = (self.ops.get_mut(op), self.pending.get_mut(index))
+            {
+                if r.messages.len() < STORE_BATCH {
+                    r.messages.push(message);
+                    waits.push(wait);
+                    return;
+                }
+            }
+        }
+        let candidate = self.epoch_candidate();
+        let mut r = request(candidate);
+        r.messages.push(message);
+        let at = self.popped + self.pending.len() as u64;
+        self.open_stores.insert(batch, (self.ops.len(), at));
+        self.command(
+            ClusterOp::Inbox(InboxOp::Store(Box::new(r))),
+            Pending::Inbox(InboxWait::Stored(vec![wait])),
+        );
+    }
+
     /// This turn's ops, with the PUBLISHes' payloads, moved into `out`; the next turn's
     /// frames go in new PUBLISHes.
     pub(super) fn take_ops(&mut self, out: &mut Vec<ClusterOp>) {
+        self.open_stores.clear();
         for (_, (op, batch, _)) in self.open.drain() {
             if let Some(ClusterOp::Publish(_, payload)) = self.ops.get_mut(op) {
                 *payload = std::mem::take(&mut self.batches[batch]).freeze();
@@ -393,6 +435,7 @@ impl Cluster {
         self.up = false;
         self.ops.clear();
         self.open.clear();
+        self.open_stores.clear();
         self.batches.clear();
         self.dirty_rooms.clear();
         self.held = 0;

@@ -56,31 +56,44 @@ pub struct InboxParams {
     pub max_devices: usize,
 }
 
-/// A stored SEND for `imrelay_store`.
+/// Stored SENDs for one `imrelay_store` call: a loop turn's from one device of one sender
+/// to one recipient, in order (at most [`STORE_BATCH`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreRequest {
     /// The recipient.
     pub recipient: UserId,
     /// The sender.
     pub sender: UserId,
-    /// The sender's device tag (its copy skips it).
+    /// The sender's device tag (its copies skip it).
     pub device: u64,
-    /// The INBOX_DELIVER header (length included; seq and time follow it).
-    pub header: [u8; HEADER_LEN],
-    /// The message.
-    pub payload: Bytes,
-    /// The DEDUP key and time to live, for a DEDUP SEND.
-    pub dedup: Option<(String, u64)>,
+    /// The messages, in the order they were sent.
+    pub messages: Vec<StoredMessage>,
+    /// How long Redis remembers a DEDUP SEND's answer, in ms.
+    pub dedup_ttl_ms: u64,
     /// The epoch a new store gets.
     pub candidate: u64,
     /// The limits.
     pub params: InboxParams,
 }
 
+/// One stored SEND of a [`StoreRequest`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// The INBOX_DELIVER header (length included; seq and time follow it).
+    pub header: [u8; HEADER_LEN],
+    /// The message.
+    pub payload: Bytes,
+    /// The DEDUP key, for a DEDUP SEND.
+    pub dedup_key: Option<String>,
+}
+
+/// Stored SENDs one `imrelay_store` call carries, at most.
+pub const STORE_BATCH: usize = 64;
+
 /// What the node asks of Redis for stored delivery.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InboxOp {
-    /// Store a message (`imrelay_store`).
+    /// Store messages (`imrelay_store`).
     Store(Box<StoreRequest>),
     /// INBOX_SYNC (`imrelay_sync`).
     Sync {
@@ -122,17 +135,21 @@ pub enum InboxOp {
     },
 }
 
+/// A stored SEND waiting for its answer.
+#[derive(Debug)]
+pub(super) struct StoredWait {
+    conn: ConnId,
+    serial: u64,
+    msg_id: MessageId,
+    target: UserId,
+    ack: bool,
+}
+
 /// What waits for an inbox command's answer.
 #[derive(Debug)]
 pub(super) enum InboxWait {
-    /// A stored SEND's ACK.
-    Stored {
-        conn: ConnId,
-        serial: u64,
-        msg_id: MessageId,
-        target: UserId,
-        ack: bool,
-    },
+    /// The ACKs of a store's messages, in order.
+    Stored(Vec<StoredWait>),
     /// An INBOX_SYNC's INBOX_STATE.
     Synced {
         conn: ConnId,
@@ -212,30 +229,32 @@ impl Relay {
             h.target,
             sender,
         );
-        let request = StoreRequest {
-            recipient: h.target,
-            sender,
-            device,
+        let message = StoredMessage {
             header: fixed,
             // Copied: the frame may be a view into a shared read buffer.
             payload: Bytes::copy_from_slice(frame.payload()),
-            dedup: h
+            dedup_key: h
                 .flags
                 .contains(Flags::DEDUP)
-                .then(|| (cluster::dedup_key(sender, h.msg_id), dedup_ttl)),
-            candidate: c.epoch_candidate(),
-            params,
+                .then(|| cluster::dedup_key(sender, h.msg_id)),
         };
-        c.command(
-            ClusterOp::Inbox(InboxOp::Store(Box::new(request))),
-            Pending::Inbox(InboxWait::Stored {
-                conn: id,
-                serial,
-                msg_id: h.msg_id,
-                target: h.target,
-                ack: !h.flags.contains(Flags::NO_ACK),
-            }),
-        );
+        let wait = StoredWait {
+            conn: id,
+            serial,
+            msg_id: h.msg_id,
+            target: h.target,
+            ack: !h.flags.contains(Flags::NO_ACK),
+        };
+        let batch = (h.target.0, sender.0, device);
+        c.store(batch, message, wait, |candidate| StoreRequest {
+            recipient: h.target,
+            sender,
+            device,
+            messages: Vec::new(),
+            dedup_ttl_ms: dedup_ttl,
+            candidate,
+            params,
+        });
         self.metrics.cluster_messages_out += 1;
     }
 
@@ -378,22 +397,19 @@ impl Relay {
     /// The link went down before Redis answered an inbox command.
     pub(super) fn inbox_wait_lost(&mut self, wait: InboxWait) {
         match wait {
-            InboxWait::Stored {
-                conn,
-                serial,
-                msg_id,
-                target,
-                ..
-            } => {
-                if self
-                    .sessions
-                    .get(conn.0)
-                    .is_some_and(|s| s.serial == serial)
-                {
-                    let reason = "the cluster link went down before Redis answered: the \
-                                  message may or may not be stored; send it again (with DEDUP)";
-                    let code = ErrorCode::ClusterUnavailable;
-                    self.reply_error(conn, msg_id, target, code, reason);
+            InboxWait::Stored(waits) => {
+                for w in waits {
+                    if self
+                        .sessions
+                        .get(w.conn.0)
+                        .is_some_and(|s| s.serial == w.serial)
+                    {
+                        let reason = "the cluster link went down before Redis answered: the \
+                                      message may or may not be stored; send it again (with \
+                                      DEDUP)";
+                        let code = ErrorCode::ClusterUnavailable;
+                        self.reply_error(w.conn, w.msg_id, w.target, code, reason);
+                    }
                 }
             }
             InboxWait::Synced {
@@ -415,13 +431,16 @@ impl Relay {
     ) {
         let reply = Some(reply);
         match wait {
-            InboxWait::Stored {
-                conn,
-                serial,
-                msg_id,
-                target,
-                ack,
-            } => self.answer_stored(conn, serial, msg_id, target, ack, reply, now),
+            InboxWait::Stored(waits) => {
+                // One answer per message, in order; an error answers them all.
+                let answers = match reply {
+                    Some(ClusterReply::Array(items)) if items.len() == waits.len() => items,
+                    other => vec![other.unwrap_or(ClusterReply::Simple); waits.len()],
+                };
+                for (w, answer) in waits.into_iter().zip(answers) {
+                    self.answer_stored(w, Some(answer), now);
+                }
+            }
             InboxWait::Synced {
                 conn,
                 serial,
@@ -441,17 +460,14 @@ impl Relay {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn answer_stored(
-        &mut self,
-        conn: ConnId,
-        serial: u64,
-        msg_id: MessageId,
-        target: UserId,
-        ack: bool,
-        reply: Option<ClusterReply>,
-        now: Instant,
-    ) {
+    fn answer_stored(&mut self, w: StoredWait, reply: Option<ClusterReply>, now: Instant) {
+        let StoredWait {
+            conn,
+            serial,
+            msg_id,
+            target,
+            ack,
+        } = w;
         let Some(sender) = self
             .sessions
             .get(conn.0)
@@ -711,12 +727,27 @@ impl Relay {
             return;
         }
         let origin = u64::from_be_bytes(payload[..8].try_into().unwrap_or_default());
-        let frame = payload.slice(8..);
-        let header_ok = frame.len() >= HEADER_LEN + 16
-            && Header::read(&frame).opcode == Opcode::InboxDeliver as u8
-            && Header::read(&frame).len as usize == frame.len();
-        let Some(seq) = stored_seq(&frame).filter(|_| header_ok) else {
-            self.cluster_notice_refused();
+        let mut frames = payload.slice(8..);
+        // Checked whole (one store's messages, in order) before any is pushed.
+        let mut check = frames.clone();
+        while !check.is_empty() {
+            let frame = super::cluster::next_frame(&mut check);
+            let ok = frame.is_some_and(|f| {
+                f.len() >= HEADER_LEN + 16 && Header::read(&f).opcode == Opcode::InboxDeliver as u8
+            });
+            if !ok {
+                self.cluster_notice_refused();
+                return;
+            }
+        }
+        while let Some(frame) = super::cluster::next_frame(&mut frames) {
+            self.stored_notice_frame(user, origin, frame);
+        }
+    }
+
+    /// One message of a notice: pushed where it is the next, fetched elsewhere.
+    fn stored_notice_frame(&mut self, user: UserId, origin: u64, frame: Bytes) {
+        let Some(seq) = stored_seq(&frame) else {
             return;
         };
         self.metrics.cluster_messages_in += 1;

@@ -187,11 +187,10 @@ local function expire(stream, s, now, ttl)
   return false
 end
 
--- Appends `frame` (its header, then seq and the time written here, then the payload),
--- saves the counters and publishes it as a notice on `channel`; returns seq and the
--- nodes that got it.
-local function append(stream, hash, s, high, channel, header, payload, notice, origin, now,
-                      ttl, keep)
+-- Appends a message to an inbox (its INBOX_DELIVER: the header, then seq and the time
+-- written here, then the payload), keeping the counters `s` (saved by the caller);
+-- returns seq and the frame.
+local function append(stream, s, high, header, payload, origin, now, ttl)
   local seq = s.last + 1
   local frame = header .. u64(seq) .. u64(now) .. payload
   redis.call('XADD', stream, seq .. '-0', 'f', frame, 'o', origin, 't', now)
@@ -199,14 +198,18 @@ local function append(stream, hash, s, high, channel, header, payload, notice, o
   s.n = s.n + 1
   s.b = s.b + #frame + COST
   if s.due == 0 then s.due = now + ttl end
+  if seq > high.value then high.value = seq end
+  return seq, frame
+end
+
+-- Saves an inbox that took messages, keeps its keys alive, and publishes their notice
+-- (node id `marker`, the device a copy came from, the frames one after another); returns
+-- the nodes that got it.
+local function publish(stream, hash, s, channel, marker, origin, frames, ttl, keep)
   save(hash, s)
-  if seq > high.value then
-    redis.call('SET', high.key, seq)
-    high.value = seq
-  end
   redis.call('PEXPIRE', stream, ttl)
   redis.call('PEXPIRE', hash, keep)
-  return seq, redis.call('PUBLISH', channel, notice .. origin .. frame)
+  return redis.call('PUBLISH', channel, marker .. origin .. table.concat(frames))
 end
 
 local function room_for(s, len, max_messages, max_bytes, who)
@@ -219,65 +222,110 @@ local function room_for(s, len, max_messages, max_bytes, who)
   return nil
 end
 
--- A stored SEND.
+-- Stored SENDs from one device of one sender to one recipient, in order (a loop turn's).
 -- KEYS: 1-3 recipient stream, hash, devices; 4-6 sender stream, hash, devices; 7 epoch;
---       8 high; 9 DEDUP key; 10 recipient channel; 11 sender channel.
--- ARGV: 1 epoch candidate; 2 recipient's INBOX_DELIVER header (32 bytes); 3 the copy's
---       header (32 bytes; empty: the sender is the recipient); 4 payload; 5 notice
---       marker (8 bytes); 6 no origin (8 bytes); 7 sending device (8 bytes); 8 its tag;
---       9 max messages; 10 max bytes; 11 ttl ms; 12 device retention ms; 13 max
---       devices; 14 DEDUP ttl ms (0: not DEDUP); 15 recipient's name, 16 sender's name
---       (for reasons); 17 the DEDUP answer of a refusal (r<INBOX_FULL>).
--- Returns {'ok', epoch, seq, nodes} | {'dup', remembered} | {'full', reason}.
+--       8 high; 9 recipient channel; 10 sender channel; 10 + i the DEDUP key of message
+--       i (any name for one without DEDUP).
+-- ARGV: 1 epoch candidate; 2 notice marker (8 bytes); 3 no origin (8 bytes); 4 sending
+--       device (8 bytes); 5 its tag; 6 max messages; 7 max bytes; 8 ttl ms; 9 device
+--       retention ms; 10 max devices; 11 DEDUP ttl ms; 12 recipient's name, 13 sender's
+--       name (for reasons); 14 the DEDUP answer of a refusal (r<INBOX_FULL>); 15 '1' when
+--       the sender's other devices may get copies (not to oneself); then per message i
+--       (from 1): 13 + 3i its INBOX_DELIVER header (32 bytes), 14 + 3i its payload,
+--       15 + 3i '1' for DEDUP.
+-- Returns per message {'ok', epoch, seq, nodes} | {'dup', remembered} | {'full', reason}.
 local function store(keys, args)
-  local dedup = tonumber(args[14])
-  if dedup > 0 then
-    local v = redis.call('GET', keys[9])
-    if v then return { 'dup', v } end
-  end
   local now = now_ms()
-  local ttl, retention = tonumber(args[11]), tonumber(args[12])
+  local ttl, retention = tonumber(args[8]), tonumber(args[9])
   local keep = ttl + retention
+  local dedup_ttl = tonumber(args[11])
   local e, top = meta(keys[7], keys[8], args[1])
-  local high = { key = keys[8], value = top }
-  local len = #args[4] + 48
-  local max_messages, max_bytes = tonumber(args[9]), tonumber(args[10])
+  local high = { value = top }
+  local max_messages, max_bytes = tonumber(args[6]), tonumber(args[7])
   local r = load(keys[2], top)
-  local trimmed = expire(keys[1], r, now, ttl)
-  local full = room_for(r, len, max_messages, max_bytes, args[15])
-  local copy = false
-  local sd, sn, ss, strimmed
-  if full == nil and args[3] ~= '' then
-    sd, sn = devices(keys[6], now, retention)
+  local rchanged = expire(keys[1], r, now, ttl)
+  local copy, sd, ss, schanged = false, nil, nil, false
+  if args[15] == '1' then
+    sd = devices(keys[6], now, retention)
     for tag, _ in pairs(sd) do
-      if tag ~= args[8] then copy = true end
+      if tag ~= args[5] then copy = true end
     end
     if copy then
       ss = load(keys[5], top)
-      strimmed = expire(keys[4], ss, now, ttl)
-      full = room_for(ss, len, max_messages, max_bytes, args[16])
+      schanged = expire(keys[4], ss, now, ttl)
     end
   end
-  if full then
-    if trimmed then save(keys[2], r) end
-    if strimmed then save(keys[5], ss) end
-    if dedup > 0 then redis.call('SET', keys[9], args[17], 'PX', dedup) end
-    return { 'full', full }
-  end
-  local seq, nodes = append(keys[1], keys[2], r, high, keys[10], args[2], args[4], args[5],
-    args[6], now, ttl, keep)
-  if copy then
-    -- The sender's other devices get it as "sent from another device"; the device it
-    -- came from skips it (its cursor moves past it when it has everything before).
-    local cseq = append(keys[4], keys[5], ss, high, keys[11], args[3], args[4], args[5],
-      args[7], now, ttl, keep)
-    local mine = sd[args[8]]
-    if mine and mine[1] == cseq - 1 then
-      redis.call('HSET', keys[6], args[8], cseq .. ':' .. now)
+  local results, rframes, cframes, stored, batch = {}, {}, {}, {}, {}
+  local last_copy = nil
+  local count = (#args - 15) / 3
+  for i = 1, count do
+    local header, payload = args[13 + 3 * i], args[14 + 3 * i]
+    local dedup = args[15 + 3 * i] == '1'
+    local key = keys[10 + i]
+    local seen = nil
+    if dedup then
+      seen = batch[key]
+      if seen == nil then seen = redis.call('GET', key) end
+    end
+    if seen then
+      results[i] = { 'dup', seen }
+    else
+      local len = #payload + 48
+      local full = room_for(r, len, max_messages, max_bytes, args[12])
+      if full == nil and copy then
+        full = room_for(ss, len, max_messages, max_bytes, args[13])
+      end
+      if full then
+        if dedup then
+          redis.call('SET', key, args[14], 'PX', dedup_ttl)
+          batch[key] = args[14]
+        end
+        results[i] = { 'full', full }
+      else
+        local seq, frame = append(keys[1], r, high, header, payload, args[3], now, ttl)
+        rframes[#rframes + 1] = frame
+        if copy then
+          -- The sender's other devices get it as "sent from another device"; the device
+          -- it came from skips it.
+          local cseq, cframe = append(keys[4], ss, high, header, payload, args[4], now, ttl)
+          cframes[#cframes + 1] = cframe
+          last_copy = cseq
+        end
+        results[i] = { 'ok', e, seq, 0 }
+        stored[#stored + 1] = i
+        -- A resend of it later in this batch is a duplicate (answered with the count).
+        if dedup then batch[key] = true end
+      end
     end
   end
-  if dedup > 0 then redis.call('SET', keys[9], nodes, 'PX', dedup) end
-  return { 'ok', e, seq, nodes }
+  local nodes = 0
+  if #rframes > 0 then
+    nodes = publish(keys[1], keys[2], r, keys[9], args[2], args[3], rframes, ttl, keep)
+  elseif rchanged then
+    save(keys[2], r)
+  end
+  if #cframes > 0 then
+    publish(keys[4], keys[5], ss, keys[10], args[2], args[4], cframes, ttl, keep)
+    -- The sending device's cursor moves past its own copies when it had everything
+    -- before them.
+    local mine = sd[args[5]]
+    if mine and mine[1] == last_copy - #cframes then
+      redis.call('HSET', keys[6], args[5], last_copy .. ':' .. now)
+    end
+  elseif schanged then
+    save(keys[5], ss)
+  end
+  if high.value > top then redis.call('SET', keys[8], high.value) end
+  for _, i in ipairs(stored) do
+    results[i][4] = nodes
+    if args[15 + 3 * i] == '1' then
+      redis.call('SET', keys[10 + i], nodes, 'PX', dedup_ttl)
+    end
+  end
+  for i = 1, count do
+    if results[i][1] == 'dup' and results[i][2] == true then results[i][2] = tostring(nodes) end
+  end
+  return results
 end
 
 -- INBOX_SYNC from one device.

@@ -5,8 +5,9 @@
 
 use bytes::BytesMut;
 
+use super::resp;
 use crate::proto::UserId;
-use crate::relay::{InboxOp, FETCH_BATCH, NO_ORIGIN, STORED_NOTICE};
+use crate::relay::{InboxOp, StoreRequest, FETCH_BATCH, NO_ORIGIN, STORED_NOTICE};
 
 /// The inbox library: stored delivery's functions, loaded at every connect.
 pub const LIBRARY: &str = include_str!("cluster_inbox.lua");
@@ -72,56 +73,7 @@ fn keys(user: UserId) -> [Small; 3] {
 /// Appends the command of `op`: an `FCALL` of the library, or an `XRANGE`.
 pub fn command(out: &mut BytesMut, op: &InboxOp) {
     match op {
-        InboxOp::Store(r) => {
-            let [rb, rh, rv] = keys(r.recipient);
-            let [sb, sh, sv] = keys(r.sender);
-            let (dedup_key, dedup_ttl) = match &r.dedup {
-                Some((key, ttl)) => (key.as_bytes(), *ttl),
-                None => (&b""[..], 0),
-            };
-            let p = r.params;
-            let copy_header: &[u8] = if r.sender == r.recipient {
-                b""
-            } else {
-                &r.header
-            };
-            put(
-                out,
-                &[
-                    b"FCALL",
-                    b"imrelay_store",
-                    b"11",
-                    rb.bytes(),
-                    rh.bytes(),
-                    rv.bytes(),
-                    sb.bytes(),
-                    sh.bytes(),
-                    sv.bytes(),
-                    EPOCH_KEY,
-                    HIGH_KEY,
-                    dedup_key,
-                    Small::new(b"imrelay:u:", r.recipient.0).bytes(),
-                    Small::new(b"imrelay:u:", r.sender.0).bytes(),
-                    Small::num(r.candidate).bytes(),
-                    &r.header,
-                    copy_header,
-                    &r.payload,
-                    &STORED_NOTICE.to_be_bytes(),
-                    &NO_ORIGIN.to_be_bytes(),
-                    &r.device.to_be_bytes(),
-                    Small::num(r.device).bytes(),
-                    Small::num(p.max_messages).bytes(),
-                    Small::num(p.max_bytes).bytes(),
-                    Small::num(p.ttl_ms).bytes(),
-                    Small::num(p.retention_ms).bytes(),
-                    Small::num(p.max_devices).bytes(),
-                    Small::num(dedup_ttl).bytes(),
-                    Small::new(b"user ", r.recipient.0).bytes(),
-                    Small::new(b"user ", r.sender.0).bytes(),
-                    INBOX_FULL_REFUSAL,
-                ],
-            );
-        }
+        InboxOp::Store(r) => store(out, r),
         InboxOp::Sync {
             user,
             device,
@@ -205,6 +157,71 @@ pub fn command(out: &mut BytesMut, op: &InboxOp) {
                 ],
             );
         }
+    }
+}
+
+/// `FCALL imrelay_store` of a batch (see the function's comment in the library for the
+/// order of its keys and arguments).
+fn store(out: &mut BytesMut, r: &StoreRequest) {
+    let m = r.messages.len();
+    let [rb, rh, rv] = keys(r.recipient);
+    let [sb, sh, sv] = keys(r.sender);
+    let p = r.params;
+    let copies: &[u8] = if r.sender == r.recipient { b"0" } else { b"1" };
+    let numkeys = Small::num(10 + m);
+    let bytes: usize = r.messages.iter().map(|m| m.payload.len() + 96).sum();
+    out.reserve(bytes + 640);
+    resp::begin(out, 3 + 10 + m + 15 + 3 * m);
+    for arg in [&b"FCALL"[..], b"imrelay_store", numkeys.bytes()] {
+        resp::arg_bulk(out, arg);
+    }
+    for key in [
+        rb.bytes(),
+        rh.bytes(),
+        rv.bytes(),
+        sb.bytes(),
+        sh.bytes(),
+        sv.bytes(),
+        EPOCH_KEY,
+        HIGH_KEY,
+        Small::new(b"imrelay:u:", r.recipient.0).bytes(),
+        Small::new(b"imrelay:u:", r.sender.0).bytes(),
+    ] {
+        resp::arg_bulk(out, key);
+    }
+    for message in &r.messages {
+        // Any name serves a message without DEDUP: the function does not touch it.
+        let key = message.dedup_key.as_deref().unwrap_or("imrelay:d:");
+        resp::arg_bulk(out, key.as_bytes());
+    }
+    for arg in [
+        Small::num(r.candidate).bytes(),
+        &STORED_NOTICE.to_be_bytes(),
+        &NO_ORIGIN.to_be_bytes(),
+        &r.device.to_be_bytes(),
+        Small::num(r.device).bytes(),
+        Small::num(p.max_messages).bytes(),
+        Small::num(p.max_bytes).bytes(),
+        Small::num(p.ttl_ms).bytes(),
+        Small::num(p.retention_ms).bytes(),
+        Small::num(p.max_devices).bytes(),
+        Small::num(r.dedup_ttl_ms).bytes(),
+        Small::new(b"user ", r.recipient.0).bytes(),
+        Small::new(b"user ", r.sender.0).bytes(),
+        INBOX_FULL_REFUSAL,
+        copies,
+    ] {
+        resp::arg_bulk(out, arg);
+    }
+    for message in &r.messages {
+        resp::arg_bulk(out, &message.header);
+        resp::arg_bulk(out, &message.payload);
+        let dedup: &[u8] = if message.dedup_key.is_some() {
+            b"1"
+        } else {
+            b"0"
+        };
+        resp::arg_bulk(out, dedup);
     }
 }
 

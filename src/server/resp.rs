@@ -49,14 +49,24 @@ const MAX_ITEMS: usize = 1024;
 
 /// Appends a command (an array of bulk strings).
 pub fn command(out: &mut BytesMut, args: &[&[u8]]) {
-    out.put_u8(b'*');
-    put_decimal(out, args.len());
+    begin(out, args.len());
     for arg in args {
-        out.put_u8(b'$');
-        put_decimal(out, arg.len());
-        out.extend_from_slice(arg);
-        out.extend_from_slice(b"\r\n");
+        arg_bulk(out, arg);
     }
+}
+
+/// Starts a command of `n` arguments, each then appended with [`arg_bulk`].
+pub fn begin(out: &mut BytesMut, n: usize) {
+    out.put_u8(b'*');
+    put_decimal(out, n);
+}
+
+/// Appends one argument of a command started with [`begin`].
+pub fn arg_bulk(out: &mut BytesMut, arg: &[u8]) {
+    out.put_u8(b'$');
+    put_decimal(out, arg.len());
+    out.extend_from_slice(arg);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// `n` in decimal and a CRLF, without an allocation.

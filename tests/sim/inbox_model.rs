@@ -57,50 +57,55 @@ impl InboxModel {
             InboxOp::Epoch { candidate } => bulk(self.epoch(candidate).to_string()),
             InboxOp::Store(r) => {
                 let epoch = self.epoch(r.candidate);
-                let dedup = r.dedup.as_ref().map(|_| {
-                    (
-                        r.sender.0,
-                        u64::from_be_bytes(r.header[8..16].try_into().unwrap_or_default()),
-                    )
-                });
-                if let Some(value) = dedup.and_then(|k| self.dedup.get(&k)) {
-                    return ModelReply {
-                        answer: ClusterReply::Array(vec![bulk("dup"), bulk(value.clone())]),
-                        notices,
-                    };
-                }
                 let copy = r.sender != r.recipient
                     && self
                         .users
                         .get(&r.sender.0)
                         .is_some_and(|u| u.devices.keys().any(|&d| d != r.device));
-                let (seq, nodes) = self.append(
-                    r.recipient.0,
-                    &r.header,
-                    &r.payload,
-                    NO_ORIGIN,
-                    subscribed,
-                    &mut notices,
-                );
-                if copy {
-                    self.append(
-                        r.sender.0,
-                        &r.header,
-                        &r.payload,
-                        r.device,
-                        subscribed,
-                        &mut notices,
-                    );
+                let mut results = Vec::new();
+                let (mut frames, mut copies) = (Vec::new(), Vec::new());
+                // (index in results, DEDUP key) of what was stored: their count is the
+                // notice's receivers.
+                let mut stored = Vec::new();
+                for m in &r.messages {
+                    let msg_id = u64::from_be_bytes(m.header[8..16].try_into().unwrap_or_default());
+                    let key = m.dedup_key.as_ref().map(|_| (r.sender.0, msg_id));
+                    if let Some(value) = key.and_then(|k| self.dedup.get(&k)) {
+                        results.push(vec![bulk("dup"), bulk(value.clone())]);
+                        continue;
+                    }
+                    let seq = self.append(r.recipient.0, &m.header, &m.payload, NO_ORIGIN);
+                    frames.push(self.frame_of(r.recipient.0, seq));
+                    if copy {
+                        let cseq = self.append(r.sender.0, &m.header, &m.payload, r.device);
+                        copies.push(self.frame_of(r.sender.0, cseq));
+                    }
+                    if let Some(k) = key {
+                        // Until the notice is out: a resend later in this batch is a dup.
+                        self.dedup.insert(k, String::new());
+                    }
+                    stored.push((results.len(), key));
+                    results.push(vec![
+                        bulk("ok"),
+                        bulk(epoch.to_string()),
+                        ClusterReply::Integer(seq as i64),
+                        ClusterReply::Integer(0),
+                    ]);
                 }
-                if let Some(k) = dedup {
-                    self.dedup.insert(k, nodes.to_string());
+                let nodes = notify(r.recipient.0, NO_ORIGIN, &frames, subscribed, &mut notices);
+                notify(r.sender.0, r.device, &copies, subscribed, &mut notices);
+                for (i, key) in stored {
+                    results[i][3] = ClusterReply::Integer(nodes as i64);
+                    if let Some(k) = key {
+                        self.dedup.insert(k, nodes.to_string());
+                    }
                 }
-                ClusterReply::Array(vec![
-                    bulk("ok"),
-                    bulk(epoch.to_string()),
-                    ClusterReply::Integer(seq as i64),
-                    ClusterReply::Integer(nodes as i64),
-                ])
+                for r in &mut results {
+                    if r[1] == bulk("") {
+                        r[1] = bulk(nodes.to_string());
+                    }
+                }
+                ClusterReply::Array(results.into_iter().map(ClusterReply::Array).collect())
             }
             InboxOp::Sync {
                 user,
@@ -183,15 +188,8 @@ impl InboxModel {
         *self.epoch.get_or_insert(candidate)
     }
 
-    fn append(
-        &mut self,
-        user: u64,
-        header: &[u8],
-        payload: &[u8],
-        origin: u64,
-        subscribed: &mut HashMap<String, HashSet<usize>>,
-        notices: &mut Vec<(usize, String, Bytes)>,
-    ) -> (u64, usize) {
+    /// Appends a message to `user`'s inbox; returns its seq.
+    fn append(&mut self, user: u64, header: &[u8], payload: &[u8], origin: u64) -> u64 {
         let high = self.high;
         let inbox = self.users.entry(user).or_insert_with(|| UserInbox {
             last: high,
@@ -204,26 +202,46 @@ impl InboxModel {
         frame.extend_from_slice(&seq.to_be_bytes());
         frame.extend_from_slice(&1_700_000_000_000u64.to_be_bytes());
         frame.extend_from_slice(payload);
-        let frame = Bytes::from(frame);
         inbox.entries.insert(
             seq,
             Entry {
-                frame: frame.clone(),
+                frame: Bytes::from(frame),
                 origin,
             },
         );
-        let channel = format!("imrelay:u:{user}");
-        let mut notice = STORED_NOTICE.to_be_bytes().to_vec();
-        notice.extend_from_slice(&origin.to_be_bytes());
-        notice.extend_from_slice(&frame);
-        let notice = Bytes::from(notice);
-        let to: Vec<usize> = subscribed
-            .get(&channel)
-            .map(|s| s.iter().copied().collect())
-            .unwrap_or_default();
-        for &j in &to {
-            notices.push((j, channel.clone(), notice.clone()));
-        }
-        (seq, to.len())
+        seq
     }
+
+    fn frame_of(&self, user: u64, seq: u64) -> Bytes {
+        self.users[&user].entries[&seq].frame.clone()
+    }
+}
+
+/// Publishes one notice of `frames` (a store's, in order) on `user`'s channel; returns
+/// how many nodes got it (none when there is nothing to publish).
+fn notify(
+    user: u64,
+    origin: u64,
+    frames: &[Bytes],
+    subscribed: &HashMap<String, HashSet<usize>>,
+    notices: &mut Vec<(usize, String, Bytes)>,
+) -> usize {
+    if frames.is_empty() {
+        return 0;
+    }
+    let channel = format!("imrelay:u:{user}");
+    let mut notice = STORED_NOTICE.to_be_bytes().to_vec();
+    notice.extend_from_slice(&origin.to_be_bytes());
+    for frame in frames {
+        notice.extend_from_slice(frame);
+    }
+    let notice = Bytes::from(notice);
+    let to: Vec<usize> = subscribed
+        .get(&channel)
+        .map(|s| s.iter().copied().collect())
+        .unwrap_or_default();
+    for &j in &to {
+        notices.push((j, channel.clone(), notice.clone()));
+    }
+    to.len()
 }

@@ -121,7 +121,7 @@ pub enum InboxOp {
         /// The limits.
         params: InboxParams,
     },
-    /// The messages of `user` after `after` (`XRANGE`, exclusive, [`FETCH_BATCH`]).
+    /// The messages of `user` after `after` (`XRANGE` from `after + 1`, [`FETCH_BATCH`] of them).
     Fetch {
         /// The user.
         user: UserId,

@@ -2,13 +2,13 @@
 -- Stored delivery in cluster mode (protocol.md, section 18.1): one user's inbox in Redis.
 --
 -- Keys of user U (each function takes its keys in this order):
---   imrelay:ib:U  a stream: one entry per stored message, ID <seq>-0, fields
+--   imrelay:ib:U  a stream: one entry per stored message, ID <seq>-<bt before it>, fields
 --                 f (the INBOX_DELIVER frame), o (8 bytes: the device a copy came from),
 --                 t (when it was stored, Unix ms, Redis's clock). Expires ttl after its
 --                 newest message, so an abandoned inbox leaves nothing behind.
 --   imrelay:ih:U  a hash: last (last seq handed out), exp (expired up to), del (deleted
 --                 by acknowledgements up to), n (messages held), b (bytes charged), due
---                 (when the oldest message expires).
+--                 (when the oldest message expires), bt (bytes charged ever).
 --   imrelay:iv:U  a hash: device tag (decimal) -> "<acked>:<seen ms>".
 -- Shared: imrelay:epoch (the store's epoch), imrelay:ihigh (the highest seq handed out
 -- by any inbox: an inbox whose hash expired numbers on after it, so no number is reused).
@@ -19,12 +19,21 @@
 local COST = 64 -- bookkeeping bytes charged per message, as the single relay does
 
 local function u64(n)
-  local b = {}
-  for i = 8, 1, -1 do
-    b[i] = string.char(n % 256)
-    n = math.floor(n / 256)
-  end
-  return table.concat(b)
+  local b8 = n % 256
+  n = math.floor(n / 256)
+  local b7 = n % 256
+  n = math.floor(n / 256)
+  local b6 = n % 256
+  n = math.floor(n / 256)
+  local b5 = n % 256
+  n = math.floor(n / 256)
+  local b4 = n % 256
+  n = math.floor(n / 256)
+  local b3 = n % 256
+  n = math.floor(n / 256)
+  local b2 = n % 256
+  n = math.floor(n / 256)
+  return string.char(n % 256, b2, b3, b4, b5, b6, b7, b8)
 end
 
 local function now_ms()
@@ -107,10 +116,12 @@ end
 
 -- An inbox's counters, read with one HMGET: last (last seq handed out), del (deleted by
 -- acknowledgements up to), exp (expired up to), n (messages held), b (bytes charged),
--- due (when the oldest message expires; 0: empty). A new inbox (or one whose hash
+-- due (when the oldest message expires; 0: empty), bt (bytes charged to every message
+-- ever appended: each entry's ID is <seq>-<bt before it>, so what the messages held
+-- cost is bt minus the head's, without reading them). A new inbox (or one whose hash
 -- expired) numbers on after `high`, the highest number any inbox handed out.
 local function load(hash, high)
-  local v = redis.call('HMGET', hash, 'last', 'del', 'exp', 'n', 'b', 'due')
+  local v = redis.call('HMGET', hash, 'last', 'del', 'exp', 'n', 'b', 'due', 'bt')
   local s = {
     last = tonumber(v[1]),
     del = tonumber(v[2]) or 0,
@@ -118,85 +129,80 @@ local function load(hash, high)
     n = tonumber(v[4]) or 0,
     b = tonumber(v[5]) or 0,
     due = tonumber(v[6]) or 0,
+    bt = tonumber(v[7]) or 0,
   }
   if s.last == nil then
     s.fresh = true
     s.last = high or 0
     s.del = s.last
-    s.exp, s.n, s.b, s.due = 0, 0, 0, 0
   end
   return s
 end
 
 local function save(hash, s)
   redis.call('HSET', hash, 'last', s.last, 'del', s.del, 'exp', s.exp, 'n', s.n, 'b', s.b,
-    'due', s.due)
+    'due', s.due, 'bt', s.bt)
 end
 
 -- Drops the front of the inbox: messages up to `upto` (acknowledged by every tracked
--- device) and messages stored before `cutoff` (expired), keeping the counters `s` right;
--- returns the first seq held. Messages that vanished with the stream key's time to live
--- count as expired.
+-- device; no read) and, when `cutoff` is given, messages stored before it (expired),
+-- keeping the counters `s` right from the head that is left; returns the first seq held.
+-- Messages that vanished with the stream key's time to live count as expired.
 local function trim(stream, s, upto, cutoff, ttl)
   if upto > s.last then upto = s.last end
-  -- The head alone first: most calls drop nothing, and a backlog is not read for that.
-  local count = 1
-  local head = nil
-  while true do
-    local batch = redis.call('XRANGE', stream, '-', '+', 'COUNT', count)
-    local cut = 0
-    head = nil
-    for _, e in ipairs(batch) do
-      local seq, f = seq_of(e[1]), e[2]
-      if seq <= upto then
-        if seq > s.del then s.del = seq end
-      elseif tonumber(f[6]) < cutoff then
-        if seq > s.exp then s.exp = seq end
-      else
-        head = { seq, tonumber(f[6]) }
-        break
-      end
-      cut = seq
-      s.n = s.n - 1
-      s.b = s.b - (#f[2] + COST)
-    end
-    if cut > 0 then redis.call('XTRIM', stream, 'MINID', cut + 1) end
-    if head or #batch < count then break end
-    count = 64
+  if upto > s.del then
+    redis.call('XTRIM', stream, 'MINID', upto + 1)
+    s.del = upto
   end
-  if upto > s.del then s.del = upto end
+  local head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+  if cutoff then
+    -- Expired ones from the head, 64 at a time, while the head is older than `cutoff`.
+    while #head > 0 and tonumber(head[1][2][6]) < cutoff do
+      local batch = redis.call('XRANGE', stream, '-', '+', 'COUNT', 64)
+      local last_old = 0
+      for _, e in ipairs(batch) do
+        if tonumber(e[2][6]) >= cutoff then break end
+        last_old = seq_of(e[1])
+      end
+      redis.call('XTRIM', stream, 'MINID', last_old + 1)
+      if last_old > s.exp then s.exp = last_old end
+      head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+    end
+  end
   local first = s.last + 1
-  if head then
-    first = head[1]
-    s.due = head[2] + ttl
+  if #head > 0 then
+    local seq, before = string.match(head[1][1], '^(%d+)-(%d+)$')
+    first = tonumber(seq)
+    s.n = s.last - first + 1
+    s.b = s.bt - tonumber(before)
+    s.due = tonumber(head[1][2][6]) + ttl
   else
     s.n, s.b, s.due = 0, 0, 0
   end
   if first - 1 > s.del and first - 1 > s.exp then s.exp = first - 1 end
-  if s.n < 0 then s.n = 0 end
-  if s.b < 0 then s.b = 0 end
   return first
 end
 
 -- Expires what is due (only when the oldest message is: most calls read nothing).
 local function expire(stream, s, now, ttl)
   if s.due > 0 and now >= s.due then
-    trim(stream, s, 0, now - ttl, ttl)
+    trim(stream, s, s.del, now - ttl, ttl)
     return true
   end
   return false
 end
 
--- Appends a message to an inbox (its INBOX_DELIVER: the header, then seq and the time
--- written here, then the payload), keeping the counters `s` (saved by the caller);
--- returns seq and the frame.
-local function append(stream, s, high, header, payload, origin, now, ttl)
+-- Appends a message to an inbox (its INBOX_DELIVER: the header, then seq and `stamp`, the
+-- time `now` as 8 bytes, then the payload), keeping the counters `s` (saved by the
+-- caller); returns seq and the frame.
+local function append(stream, s, high, header, payload, origin, now, stamp, ttl)
   local seq = s.last + 1
-  local frame = header .. u64(seq) .. u64(now) .. payload
-  redis.call('XADD', stream, seq .. '-0', 'f', frame, 'o', origin, 't', now)
+  local frame = header .. u64(seq) .. stamp .. payload
+  redis.call('XADD', stream, seq .. '-' .. s.bt, 'f', frame, 'o', origin, 't', now)
   s.last = seq
   s.n = s.n + 1
   s.b = s.b + #frame + COST
+  s.bt = s.bt + #frame + COST
   if s.due == 0 then s.due = now + ttl end
   if seq > high.value then high.value = seq end
   return seq, frame
@@ -258,6 +264,7 @@ local function store(keys, args)
   local results, rframes, cframes, stored, batch = {}, {}, {}, {}, {}
   local last_copy = nil
   local count = (#args - 15) / 3
+  local stamp = u64(now)
   for i = 1, count do
     local header, payload = args[13 + 3 * i], args[14 + 3 * i]
     local dedup = args[15 + 3 * i] == '1'
@@ -282,12 +289,13 @@ local function store(keys, args)
         end
         results[i] = { 'full', full }
       else
-        local seq, frame = append(keys[1], r, high, header, payload, args[3], now, ttl)
+        local seq, frame = append(keys[1], r, high, header, payload, args[3], now, stamp, ttl)
         rframes[#rframes + 1] = frame
         if copy then
           -- The sender's other devices get it as "sent from another device"; the device
           -- it came from skips it.
-          local cseq, cframe = append(keys[4], ss, high, header, payload, args[4], now, ttl)
+          local cseq, cframe = append(keys[4], ss, high, header, payload, args[4], now, stamp,
+            ttl)
           cframes[#cframes + 1] = cframe
           last_copy = cseq
         end

@@ -130,9 +130,9 @@ pub fn command(out: &mut BytesMut, op: &InboxOp) {
         }
         InboxOp::Fetch { user, after } => {
             let [b, _, _] = keys(*user);
-            let mut from = Small::new(b"(", *after);
-            from.buf[from.len..from.len + 2].copy_from_slice(b"-0");
-            from.len += 2;
+            // From the next number on, whatever the second part of its ID (the bytes
+            // charged before it).
+            let from = Small::num(after.saturating_add(1));
             put(
                 out,
                 &[
@@ -250,7 +250,7 @@ mod tests {
     }
 
     #[test]
-    fn a_fetch_is_an_exclusive_xrange_of_one_batch() {
+    fn a_fetch_is_an_xrange_of_one_batch_from_the_next_number() {
         let mut out = BytesMut::new();
         command(
             &mut out,
@@ -262,7 +262,7 @@ mod tests {
         let text = String::from_utf8(out.to_vec()).unwrap();
         assert_eq!(
             text,
-            "*6\r\n$6\r\nXRANGE\r\n$12\r\nimrelay:ib:7\r\n$5\r\n(41-0\r\n$1\r\n+\r\n$5\r\nCOUNT\r\n$2\r\n64\r\n"
+            "*6\r\n$6\r\nXRANGE\r\n$12\r\nimrelay:ib:7\r\n$2\r\n42\r\n$1\r\n+\r\n$5\r\nCOUNT\r\n$2\r\n64\r\n"
         );
     }
 }

@@ -93,7 +93,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use imrelay::proto::decode::decode_frame;
 use imrelay::proto::{ErrorCode, Flags, Frame, MessageId, Opcode, UserId};
-use imrelay::relay::{Channel, ClusterOp, ClusterReply, Config, InboxOp, Relay, NO_ORIGIN};
+use imrelay::relay::{
+    store_answers, Channel, ClusterOp, ClusterReply, Config, InboxOp, Relay, NO_ORIGIN,
+};
 
 use imrelay::ConnId;
 use inbox_model::InboxModel;
@@ -701,9 +703,9 @@ impl World {
         let label = op_label(&ClusterOp::Inbox(op.clone()));
         let reply = self.redis.inbox.handle(i, op, &mut subscribed);
         if let Some(messages) = store {
-            let answers = match &reply.answer {
-                ClusterReply::Array(items) if items.len() == messages.len() => items.clone(),
-                other => {
+            let answers = match store_answers(reply.answer.clone(), messages.len()) {
+                Ok(answers) => answers,
+                Err(other) => {
                     self.fail(
                         "protocol",
                         format!("a store of {} answered {other:?}", messages.len()),

@@ -433,9 +433,10 @@ impl Relay {
         match wait {
             InboxWait::Stored(waits) => {
                 // One answer per message, in order; an error answers them all.
-                let answers = match reply {
-                    Some(ClusterReply::Array(items)) if items.len() == waits.len() => items,
-                    other => vec![other.unwrap_or(ClusterReply::Simple); waits.len()],
+                let n = waits.len();
+                let answers = match store_answers(reply.unwrap_or(ClusterReply::Simple), n) {
+                    Ok(answers) => answers,
+                    Err(other) => vec![other; n],
                 };
                 for (w, answer) in waits.into_iter().zip(answers) {
                     self.answer_stored(w, Some(answer), now);
@@ -814,6 +815,34 @@ impl Relay {
             self.fail(id, ErrorCode::ClusterUnavailable, reason, now);
         }
     }
+}
+
+/// The answer of `imrelay_store` to `n` messages (`{epoch, nodes}`, then per message its
+/// seq, `{'dup', value}` or `{'full', reason}`), as one answer per message: `{'ok', epoch,
+/// seq, nodes}` for a stored one, the others as they are. `Err`: not such an answer (an
+/// error, which answers every message).
+pub fn store_answers(reply: ClusterReply, n: usize) -> Result<Vec<ClusterReply>, ClusterReply> {
+    let ClusterReply::Array(mut items) = reply else {
+        return Err(reply);
+    };
+    if items.len() != n + 2 {
+        return Err(ClusterReply::Array(items));
+    }
+    let rest = items.split_off(2);
+    let nodes = items.pop().unwrap_or(ClusterReply::Integer(0));
+    let epoch = items.pop().unwrap_or(ClusterReply::Bulk(None));
+    Ok(rest
+        .into_iter()
+        .map(|item| match item {
+            ClusterReply::Integer(seq) => ClusterReply::Array(vec![
+                ClusterReply::Bulk(Some(Bytes::from_static(b"ok"))),
+                epoch.clone(),
+                ClusterReply::Integer(seq),
+                nodes.clone(),
+            ]),
+            other => other,
+        })
+        .collect())
 }
 
 /// The sequence number of an INBOX_DELIVER frame.

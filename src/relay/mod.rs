@@ -58,7 +58,8 @@ mod ws;
 pub use auth_handlers::MAX_AUTH_FAILURES;
 pub use cluster::{Channel, ClusterOp, ClusterReply, ROOM_COUNT_REFRESH, ROOM_COUNT_TTL_MS};
 pub use cluster_inbox::{
-    InboxOp, InboxParams, StoreRequest, StoredMessage, FETCH_BATCH, STORED_NOTICE, STORE_BATCH,
+    store_answers, InboxOp, InboxParams, StoreRequest, StoredMessage, FETCH_BATCH, STORED_NOTICE,
+    STORE_BATCH,
 };
 pub use config::{AuthConfig, Config, ConfigError, DEFAULT_TOKEN_NOTICE};
 pub use devices::DeviceCursor;

@@ -239,7 +239,8 @@ end
 --       the sender's other devices may get copies (not to oneself); then per message i
 --       (from 1): 13 + 3i its INBOX_DELIVER header (32 bytes), 14 + 3i its payload,
 --       15 + 3i '1' for DEDUP.
--- Returns per message {'ok', epoch, seq, nodes} | {'dup', remembered} | {'full', reason}.
+-- Returns {epoch, nodes} and then per message its seq (stored; `nodes` got its notice),
+-- {'dup', remembered} or {'full', reason}.
 local function store(keys, args)
   local now = now_ms()
   local ttl, retention = tonumber(args[8]), tonumber(args[9])
@@ -299,7 +300,7 @@ local function store(keys, args)
           cframes[#cframes + 1] = cframe
           last_copy = cseq
         end
-        results[i] = { 'ok', e, seq, 0 }
+        results[i] = seq
         stored[#stored + 1] = i
         -- A resend of it later in this batch is a duplicate (answered with the count).
         if dedup then batch[key] = true end
@@ -325,15 +326,17 @@ local function store(keys, args)
   end
   if high.value > top then redis.call('SET', keys[8], high.value) end
   for _, i in ipairs(stored) do
-    results[i][4] = nodes
     if args[15 + 3 * i] == '1' then
       redis.call('SET', keys[10 + i], nodes, 'PX', dedup_ttl)
     end
   end
   for i = 1, count do
-    if results[i][1] == 'dup' and results[i][2] == true then results[i][2] = tostring(nodes) end
+    local r = results[i]
+    if type(r) == 'table' and r[2] == true then r[2] = tostring(nodes) end
   end
-  return results
+  local answer = { e, nodes }
+  for i = 1, count do answer[i + 2] = results[i] end
+  return answer
 end
 
 -- INBOX_SYNC from one device.

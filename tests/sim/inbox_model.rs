@@ -85,27 +85,27 @@ impl InboxModel {
                         self.dedup.insert(k, String::new());
                     }
                     stored.push((results.len(), key));
-                    results.push(vec![
-                        bulk("ok"),
-                        bulk(epoch.to_string()),
-                        ClusterReply::Integer(seq as i64),
-                        ClusterReply::Integer(0),
-                    ]);
+                    results.push(vec![ClusterReply::Integer(seq as i64)]);
                 }
                 let nodes = notify(r.recipient.0, NO_ORIGIN, &frames, subscribed, &mut notices);
                 notify(r.sender.0, r.device, &copies, subscribed, &mut notices);
-                for (i, key) in stored {
-                    results[i][3] = ClusterReply::Integer(nodes as i64);
+                for (_, key) in stored {
                     if let Some(k) = key {
                         self.dedup.insert(k, nodes.to_string());
                     }
                 }
                 for r in &mut results {
-                    if r[1] == bulk("") {
+                    if r.len() == 2 && r[1] == bulk("") {
                         r[1] = bulk(nodes.to_string());
                     }
                 }
-                ClusterReply::Array(results.into_iter().map(ClusterReply::Array).collect())
+                // As the function answers: epoch, nodes, then per message its seq or why not.
+                let mut answer = vec![bulk(epoch.to_string()), ClusterReply::Integer(nodes as i64)];
+                answer.extend(results.into_iter().map(|mut r| match r.len() {
+                    1 => r.remove(0),
+                    _ => ClusterReply::Array(r),
+                }));
+                ClusterReply::Array(answer)
             }
             InboxOp::Sync {
                 user,

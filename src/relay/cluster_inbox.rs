@@ -429,19 +429,24 @@ impl Relay {
         reply: ClusterReply,
         now: Instant,
     ) {
-        let reply = Some(reply);
-        match wait {
+        let wait = match wait {
             InboxWait::Stored(waits) => {
                 // One answer per message, in order; an error answers them all.
                 let n = waits.len();
-                let answers = match store_answers(reply.unwrap_or(ClusterReply::Simple), n) {
+                let answers = match store_answers(reply, n) {
                     Ok(answers) => answers,
                     Err(other) => vec![other; n],
                 };
                 for (w, answer) in waits.into_iter().zip(answers) {
                     self.answer_stored(w, Some(answer), now);
                 }
+                return;
             }
+            other => other,
+        };
+        let reply = Some(reply);
+        match wait {
+            InboxWait::Stored(_) => {}
             InboxWait::Synced {
                 conn,
                 serial,

@@ -165,8 +165,8 @@ pub(super) enum InboxWait {
     },
     /// The epoch check at link up.
     Epoch,
-    /// An INBOX_ACK.
-    Nothing,
+    /// A connection's INBOX_ACK.
+    Acked { conn: ConnId, serial: u64 },
 }
 
 /// A connection's place in its user's inbox in Redis (beside `Session::inbox_pushed`).
@@ -182,6 +182,12 @@ pub struct ClusterCursor {
     /// An INBOX_SYNC waiting for the node's subscription to the user's channel: its
     /// msg_id, epoch and last_seq.
     pub parked: Option<(MessageId, u64, u64)>,
+    /// The highest INBOX_ACK written to Redis (or on its way there).
+    pub acked: u64,
+    /// An INBOX_ACK is on its way to Redis: a later one waits for its answer.
+    pub ack_waiting: bool,
+    /// The INBOX_ACK to write once the one on its way is answered (0: none).
+    pub ack_next: u64,
 }
 
 impl Relay {
@@ -287,6 +293,13 @@ impl Relay {
             return;
         };
         let cursor = &mut s.extra_mut().cluster_inbox;
+        if cursor.syncing {
+            // Each costs Redis a call: one at a time per connection.
+            let reason = "an INBOX_SYNC of this connection is still on its way; send another \
+                          after its INBOX_STATE";
+            self.reply_error(id, msg_id, UserId::NONE, ErrorCode::RateLimited, reason);
+            return;
+        }
         cursor.syncing = true;
         if subscribing {
             cursor.parked = Some((msg_id, epoch, last));
@@ -327,19 +340,54 @@ impl Relay {
 
     /// INBOX_ACK in cluster mode (checks done): written to Redis when the link is up (an
     /// acknowledgement lost with the link is made again by the next INBOX_SYNC).
+    ///
+    /// One acknowledgement per connection is on its way to Redis at a time, and one that
+    /// moves nothing is not written: a client that repeats or floods INBOX_ACK costs Redis
+    /// at most one call per round trip, and only for numbers that go up.
     pub(super) fn cluster_inbox_ack(&mut self, id: ConnId, user: UserId, upto: u64) {
         let params = self.inbox_params();
-        let device = self.sessions.get(id.0).map_or(0, |s| s.device);
-        if let Some(c) = self.cluster.as_mut().filter(|c| c.can_publish()) {
-            c.command(
-                ClusterOp::Inbox(InboxOp::Ack {
-                    user,
-                    device,
-                    upto,
-                    params,
-                }),
-                Pending::Inbox(InboxWait::Nothing),
-            );
+        let Some(s) = self.sessions.get_mut(id.0) else {
+            return;
+        };
+        let (serial, device) = (s.serial, s.device);
+        let cursor = &mut s.extra_mut().cluster_inbox;
+        if upto <= cursor.acked.max(cursor.ack_next) {
+            return;
+        }
+        if cursor.ack_waiting {
+            cursor.ack_next = upto;
+            return;
+        }
+        let Some(c) = self.cluster.as_mut().filter(|c| c.can_publish()) else {
+            return; // the next INBOX_SYNC acknowledges again
+        };
+        cursor.acked = upto;
+        cursor.ack_waiting = true;
+        c.command(
+            ClusterOp::Inbox(InboxOp::Ack {
+                user,
+                device,
+                upto,
+                params,
+            }),
+            Pending::Inbox(InboxWait::Acked { conn: id, serial }),
+        );
+    }
+
+    /// Redis answered a connection's INBOX_ACK (or the link went down first): the one
+    /// that waited goes now.
+    fn inbox_ack_answered(&mut self, id: ConnId, serial: u64) {
+        let Some(s) = self.sessions.get_mut(id.0).filter(|s| s.serial == serial) else {
+            return;
+        };
+        let State::Active(user) = s.state else {
+            return;
+        };
+        let cursor = &mut s.extra_mut().cluster_inbox;
+        cursor.ack_waiting = false;
+        let next = std::mem::take(&mut cursor.ack_next);
+        if next > 0 {
+            self.cluster_inbox_ack(id, user, next);
         }
     }
 
@@ -418,7 +466,8 @@ impl Relay {
                 msg_id,
             } => self.answer_sync(conn, serial, msg_id, None),
             InboxWait::Fetched { conn, serial, .. } => self.take_fetched(conn, serial, 0, None),
-            InboxWait::Epoch | InboxWait::Nothing => {}
+            InboxWait::Acked { conn, serial } => self.inbox_ack_answered(conn, serial),
+            InboxWait::Epoch => {}
         }
     }
 
@@ -458,10 +507,11 @@ impl Relay {
                 known,
             } => self.take_fetched(conn, serial, known, reply),
             InboxWait::Epoch => self.check_epoch(reply, now),
-            InboxWait::Nothing => {
+            InboxWait::Acked { conn, serial } => {
                 if let Some(ClusterReply::Error(e)) = reply {
                     warn!("cluster: Redis refused an INBOX_ACK: {e}");
                 }
+                self.inbox_ack_answered(conn, serial);
             }
         }
     }

@@ -32,6 +32,8 @@ pub struct InboxModel {
     high: u64,
     epoch: Option<u64>,
     dedup: HashMap<(u64, u64), String>,
+    /// Every acknowledgement the functions ran: (user, upto).
+    pub acks: Vec<(u64, u64)>,
 }
 
 /// The answer to one command, and the notices it published: (node, channel, payload).
@@ -149,6 +151,7 @@ impl InboxModel {
             InboxOp::Ack {
                 user, device, upto, ..
             } => {
+                self.acks.push((user.0, upto));
                 if let Some(inbox) = self.users.get_mut(&user.0) {
                     let acked = inbox.devices.entry(device).or_insert(0);
                     *acked = (*acked).max(upto.min(inbox.last));

@@ -703,3 +703,45 @@ fn a_turns_sends_to_one_user_share_one_publish() {
     assert_eq!(acks.len(), 5);
     assert!(acks.iter().all(|a| ack_count(a) == 1));
 }
+
+/// A connection's INBOX_ACKs reach Redis one at a time and only when they move its place
+/// (a flood of them costs Redis little); a second INBOX_SYNC while one is on its way is
+/// refused with RATE_LIMITED, and the first is answered.
+#[test]
+fn inbox_acks_are_coalesced_and_syncs_go_one_at_a_time() {
+    let mut c = Cluster::new(2);
+    let alice = c.nodes[0].login(1);
+    let bob = c.nodes[1].login(2);
+    c.settle();
+    c.nodes[1].send_frame(bob, Frame::inbox_sync(MessageId(5), 0, 0));
+    c.nodes[1].send_frame(bob, Frame::inbox_sync(MessageId(6), 0, 0));
+    let refused = c.nodes[1].expect_error(bob, ErrorCode::RateLimited);
+    assert_eq!(refused.msg_id, MessageId(6));
+    c.settle();
+    let got = c.nodes[1].take_frames(bob);
+    assert_eq!(
+        (got[0].opcode, got[0].msg_id),
+        (Opcode::InboxState, MessageId(5))
+    );
+    for msg in 1..=3 {
+        c.nodes[0].send_frame(alice, stored(msg, 2, b"m"));
+    }
+    c.settle();
+    let seqs: Vec<u64> = stored_payloads(&c.nodes[1].take_frames(bob))
+        .iter()
+        .map(|m| m.0)
+        .collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    for upto in [1, 1, 2, 3, 3, 2] {
+        c.nodes[1].send_frame(bob, Frame::inbox_ack(MessageId(10 + upto), upto));
+    }
+    c.settle();
+    assert_eq!(
+        c.inbox.acks,
+        [(2, 1), (2, 3)],
+        "the first, then the highest waiting"
+    );
+    c.nodes[1].send_frame(bob, Frame::inbox_ack(MessageId(20), 3));
+    c.settle();
+    assert_eq!(c.inbox.acks.len(), 2, "nothing new to acknowledge");
+}

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use imrelay::client::{Client as Sdk, ClientConfig, Event};
 use imrelay::proto::{ErrorCode, Flags, Frame, InboxState, MessageId, Opcode, UserId};
-use support::redis::Cluster;
+use support::redis::{Cluster, Redis};
 use support::{run_until, Client, SAFETY_TIMEOUT};
 
 const A: usize = 0;
@@ -436,6 +436,72 @@ fn crash_while_storing(victim: usize, bob_online: bool) {
     if bob_online {
         assert!(got.windows(2).all(|w| w[0] < w[1]), "in order: {got:?}");
     }
+}
+
+/// Redis itself is killed (`SIGKILL`) while a stream is being stored, and restarted on
+/// its append-only file (`appendfsync always`, the durable row of protocol.md 18.1's
+/// table): every message ACKed as stored, before or after, reaches the recipient once, and
+/// the store keeps its epoch (no client starts over).
+#[test]
+fn kill_9_of_a_durable_redis_loses_no_acked_message() {
+    const TOTAL: usize = 600;
+    let mut cluster = Cluster::start_on(Redis::start_durable(), 2, |_| Vec::new());
+    let mut alice = sdk(cluster.nodes[A].addr, ALICE);
+    let mut bob = sdk(cluster.nodes[B].addr, BOB);
+    let mut by_id = BTreeMap::new();
+    for i in 0..TOTAL {
+        let id = alice.send_stored(BOB, i.to_string().into_bytes()).unwrap();
+        by_id.insert(id, i);
+    }
+    let mut acked: Vec<usize> = Vec::new();
+    let mut got: Vec<usize> = Vec::new();
+    run_until(&mut alice, |e| {
+        if let Event::Stored { id, .. } = e {
+            acked.extend(by_id.get(&id));
+        }
+        acked.len() >= TOTAL / 4
+    });
+    let mut carol = cluster.login(B, 9);
+    let (before, _) = sync(&mut carol, 0, 0);
+    drop(carol);
+    let acked_before_kill = acked.len();
+    cluster.redis.kill();
+    cluster.redis.restart();
+    let deadline = Instant::now() + 6 * SAFETY_TIMEOUT;
+    while got.len() < TOTAL || acked.len() < TOTAL {
+        assert!(
+            Instant::now() < deadline,
+            "stuck: bob got {}, {} ACKed",
+            got.len(),
+            acked.len()
+        );
+        while let Some(e) = alice.recv(Duration::from_millis(1)) {
+            match e {
+                Event::Stored { id, .. } => acked.extend(by_id.get(&id)),
+                Event::Failed { reason, .. } => panic!("{reason}"),
+                _ => {}
+            }
+        }
+        while let Some(e) = bob.recv(Duration::from_millis(1)) {
+            if let Event::Message { payload, .. } = e {
+                got.push(number(&payload));
+            }
+        }
+    }
+    let mut sorted = got.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), got.len(), "a message shown twice");
+    assert_eq!(
+        sorted,
+        (0..TOTAL).collect::<Vec<_>>(),
+        "every message arrived"
+    );
+    println!("{acked_before_kill} of {TOTAL} ACKed as stored before Redis was killed");
+    assert!(acked_before_kill < TOTAL, "Redis was killed mid-stream");
+    let mut carol = cluster.login(A, 9);
+    let (after, _) = sync(&mut carol, before.epoch, before.last_seq);
+    assert_eq!(after.epoch, before.epoch, "the store kept its epoch");
 }
 
 #[test]

@@ -41,16 +41,36 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A redis-server child on a loopback port with a directory of its own and no
-/// persistence; killed (and its directory removed) on drop, even when the test panics.
+/// A redis-server child on a loopback port with a directory of its own, without
+/// persistence unless started with [`Redis::start_durable`]; killed (and its directory
+/// removed) on drop, even when the test panics.
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
     dir: PathBuf,
+    /// Its persistence flags.
+    persistence: &'static [&'static str],
 }
 
 impl Redis {
     pub fn start() -> Redis {
+        Redis::start_with(&["--save", "", "--appendonly", "no"])
+    }
+
+    /// With an append-only file synced at every write (`appendfsync always`): a restart
+    /// keeps everything Redis acknowledged.
+    pub fn start_durable() -> Redis {
+        Redis::start_with(&[
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ])
+    }
+
+    fn start_with(persistence: &'static [&'static str]) -> Redis {
         setup_redis();
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
@@ -64,6 +84,7 @@ impl Redis {
             child: None,
             port: free_port(),
             dir,
+            persistence,
         };
         redis.restart();
         redis
@@ -94,7 +115,7 @@ impl Redis {
         let child = Command::new(REDIS_SERVER)
             .args(["--port", &port, "--bind", "127.0.0.1", "--dir"])
             .arg(&self.dir)
-            .args(["--save", "", "--appendonly", "no"])
+            .args(self.persistence)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("redis log"))
             .stderr(log)
@@ -176,7 +197,11 @@ impl Cluster {
 
     /// [`Cluster::start`], node `i` also given the flags `extra(i)`.
     pub fn start_with(n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
-        let redis = Redis::start();
+        Cluster::start_on(Redis::start(), n, extra)
+    }
+
+    /// `n` nodes on a Redis started by the caller (for example [`Redis::start_durable`]).
+    pub fn start_on(redis: Redis, n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
         let url = redis.url();
         let args: Vec<Vec<String>> = (0..n)
             .map(|i| {

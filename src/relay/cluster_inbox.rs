@@ -2,10 +2,13 @@
 //! so a user resumes from any node and no node's loss loses a stored message.
 //!
 //! The inbox logic runs in Redis as one library of functions (`server/cluster_inbox.lua`),
-//! each atomic: a stored SEND appends to the recipient's stream (and the sender's copy),
-//! checks the limits and DEDUP, and PUBLISHes the INBOX_DELIVER on the recipient's user
-//! channel as a *notice* (node id [`STORED_NOTICE`], the copy's origin device, the frame).
-//! The sender's ACK waits for that function's answer, so "stored" means Redis has it.
+//! each atomic. One store call takes a loop turn's stored SENDs from one device to one
+//! recipient (up to [`STORE_BATCH`]): it appends them to the recipient's stream (and the
+//! sender's copies), checks the limits and DEDUP, and PUBLISHes their INBOX_DELIVERs on the
+//! recipient's user channel as one *notice* (node id [`STORED_NOTICE`], the copies' origin
+//! device, the frames). The senders' ACKs wait for that call's answer, so "stored" means
+//! Redis has it. A connection's INBOX_ACKs go one at a time and only when they move; its
+//! INBOX_SYNCs one at a time.
 //!
 //! This file is the node's side: it asks, and it keeps, per synced connection, how far it
 //! has pushed (`Session::inbox_pushed`) and the highest number known to exist

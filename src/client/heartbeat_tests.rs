@@ -66,6 +66,27 @@ fn connect(core: &mut ClientCore, now: Instant, bounds: Option<(u32, u32)>) {
 
 /// Runs the clock to the next heartbeat, checks that a PING goes out exactly
 /// `expected` after the last frame from the relay, answers it, and returns the time.
+/// A core (default config, seed 1) connected at `t0` to a relay that announced `bounds`.
+fn connected(t0: Instant, bounds: Option<(u32, u32)>) -> ClientCore {
+    let mut core = ClientCore::new(config(), t0, 1);
+    connect(&mut core, t0, bounds);
+    core
+}
+
+/// `n` heartbeats answered in a row, each `expected` after the one before; returns when
+/// the last was answered.
+fn answered_heartbeats(
+    core: &mut ClientCore,
+    mut t: Instant,
+    n: u32,
+    expected: Duration,
+) -> Instant {
+    for _ in 0..n {
+        t = answered_heartbeat(core, t, expected);
+    }
+    t
+}
+
 fn answered_heartbeat(core: &mut ClientCore, last_rx: Instant, expected: Duration) -> Instant {
     let due = core.poll_timeout().expect("a heartbeat is due");
     assert_eq!(due - last_rx, expected, "heartbeat interval");
@@ -100,12 +121,8 @@ fn silent_drop(core: &mut ClientCore, last_rx: Instant, expected: Duration) -> (
 #[test]
 fn without_bounds_the_heartbeat_is_todays_fixed_interval() {
     let t0 = Instant::now();
-    let mut core = ClientCore::new(config(), t0, 1);
-    connect(&mut core, t0, None);
-    let mut t = t0;
-    for _ in 0..3 * PROBE_AFTER {
-        t = answered_heartbeat(&mut core, t, secs(20));
-    }
+    let mut core = connected(t0, None);
+    let t = answered_heartbeats(&mut core, t0, 3 * PROBE_AFTER, secs(20));
     assert_eq!(core.heartbeat_interval(), secs(20));
     // Background without bounds: still the configured interval.
     core.set_foreground(false, t);
@@ -116,32 +133,20 @@ fn without_bounds_the_heartbeat_is_todays_fixed_interval() {
 #[test]
 fn the_interval_grows_after_answered_heartbeats_up_to_max_and_never_beyond() {
     let t0 = Instant::now();
-    let mut core = ClientCore::new(config(), t0, 1);
-    connect(&mut core, t0, Some((10, 30)));
-    let mut t = t0;
-    for _ in 0..PROBE_AFTER {
-        t = answered_heartbeat(&mut core, t, secs(20));
-    }
+    let mut core = connected(t0, Some((10, 30)));
+    let mut t = answered_heartbeats(&mut core, t0, PROBE_AFTER, secs(20));
     // +25 %.
-    for _ in 0..PROBE_AFTER {
-        t = answered_heartbeat(&mut core, t, secs(25));
-    }
+    t = answered_heartbeats(&mut core, t, PROBE_AFTER, secs(25));
     // 31.25 s is above the relay's max: capped there, and it stays.
-    for _ in 0..3 * PROBE_AFTER {
-        t = answered_heartbeat(&mut core, t, secs(30));
-    }
+    answered_heartbeats(&mut core, t, 3 * PROBE_AFTER, secs(30));
     assert_eq!(core.heartbeat_interval(), secs(30));
 }
 
 #[test]
 fn a_silent_drop_goes_back_to_the_last_good_interval_and_stays_there_across_reconnects() {
     let t0 = Instant::now();
-    let mut core = ClientCore::new(config(), t0, 1);
-    connect(&mut core, t0, Some((10, 60)));
-    let mut t = t0;
-    for _ in 0..PROBE_AFTER {
-        t = answered_heartbeat(&mut core, t, secs(20));
-    }
+    let mut core = connected(t0, Some((10, 60)));
+    let t = answered_heartbeats(&mut core, t0, PROBE_AFTER, secs(20));
     assert_eq!(core.heartbeat_interval(), secs(25));
     // The probe at 25 s gets no answer: the NAT forgot the flow.
     let (dead, retry_in) = silent_drop(&mut core, t, secs(25));
@@ -151,10 +156,7 @@ fn a_silent_drop_goes_back_to_the_last_good_interval_and_stays_there_across_reco
     let t = dead + retry_in;
     connect(&mut core, t, Some((10, 60)));
     assert_eq!(core.heartbeat_interval(), secs(20));
-    let mut t = t;
-    for _ in 0..3 * PROBE_AFTER {
-        t = answered_heartbeat(&mut core, t, secs(20));
-    }
+    answered_heartbeats(&mut core, t, 3 * PROBE_AFTER, secs(20));
     assert!(core.heartbeat_state().is_stable());
 }
 
@@ -193,18 +195,12 @@ fn the_bounds_from_login_ok_are_respected() {
 #[test]
 fn background_keep_alive_heartbeats_at_max_and_the_foreground_resumes_the_learned_interval() {
     let t0 = Instant::now();
-    let mut core = ClientCore::new(config(), t0, 1);
-    connect(&mut core, t0, Some((10, 45)));
-    let mut t = t0;
-    for _ in 0..PROBE_AFTER {
-        t = answered_heartbeat(&mut core, t, secs(20));
-    }
+    let mut core = connected(t0, Some((10, 45)));
+    let mut t = answered_heartbeats(&mut core, t0, PROBE_AFTER, secs(20));
     core.set_foreground(false, t);
     assert!(!core.is_foreground());
     assert_eq!(core.heartbeat_interval(), secs(45));
-    for _ in 0..2 * PROBE_AFTER {
-        t = answered_heartbeat(&mut core, t, secs(45));
-    }
+    t = answered_heartbeats(&mut core, t, 2 * PROBE_AFTER, secs(45));
     // Background heartbeats teach nothing: the learned interval is where it was.
     core.set_foreground(true, t);
     assert_eq!(core.heartbeat_interval(), secs(25));
@@ -277,10 +273,7 @@ fn back_in_the_foreground_before_the_grace_keeps_the_link() {
     connect(&mut core, t0, Some((10, 30)));
     core.set_foreground(false, t0);
     core.set_foreground(true, t0 + secs(5));
-    let mut t = t0;
-    for _ in 0..PROBE_AFTER {
-        t = answered_heartbeat(&mut core, t, secs(20));
-    }
+    let mut t = answered_heartbeats(&mut core, t0, PROBE_AFTER, secs(20));
     t = answered_heartbeat(&mut core, t, secs(25));
     assert!(t > t0 + secs(60));
     assert_eq!(core.phase(), Phase::Ready);
@@ -290,30 +283,21 @@ fn back_in_the_foreground_before_the_grace_keeps_the_link() {
 #[test]
 fn a_network_change_resets_the_learning_to_the_start_value() {
     let t0 = Instant::now();
-    let mut core = ClientCore::new(config(), t0, 1);
-    connect(&mut core, t0, Some((10, 60)));
-    let mut t = t0;
-    for _ in 0..PROBE_AFTER {
-        t = answered_heartbeat(&mut core, t, secs(20));
-    }
+    let mut core = connected(t0, Some((10, 60)));
+    let t = answered_heartbeats(&mut core, t0, PROBE_AFTER, secs(20));
     let (dead, retry_in) = silent_drop(&mut core, t, secs(25));
     let t = dead + retry_in;
     connect(&mut core, t, Some((10, 60)));
     assert!(core.heartbeat_state().is_stable());
     // Stable: no probing after more answered heartbeats.
-    let mut t = t;
-    for _ in 0..PROBE_AFTER {
-        t = answered_heartbeat(&mut core, t, secs(20));
-    }
+    let t = answered_heartbeats(&mut core, t, PROBE_AFTER, secs(20));
     core.network_changed(t);
     assert_eq!(core.poll_action(t), Some(LinkAction::Disconnect));
     events(&mut core);
     connect(&mut core, t, Some((10, 60)));
     assert!(!core.heartbeat_state().is_stable());
     assert_eq!(core.heartbeat_interval(), secs(20));
-    for _ in 0..PROBE_AFTER {
-        t = answered_heartbeat(&mut core, t, secs(20));
-    }
+    answered_heartbeats(&mut core, t, PROBE_AFTER, secs(20));
     assert_eq!(core.heartbeat_interval(), secs(25), "probing upward again");
 }
 

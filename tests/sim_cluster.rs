@@ -1902,7 +1902,7 @@ fn op_label(op: &ClusterOp) -> String {
                         "({}, {msg}) {:?} dedup {}",
                         r.sender.0,
                         parse_payload(&m.payload),
-                        m.dedup_key.is_some()
+                        m.dedup
                     )
                 })
                 .collect();

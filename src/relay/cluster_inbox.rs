@@ -27,7 +27,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use log::{info, warn};
 
-use super::cluster::{self, ClusterOp, ClusterReply, Pending};
+use super::cluster::{ClusterOp, ClusterReply, Pending};
 use super::push_output;
 use super::session::State;
 use super::Relay;
@@ -86,8 +86,8 @@ pub struct StoredMessage {
     pub header: [u8; HEADER_LEN],
     /// The message.
     pub payload: Bytes,
-    /// The DEDUP key, for a DEDUP SEND.
-    pub dedup_key: Option<String>,
+    /// A DEDUP SEND: its key (`imrelay:d:<sender>:<msg_id>`) is remembered with its answer.
+    pub dedup: bool,
 }
 
 /// Stored SENDs one `imrelay_store` call carries, at most.
@@ -242,10 +242,7 @@ impl Relay {
             header: fixed,
             // Copied: the frame may be a view into a shared read buffer.
             payload: Bytes::copy_from_slice(frame.payload()),
-            dedup_key: h
-                .flags
-                .contains(Flags::DEDUP)
-                .then(|| cluster::dedup_key(sender, h.msg_id)),
+            dedup: h.flags.contains(Flags::DEDUP),
         };
         let wait = StoredWait {
             conn: id,

@@ -21,35 +21,33 @@ const INBOX_FULL_REFUSAL: &[u8] = b"r17";
 
 /// A short byte string built on the stack: a key (`prefix` and an id) or a number.
 struct Small {
-    buf: [u8; 48],
+    buf: [u8; 64],
     len: usize,
 }
 
 impl Small {
-    /// `prefix` followed by `n` in decimal (a prefix of at most 28 bytes).
+    /// `prefix` followed by `n` in decimal.
     fn new(prefix: &[u8], n: u64) -> Small {
         let mut s = Small {
-            buf: [0; 48],
+            buf: [0; 64],
             len: 0,
         };
-        let prefix = &prefix[..prefix.len().min(28)];
-        s.buf[..prefix.len()].copy_from_slice(prefix);
-        s.len = prefix.len();
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        let mut n = n;
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        let digits = &digits[at..];
-        s.buf[s.len..s.len + digits.len()].copy_from_slice(digits);
-        s.len += digits.len();
+        s.push(prefix);
+        s.push_num(n);
         s
+    }
+
+    /// Appends `bytes` (cut to what fits).
+    fn push(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+    }
+
+    /// Appends `n` in decimal.
+    fn push_num(&mut self, n: u64) {
+        let mut digits = [0u8; 20];
+        self.push(resp::decimal(n, &mut digits));
     }
 
     fn num(n: impl TryInto<u64>) -> Small {
@@ -59,6 +57,14 @@ impl Small {
     fn bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
+}
+
+/// The DEDUP key of a SEND, as plain DEDUP SENDs claim it (`relay::cluster::dedup_key`).
+fn dedup_key(sender: UserId, msg_id: u64) -> Small {
+    let mut key = Small::new(b"imrelay:d:", sender.0);
+    key.push(b":");
+    key.push_num(msg_id);
+    key
 }
 
 /// The three keys of `user`'s inbox: stream, counters, device cursors.
@@ -191,8 +197,10 @@ fn store(out: &mut BytesMut, r: &StoreRequest) {
     }
     for message in &r.messages {
         // Any name serves a message without DEDUP: the function does not touch it.
-        let key = message.dedup_key.as_deref().unwrap_or("imrelay:d:");
-        resp::arg_bulk(out, key.as_bytes());
+        // The DEDUP key (written on the stack); the function does not touch it for a
+        // message without DEDUP.
+        let msg_id = u64::from_be_bytes(message.header[8..16].try_into().unwrap_or_default());
+        resp::arg_bulk(out, dedup_key(r.sender, msg_id).bytes());
     }
     for arg in [
         Small::num(r.candidate).bytes(),
@@ -216,11 +224,7 @@ fn store(out: &mut BytesMut, r: &StoreRequest) {
     for message in &r.messages {
         resp::arg_bulk(out, &message.header);
         resp::arg_bulk(out, &message.payload);
-        let dedup: &[u8] = if message.dedup_key.is_some() {
-            b"1"
-        } else {
-            b"0"
-        };
+        let dedup: &[u8] = if message.dedup { b"1" } else { b"0" };
         resp::arg_bulk(out, dedup);
     }
 }
@@ -244,6 +248,11 @@ mod tests {
         assert_eq!(
             Small::num(u64::MAX).bytes(),
             u64::MAX.to_string().as_bytes()
+        );
+        let longest = dedup_key(UserId(u64::MAX), u64::MAX);
+        assert_eq!(
+            longest.bytes(),
+            format!("imrelay:d:{}:{}", u64::MAX, u64::MAX).as_bytes()
         );
         let refusal = format!("r{}", ErrorCode::InboxFull as u16);
         assert_eq!(INBOX_FULL_REFUSAL, refusal.as_bytes());

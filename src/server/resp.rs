@@ -72,8 +72,13 @@ pub fn arg_bulk(out: &mut BytesMut, arg: &[u8]) {
 /// `n` in decimal and a CRLF, without an allocation.
 fn put_decimal(out: &mut BytesMut, n: usize) {
     let mut digits = [0u8; 20];
+    out.extend_from_slice(decimal(n as u64, &mut digits));
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `n` in decimal, written at the end of `digits` (no allocation); returns those bytes.
+pub fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
     let mut at = digits.len();
-    let mut n = n;
     loop {
         at -= 1;
         digits[at] = b'0' + (n % 10) as u8;
@@ -82,8 +87,7 @@ fn put_decimal(out: &mut BytesMut, n: usize) {
             break;
         }
     }
-    out.extend_from_slice(&digits[at..]);
-    out.extend_from_slice(b"\r\n");
+    &digits[at..]
 }
 
 /// Takes one whole value off the front of `buf`; `Ok(None)` while it is incomplete. A

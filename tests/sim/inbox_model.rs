@@ -71,7 +71,7 @@ impl InboxModel {
                 let mut stored = Vec::new();
                 for m in &r.messages {
                     let msg_id = u64::from_be_bytes(m.header[8..16].try_into().unwrap_or_default());
-                    let key = m.dedup_key.as_ref().map(|_| (r.sender.0, msg_id));
+                    let key = m.dedup.then_some((r.sender.0, msg_id));
                     if let Some(value) = key.and_then(|k| self.dedup.get(&k)) {
                         results.push(vec![bulk("dup"), bulk(value.clone())]);
                         continue;

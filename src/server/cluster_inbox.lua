@@ -19,21 +19,12 @@
 local COST = 64 -- bookkeeping bytes charged per message, as the single relay does
 
 local function u64(n)
-  local b8 = n % 256
-  n = math.floor(n / 256)
-  local b7 = n % 256
-  n = math.floor(n / 256)
-  local b6 = n % 256
-  n = math.floor(n / 256)
-  local b5 = n % 256
-  n = math.floor(n / 256)
-  local b4 = n % 256
-  n = math.floor(n / 256)
-  local b3 = n % 256
-  n = math.floor(n / 256)
-  local b2 = n % 256
-  n = math.floor(n / 256)
-  return string.char(n % 256, b2, b3, b4, b5, b6, b7, b8)
+  local b = {}
+  for i = 8, 1, -1 do
+    b[i] = n % 256
+    n = math.floor(n / 256)
+  end
+  return string.char(unpack(b))
 end
 
 local function now_ms()

@@ -31,7 +31,7 @@ use super::cluster::{ClusterOp, ClusterReply, Pending};
 use super::push_output;
 use super::session::State;
 use super::Relay;
-use crate::proto::frame::{write_frame, write_header};
+use crate::proto::frame::write_header;
 use crate::proto::{
     ErrorCode, Flags, Header, InboxState, MessageId, Opcode, RawFrame, UserId, HEADER_LEN,
 };
@@ -478,7 +478,7 @@ impl Relay {
         reply: ClusterReply,
         now: Instant,
     ) {
-        let wait = match wait {
+        match wait {
             InboxWait::Stored(waits) => {
                 // One answer per message, in order; an error answers them all.
                 let n = waits.len();
@@ -487,28 +487,22 @@ impl Relay {
                     Err(other) => vec![other; n],
                 };
                 for (w, answer) in waits.into_iter().zip(answers) {
-                    self.answer_stored(w, Some(answer), now);
+                    self.answer_stored(w, answer, now);
                 }
-                return;
             }
-            other => other,
-        };
-        let reply = Some(reply);
-        match wait {
-            InboxWait::Stored(_) => {}
             InboxWait::Synced {
                 conn,
                 serial,
                 msg_id,
-            } => self.answer_sync(conn, serial, msg_id, reply),
+            } => self.answer_sync(conn, serial, msg_id, Some(reply)),
             InboxWait::Fetched {
                 conn,
                 serial,
                 known,
-            } => self.take_fetched(conn, serial, known, reply),
+            } => self.take_fetched(conn, serial, known, Some(reply)),
             InboxWait::Epoch => self.check_epoch(reply, now),
             InboxWait::Acked { conn, serial } => {
-                if let Some(ClusterReply::Error(e)) = reply {
+                if let ClusterReply::Error(e) = reply {
                     warn!("cluster: Redis refused an INBOX_ACK: {e}");
                 }
                 self.inbox_ack_answered(conn, serial);
@@ -516,7 +510,7 @@ impl Relay {
         }
     }
 
-    fn answer_stored(&mut self, w: StoredWait, reply: Option<ClusterReply>, now: Instant) {
+    fn answer_stored(&mut self, w: StoredWait, reply: ClusterReply, now: Instant) {
         let StoredWait {
             conn,
             serial,
@@ -545,9 +539,6 @@ impl Relay {
             source: UserId::NONE,
         };
         let code = ErrorCode::ClusterUnavailable;
-        let Some(reply) = reply else {
-            return;
-        };
         let items = match reply {
             ClusterReply::Array(items) => items,
             ClusterReply::Error(e) if e.starts_with("OOM") => {
@@ -651,21 +642,7 @@ impl Relay {
             last_seq,
             expired_upto,
         };
-        let flags = if new_device == 1 {
-            Flags::NEW_DEVICE
-        } else {
-            Flags::EMPTY
-        };
-        write_frame(
-            self.scratch(),
-            Opcode::InboxState,
-            flags,
-            msg_id,
-            user,
-            UserId::NONE,
-            &state.to_bytes(),
-        );
-        self.queue_scratch(conn);
+        self.queue_inbox_state(conn, msg_id, user, state, new_device == 1);
         if let Some(s) = self.sessions.get_mut(conn.0) {
             s.inbox_synced = true;
             s.inbox_pushed = after;
@@ -837,9 +814,9 @@ impl Relay {
     /// The store's epoch, asked at every link up: when Redis lost the inboxes (a restart
     /// without persistence), the epoch is new, and every synced connection is closed so
     /// its client syncs again from the start.
-    fn check_epoch(&mut self, reply: Option<ClusterReply>, now: Instant) {
+    fn check_epoch(&mut self, reply: ClusterReply, now: Instant) {
         let epoch = match reply {
-            Some(ClusterReply::Bulk(Some(b))) => std::str::from_utf8(&b)
+            ClusterReply::Bulk(Some(b)) => std::str::from_utf8(&b)
                 .ok()
                 .and_then(|s| s.parse::<u64>().ok()),
             _ => None,

@@ -344,7 +344,24 @@ impl Relay {
             last_seq: report.last_seq,
             expired_upto: report.expired_upto,
         };
-        let flags = if report.new_device {
+        self.queue_inbox_state(id, h.msg_id, user, state, report.new_device);
+        if let Some(s) = self.sessions.get_mut(id.0) {
+            s.inbox_synced = true;
+            s.inbox_pushed = last.min(state.last_seq);
+        }
+        self.pump_inbox(id);
+    }
+
+    /// Queues INBOX_STATE, the answer to INBOX_SYNC `msg_id` of `user`'s connection `id`.
+    pub(super) fn queue_inbox_state(
+        &mut self,
+        id: ConnId,
+        msg_id: MessageId,
+        user: UserId,
+        state: InboxState,
+        new_device: bool,
+    ) {
+        let flags = if new_device {
             Flags::NEW_DEVICE
         } else {
             Flags::EMPTY
@@ -353,17 +370,12 @@ impl Relay {
             self.scratch(),
             Opcode::InboxState,
             flags,
-            h.msg_id,
+            msg_id,
             user,
             UserId::NONE,
             &state.to_bytes(),
         );
         self.queue_scratch(id);
-        if let Some(s) = self.sessions.get_mut(id.0) {
-            s.inbox_synced = true;
-            s.inbox_pushed = last.min(state.last_seq);
-        }
-        self.pump_inbox(id);
     }
 
     /// INBOX_ACK: drop the user's stored messages up to the given sequence number.

@@ -399,18 +399,38 @@ fn crash_while_storing(victim: usize, bob_online: bool) {
     });
     cluster.crash_and_restart(victim);
     let mut bob = bob.unwrap_or_else(|| sdk(cluster.nodes[B].addr, BOB));
+    let acked_before_crash = acked.clone();
+    let sorted = shown_once_each(&mut alice, &mut bob, &by_id, &mut acked, &mut got, TOTAL);
+    for i in &acked_before_crash {
+        assert!(sorted.binary_search(i).is_ok(), "{i} was ACKed and lost");
+    }
+    if bob_online {
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "in order: {got:?}");
+    }
+}
+
+/// Runs alice's and bob's clients until every message of `by_id` was ACKed as stored
+/// (into `acked`) and bob was shown `total` messages (into `got`); then checks that none
+/// was shown twice and that they are `0..total`. Returns them sorted.
+fn shown_once_each(
+    alice: &mut Sdk,
+    bob: &mut Sdk,
+    by_id: &BTreeMap<MessageId, usize>,
+    acked: &mut Vec<usize>,
+    got: &mut Vec<usize>,
+    total: usize,
+) -> Vec<usize> {
     let deadline = Instant::now() + 6 * SAFETY_TIMEOUT;
-    let mut stored_total = acked.len();
-    while got.len() < TOTAL || stored_total < TOTAL - 1 {
+    while got.len() < total || acked.len() < by_id.len() {
         assert!(
             Instant::now() < deadline,
-            "stuck: bob got {}, {} stored",
+            "stuck: bob got {}, {} ACKed",
             got.len(),
-            stored_total
+            acked.len()
         );
         while let Some(e) = alice.recv(Duration::from_millis(1)) {
             match e {
-                Event::Stored { id, .. } if by_id.contains_key(&id) => stored_total += 1,
+                Event::Stored { id, .. } => acked.extend(by_id.get(&id)),
                 Event::Failed { reason, .. } => panic!("{reason}"),
                 _ => {}
             }
@@ -425,17 +445,12 @@ fn crash_while_storing(victim: usize, bob_online: bool) {
     sorted.sort_unstable();
     sorted.dedup();
     assert_eq!(sorted.len(), got.len(), "a message shown twice");
-    for i in &acked {
-        assert!(sorted.binary_search(i).is_ok(), "{i} was ACKed and lost");
-    }
     assert_eq!(
         sorted,
-        (0..TOTAL).collect::<Vec<_>>(),
+        (0..total).collect::<Vec<_>>(),
         "every message arrived"
     );
-    if bob_online {
-        assert!(got.windows(2).all(|w| w[0] < w[1]), "in order: {got:?}");
-    }
+    sorted
 }
 
 /// Redis itself is killed (`SIGKILL`) while a stream is being stored, and restarted on
@@ -467,36 +482,7 @@ fn kill_9_of_a_durable_redis_loses_no_acked_message() {
     let acked_before_kill = acked.len();
     cluster.redis.kill();
     cluster.redis.restart();
-    let deadline = Instant::now() + 6 * SAFETY_TIMEOUT;
-    while got.len() < TOTAL || acked.len() < TOTAL {
-        assert!(
-            Instant::now() < deadline,
-            "stuck: bob got {}, {} ACKed",
-            got.len(),
-            acked.len()
-        );
-        while let Some(e) = alice.recv(Duration::from_millis(1)) {
-            match e {
-                Event::Stored { id, .. } => acked.extend(by_id.get(&id)),
-                Event::Failed { reason, .. } => panic!("{reason}"),
-                _ => {}
-            }
-        }
-        while let Some(e) = bob.recv(Duration::from_millis(1)) {
-            if let Event::Message { payload, .. } = e {
-                got.push(number(&payload));
-            }
-        }
-    }
-    let mut sorted = got.clone();
-    sorted.sort_unstable();
-    sorted.dedup();
-    assert_eq!(sorted.len(), got.len(), "a message shown twice");
-    assert_eq!(
-        sorted,
-        (0..TOTAL).collect::<Vec<_>>(),
-        "every message arrived"
-    );
+    shown_once_each(&mut alice, &mut bob, &by_id, &mut acked, &mut got, TOTAL);
     println!("{acked_before_kill} of {TOTAL} ACKed as stored before Redis was killed");
     assert!(acked_before_kill < TOTAL, "Redis was killed mid-stream");
     let mut carol = cluster.login(A, 9);

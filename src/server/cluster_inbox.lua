@@ -18,13 +18,25 @@
 
 local COST = 64 -- bookkeeping bytes charged per message, as the single relay does
 
+-- Unrolled on purpose: a loop filling a table (then unpack) costs a table per message,
+-- and measured slower (`stored --cluster 2`: 109-117 k msgs/s and 8.5-9.2 us of Redis CPU
+-- per message with the loop, 159-160 k and 6.2 us unrolled).
 local function u64(n)
-  local b = {}
-  for i = 8, 1, -1 do
-    b[i] = n % 256
-    n = math.floor(n / 256)
-  end
-  return string.char(unpack(b))
+  local b8 = n % 256
+  n = math.floor(n / 256)
+  local b7 = n % 256
+  n = math.floor(n / 256)
+  local b6 = n % 256
+  n = math.floor(n / 256)
+  local b5 = n % 256
+  n = math.floor(n / 256)
+  local b4 = n % 256
+  n = math.floor(n / 256)
+  local b3 = n % 256
+  n = math.floor(n / 256)
+  local b2 = n % 256
+  n = math.floor(n / 256)
+  return string.char(n % 256, b2, b3, b4, b5, b6, b7, b8)
 end
 
 local function now_ms()

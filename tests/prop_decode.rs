@@ -54,7 +54,7 @@ fn read_pieces(pieces: &[&[u8]]) -> Result<Vec<Vec<u8>>, imrelay::proto::DecodeE
     for piece in pieces {
         let mut data = *piece;
         while let Some(frame) = reader.next_frame(&mut data, MAX_FRAME)? {
-            frames.push(frame.as_bytes().to_vec());
+            frames.push(frame.as_slice().to_vec());
         }
         assert!(data.is_empty(), "a piece is always used up");
     }
@@ -136,7 +136,7 @@ proptest! {
         let mut buf = BytesMut::from(&stream[..]);
         let mut whole = Vec::new();
         while let Some(raw) = decode_raw(&mut buf, MAX_FRAME).unwrap() {
-            whole.push(raw.as_bytes().to_vec());
+            whole.push(raw.to_vec());
         }
         prop_assert_eq!(whole, frames);
     }

@@ -29,7 +29,7 @@ pub use frame::{
 };
 pub use ids::{MessageId, RoomId, UserId};
 pub use opcode::{Flags, Opcode};
-pub use reader::FrameReader;
+pub use reader::{FrameBytes, FrameReader};
 
 /// Largest frame (header included) the relay accepts by default: 64 KiB.
 pub const DEFAULT_MAX_FRAME: u32 = 64 * 1024;

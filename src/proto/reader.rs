@@ -1,14 +1,12 @@
 //! The frame reader: turns a connection's byte stream, handed over one read at a time,
 //! into frames.
 //!
-//! Bytes come from a read buffer the caller shares between connections. A frame that is
-//! complete inside one read is cut out of that buffer without a copy
-//! ([`FrameReader::next_frame_buf`]); whoever keeps it past the current loop turn must
-//! copy it out (the relay does when a queue blocks), so no frame pins the shared buffer for
-//! long. [`FrameReader::next_frame`] takes a slice and copies each frame into an
-//! allocation of its own size. A frame cut off by the end of a read goes into the reader's
-//! partial buffer, reserved once at the frame's declared length (checked against the limit
-//! first), and later reads fill it in place: a frame that trickles in one byte per read
+//! A frame complete inside one read is handed out in place, borrowed from the caller's
+//! read buffer ([`FrameBytes::InPlace`]): no copy, no reference count, and the buffer is
+//! the caller's again when the read is used up, so one buffer serves every connection.
+//! A frame cut off by the end of a read goes into the reader's partial buffer, reserved
+//! once at the frame's declared length (checked against the limit first), and later reads
+//! fill it in place ([`FrameBytes::Assembled`]): a frame that trickles in one byte per read
 //! costs linear time, never a re-copy per read.
 //!
 //! This module never performs I/O and never reads the clock; the caller decides how long a
@@ -34,6 +32,32 @@ pub struct FrameReader {
     declared: usize,
 }
 
+/// The bytes of one whole frame, header included.
+#[derive(Debug)]
+pub enum FrameBytes<'a> {
+    /// Whole inside the read it came in: borrowed from it.
+    InPlace(&'a [u8]),
+    /// Assembled from several reads in the reader's partial buffer, now the caller's.
+    Assembled(BytesMut),
+}
+
+impl FrameBytes<'_> {
+    /// The frame's bytes.
+    #[inline]
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            FrameBytes::InPlace(bytes) => bytes,
+            FrameBytes::Assembled(bytes) => bytes,
+        }
+    }
+
+    /// The frame, its header parsed.
+    #[inline]
+    pub fn raw(&self) -> RawFrame<'_> {
+        RawFrame::new(self.as_slice())
+    }
+}
+
 impl FrameReader {
     /// True while part of a frame is buffered.
     pub fn has_partial(&self) -> bool {
@@ -52,14 +76,28 @@ impl FrameReader {
 
     /// Takes the next complete frame from the partial buffer and `data`, advancing `data`
     /// past what it used. `Ok(None)`: `data` is used up and the rest of a frame (if any) is
-    /// buffered. An error means the stream has lost its framing; the reader is then reset
-    /// and the connection must be closed.
-    pub fn next_frame(
+    /// buffered. An error means the stream has lost its framing; the reader is then reset,
+    /// `data` emptied, and the connection must be closed.
+    #[inline]
+    pub fn next_frame<'a>(
         &mut self,
-        data: &mut &[u8],
+        data: &mut &'a [u8],
         max_frame: u32,
-    ) -> Result<Option<RawFrame>, DecodeError> {
-        let result = self.next_inner(data, max_frame);
+    ) -> Result<Option<FrameBytes<'a>>, DecodeError> {
+        // The common case, inline: a whole, valid frame at the front of the read.
+        if self.partial.is_empty() && data.len() >= LENGTH_PREFIX {
+            let declared = BigEndian::read_u32(data) as usize;
+            if declared >= HEADER_LEN
+                && declared <= max_frame as usize
+                && data.len() >= declared
+                && data[offset::VERSION] == VERSION
+            {
+                let (frame, rest) = data.split_at(declared);
+                *data = rest;
+                return Ok(Some(FrameBytes::InPlace(frame)));
+            }
+        }
+        let result = self.next_slow(data, max_frame);
         if result.is_err() {
             *self = FrameReader::default();
             *data = &[];
@@ -67,13 +105,15 @@ impl FrameReader {
         result
     }
 
-    fn next_inner(
+    /// [`FrameReader::next_frame`] for everything but a whole valid frame at the front: a
+    /// partial frame, or a length or version to refuse.
+    #[inline(never)]
+    fn next_slow<'a>(
         &mut self,
-        data: &mut &[u8],
+        data: &mut &'a [u8],
         max_frame: u32,
-    ) -> Result<Option<RawFrame>, DecodeError> {
+    ) -> Result<Option<FrameBytes<'a>>, DecodeError> {
         if self.partial.is_empty() {
-            // The common case: whole frames inside the slice, copied straight out.
             if data.len() < LENGTH_PREFIX {
                 self.partial.extend_from_slice(data);
                 *data = &[];
@@ -82,9 +122,9 @@ impl FrameReader {
             let declared = check_length(BigEndian::read_u32(data), max_frame)?;
             check_version(data)?;
             if data.len() >= declared {
-                let frame = RawFrame::from_owned(BytesMut::from(&data[..declared]));
-                *data = &data[declared..];
-                return Ok(Some(frame));
+                let (frame, rest) = data.split_at(declared);
+                *data = rest;
+                return Ok(Some(FrameBytes::InPlace(frame)));
             }
             self.begin(declared);
             self.partial.extend_from_slice(data);
@@ -112,63 +152,9 @@ impl FrameReader {
             return Ok(None);
         }
         self.declared = 0;
-        Ok(Some(RawFrame::from_owned(std::mem::take(
+        Ok(Some(FrameBytes::Assembled(std::mem::take(
             &mut self.partial,
         ))))
-    }
-
-    /// [`FrameReader::next_frame`] on a read buffer: a frame complete inside `buf` is cut
-    /// off its front without a copy (a view into the buffer's allocation); a frame begun
-    /// in an earlier read, or cut off by the end of this one, goes through the partial
-    /// buffer. Everything `buf` held is used up when this returns `Ok(None)` or an error.
-    #[inline]
-    pub fn next_frame_buf(
-        &mut self,
-        buf: &mut BytesMut,
-        max_frame: u32,
-    ) -> Result<Option<RawFrame>, DecodeError> {
-        // The common case, inline: a whole, valid frame at the front of the buffer.
-        if self.partial.is_empty() && buf.len() >= LENGTH_PREFIX {
-            let declared = BigEndian::read_u32(buf) as usize;
-            if declared >= HEADER_LEN
-                && declared <= max_frame as usize
-                && buf.len() >= declared
-                && buf[offset::VERSION] == VERSION
-            {
-                return Ok(Some(RawFrame::from_owned(buf.split_to(declared))));
-            }
-        }
-        self.next_frame_buf_slow(buf, max_frame)
-    }
-
-    /// [`FrameReader::next_frame_buf`] for everything but a whole valid frame: a partial
-    /// frame, or a length or version to refuse.
-    #[inline(never)]
-    fn next_frame_buf_slow(
-        &mut self,
-        buf: &mut BytesMut,
-        max_frame: u32,
-    ) -> Result<Option<RawFrame>, DecodeError> {
-        if self.partial.is_empty() && buf.len() >= LENGTH_PREFIX {
-            let declared = match check_length(BigEndian::read_u32(buf), max_frame)
-                .and_then(|declared| check_version(buf).map(|()| declared))
-            {
-                Ok(declared) => declared,
-                Err(e) => {
-                    *self = FrameReader::default();
-                    buf.clear();
-                    return Err(e);
-                }
-            };
-            if buf.len() >= declared {
-                return Ok(Some(RawFrame::from_owned(buf.split_to(declared))));
-            }
-        }
-        let mut data: &[u8] = buf;
-        let result = self.next_frame(&mut data, max_frame);
-        let used = buf.len() - data.len();
-        let _ = buf.split_to(used);
-        result
     }
 
     /// Reserves the partial buffer once, at the frame's declared length.
@@ -227,28 +213,35 @@ mod tests {
     fn read_all(reader: &mut FrameReader, mut data: &[u8]) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         while let Some(frame) = reader.next_frame(&mut data, 1 << 20).unwrap() {
-            out.push(frame.as_bytes().to_vec());
+            out.push(frame.as_slice().to_vec());
         }
         assert!(data.is_empty());
         out
     }
 
     #[test]
-    fn whole_frames_are_copied_out_at_their_own_size() {
+    fn whole_frames_are_borrowed_from_the_read_and_a_cut_one_is_assembled() {
         let mut stream = encoded(10);
         stream.extend(encoded(3));
+        stream.extend(&encoded(100)[..50]);
         let mut reader = FrameReader::default();
         let mut data = &stream[..];
         let first = reader.next_frame(&mut data, 1024).unwrap().unwrap();
-        assert_eq!(first.as_bytes().len(), 42);
-        let owned = first.into_deliver(UserId(1));
-        // The frame owns its bytes: converting to a Vec takes the allocation as it is.
-        assert_eq!(owned.len(), 42);
-        assert!(Vec::from(owned).capacity() == 42);
+        assert!(
+            matches!(first, FrameBytes::InPlace(bytes) if std::ptr::eq(bytes, &stream[..42])),
+            "the read's own bytes, not a copy"
+        );
         let second = reader.next_frame(&mut data, 1024).unwrap().unwrap();
-        assert_eq!(second.as_bytes().len(), 35);
+        assert_eq!(second.as_slice(), &stream[42..77]);
         assert!(reader.next_frame(&mut data, 1024).unwrap().is_none());
-        assert_eq!(reader.held(), 0);
+        assert!(data.is_empty(), "the partial frame went into the reader");
+        assert_eq!((reader.partial_len(), reader.held()), (50, 132));
+        let rest = &encoded(100)[50..];
+        let mut data = rest;
+        let third = reader.next_frame(&mut data, 1024).unwrap().unwrap();
+        assert!(matches!(&third, FrameBytes::Assembled(_)));
+        assert_eq!(third.as_slice(), &encoded(100)[..]);
+        assert_eq!(reader.held(), 0, "the assembled frame is the caller's now");
     }
 
     #[test]
@@ -282,31 +275,6 @@ mod tests {
                 assert_eq!(got, expected, "split at {a} and {b}");
             }
         }
-    }
-
-    #[test]
-    fn frames_whole_in_a_read_buffer_are_cut_out_without_a_copy() {
-        let mut stream = encoded(10);
-        stream.extend(encoded(3));
-        stream.extend(&encoded(100)[..50]);
-        let mut buf = BytesMut::with_capacity(4096);
-        buf.extend_from_slice(&stream);
-        let base = buf.as_ptr() as usize;
-        let mut reader = FrameReader::default();
-        let first = reader.next_frame_buf(&mut buf, 1024).unwrap().unwrap();
-        assert_eq!(
-            first.as_bytes().as_ptr() as usize,
-            base,
-            "a view, not a copy"
-        );
-        let second = reader.next_frame_buf(&mut buf, 1024).unwrap().unwrap();
-        assert_eq!(second.as_bytes().len(), 35);
-        assert!(reader.next_frame_buf(&mut buf, 1024).unwrap().is_none());
-        assert!(buf.is_empty(), "the partial frame went into the reader");
-        assert_eq!((reader.partial_len(), reader.held()), (50, 132));
-        let mut rest = BytesMut::from(&encoded(100)[50..]);
-        let third = reader.next_frame_buf(&mut rest, 1024).unwrap().unwrap();
-        assert_eq!(third.as_bytes(), &encoded(100)[..]);
     }
 
     #[test]

@@ -292,7 +292,7 @@ impl Relay {
             self.release_claim(claimed);
             return;
         };
-        let frame = RawFrame::from_owned(d.frame);
+        let frame = RawFrame::new(&d.frame);
         let h = *frame.header();
         let first = match (&reply, &d.claim) {
             (ClusterReply::Simple, None) | (ClusterReply::Bulk(None), Some(_)) => true,

@@ -240,7 +240,7 @@ impl Relay {
         );
         let message = StoredMessage {
             header: fixed,
-            // Copied: the frame may be a view into a shared read buffer.
+            // Copied: the frame is borrowed from the read buffer.
             payload: Bytes::copy_from_slice(frame.payload()),
             dedup: h.flags.contains(Flags::DEDUP),
         };

@@ -12,27 +12,28 @@ use super::cluster::{self, Channel, DedupClaim, PendingSend};
 use super::inbox::INBOX_PREFIX;
 use super::session::{Session, State};
 use super::{
-    arm, millis_u32, push_output, push_output_view, OutQueue, Relay, CLOSE_LINGER, SCRATCH_CHUNK,
+    arm, millis_u32, push_copied, push_output, push_rewritten, OutQueue, Relay, CLOSE_LINGER,
+    SCRATCH_KEEP,
 };
 use crate::proto::frame::{write_ack, write_error, write_frame};
 use crate::proto::{
     device_tag, split_login, ErrorCode, Flags, Header, HeartbeatBounds, LoginOk, MessageId, Opcode,
-    RawFrame, UserId, HEADER_LEN,
+    RawFrame, UserId,
 };
 use crate::ConnId;
 
 impl Relay {
     // ---- frames ------------------------------------------------------------------------
 
-    pub(super) fn handle_frame(&mut self, id: ConnId, frame: RawFrame, now: Instant) {
+    pub(super) fn handle_frame(&mut self, id: ConnId, frame: RawFrame<'_>, now: Instant) {
         let header = *frame.header();
         match frame.opcode() {
             Some(Opcode::Send) => self.on_send(id, frame, now),
             Some(Opcode::Login) => self.on_login(id, &frame, now),
             Some(Opcode::Ping) => {
                 if self.check_control(id, &frame) {
-                    let pong = frame.rewrite(Opcode::Pong, UserId::NONE, UserId::NONE);
-                    self.queue_view(id, pong);
+                    let pong = (Opcode::Pong, UserId::NONE, UserId::NONE);
+                    self.queue_rewritten(id, &frame, pong);
                 }
             }
             Some(Opcode::Pong) => {
@@ -51,13 +52,15 @@ impl Relay {
                 if !self.check_control(id, &frame) {
                     return;
                 }
-                let bye = frame.rewrite(Opcode::Bye, UserId::NONE, UserId::NONE);
+                let bye = (Opcode::Bye, UserId::NONE, UserId::NONE);
                 match self.sessions.get_mut(id.0) {
                     // ACKs of stored SENDs still wait for the disk: BYE answers last.
                     Some(s) if s.acks_held > 0 => {
-                        s.extra_mut().deferred_bye = Some(Bytes::copy_from_slice(&bye));
+                        let (opcode, target, source) = bye;
+                        let frame = frame.rewritten(opcode, target, source);
+                        s.extra_mut().deferred_bye = Some(frame);
                     }
-                    _ => self.queue_view(id, bye),
+                    _ => self.queue_rewritten(id, &frame, bye),
                 }
                 debug!("{}: BYE", self.conn_label(id));
                 self.begin_close(id, now);
@@ -100,7 +103,7 @@ impl Relay {
         }
     }
 
-    pub(super) fn on_login(&mut self, id: ConnId, frame: &RawFrame, now: Instant) {
+    pub(super) fn on_login(&mut self, id: ConnId, frame: &RawFrame<'_>, now: Instant) {
         let h = *frame.header();
         let Some(s) = self.sessions.get(id.0) else {
             return;
@@ -208,7 +211,7 @@ impl Relay {
         self.queue_scratch(id);
     }
 
-    pub(super) fn on_send(&mut self, id: ConnId, frame: RawFrame, now: Instant) {
+    pub(super) fn on_send(&mut self, id: ConnId, frame: RawFrame<'_>, now: Instant) {
         let h = *frame.header();
         let allowed = Flags::NO_ACK.union(Flags::DEDUP).union(Flags::STORED);
         let Some(sender) = self.check_request(id, &h, allowed, "SEND") else {
@@ -327,7 +330,7 @@ impl Relay {
     pub(super) fn route_send(
         &mut self,
         id: ConnId,
-        frame: RawFrame,
+        frame: RawFrame<'_>,
         sender: UserId,
         now: Instant,
         claim: Option<Box<DedupClaim>>,
@@ -381,7 +384,9 @@ impl Relay {
             self.reply_error(id, h.msg_id, h.target, ErrorCode::RecipientSlow, &reason);
             return;
         }
-        let deliver = frame.into_deliver(sender);
+        // Copied into each device's queue (or shared, when large), rewritten on the way.
+        let deliver = (Opcode::Deliver, h.target, sender);
+        let mut shared: Option<Bytes> = None;
         let count = devices.len();
         self.metrics
             .count_frames_out(Opcode::Deliver as u8, h.len as usize, count as u64);
@@ -398,20 +403,21 @@ impl Relay {
                 dedup: claim.map(|claim| (sender, *claim)),
             };
             if let Some(c) = self.cluster.as_mut() {
-                c.publish(Channel::User(h.target), &deliver, Some(waiting));
+                let frame = shared.get_or_insert_with(|| frame.to_deliver(sender));
+                c.publish(Channel::User(h.target), frame, Some(waiting));
             }
             self.metrics.cluster_messages_out += 1;
         }
-        // The last device takes the frame itself: no reference count change for the
-        // common single-device case (an atomic add and subtract per message otherwise).
-        if let Some((&last, others)) = devices.split_last() {
-            for &device in others {
-                if let Some(s) = self.sessions.get_mut(device.0) {
-                    push_output_view(s, &mut self.flush_list, device, deliver.clone());
-                }
-            }
-            if let Some(s) = self.sessions.get_mut(last.0) {
-                push_output_view(s, &mut self.flush_list, last, deliver);
+        for &device in devices {
+            if let Some(s) = self.sessions.get_mut(device.0) {
+                push_rewritten(
+                    s,
+                    &mut self.flush_list,
+                    device,
+                    &frame,
+                    deliver,
+                    &mut shared,
+                );
             }
         }
         self.metrics.messages_routed += 1;
@@ -504,7 +510,7 @@ impl Relay {
 
     /// PING, PONG and BYE, which need no login: source 0, no flags, and for BYE no payload
     /// (`target` is not checked; the answer carries 0). False after answering with ERROR.
-    fn check_control(&mut self, id: ConnId, frame: &RawFrame) -> bool {
+    fn check_control(&mut self, id: ConnId, frame: &RawFrame<'_>) -> bool {
         let h = frame.header();
         let (what, bye) = match frame.opcode() {
             Some(op) => (op.name(), op == Opcode::Bye),
@@ -524,7 +530,7 @@ impl Relay {
     /// A STORED SEND must leave room for the bytes INBOX_DELIVER adds (its seq and
     /// stored-at): its INBOX_DELIVER must fit the max frame. Answers FRAME_TOO_LARGE (the
     /// connection stays open) and returns false when it does not.
-    fn stored_send_fits(&mut self, id: ConnId, frame: &RawFrame) -> bool {
+    fn stored_send_fits(&mut self, id: ConnId, frame: &RawFrame<'_>) -> bool {
         let h = frame.header();
         let max_frame = self.config.max_frame as usize;
         let len = frame.as_bytes().len();
@@ -607,25 +613,34 @@ impl Relay {
     }
 
     pub(super) fn scratch(&mut self) -> &mut BytesMut {
-        if self.scratch.capacity() - self.scratch.len() < HEADER_LEN + 256 {
-            self.scratch.reserve(SCRATCH_CHUNK);
-        }
+        self.scratch.clear();
         &mut self.scratch
     }
 
-    /// Queues what was just encoded into the scratch buffer to `id`: a view into the
-    /// scratch chunk (no allocation per ACK), copied out if it has to wait in a blocked
-    /// queue, like a forwarded frame ([`super::OutQueue::unpin`]).
+    /// Queues what was just encoded into the scratch buffer to `id` (a copy, so the
+    /// scratch is reused for the next frame).
     pub(super) fn queue_scratch(&mut self, id: ConnId) {
-        let frame = self.scratch.split().freeze();
-        self.queue_view(id, frame);
+        if let Some(s) = self.sessions.get_mut(id.0) {
+            self.metrics.count_out(&self.scratch, 1);
+            push_copied(s, &mut self.flush_list, id, &self.scratch);
+        }
+        self.scratch.clear();
+        if self.scratch.capacity() > SCRATCH_KEEP {
+            self.scratch = BytesMut::new();
+        }
     }
 
-    /// [`Relay::queue`] for a frame that may be a view into the read buffer.
-    pub(super) fn queue_view(&mut self, id: ConnId, frame: Bytes) {
+    /// Queues `frame` back to `id` with its header rewritten (a PONG, a BYE).
+    fn queue_rewritten(
+        &mut self,
+        id: ConnId,
+        frame: &RawFrame<'_>,
+        rewrite: (Opcode, UserId, UserId),
+    ) {
         if let Some(s) = self.sessions.get_mut(id.0) {
-            self.metrics.count_out(&frame, 1);
-            push_output_view(s, &mut self.flush_list, id, frame);
+            let (opcode, len) = (rewrite.0 as u8, frame.as_bytes().len());
+            self.metrics.count_frames_out(opcode, len, 1);
+            push_rewritten(s, &mut self.flush_list, id, frame, rewrite, &mut None);
         }
     }
 

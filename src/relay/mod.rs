@@ -26,10 +26,10 @@
 //!
 //! Memory: every byte held for a connection counts against it (its output queue against
 //! the output cap, as [`OutQueue::held`]) and against the relay's memory budget
-//! ([`Config::max_memory`]), together with its partial input. Frames are forwarded as
-//! views into the driver's read buffer and copied out only when they must wait in a
-//! blocked queue ([`OutQueue::unpin`]), so nothing queued pins memory it is not charged
-//! for past the loop turn it was read in.
+//! ([`Config::max_memory`]), together with its partial input. Frames are read in place
+//! from the driver's read buffer and copied into the queues that keep them (a small frame
+//! into each recipient's queue tail, a large or fan-out one into one shared allocation),
+//! so nothing queued points into a read buffer or holds memory it is not charged for.
 
 mod auth_handlers;
 mod cluster;
@@ -65,7 +65,7 @@ pub use config::{AuthConfig, Config, ConfigError, DEFAULT_TOKEN_NOTICE};
 pub use devices::DeviceCursor;
 pub use inbox::{InboxLimits, StoreOp, NO_ORIGIN};
 pub use metrics::{Metrics, OpcodeCounts, RefusedCounts};
-pub use out_queue::{OutQueue, FRAME_OVERHEAD};
+pub use out_queue::{OutQueue, COPY_MAX, FRAME_OVERHEAD};
 pub use session::{Codec, ConnLabel, State};
 
 use std::net::IpAddr;
@@ -91,11 +91,10 @@ use timers::Timers;
 /// How long a closing connection may take to drain its output before it is closed anyway.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(5);
 
-/// Control frames (ACK, ERROR, LOGIN_OK, PONG) are encoded into a shared scratch buffer
-/// that is reserved in chunks of this size and split into `Bytes`, so encoding one costs
-/// no allocation of its own; a frame that must wait in a blocked queue is copied out of
-/// the chunk then ([`OutQueue::unpin`]), so no slow queue pins a chunk.
-const SCRATCH_CHUNK: usize = 16 * 1024;
+/// Control frames (ACK, ERROR, LOGIN_OK) are encoded into a scratch buffer kept from frame
+/// to frame, then copied into the queue that sends them ([`push_copied`]): no allocation of
+/// their own. A scratch that grew past this size (a long reason) is given back.
+const SCRATCH_KEEP: usize = 4 * 1024;
 
 /// Each frame handled counts this much work; each delivery it queues counts one.
 const FRAME_WORK: usize = 8;
@@ -417,13 +416,11 @@ impl Relay {
     }
 
     /// Bytes read from the connection's socket into `buf`, in any amount; all of them are
-    /// used up (`buf` is empty on return). Every complete frame (line, message) is handled
-    /// at once. Binary frames whole in `buf` are forwarded as views into it, without a
-    /// copy, and copied out only if they must wait in a queue past this loop turn (see
-    /// [`OutQueue::unpin`]); so the driver may share `buf` between connections. The start
-    /// of an incomplete frame is kept in the session, in a buffer sized once from its
-    /// declared length, and must be complete within the frame timeout. A framing error
-    /// queues an ERROR and starts closing.
+    /// used up (`buf` is empty on return, and nothing points into it: the driver reuses
+    /// it for every connection). Every complete frame (line, message) is handled at once,
+    /// read in place. The start of an incomplete frame is kept in the session, in a buffer
+    /// sized once from its declared length, and must be complete within the frame timeout.
+    /// A framing error queues an ERROR and starts closing.
     pub fn handle_read(&mut self, id: ConnId, buf: &mut BytesMut, now: Instant) {
         let Some(s) = self.sessions.get_mut(id.0) else {
             buf.clear();
@@ -502,16 +499,16 @@ impl Relay {
         }
     }
 
-    /// Binary input from a read buffer: whole frames are cut out of it and handled; a
-    /// partial one goes into the session's reader.
+    /// Binary input from a read buffer: whole frames are handled in place; a partial one
+    /// goes into the session's reader.
     fn binary_read(&mut self, id: ConnId, buf: &mut BytesMut, now: Instant) {
         let max_frame = self.config.max_frame;
+        let mut data: &[u8] = buf;
         // Whether the frame handled last was refused: counted at the next turn of the
         // loop, where the session is looked up anyway (one lookup per frame).
         let mut last_refused: Option<bool> = None;
         loop {
             let Some(s) = self.sessions.get_mut(id.0) else {
-                buf.clear();
                 return;
             };
             if let Some(refused) = last_refused {
@@ -524,15 +521,14 @@ impl Relay {
             }
             if s.state == State::Closing {
                 s.reader.clear();
-                buf.clear();
                 return;
             }
-            match s.reader.next_frame_buf(buf, max_frame) {
+            match s.reader.next_frame(&mut data, max_frame) {
                 Ok(Some(frame)) => {
                     // A frame completed: the frame timeout starts again with the next one.
                     s.partial_since = None;
                     let errors = self.metrics.errors_total;
-                    self.handle_counted(id, frame, now);
+                    self.handle_counted(id, frame.raw(), now);
                     last_refused = Some(self.metrics.errors_total != errors);
                 }
                 Ok(None) => return,
@@ -546,7 +542,7 @@ impl Relay {
 
     /// One decoded frame from any codec: counted, then handled, then counted toward
     /// [`MAX_REFUSED_IN_A_ROW`].
-    fn handle_raw(&mut self, id: ConnId, frame: RawFrame, now: Instant) {
+    fn handle_raw(&mut self, id: ConnId, frame: RawFrame<'_>, now: Instant) {
         let errors = self.metrics.errors_total;
         self.handle_counted(id, frame, now);
         let refused = self.metrics.errors_total != errors;
@@ -555,7 +551,7 @@ impl Relay {
 
     /// A decoded frame counted in the metrics and the work of this turn, then handled.
     #[inline]
-    fn handle_counted(&mut self, id: ConnId, frame: RawFrame, now: Instant) {
+    fn handle_counted(&mut self, id: ConnId, frame: RawFrame<'_>, now: Instant) {
         self.metrics.frames_in += 1;
         let (opcode, len) = (frame.header().opcode, frame.as_bytes().len() as u64);
         self.metrics.frames_in_by_opcode.count(opcode);
@@ -725,7 +721,8 @@ impl Relay {
                     }
                     let mut encoded = BytesMut::with_capacity(frame.encoded_len());
                     frame.encode(&mut encoded);
-                    if let Ok(Some(raw)) = decode_raw(&mut encoded, max_frame) {
+                    if let Ok(Some(bytes)) = decode_raw(&mut encoded, max_frame) {
+                        let raw = RawFrame::new(&bytes);
                         self.metrics.frames_in += 1;
                         let opcode = raw.header().opcode;
                         self.metrics.frames_in_by_opcode.count(opcode);
@@ -886,12 +883,10 @@ impl Relay {
         }
     }
 
-    /// The socket would block; output waits for [`Relay::handle_writable`]. What waits is
-    /// copied out of the shared read buffers it may point into ([`OutQueue::unpin`]).
+    /// The socket would block; output waits for [`Relay::handle_writable`].
     pub fn handle_write_blocked(&mut self, id: ConnId) {
         if let Some(s) = self.sessions.get_mut(id.0) {
             s.write_blocked = true;
-            s.out.unpin();
         }
     }
 
@@ -1058,36 +1053,56 @@ pub(crate) fn push_output(s: &mut Session, flush_list: &mut FlushList, id: ConnI
     } else {
         flush_list.held += s.out.push(frame);
     }
+    name_for_flush(s, flush_list, id);
+}
+
+/// Puts the connection on the flush list, unless it is there or its socket is blocked.
+#[inline(always)]
+fn name_for_flush(s: &mut Session, flush_list: &mut FlushList, id: ConnId) {
     if !s.in_flush_list && !s.write_blocked {
         s.in_flush_list = true;
         flush_list.push(id);
     }
 }
 
-/// A copy of `bytes` in an allocation of its own, for a frame queued to many connections:
-/// each clone and drop of it is one reference count change. (`Bytes::copy_from_slice`
-/// makes a `Bytes` whose clones and drops first check how it is shared: about 10
-/// instructions more per room member, measured with callgrind on benches/router.)
-pub(crate) fn shared_copy(bytes: &[u8]) -> Bytes {
-    BytesMut::from(bytes).split().freeze()
-}
-
-/// [`push_output`] for a frame that may be a view into a shared read buffer: to a socket
-/// that is blocked it goes as a copy (it will wait); otherwise as it is, marked so the
-/// queue copies it out if the socket blocks before it is written. Always inlined: as a call
-/// of its own it cost about 19 instructions per forwarded SEND (callgrind, benches/router).
+/// Queues `frame` to one connection with its header rewritten (`opcode`, `target`,
+/// `source`: a SEND's DELIVER, a PING's PONG). A frame of up to [`COPY_MAX`] bytes to a
+/// binary connection is copied into its queue's tail, rewritten on the way: no allocation
+/// and no reference count per frame, the hot path of every direct message. Otherwise the
+/// frame goes as one shared allocation, made once in `shared` for all its recipients.
+/// Always inlined: the rewrite's fields are then constants or registers.
 #[inline(always)]
-pub(crate) fn push_output_view(
+pub(crate) fn push_rewritten(
     s: &mut Session,
     flush_list: &mut FlushList,
     id: ConnId,
-    frame: Bytes,
+    frame: &RawFrame<'_>,
+    (opcode, target, source): (Opcode, UserId, UserId),
+    shared: &mut Option<Bytes>,
 ) {
-    if s.write_blocked {
-        push_output(s, flush_list, id, Bytes::copy_from_slice(&frame));
+    let len = frame.as_bytes().len();
+    if s.codec == Codec::Binary && len <= COPY_MAX {
+        let added = s
+            .out
+            .push_copy(len, |tail| frame.rewrite_into(tail, opcode, target, source));
+        flush_list.held += added;
+        name_for_flush(s, flush_list, id);
     } else {
-        s.out.mark_next_as_view();
-        push_output(s, flush_list, id, frame);
+        let bytes = shared.get_or_insert_with(|| frame.rewritten(opcode, target, source));
+        push_output(s, flush_list, id, bytes.clone());
+    }
+}
+
+/// Queues a copy of `bytes` (one encoded frame) to one connection: into its queue's tail
+/// when it is small and the connection binary, else in an allocation of its own.
+pub(crate) fn push_copied(s: &mut Session, flush_list: &mut FlushList, id: ConnId, bytes: &[u8]) {
+    if s.codec == Codec::Binary && bytes.len() <= COPY_MAX {
+        flush_list.held += s
+            .out
+            .push_copy(bytes.len(), |tail| tail.extend_from_slice(bytes));
+        name_for_flush(s, flush_list, id);
+    } else {
+        push_output(s, flush_list, id, Bytes::copy_from_slice(bytes));
     }
 }
 
@@ -1131,10 +1146,7 @@ fn text_line(frame: Bytes) -> Option<Bytes> {
 /// frames), whatever the connection's codec.
 pub(crate) fn push_raw(s: &mut Session, flush_list: &mut FlushList, id: ConnId, bytes: Bytes) {
     flush_list.held += s.out.push(bytes);
-    if !s.in_flush_list && !s.write_blocked {
-        s.in_flush_list = true;
-        flush_list.push(id);
-    }
+    name_for_flush(s, flush_list, id);
 }
 
 /// Changes a session's codec, keeping the relay's count of sessions by codec.

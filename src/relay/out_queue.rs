@@ -1,46 +1,53 @@
-//! A connection's output queue: encoded frames waiting to be written, as shared `Bytes`,
-//! and what they cost in memory.
+//! A connection's output queue: encoded frames waiting to be written, and what they cost
+//! in memory.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 
 use crate::ConnId;
 
-/// Frames waiting for the socket, in order. Fan-out pushes clones of one `Bytes`, so a
-/// payload queued to many connections exists once in memory. An empty queue owns no heap
-/// memory until first used, and a large deque is given back when drained), which keeps idle
-/// connections small.
-#[derive(Debug)]
+/// Frames waiting for the socket, in order: shared frames (fan-out pushes clones of one
+/// `Bytes`, so a payload queued to many connections exists once in memory), then the
+/// tail, a buffer of its own into which small frames are copied back to back. A burst of
+/// direct messages thus costs one copy each and goes to `writev` as one slice, with no
+/// allocation or reference count per frame; and nothing in the queue points into a read
+/// buffer. An empty queue owns no heap memory (a drained tail is given back, and so is a
+/// large deque), which keeps idle connections small.
+#[derive(Debug, Default)]
 pub struct OutQueue {
+    /// Shared frames, all before the tail.
     frames: VecDeque<Bytes>,
-    bytes: usize,
-    /// Frames taken off the front since the queue was made (positions are counted from it).
-    popped: u64,
-    /// Position of the first frame that may be a view into a shared read buffer
-    /// (`u64::MAX`: none). See [`OutQueue::unpin`].
-    first_view: u64,
+    /// Bytes waiting in `frames`.
+    frame_bytes: usize,
+    /// Frames copied in, after every frame in `frames`.
+    tail: BytesMut,
+    /// The size to give the next tail at once: the last one's, when it was drained (0:
+    /// start at [`TAIL_FIRST`]). A connection that gets bursts allocates once per burst,
+    /// not once per doubling.
+    tail_hint: u32,
 }
 
-impl Default for OutQueue {
-    fn default() -> OutQueue {
-        OutQueue {
-            frames: VecDeque::new(),
-            bytes: 0,
-            popped: 0,
-            first_view: u64::MAX,
-        }
-    }
-}
-
-/// What one queued frame costs besides its bytes: its `Bytes` slot in the deque (up to
-/// twice over, as the deque grows by doubling), the allocator's header and rounding of its
-/// own allocation. Measured with a relay whose queues of 48-byte frames filled its memory
-/// budget (`imrelay-bench attack --kind pin`): about 128 bytes beside each frame's own.
-/// Every limit on output queues counts [`OutQueue::held`], so a queue of tiny frames is
+/// What one queued shared frame costs besides its bytes: its `Bytes` slot in the deque (up
+/// to twice over, as the deque grows by doubling), the allocator's header and rounding of
+/// its own allocation. Measured with a relay whose queues of 48-byte frames filled its
+/// memory budget (`imrelay-bench attack --kind pin`): about 128 bytes beside each frame's
+/// own. Every limit on output queues counts [`OutQueue::held`], so a queue of tiny frames is
 /// charged what it really holds.
 pub const FRAME_OVERHEAD: usize = 128;
+
+/// Frames up to this size are copied into the tail ([`OutQueue::push_copy`]); a larger one
+/// is cheaper as one shared allocation than as a copy per recipient.
+pub const COPY_MAX: usize = 1024;
+
+/// The tail's first allocation: a queue holding one small frame holds about what the
+/// frame and a deque slot would.
+const TAIL_FIRST: usize = 256;
+
+/// The tail grows (doubling, as a `Vec` does) up to this size; a full tail then moves to
+/// the deque as one frame and a new one starts, so no burst copies more than this again.
+const TAIL_CHUNK: usize = 16 * 1024;
 
 /// A drained deque whose capacity exceeds this many frames gives its allocation back, so a
 /// burst does not pin memory on an idle connection; a small one is kept to avoid an
@@ -48,69 +55,92 @@ pub const FRAME_OVERHEAD: usize = 128;
 const RELEASE_CAPACITY_OVER: usize = 64;
 
 impl OutQueue {
-    /// Appends an encoded frame; returns what it adds to [`OutQueue::held`].
+    /// Appends a shared frame; returns what it adds to [`OutQueue::held`].
     #[inline]
     pub fn push(&mut self, frame: Bytes) -> usize {
+        let mut added = 0;
+        if !self.tail.is_empty() {
+            added = self.seal_tail();
+        }
         let len = frame.len();
-        self.bytes += len;
+        self.frame_bytes += len;
         self.frames.push_back(frame);
-        len + FRAME_OVERHEAD
+        added + len + FRAME_OVERHEAD
+    }
+
+    /// Moves what was copied into the tail to the deque, ahead of a shared frame; the tail
+    /// keeps its spare room (still counted). Returns what that adds to [`OutQueue::held`].
+    #[inline(never)]
+    fn seal_tail(&mut self) -> usize {
+        let copied = self.tail.split().freeze();
+        self.frame_bytes += copied.len();
+        self.frames.push_back(copied);
+        FRAME_OVERHEAD
+    }
+
+    /// Appends a frame of `len` bytes (at most [`COPY_MAX`] for the sizes to stay as
+    /// documented), which `write` appends to the buffer it is given; returns what it adds
+    /// to [`OutQueue::held`] (nothing while the tail has room: its room is counted).
+    #[inline(always)]
+    pub fn push_copy(&mut self, len: usize, write: impl FnOnce(&mut BytesMut)) -> usize {
+        let mut added = 0;
+        if self.tail.capacity() - self.tail.len() < len {
+            added = self.make_room(len);
+        }
+        write(&mut self.tail);
+        added
+    }
+
+    /// Room for `len` more bytes in the tail: a new tail of the hinted size, the tail
+    /// grown in place up to [`TAIL_CHUNK`], or a full tail moved whole to the deque for a
+    /// new one. Returns what that adds to [`OutQueue::held`].
+    #[inline(never)]
+    fn make_room(&mut self, len: usize) -> usize {
+        let held = self.held();
+        if self.tail.capacity() == 0 {
+            let size = (self.tail_hint as usize).clamp(TAIL_FIRST, TAIL_CHUNK);
+            self.tail = BytesMut::with_capacity(size.max(len));
+        } else if self.tail.len() + len <= TAIL_CHUNK {
+            self.tail.reserve(len.max(TAIL_FIRST));
+        } else {
+            let full = std::mem::take(&mut self.tail).freeze();
+            self.frame_bytes += full.len();
+            self.frames.push_back(full);
+            self.tail = BytesMut::with_capacity(TAIL_CHUNK.max(len));
+        }
+        self.held() - held
     }
 
     /// Bytes waiting to be written.
     pub fn len_bytes(&self) -> usize {
-        self.bytes
-    }
-
-    /// Marks the frame pushed next, and every one after it, as possibly a view into a
-    /// shared read buffer: they are written this loop turn, or copied out by
-    /// [`OutQueue::unpin`].
-    #[inline]
-    pub fn mark_next_as_view(&mut self) {
-        // Positions only grow, so the first mark since the last unpin is the smallest.
-        if self.first_view == u64::MAX {
-            self.first_view = self.popped + self.frames.len() as u64;
-        }
-    }
-
-    /// Replaces every frame that may be a view into a shared read buffer with a copy of
-    /// its own size. Called when the socket blocks: a frame that waits no longer keeps a
-    /// whole read buffer alive, only its own bytes (which the caps count). Frames are
-    /// forwarded without a copy when they are written in the turn they arrived, the
-    /// common case; only a queue that backs up pays for the copy, once per frame.
-    pub fn unpin(&mut self) {
-        if self.first_view == u64::MAX {
-            return;
-        }
-        let start = usize::try_from(self.first_view.saturating_sub(self.popped)).unwrap_or(0);
-        for frame in self.frames.range_mut(start.min(self.frames.len())..) {
-            *frame = Bytes::copy_from_slice(frame);
-        }
-        self.first_view = u64::MAX;
+        self.frame_bytes + self.tail.len()
     }
 
     /// Memory the queue holds, as every output limit counts it: the waiting bytes plus
-    /// [`FRAME_OVERHEAD`] per frame.
+    /// [`FRAME_OVERHEAD`] per shared frame, plus the tail's spare room.
+    #[inline]
     pub fn held(&self) -> usize {
-        self.bytes + self.frames.len() * FRAME_OVERHEAD
+        self.frame_bytes + self.frames.len() * FRAME_OVERHEAD + self.tail.capacity()
     }
 
-    /// What a frame of `len` bytes would add to [`OutQueue::held`].
+    /// What a frame of `len` bytes may add to [`OutQueue::held`] (at most).
     pub fn cost(len: usize) -> usize {
         len + FRAME_OVERHEAD
     }
 
     /// True when nothing is waiting.
     pub fn is_empty(&self) -> bool {
-        self.bytes == 0
+        self.len_bytes() == 0
     }
 
     /// Fills `dst` with the waiting bytes in order, for one `write_vectored`; returns how
     /// many slices were filled.
     pub fn chunks<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
         let mut n = 0;
-        for (slot, frame) in dst.iter_mut().zip(self.frames.iter()) {
-            *slot = IoSlice::new(frame);
+        let tail = (!self.tail.is_empty()).then_some(&self.tail[..]);
+        let waiting = self.frames.iter().map(|frame| &frame[..]).chain(tail);
+        for (slot, bytes) in dst.iter_mut().zip(waiting) {
+            *slot = IoSlice::new(bytes);
             n += 1;
         }
         n
@@ -120,53 +150,66 @@ impl OutQueue {
     /// [`OutQueue::held`].
     #[inline]
     pub fn advance(&mut self, mut n: usize) -> usize {
-        debug_assert!(n <= self.bytes, "advanced past the queued bytes");
-        let written = n.min(self.bytes);
-        let popped = if written == self.bytes {
+        debug_assert!(n <= self.len_bytes(), "advanced past the queued bytes");
+        let held = self.held();
+        if n >= self.len_bytes() {
             // Everything was written (the common case): no per-frame bookkeeping. A queue
             // of one frame (a room member's, typically) is cheaper to pop than to clear.
-            let count = self.frames.len();
-            if count == 1 {
+            if self.frames.len() == 1 {
                 self.frames.pop_front();
             } else {
                 self.frames.clear();
             }
-            count
-        } else {
-            let frames_before = self.frames.len();
-            while n > 0 {
-                let Some(front) = self.frames.front_mut() else {
-                    break;
-                };
-                if n >= front.len() {
-                    n -= front.len();
-                    self.frames.pop_front();
-                } else {
-                    front.advance(n);
-                    n = 0;
-                }
+            self.frame_bytes = 0;
+            if self.tail.capacity() != 0 {
+                self.release_tail();
             }
-            frames_before - self.frames.len()
-        };
-        self.bytes -= written;
-        self.popped += popped as u64;
-        if self.frames.is_empty() {
-            self.first_view = u64::MAX;
-            if self.frames.capacity() > RELEASE_CAPACITY_OVER {
-                self.frames = VecDeque::new();
+            self.release_deque();
+            return held;
+        }
+        while n > 0 {
+            let Some(front) = self.frames.front_mut() else {
+                self.tail.advance(n);
+                break;
+            };
+            let len = front.len();
+            if n >= len {
+                n -= len;
+                self.frame_bytes -= len;
+                self.frames.pop_front();
+            } else {
+                front.advance(n);
+                self.frame_bytes -= n;
+                n = 0;
             }
         }
-        written + popped * FRAME_OVERHEAD
+        self.release_deque();
+        held - self.held()
+    }
+
+    /// Gives a drained tail's memory back, remembering its size for the next burst: the
+    /// same if the burst filled more than half of it, else half.
+    #[inline(never)]
+    fn release_tail(&mut self) {
+        let (used, size) = (self.tail.len(), self.tail.capacity());
+        let next = if used * 2 > size { size } else { size / 2 };
+        self.tail_hint = u32::try_from(next.min(TAIL_CHUNK)).unwrap_or(0);
+        self.tail = BytesMut::new();
+    }
+
+    /// Gives a drained deque's memory back if it is large.
+    #[inline]
+    fn release_deque(&mut self) {
+        if self.frames.is_empty() && self.frames.capacity() > RELEASE_CAPACITY_OVER {
+            self.frames = VecDeque::new();
+        }
     }
 
     /// Drops everything (the connection is gone); returns (bytes discarded, what that took
     /// off [`OutQueue::held`]).
     pub fn clear(&mut self) -> (usize, usize) {
-        let dropped = (self.bytes, self.held());
-        self.popped += self.frames.len() as u64;
-        self.frames = VecDeque::new();
-        self.bytes = 0;
-        self.first_view = u64::MAX;
+        let dropped = (self.len_bytes(), self.held());
+        *self = OutQueue::default();
         dropped
     }
 }
@@ -216,6 +259,16 @@ impl FlushList {
 mod tests {
     use super::*;
 
+    fn copy(q: &mut OutQueue, bytes: &[u8]) -> usize {
+        q.push_copy(bytes.len(), |tail| tail.extend_from_slice(bytes))
+    }
+
+    fn waiting(q: &OutQueue) -> Vec<u8> {
+        let mut slices = [IoSlice::new(&[]); 64];
+        let n = q.chunks(&mut slices);
+        slices[..n].iter().flat_map(|s| s.iter().copied()).collect()
+    }
+
     #[test]
     fn partial_writes_resume_mid_frame() {
         let mut q = OutQueue::default();
@@ -237,23 +290,60 @@ mod tests {
     }
 
     #[test]
-    fn unpin_copies_the_marked_frames_and_frees_the_buffer_they_came_from() {
-        let mut read = bytes::BytesMut::with_capacity(64 * 1024);
-        read.extend_from_slice(&[7u8; 300]);
+    fn copied_frames_share_one_slice_and_keep_their_order_with_shared_ones() {
         let mut q = OutQueue::default();
-        q.push(Bytes::from_static(b"owned before"));
-        q.mark_next_as_view();
-        q.push(read.split_to(100).freeze());
-        q.push(read.split_to(100).freeze());
-        q.advance(12 + 50); // the first frame and half of the second are written
-        let whole = read.capacity() + 1; // only the whole allocation, reclaimed, has room
-        assert!(!read.try_reclaim(whole), "the views pin the read buffer");
-        q.unpin();
-        assert!(read.try_reclaim(whole), "nothing points into it any more");
-        let mut slices = [IoSlice::new(&[]); 4];
-        assert_eq!(q.chunks(&mut slices), 2);
-        assert_eq!((slices[0].len(), slices[1].len()), (50, 100));
-        assert!(slices.iter().take(2).all(|s| s.iter().all(|&b| b == 7)));
+        let added = copy(&mut q, b"one ") + copy(&mut q, b"two ");
+        assert_eq!(
+            added, TAIL_FIRST,
+            "the first copy reserves the tail, the next fits"
+        );
+        assert_eq!(
+            q.chunks(&mut [IoSlice::new(&[]); 4]),
+            1,
+            "one slice for both"
+        );
+        q.push(Bytes::from_static(b"three "));
+        copy(&mut q, b"four");
+        assert_eq!(waiting(&q), b"one two three four");
+        assert_eq!(q.chunks(&mut [IoSlice::new(&[]); 4]), 3);
+        assert_eq!(q.held(), 8 + 6 + 2 * FRAME_OVERHEAD + TAIL_FIRST - 8);
+        // Written in pieces that end mid-frame, across the shared frames and the tail.
+        let mut total = q.held();
+        for n in [5, 6, 4, 2] {
+            total -= q.advance(n);
+            assert_eq!(
+                total,
+                q.held(),
+                "what advance says it freed is what held lost"
+            );
+        }
+        assert_eq!(waiting(&q), b"r");
+        assert_eq!(q.advance(1), total);
+        assert!(q.is_empty());
+        assert_eq!(q.held(), 0, "a drained queue holds nothing");
+    }
+
+    #[test]
+    fn a_long_burst_of_copies_moves_full_tails_to_the_deque() {
+        let mut q = OutQueue::default();
+        let frame = [7u8; 100];
+        let mut held = 0;
+        for _ in 0..1000 {
+            held += copy(&mut q, &frame);
+        }
+        assert_eq!(q.held(), held, "every push reported what it added");
+        assert_eq!(q.len_bytes(), 100_000);
+        let slices = q.chunks(&mut [IoSlice::new(&[]); 64]);
+        assert!(
+            (6..=8).contains(&slices),
+            "about 100 KB in 16 KiB tails: {slices}"
+        );
+        assert!(
+            held <= 100_000 + slices * FRAME_OVERHEAD + TAIL_CHUNK,
+            "no more spare room than one tail's: {held}"
+        );
+        assert_eq!(waiting(&q), vec![7u8; 100_000]);
+        assert_eq!(q.advance(100_000), held);
     }
 
     #[test]

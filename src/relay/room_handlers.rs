@@ -16,7 +16,7 @@ use super::auth_handlers::Permission;
 use super::cluster::{self, Channel};
 use super::out_queue::FlushList;
 use super::session::{Session, State};
-use super::{push_output, shared_copy, OutQueue, Relay};
+use super::{push_output, OutQueue, Relay};
 use crate::proto::frame::{write_ack, write_frame};
 use crate::proto::{
     ErrorCode, Flags, Header, MessageId, Opcode, RawFrame, RoomId, RoomState, UserId,
@@ -101,7 +101,7 @@ impl Relay {
         self.reply_room_state(id, h.msg_id, RoomId(h.target.0));
     }
 
-    pub(super) fn on_room_send(&mut self, id: ConnId, frame: RawFrame, now: Instant) {
+    pub(super) fn on_room_send(&mut self, id: ConnId, frame: RawFrame<'_>, now: Instant) {
         let h = *frame.header();
         let Some(sender) = self.check_request(id, &h, Flags::NO_ACK, "ROOM_SEND") else {
             return;
@@ -129,15 +129,14 @@ impl Relay {
             self.reply_error(id, h.msg_id, h.target, ErrorCode::RateLimited, &reason);
             return;
         }
-        // One copy of its own for all members: a view into the read buffer would be pinned
-        // by every member that does not keep up.
-        let deliver = shared_copy(&frame.rewrite(Opcode::RoomDeliver, h.target, sender));
+        // Encoded once, in an allocation of its own that every member's queue shares.
+        let deliver = frame.rewritten(Opcode::RoomDeliver, h.target, sender);
         self.publish_room_traffic(Channel::Room(room), &deliver);
         let (queued, dropped) = self.fan_out(room, deliver, Some(id));
         self.finish_fanout(id, &h, queued, dropped);
     }
 
-    pub(super) fn on_broadcast(&mut self, id: ConnId, frame: RawFrame, now: Instant) {
+    pub(super) fn on_broadcast(&mut self, id: ConnId, frame: RawFrame<'_>, now: Instant) {
         let h = *frame.header();
         let Some(sender) = self.check_targetless_request(id, &h, Flags::NO_ACK, "BROADCAST") else {
             return;
@@ -150,7 +149,7 @@ impl Relay {
         if !self.take_room_token(id, &h, now) {
             return;
         }
-        let deliver = shared_copy(&frame.rewrite(Opcode::RoomDeliver, UserId::NONE, sender));
+        let deliver = frame.rewritten(Opcode::RoomDeliver, UserId::NONE, sender);
         self.publish_room_traffic(Channel::All, &deliver);
         let (queued, dropped) = self.fan_out(RoomId::ALL, deliver, Some(id));
         self.finish_fanout(id, &h, queued, dropped);

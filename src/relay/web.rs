@@ -15,7 +15,7 @@ use super::http::{self, Request};
 use super::session::{Codec, State};
 use super::ws::{close_code, WsEvent, WsSession};
 use super::{demo, push_raw, Relay};
-use crate::proto::{decode_raw, ErrorCode};
+use crate::proto::{decode_raw, ErrorCode, RawFrame};
 use crate::ConnId;
 
 impl Relay {
@@ -143,7 +143,7 @@ impl Relay {
         loop {
             match decode_raw(&mut frames, max_frame) {
                 Ok(Some(frame)) => {
-                    self.handle_raw(id, frame, now);
+                    self.handle_raw(id, RawFrame::new(&frame), now);
                     if self.state(id) == Some(State::Closing) {
                         return;
                     }

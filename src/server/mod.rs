@@ -2,8 +2,8 @@
 //!
 //! One thread, one `Poll`. Each loop turn: poll; accept until WouldBlock; read every
 //! readable connection until WouldBlock (or its read or work budget) into one shared
-//! buffer and hand the bytes to the [`Relay`] (frames go out as views into it; what must
-//! wait in a blocked queue is copied out); run due timers; then write each connection the
+//! buffer and hand the bytes to the [`Relay`] (it reads frames in place and copies what it
+//! keeps, so the buffer is reused at once); run due timers; then write each connection the
 //! core named, once, with `write_vectored`.
 //! WRITABLE interest is registered only while a connection's output is blocked. The
 //! driver makes no routing decision of its own; it supplies the clock and the entropy the
@@ -80,9 +80,8 @@ const HEAVY_TURN_TIME: Duration = Duration::from_micros(100);
 /// Most work (see [`Relay::take_work`]: frames handled, deliveries queued) one
 /// connection's reads may cause per loop turn before the others get theirs.
 const WORK_BUDGET: usize = 8 * 1024;
-/// The read buffer grows in chunks of this size. Frames forwarded from it are views into a
-/// chunk until they are written (or copied out when their queue blocks), so a chunk lives
-/// at most a loop turn longer than its reads.
+/// The read buffer's size. One buffer serves every connection: the core keeps nothing that
+/// points into it, so it is cleared and reused after every read.
 const READ_CHUNK: usize = 64 * 1024;
 /// Below this much free space the read buffer reserves a new chunk before reading.
 const MIN_READ_SPACE: usize = 4 * 1024;

@@ -6,7 +6,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::*;
 use crate::proto::decode::decode_frame;
-use crate::proto::Frame;
+use crate::proto::{Frame, HEADER_LEN};
 
 /// The peer address of harness connections (loopback: no per-address limit).
 pub(super) const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
@@ -144,25 +144,37 @@ fn no_ack_flag_suppresses_only_the_ack() {
 }
 
 #[test]
-fn every_device_of_the_recipient_gets_one_shared_copy() {
+fn small_delivers_are_copied_per_device_and_a_large_one_is_shared() {
     let mut h = Harness::new(Config::default());
     let alice = h.login(1);
     let phones: Vec<ConnId> = (0..3).map(|_| h.login(2)).collect();
+    for &phone in &phones {
+        h.take_output(phone);
+    }
+    let large = Bytes::from(vec![9u8; COPY_MAX]);
     h.send_frame(alice, send(5, 2, b"to all devices"));
-    let mut payload_ptrs = Vec::new();
+    h.send_frame(alice, send(6, 2, b"and again"));
+    h.send_frame(alice, Frame::send(MessageId(7), UserId(2), large.clone()));
+    let mut large_ptrs = Vec::new();
     for &phone in &phones {
         let out = h.relay.output(phone).unwrap();
         let mut slices = [std::io::IoSlice::new(&[]); 4];
-        assert_eq!(out.chunks(&mut slices), 1);
-        payload_ptrs.push(slices[0].as_ptr());
+        // The two small DELIVERs were copied back to back into one slice; the large
+        // one follows as a frame of its own.
+        assert_eq!(out.chunks(&mut slices), 2);
+        assert_eq!(slices[0].len(), 2 * HEADER_LEN + 14 + 9);
+        large_ptrs.push(slices[1].as_ptr());
         let frames = h.take_frames(phone);
-        assert_eq!(frames[0].source, UserId(1));
+        assert_eq!(frames.len(), 3);
+        assert!(frames.iter().all(|f| f.source == UserId(1)));
+        assert_eq!(frames[2].payload, large);
     }
     assert!(
-        payload_ptrs.windows(2).all(|w| w[0] == w[1]),
-        "one encoded frame shared"
+        large_ptrs.windows(2).all(|w| w[0] == w[1]),
+        "the large DELIVER is encoded once and shared"
     );
-    assert_eq!(h.take_frames(alice)[0].ack_count(), Some(3));
+    let acks = h.take_frames(alice);
+    assert!(acks.iter().all(|f| f.ack_count() == Some(3)), "{acks:?}");
 }
 
 #[test]

@@ -9,7 +9,8 @@
 //! - [`read_into`]: reads straight into a `BytesMut`'s spare capacity, until WouldBlock,
 //!   into one buffer reused for every connection.
 //! - [`OutQueue`]: a connection's pending output as shared `Bytes`, written with one
-//!   `write_vectored` per turn; a short write keeps the rest queued.
+//!   `write_vectored` per turn; a short write keeps the rest queued. ([`SpareTails`]
+//!   keeps drained buffers of the queues' copied frames; this example copies none.)
 //! - WRITABLE interest only while a connection has output the socket would not take.
 //! - a `Slab` of connections whose keys are the mio tokens.
 
@@ -17,7 +18,7 @@ use std::io::{ErrorKind, IoSlice, Write};
 use std::net::SocketAddr;
 
 use bytes::BytesMut;
-use imrelay::relay::OutQueue;
+use imrelay::relay::{OutQueue, SpareTails};
 use imrelay::server::io::{fd, read_into};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
@@ -51,6 +52,7 @@ fn main() -> std::io::Result<()> {
     println!("echo server listening on {}", listener.local_addr()?);
 
     let mut conns: Slab<Conn> = Slab::new();
+    let mut spare = SpareTails::default();
     let mut events = Events::with_capacity(1024);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
@@ -70,7 +72,7 @@ fn main() -> std::io::Result<()> {
                 if read {
                     alive = read_and_echo(conn, &mut buf);
                 }
-                alive = alive && flush(&poll, key, conn)?;
+                alive = alive && flush(&poll, key, conn, &mut spare)?;
                 // Go on only if reading had paused and the output is below the cap again.
                 read = conn.read_paused && conn.out.len_bytes() < MAX_PENDING;
                 if !read {
@@ -130,14 +132,19 @@ fn read_and_echo(conn: &mut Conn, buf: &mut BytesMut) -> bool {
 }
 
 /// Writes what is queued; registers WRITABLE only while the socket is backed up.
-fn flush(poll: &Poll, key: usize, conn: &mut Conn) -> std::io::Result<bool> {
+fn flush(
+    poll: &Poll,
+    key: usize,
+    conn: &mut Conn,
+    spare: &mut SpareTails,
+) -> std::io::Result<bool> {
     while !conn.out.is_empty() {
         let mut slices = [IoSlice::new(&[]); 64];
         let n = conn.out.chunks(&mut slices);
         match conn.stream.write_vectored(&slices[..n]) {
             Ok(0) => return Ok(false),
             Ok(written) => {
-                conn.out.advance(written);
+                conn.out.advance(spare, written);
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}

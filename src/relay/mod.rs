@@ -65,7 +65,7 @@ pub use config::{AuthConfig, Config, ConfigError, DEFAULT_TOKEN_NOTICE};
 pub use devices::DeviceCursor;
 pub use inbox::{InboxLimits, StoreOp, NO_ORIGIN};
 pub use metrics::{Metrics, OpcodeCounts, RefusedCounts};
-pub use out_queue::{OutQueue, COPY_MAX, FRAME_OVERHEAD};
+pub use out_queue::{OutQueue, SpareTails, COPY_MAX, FRAME_OVERHEAD};
 pub use session::{Codec, ConnLabel, State};
 
 use std::net::IpAddr;
@@ -264,6 +264,12 @@ impl Relay {
         self.flush_list.held
     }
 
+    /// Drained output buffers kept for reuse ([`SpareTails`]; part of
+    /// [`Relay::memory_held`], bounded, held for no connection in particular).
+    pub fn spare_held(&self) -> usize {
+        self.flush_list.spare.held()
+    }
+
     /// Number of connections in `room`.
     pub fn room_members(&self, room: RoomId) -> usize {
         self.rooms.count(room)
@@ -290,6 +296,7 @@ impl Relay {
     /// [`Config::max_memory`] bounds.
     pub fn memory_held(&self) -> usize {
         self.flush_list.held
+            + self.flush_list.spare.held()
             + self.input_held
             + self.driver_held
             + self.cluster.as_ref().map_or(0, |c| c.held)
@@ -868,7 +875,7 @@ impl Relay {
         let Some(s) = self.sessions.get_mut(id.0) else {
             return;
         };
-        self.flush_list.held -= s.out.advance(n);
+        self.flush_list.held -= s.out.advance(&mut self.flush_list.spare, n);
         self.metrics.bytes_out += n as u64;
         if s.read_paused && s.out.held() <= self.config.out_cap / 2 {
             s.read_paused = false;
@@ -1082,9 +1089,10 @@ pub(crate) fn push_rewritten(
 ) {
     let len = frame.as_bytes().len();
     if s.codec == Codec::Binary && len <= COPY_MAX {
-        let added = s
-            .out
-            .push_copy(len, |tail| frame.rewrite_into(tail, opcode, target, source));
+        let spare = &mut flush_list.spare;
+        let added = s.out.push_copy(spare, len, |tail| {
+            frame.rewrite_into(tail, opcode, target, source)
+        });
         flush_list.held += added;
         name_for_flush(s, flush_list, id);
     } else {
@@ -1097,9 +1105,10 @@ pub(crate) fn push_rewritten(
 /// when it is small and the connection binary, else in an allocation of its own.
 pub(crate) fn push_copied(s: &mut Session, flush_list: &mut FlushList, id: ConnId, bytes: &[u8]) {
     if s.codec == Codec::Binary && bytes.len() <= COPY_MAX {
+        let spare = &mut flush_list.spare;
         flush_list.held += s
             .out
-            .push_copy(bytes.len(), |tail| tail.extend_from_slice(bytes));
+            .push_copy(spare, bytes.len(), |tail| tail.extend_from_slice(bytes));
         name_for_flush(s, flush_list, id);
     } else {
         push_output(s, flush_list, id, Bytes::copy_from_slice(bytes));

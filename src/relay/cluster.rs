@@ -345,9 +345,23 @@ impl Cluster {
     /// Publishes `frame` (encoded once) on `channel`, remembering who waits for the answer:
     /// in this turn's PUBLISH on that channel if it has room, else in a new one.
     pub(super) fn publish(&mut self, channel: Channel, frame: &[u8], waiting: Option<PendingSend>) {
+        let write = |batch: &mut BytesMut| batch.extend_from_slice(frame);
+        self.publish_with(channel, frame.len(), write, waiting);
+    }
+
+    /// [`Cluster::publish`] of a frame of `len` bytes that `write` appends to the PUBLISH's
+    /// payload (a SEND's DELIVER, rewritten from the read buffer without a copy of its
+    /// own).
+    pub(super) fn publish_with(
+        &mut self,
+        channel: Channel,
+        len: usize,
+        write: impl FnOnce(&mut BytesMut),
+        waiting: Option<PendingSend>,
+    ) {
         if let Some(&(_, batch, at)) = self.open.get(&channel) {
-            if self.batches[batch].len() + frame.len() <= MAX_BATCH {
-                self.batches[batch].extend_from_slice(frame);
+            if self.batches[batch].len() + len <= MAX_BATCH {
+                write(&mut self.batches[batch]);
                 if let Some(waiting) = waiting {
                     let index = usize::try_from(at - self.popped).unwrap_or(usize::MAX);
                     if let Some(Pending::Publish(sends)) = self.pending.get_mut(index) {
@@ -357,9 +371,9 @@ impl Cluster {
                 return;
             }
         }
-        let mut payload = BytesMut::with_capacity(8 + frame.len());
+        let mut payload = BytesMut::with_capacity(8 + len);
         payload.put_u64(self.node);
-        payload.extend_from_slice(frame);
+        write(&mut payload);
         let at = self.popped + self.pending.len() as u64;
         self.open
             .insert(channel, (self.ops.len(), self.batches.len(), at));

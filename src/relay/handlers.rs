@@ -403,8 +403,11 @@ impl Relay {
                 dedup: claim.map(|claim| (sender, *claim)),
             };
             if let Some(c) = self.cluster.as_mut() {
-                let frame = shared.get_or_insert_with(|| frame.to_deliver(sender));
-                c.publish(Channel::User(h.target), frame, Some(waiting));
+                let (opcode, target, source) = deliver;
+                let write =
+                    |batch: &mut BytesMut| frame.rewrite_into(batch, opcode, target, source);
+                let len = frame.as_bytes().len();
+                c.publish_with(Channel::User(h.target), len, write, Some(waiting));
             }
             self.metrics.cluster_messages_out += 1;
         }

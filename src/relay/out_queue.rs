@@ -23,6 +23,15 @@ pub struct OutQueue {
     frame_bytes: usize,
     /// Frames copied in, after every frame in `frames`.
     tail: BytesMut,
+    /// Bytes at the start of the tail already written (while no frame waits before it):
+    /// the tail's allocation is kept whole, so its capacity counts them.
+    tail_written: usize,
+    /// Bytes of the front frame already written: freed only with the rest of the frame,
+    /// so still counted.
+    front_written: usize,
+    /// Room left unused at the end of tails that moved to the deque (a frame did not fit):
+    /// still allocated, so still counted, until the queue drains.
+    sealed_room: usize,
 }
 
 /// What one queued shared frame costs besides its bytes: its `Bytes` slot in the deque (up
@@ -44,8 +53,8 @@ const TAIL_FIRST: usize = 256;
 /// Most drained tails kept in [`SpareTails`] for reuse.
 const SPARE_TAILS: usize = 128;
 
-/// The tail grows (doubling, as a `Vec` does) up to this size; a full tail then moves to
-/// the deque as one frame and a new one starts, so no burst copies more than this again.
+/// Each new tail of a queue is twice the size of the one before, up to this size; a full
+/// tail moves to the deque as one frame (one slice for `writev`).
 const TAIL_CHUNK: usize = 16 * 1024;
 
 /// A drained deque whose capacity exceeds this many frames gives its allocation back, so a
@@ -73,9 +82,9 @@ impl OutQueue {
     #[inline(never)]
     fn push_after_copies(&mut self, frame: Bytes) -> usize {
         let copied = self.tail.split().freeze();
-        self.frame_bytes += copied.len() + frame.len();
-        self.frames.push_back(copied);
+        self.seal(copied);
         let len = frame.len();
+        self.frame_bytes += len;
         self.frames.push_back(frame);
         FRAME_OVERHEAD + len + FRAME_OVERHEAD
     }
@@ -99,36 +108,60 @@ impl OutQueue {
         added
     }
 
-    /// Room for `len` more bytes in the tail: a spare tail, the tail grown in place up to
-    /// [`TAIL_CHUNK`], or a full tail moved whole to the deque for a new one. Returns what
-    /// that adds to [`OutQueue::held`].
+    /// Room for `len` more bytes: a new tail, a spare one if one is kept, else twice the
+    /// size of the last (from [`TAIL_FIRST`] up to [`TAIL_CHUNK`]); what the old one holds
+    /// moves to the deque as one frame. A tail is never grown in place, so a partly
+    /// written one keeps its allocation whole and counted. Returns what this adds to
+    /// [`OutQueue::held`].
     #[inline(never)]
     fn make_room(&mut self, spare: &mut SpareTails, len: usize) -> usize {
         let held = self.held();
-        if self.tail.capacity() == 0 {
-            self.tail = spare.take().unwrap_or_default();
-            self.tail.reserve(len.max(TAIL_FIRST));
-        } else if self.tail.len() + len <= TAIL_CHUNK {
-            self.tail.reserve(len.max(TAIL_FIRST));
+        let last = self.tail.capacity();
+        self.sealed_room += last - self.tail.len();
+        let old = std::mem::take(&mut self.tail);
+        if old.len() > self.tail_written {
+            self.seal(old.freeze());
         } else {
-            let full = std::mem::take(&mut self.tail).freeze();
-            self.frame_bytes += full.len();
-            self.frames.push_back(full);
-            self.tail = BytesMut::with_capacity(TAIL_CHUNK.max(len));
+            // Everything in it was written: it goes (with a share of its room counted).
+            self.sealed_room += self.tail_written;
+            self.tail_written = 0;
         }
+        let size = (last * 2).clamp(TAIL_FIRST, TAIL_CHUNK).max(len);
+        self.tail = match spare.take(size) {
+            Some(tail) => tail,
+            None => BytesMut::with_capacity(size),
+        };
         self.held() - held
+    }
+
+    /// Moves what was copied into the tail (`copied`, taken off it) to the deque as one
+    /// frame; a part already written is dropped from the front and stays counted.
+    fn seal(&mut self, mut copied: Bytes) {
+        if self.tail_written > 0 {
+            // Only while no frame waits before the tail: this becomes the front frame.
+            copied.advance(self.tail_written);
+            self.front_written = self.tail_written;
+            self.tail_written = 0;
+        }
+        self.frame_bytes += copied.len();
+        self.frames.push_back(copied);
     }
 
     /// Bytes waiting to be written.
     pub fn len_bytes(&self) -> usize {
-        self.frame_bytes + self.tail.len()
+        self.frame_bytes + self.tail.len() - self.tail_written
     }
 
-    /// Memory the queue holds, as every output limit counts it: the waiting bytes plus
-    /// [`FRAME_OVERHEAD`] per shared frame, plus the tail's spare room.
+    /// Memory the queue holds, as every output limit counts it: the bytes of its frames
+    /// (written or not, until each is freed) plus [`FRAME_OVERHEAD`] per frame in the
+    /// deque, and the tail's whole allocation.
     #[inline]
     pub fn held(&self) -> usize {
-        self.frame_bytes + self.frames.len() * FRAME_OVERHEAD + self.tail.capacity()
+        self.frame_bytes
+            + self.frames.len() * FRAME_OVERHEAD
+            + self.front_written
+            + self.tail.capacity()
+            + self.sealed_room
     }
 
     /// What a frame of `len` bytes may add to [`OutQueue::held`] (at most).
@@ -145,7 +178,7 @@ impl OutQueue {
     /// many slices were filled.
     pub fn chunks<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
         let mut n = 0;
-        let tail = (!self.tail.is_empty()).then_some(&self.tail[..]);
+        let tail = (self.tail.len() > self.tail_written).then(|| &self.tail[self.tail_written..]);
         let waiting = self.frames.iter().map(|frame| &frame[..]).chain(tail);
         for (slot, bytes) in dst.iter_mut().zip(waiting) {
             *slot = IoSlice::new(bytes);
@@ -169,6 +202,9 @@ impl OutQueue {
                 self.frames.clear();
             }
             self.frame_bytes = 0;
+            self.sealed_room = 0;
+            self.front_written = 0;
+            self.tail_written = 0;
             if self.tail.capacity() != 0 {
                 spare.give(std::mem::take(&mut self.tail));
             }
@@ -177,7 +213,7 @@ impl OutQueue {
         }
         while n > 0 {
             let Some(front) = self.frames.front_mut() else {
-                self.tail.advance(n);
+                self.tail_written += n;
                 break;
             };
             let len = front.len();
@@ -185,9 +221,11 @@ impl OutQueue {
                 n -= len;
                 self.frame_bytes -= len;
                 self.frames.pop_front();
+                self.front_written = 0;
             } else {
                 front.advance(n);
                 self.frame_bytes -= n;
+                self.front_written += n;
                 n = 0;
             }
         }
@@ -224,9 +262,12 @@ pub struct SpareTails {
 }
 
 impl SpareTails {
-    /// A drained tail for reuse, if one is kept.
+    /// A drained tail with room for at least `size` bytes, if the last one kept has it.
     #[inline]
-    fn take(&mut self) -> Option<BytesMut> {
+    fn take(&mut self, size: usize) -> Option<BytesMut> {
+        if self.tails.last()?.capacity() < size {
+            return None;
+        }
         let tail = self.tails.pop()?;
         self.held -= tail.capacity();
         Some(tail)
@@ -315,11 +356,11 @@ mod tests {
         assert_eq!(q.len_bytes(), 7);
         assert_eq!(
             q.advance(&mut SpareTails::default(), 4),
-            4 + FRAME_OVERHEAD,
-            "one frame and one byte"
+            3 + FRAME_OVERHEAD,
+            "one frame freed; the written byte of the next is freed with it"
         );
         assert_eq!(q.len_bytes(), 3);
-        assert_eq!(q.held(), 3 + FRAME_OVERHEAD);
+        assert_eq!(q.held(), 4 + FRAME_OVERHEAD);
         {
             let mut slices = [IoSlice::new(&[]); 4];
             let n = q.chunks(&mut slices);
@@ -366,6 +407,48 @@ mod tests {
     }
 
     #[test]
+    fn a_partly_written_tail_stays_counted_whole_until_it_is_freed() {
+        let mut spare = SpareTails::default();
+        let mut q = OutQueue::default();
+        for _ in 0..4 {
+            copy(&mut q, &[3u8; 50]);
+        }
+        assert_eq!(q.held(), TAIL_FIRST);
+        assert_eq!(
+            q.advance(&mut spare, 120),
+            0,
+            "the tail's allocation is still whole"
+        );
+        assert_eq!(q.len_bytes(), 80);
+        assert_eq!(waiting(&q), vec![3u8; 80]);
+        // A shared frame behind it moves the rest of the copies to the deque; the part
+        // already written is still in that allocation, and still counted.
+        let added = q.push(Bytes::from_static(b"shared"));
+        assert_eq!(added, 2 * FRAME_OVERHEAD + 6);
+        assert_eq!(q.held(), TAIL_FIRST + 2 * FRAME_OVERHEAD + 6);
+        assert_eq!(waiting(&q).len(), 86);
+        assert_eq!(q.advance(&mut spare, 40), 0);
+        // A tail too small for the next copy moves to the deque too, its room counted.
+        copy(&mut q, &[4u8; 100]);
+        copy(&mut q, &[5u8; 100]);
+        let added = copy(&mut q, &[6u8; 100]);
+        assert_eq!(
+            added,
+            FRAME_OVERHEAD + 2 * TAIL_FIRST,
+            "a new tail of twice the size"
+        );
+        let waiting_now = waiting(&q);
+        assert_eq!(waiting_now.len(), 40 + 6 + 300);
+        assert_eq!(
+            &waiting_now[46..],
+            [[4u8; 100], [5u8; 100], [6u8; 100]].concat()
+        );
+        let held = q.held();
+        assert_eq!(q.advance(&mut spare, 346), held);
+        assert_eq!(q.held(), 0);
+    }
+
+    #[test]
     fn a_long_burst_of_copies_moves_full_tails_to_the_deque() {
         let mut q = OutQueue::default();
         let frame = [7u8; 100];
@@ -375,15 +458,14 @@ mod tests {
         }
         assert_eq!(q.held(), held, "every push reported what it added");
         assert_eq!(q.len_bytes(), 100_000);
+        // Tails of 256, 512, ..., 8,192 bytes (158 frames), five full ones of 16 KiB (163
+        // frames each) and the tail (27 frames): 12 slices.
         let slices = q.chunks(&mut [IoSlice::new(&[]); 64]);
-        assert!(
-            (6..=8).contains(&slices),
-            "about 100 KB in 16 KiB tails: {slices}"
-        );
-        assert!(
-            held <= 100_000 + slices * FRAME_OVERHEAD + TAIL_CHUNK,
-            "no more spare room than one tail's: {held}"
-        );
+        assert_eq!(slices, 12);
+        // Every byte of every tail allocated is counted, the room left at the end of the
+        // full ones included, plus the overhead of a frame in the deque for each of them.
+        let allocated = (256 + 512 + 1024 + 2048 + 4096 + 8192) + 6 * TAIL_CHUNK;
+        assert_eq!(held, allocated + 11 * FRAME_OVERHEAD);
         assert_eq!(waiting(&q), vec![7u8; 100_000]);
         assert_eq!(q.advance(&mut SpareTails::default(), 100_000), held);
     }

@@ -1073,11 +1073,10 @@ fn name_for_flush(s: &mut Session, flush_list: &mut FlushList, id: ConnId) {
 }
 
 /// Queues `frame` to one connection with its header rewritten (`opcode`, `target`,
-/// `source`: a SEND's DELIVER, a PING's PONG). A frame of up to [`COPY_MAX`] bytes to a
-/// binary connection is copied into its queue's tail, rewritten on the way: no allocation
-/// and no reference count per frame, the hot path of every direct message. Otherwise the
-/// frame goes as one shared allocation, made once in `shared` for all its recipients.
-/// Always inlined: the rewrite's fields are then constants or registers.
+/// `source`: a SEND's DELIVER, a PING's PONG), through [`push_small_or_shared`]: rewritten
+/// on the way into the queue's tail, or as one shared allocation, made once in `shared` for
+/// all the frame's recipients. Always inlined: the rewrite's fields are then constants or
+/// registers.
 #[inline(always)]
 pub(crate) fn push_rewritten(
     s: &mut Session,
@@ -1088,30 +1087,41 @@ pub(crate) fn push_rewritten(
     shared: &mut Option<Bytes>,
 ) {
     let len = frame.as_bytes().len();
-    if s.codec == Codec::Binary && len <= COPY_MAX {
-        let spare = &mut flush_list.spare;
-        let added = s.out.push_copy(spare, len, |tail| {
-            frame.rewrite_into(tail, opcode, target, source)
-        });
-        flush_list.held += added;
-        name_for_flush(s, flush_list, id);
-    } else {
+    let write = |tail: &mut BytesMut| frame.rewrite_into(tail, opcode, target, source);
+    let make_shared = || {
         let bytes = shared.get_or_insert_with(|| frame.rewritten(opcode, target, source));
-        push_output(s, flush_list, id, bytes.clone());
-    }
+        bytes.clone()
+    };
+    push_small_or_shared(s, flush_list, id, len, write, make_shared);
 }
 
-/// Queues a copy of `bytes` (one encoded frame) to one connection: into its queue's tail
-/// when it is small and the connection binary, else in an allocation of its own.
+/// Queues a copy of `bytes` (one encoded frame) to one connection, through
+/// [`push_small_or_shared`].
 pub(crate) fn push_copied(s: &mut Session, flush_list: &mut FlushList, id: ConnId, bytes: &[u8]) {
-    if s.codec == Codec::Binary && bytes.len() <= COPY_MAX {
-        let spare = &mut flush_list.spare;
-        flush_list.held += s
-            .out
-            .push_copy(spare, bytes.len(), |tail| tail.extend_from_slice(bytes));
+    let write = |tail: &mut BytesMut| tail.extend_from_slice(bytes);
+    let make_shared = || Bytes::copy_from_slice(bytes);
+    push_small_or_shared(s, flush_list, id, bytes.len(), write, make_shared);
+}
+
+/// Queues a frame of `len` bytes to one connection: a frame of up to [`COPY_MAX`] bytes to
+/// a binary connection is appended to its queue's tail by `write` (no allocation and no
+/// reference count per frame: the hot path of every direct message); anything else is
+/// queued as the `Bytes` that `make_shared` gives, which [`push_output`] renders for the
+/// connection's codec.
+#[inline(always)]
+fn push_small_or_shared(
+    s: &mut Session,
+    flush_list: &mut FlushList,
+    id: ConnId,
+    len: usize,
+    write: impl FnOnce(&mut BytesMut),
+    make_shared: impl FnOnce() -> Bytes,
+) {
+    if s.codec == Codec::Binary && len <= COPY_MAX {
+        flush_list.held += s.out.push_copy(&mut flush_list.spare, len, write);
         name_for_flush(s, flush_list, id);
     } else {
-        push_output(s, flush_list, id, Bytes::copy_from_slice(bytes));
+        push_output(s, flush_list, id, make_shared());
     }
 }
 

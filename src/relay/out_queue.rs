@@ -127,12 +127,9 @@ impl OutQueue {
         let last = self.tail.capacity();
         self.sealed_room += last - self.tail.len();
         let old = std::mem::take(&mut self.tail);
-        if old.len() > self.tail_written {
+        // A tail partly written still has bytes waiting (a fully written one was drained).
+        if !old.is_empty() {
             self.seal(old.freeze());
-        } else {
-            // Everything in it was written: it goes (with a share of its room counted).
-            self.sealed_room += self.tail_written;
-            self.tail_written = 0;
         }
         let size = ((last + ALLOC_HEADER) * 2 - ALLOC_HEADER)
             .clamp(TAIL_FIRST, TAIL_CHUNK)
